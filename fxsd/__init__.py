@@ -1,0 +1,59 @@
+"""fxsd — stochastic depth for any residual network, as a ``torch.fx`` graph pass.
+
+>>> import torch, torchvision, fxsd
+>>> model = torchvision.models.resnet50()
+>>> gm = fxsd.stochastic_depth(model, drop_rate=0.2, distribution="linear", seed=0)
+>>> print(fxsd.table(gm))  # doctest: +SKIP
+
+The public surface:
+
+* :func:`find_residuals` / :func:`analyze_residuals` — which adds are residual joins, and why the
+  others are not (pure analysis, the model is never modified);
+* :func:`stochastic_depth` — the pass: gate every residual branch with a depth-indexed drop rate;
+* :func:`table` — the sites (or a transformed model's gates) as a printable table;
+* :func:`trace` — fxsd's tracer on its own;
+* :class:`FxsdError` and its subclasses — every error fxsd raises.
+"""
+
+from fxsd.errors import FxsdError, GraphError, InvalidArgumentError, InvalidTypeError, TraceError
+from fxsd.gate import BranchGate, DropSampler, GateInfo
+from fxsd.graph_module import FxsdGraphModule
+from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
+from fxsd.residuals import (
+    RejectedAdd,
+    RejectReason,
+    ResidualAnalysis,
+    ResidualSite,
+    SkipKind,
+    analyze_residuals,
+    find_residuals,
+)
+from fxsd.schedules import site_rates
+from fxsd.table import table
+from fxsd.tracing import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BranchGate",
+    "DropSampler",
+    "FxsdError",
+    "FxsdGraphModule",
+    "GateInfo",
+    "GraphError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "NoResidualSitesWarning",
+    "RejectReason",
+    "RejectedAdd",
+    "ResidualAnalysis",
+    "ResidualSite",
+    "SkipKind",
+    "TraceError",
+    "analyze_residuals",
+    "find_residuals",
+    "site_rates",
+    "stochastic_depth",
+    "table",
+    "trace",
+]

@@ -1,0 +1,125 @@
+"""What fxsd needs to know about individual graph nodes: adds, in-place ops and aliasing views.
+
+These predicates look at one :class:`torch.fx.Node` at a time and never touch the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+__all__ = [
+    "add_kind",
+    "add_operands",
+    "is_add",
+    "is_inplace",
+    "mutated_operand",
+    "is_view",
+]
+
+# Targets of ``call_function`` nodes that add two tensors, with the name fxsd reports for them.
+_ADD_FUNCTIONS: dict[Any, str] = {
+    operator.add: "operator.add",
+    operator.iadd: "operator.iadd",
+    torch.add: "torch.add",
+    torch.Tensor.add: "Tensor.add",
+    torch.Tensor.add_: "Tensor.add_",
+}
+_ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
+_INPLACE_ADDS = {"operator.iadd", "Tensor.add_"}
+
+# Ops whose result shares storage with their first operand: an in-place op on the result mutates
+# the operand too.
+_VIEW_NAMES = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "flatten",
+        "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select",
+        "chunk",
+        "split", "unbind", "movedim", "swapaxes", "swapdims", "as_strided", "diagonal", "detach",
+        "contiguous", "unfold", "view_as_real", "view_as_complex", "alias",
+    }
+)
+
+
+def add_kind(node: Node) -> str | None:
+    """The kind of add ``node`` performs (``"operator.add"``, ``"Tensor.add_"``...), or None."""
+    if node.op == "call_function":
+        try:
+            return _ADD_FUNCTIONS.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _ADD_METHODS.get(str(node.target))
+    return None
+
+
+def is_add(node: Node) -> bool:
+    return add_kind(node) is not None
+
+
+def add_operands(node: Node) -> tuple[Any, Any]:
+    """The two summands of an add node, whichever way they were passed."""
+    args = list(node.args)
+    if len(args) < 2:
+        names = ("input", "other") if node.op == "call_function" else ("self", "other")
+        for name in names[len(args):]:
+            if name in node.kwargs:
+                args.append(node.kwargs[name])
+    if len(args) < 2:
+        raise ValueError(f"add node {node.name} has fewer than two operands")
+    return args[0], args[1]
+
+
+def _target_name(node: Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "")
+    return ""
+
+
+def is_inplace(node: Node, root: GraphModule | None = None) -> bool:
+    """Whether ``node`` mutates one of its operands.
+
+    Recognises ``x.op_(...)`` methods and functions (``torch.relu_``), the ``operator.i*``
+    functions, ``inplace=True`` keyword arguments and, given ``root``, modules with an
+    ``inplace=True`` attribute such as ``nn.ReLU(inplace=True)``.
+    """
+    if node.op == "call_module":
+        if root is None:
+            return False
+        try:
+            module = root.get_submodule(str(node.target))
+        except AttributeError:
+            return False
+        return bool(getattr(module, "inplace", False))
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.kwargs.get("inplace") is True:
+        return True
+    name = _target_name(node)
+    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
+        return name.startswith("i") and name not in {"is_", "is_not", "index", "inv", "invert"}
+    return name.endswith("_") and not name.endswith("__")
+
+
+def mutated_operand(node: Node, root: GraphModule | None = None) -> Node | None:
+    """The operand an in-place ``node`` mutates (its first tensor argument), or ``None``."""
+    if not is_inplace(node, root):
+        return None
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    return first if isinstance(first, Node) else None
+
+
+def is_inplace_add(node: Node) -> bool:
+    return add_kind(node) in _INPLACE_ADDS
+
+
+def is_view(node: Node) -> bool:
+    """Whether ``node``'s result may alias its first operand (views, ``getitem``, ``chunk``...)."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return True
+    return _target_name(node) in _VIEW_NAMES and node.op in ("call_function", "call_method")

@@ -1,0 +1,558 @@
+"""Find the residual joins of a traced model: ``find_residuals`` and ``analyze_residuals``.
+
+A *residual site* is an add whose one operand is a **skip** and whose other is a **branch**:
+
+* the **fork** is the last value both operands were computed from (their latest common ancestor
+  in the graph's data flow, found with ancestor bitsets, never from class names or argument order);
+* the **skip** is the fork itself (``identity``) or a short, cheaper path from it (``projection``:
+  a downsample conv + BN, an average pool, ...);
+* the **branch** is every node on a path from the fork to the other operand. It may also read
+  *side inputs* that do not come from the fork (an attention mask, a relative position bias): they
+  become extra inputs of the gated branch. No value computed inside the branch may be used outside
+  it, so the branch can be skipped as a whole.
+
+Every other add is *rejected* with a :class:`RejectReason` and a sentence saying why.
+
+The analysis is pure: it traces its own copy of the model and never changes the model or a
+``GraphModule`` passed in.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxsd.ops import add_kind, add_operands, is_inplace, is_view, mutated_operand
+from fxsd.profile import NodeProfile, profile_nodes
+from fxsd.tracing import LeafSpec, trace
+
+__all__ = [
+    "SkipKind",
+    "RejectReason",
+    "ResidualSite",
+    "RejectedAdd",
+    "ResidualAnalysis",
+    "Branch",
+    "find_residuals",
+    "analyze_residuals",
+    "collect_branch",
+]
+
+#: A projection skip may hold at most this many ops (views and ``getitem`` not counted).
+MAX_PROJECTION_OPS = 4
+
+
+class SkipKind(str, Enum):
+    """How the skip operand relates to the fork."""
+
+    IDENTITY = "identity"
+    PROJECTION = "projection"
+
+
+class RejectReason(str, Enum):
+    """Why an add is not a residual site."""
+
+    SCALAR_OPERAND = "scalar operand"
+    NON_TENSOR_OPERAND = "non-tensor operand"
+    CONSTANT_OPERAND = "constant operand"
+    SAME_OPERAND = "same operand twice"
+    UNSUPPORTED_ARGUMENTS = "unsupported arguments"
+    BROADCAST = "broadcasting add"
+    NO_COMMON_FORK = "no common fork"
+    NO_CHEAP_SKIP = "no skip path"
+    ESCAPING_VALUE = "branch value escapes"
+    MUTATION = "in-place mutation"
+
+
+@dataclass(frozen=True)
+class ResidualSite:
+    """One residual join: ``add = skip + branch(fork, *side_inputs)``.
+
+    Attributes:
+        add: the add node joining skip and branch.
+        add_kind: how the add was written (``"operator.add"``, ``"torch.add"``, ``"Tensor.add_"``).
+        fork: the value both skip and branch are computed from.
+        skip: the skip operand (``fork`` itself for an identity skip).
+        skip_kind: :attr:`SkipKind.IDENTITY` or :attr:`SkipKind.PROJECTION`.
+        skip_path: the projection's nodes from the fork to ``skip`` (empty for identity).
+        branch_output: the branch operand of the add.
+        branch: the branch's nodes, in execution order (ends with ``branch_output``, may hold
+            unused side results such as ``MultiheadAttention``'s attention weights).
+        side_inputs: values the branch reads that do not come from the fork, other than parameters.
+        param_inputs: ``get_attr`` nodes (parameters, buffers, constants) the branch reads.
+        module_path: qualified name of the module whose ``forward`` performs the add (``""`` for
+            the root).
+        module_type: that module's class name.
+        depth: 1-based position along the longest chain of residual sites through the graph.
+        num_params: number of parameter elements the branch uses.
+        flops: the branch's forward FLOPs, when the analysis had example inputs.
+    """
+
+    add: Node
+    add_kind: str
+    fork: Node
+    skip: Node
+    skip_kind: SkipKind
+    skip_path: tuple[Node, ...]
+    branch_output: Node
+    branch: tuple[Node, ...]
+    side_inputs: tuple[Node, ...]
+    param_inputs: tuple[Node, ...]
+    module_path: str
+    module_type: str
+    depth: int
+    num_params: int
+    flops: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The add node's name, unique within its graph."""
+        return self.add.name
+
+
+@dataclass(frozen=True)
+class RejectedAdd:
+    """An add that is not a residual site, with the reason."""
+
+    add: Node
+    add_kind: str
+    reason: RejectReason
+    detail: str
+    module_path: str
+
+    @property
+    def name(self) -> str:
+        return self.add.name
+
+
+@dataclass
+class ResidualAnalysis:
+    """Everything :func:`analyze_residuals` learned about a model.
+
+    Attributes:
+        graph_module: the traced graph the nodes below belong to (fxsd's own copy).
+        sites: the residual sites, in execution order.
+        rejected: every other add, with its reason.
+        num_levels: ``L``, the largest site depth (0 without sites).
+        total_flops: forward FLOPs of the whole model, when example inputs were given.
+    """
+
+    graph_module: GraphModule
+    sites: list[ResidualSite]
+    rejected: list[RejectedAdd]
+    num_levels: int
+    total_flops: int | None = None
+    profiles: dict[Node, NodeProfile] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A branch cut out of a graph by :func:`collect_branch`."""
+
+    nodes: tuple[Node, ...]
+    inputs: tuple[Node, ...]
+
+
+def find_residuals(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> list[ResidualSite]:
+    """Return the residual sites of ``model``, in execution order.
+
+    The same analysis as :func:`analyze_residuals`, which also returns the rejected adds.
+
+    Args:
+        model: an ``nn.Module`` or an already traced ``torch.fx.GraphModule``. Never modified.
+        example_inputs: positional inputs of one forward call. Optional; with them fxsd also knows
+            shapes (broadcasting adds are rejected) and FLOPs (shown in tables). Only their shapes
+            and dtypes are used: the model is run on fake tensors.
+        leaf_modules: module classes or qualified names not to trace through.
+        concrete_args: passed to the tracer.
+
+    Example:
+        >>> import torchvision, fxsd
+        >>> sites = fxsd.find_residuals(torchvision.models.resnet50())
+        >>> len(sites), sites[0].module_path, sites[0].skip_kind.value
+        (16, 'layer1.0', 'projection')
+    """
+    return analyze_residuals(
+        model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
+    ).sites
+
+
+def analyze_residuals(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> ResidualAnalysis:
+    """Trace ``model`` and classify every add in it as a residual site or a rejected add.
+
+    Arguments as for :func:`find_residuals`.
+
+    Example:
+        >>> import torchvision, fxsd
+        >>> analysis = fxsd.analyze_residuals(torchvision.models.vit_b_16())
+        >>> len(analysis.sites), analysis.rejected[0].reason.value
+        (24, 'constant operand')
+    """
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    profiles = None
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        profiles = profile_nodes(gm, tuple(example_inputs))
+    return _Analyzer(gm, profiles).run()
+
+
+class _Analyzer:
+    def __init__(self, gm: GraphModule, profiles: dict[Node, NodeProfile] | None) -> None:
+        self.gm = gm
+        self.profiles = profiles
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        # ancestors-or-self of each node, as a bitset over node positions
+        self.anc: dict[Node, int] = {}
+        inputs_mask = 0
+        for i, n in enumerate(self.nodes):
+            bits = 1 << i
+            for a in n.all_input_nodes:
+                bits |= self.anc[a]
+            self.anc[n] = bits
+            if n.op == "placeholder":
+                inputs_mask |= 1 << i
+        self.inputs_mask = inputs_mask
+        # nodes computed from a model input (a fork must be one: not a parameter read)
+        self.dependent_mask = sum(1 << i for i, n in enumerate(self.nodes)
+                                  if self.anc[n] & inputs_mask)
+        self.non_tensor = _non_tensor_nodes(self.nodes, profiles)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def descends(self, n: Node, ancestor: Node) -> bool:
+        return bool((self.anc[n] >> self.order[ancestor]) & 1)
+
+    def input_dependent(self, n: Node) -> bool:
+        return bool(self.anc[n] & self.inputs_mask)
+
+    def path(self, fork: Node, end: Node) -> list[Node]:
+        """Nodes strictly after ``fork`` on a path from it to ``end`` (inclusive), in order."""
+        seen, stack = {end}, [end]
+        while stack:
+            n = stack.pop()
+            for a in n.all_input_nodes:
+                if a is not fork and a not in seen and self.descends(a, fork):
+                    seen.add(a)
+                    stack.append(a)
+        return sorted(seen, key=self.order.__getitem__)
+
+    def cost(self, nodes: Iterable[Node]) -> tuple[int, int, int]:
+        nodes = list(nodes)
+        flops = sum(self.profiles[n].flops for n in nodes if n in self.profiles) \
+            if self.profiles else 0
+        return flops, _param_count(self.gm, nodes), sum(1 for n in nodes if not _is_free(n))
+
+    # -- classification --------------------------------------------------------------------
+    def run(self) -> ResidualAnalysis:
+        accepted: list[dict[str, Any]] = []
+        rejected: list[RejectedAdd] = []
+        for node in self.nodes:
+            kind = add_kind(node)
+            if kind is None:
+                continue
+            verdict = self.classify(node, kind)
+            if isinstance(verdict, RejectedAdd):
+                rejected.append(verdict)
+            else:
+                accepted.append(verdict)
+        depths = self.depths({d["add"] for d in accepted})
+        sites = [ResidualSite(depth=depths[d["add"]], **d) for d in accepted]
+        total = sum(p.flops for p in self.profiles.values()) if self.profiles else None
+        return ResidualAnalysis(self.gm, sites, rejected, max(depths.values(), default=0),
+                                total, self.profiles)
+
+    def reject(self, node: Node, kind: str, reason: RejectReason, detail: str) -> RejectedAdd:
+        return RejectedAdd(node, kind, reason, detail, _module_of(node)[0])
+
+    def classify(self, node: Node, kind: str) -> dict[str, Any] | RejectedAdd:
+        try:
+            a, b = add_operands(node)
+        except ValueError as exc:
+            return self.reject(node, kind, RejectReason.UNSUPPORTED_ARGUMENTS, str(exc))
+        extra = {k: v for k, v in node.kwargs.items() if k not in ("input", "other", "self")}
+        if extra.get("alpha", 1) != 1 or extra.get("out") is not None:
+            return self.reject(node, kind, RejectReason.UNSUPPORTED_ARGUMENTS,
+                               f"add with {sorted(extra)} keyword arguments is not gated")
+        for x in (a, b):
+            if not isinstance(x, Node):
+                return self.reject(node, kind, RejectReason.SCALAR_OPERAND,
+                                   f"operand {x!r} is a Python value, not a tensor")
+        if a is b:
+            return self.reject(node, kind, RejectReason.SAME_OPERAND,
+                               f"both operands are '{a.name}' (x + x has no skip)")
+        for x in (a, b):
+            if x in self.non_tensor:
+                return self.reject(node, kind, RejectReason.NON_TENSOR_OPERAND,
+                                   f"operand '{x.name}' is not a tensor")
+            if not self.input_dependent(x):
+                return self.reject(node, kind, RejectReason.CONSTANT_OPERAND,
+                                   f"operand '{x.name}' depends on no model input (a parameter, "
+                                   "buffer or constant such as a position embedding or bias)")
+        if self.profiles is not None:
+            sa, sb, so = (self.profiles[x].shape if x in self.profiles else None
+                          for x in (a, b, node))
+            if None not in (sa, sb) and (sa != sb or so != sa):
+                return self.reject(node, kind, RejectReason.BROADCAST,
+                                   f"shapes {list(sa)} and {list(sb)} differ: one operand is "
+                                   "broadcast, so neither can stand in for the sum")
+        common = self.anc[a] & self.anc[b] & self.dependent_mask
+        if not common:
+            return self.reject(node, kind, RejectReason.NO_COMMON_FORK,
+                               f"'{a.name}' and '{b.name}' share no ancestor "
+                               "(e.g. two separate model inputs)")
+        fork = self.nodes[common.bit_length() - 1]
+        if fork is a or fork is b:
+            skip, out = (a, b) if fork is a else (b, a)
+            skip_kind, skip_path = SkipKind.IDENTITY, ()
+        else:
+            paths = {x: self.path(fork, x) for x in (a, b)}
+            costs = {x: self.cost(paths[x]) for x in (a, b)}
+            skip, out = (a, b) if costs[a] < costs[b] else (b, a)
+            n_ops = sum(1 for n in paths[skip] if not _is_free(n))
+            if costs[skip] >= costs[out] or n_ops > MAX_PROJECTION_OPS or any(
+                add_kind(n) for n in paths[skip]
+            ):
+                return self.reject(
+                    node, kind, RejectReason.NO_CHEAP_SKIP,
+                    f"neither operand is the fork '{fork.name}' or a cheap projection of it "
+                    f"('{a.name}': {len(paths[a])} nodes, '{b.name}': {len(paths[b])} nodes)")
+            skip_kind, skip_path = SkipKind.PROJECTION, tuple(paths[skip])
+        branch = collect_branch(self.gm, fork, out, node, self.order)
+        if isinstance(branch, tuple):
+            reason, detail = branch
+            return self.reject(node, kind, reason, detail)
+        side = tuple(n for n in branch.inputs if n.op != "get_attr")
+        params = tuple(n for n in branch.inputs if n.op == "get_attr")
+        path, mtype = _module_of(node, branch.nodes)
+        flops = (sum(self.profiles[n].flops for n in branch.nodes if n in self.profiles)
+                 if self.profiles else None)
+        return dict(
+            add=node, add_kind=kind, fork=fork, skip=skip, skip_kind=skip_kind,
+            skip_path=skip_path, branch_output=out, branch=branch.nodes, side_inputs=side,
+            param_inputs=params, module_path=path, module_type=mtype,
+            num_params=_param_count(self.gm, (*branch.nodes, *params)), flops=flops,
+        )
+
+    def depths(self, site_adds: set[Node]) -> dict[Node, int]:
+        """Depth of each site: 1 + the most sites on any path from the inputs to its add."""
+        best: dict[Node, int] = {}
+        depths: dict[Node, int] = {}
+        for n in self.nodes:
+            d = max((best[a] for a in n.all_input_nodes), default=0)
+            if n in site_adds:
+                d += 1
+                depths[n] = d
+            best[n] = d
+        return depths
+
+
+def collect_branch(
+    gm: GraphModule, fork: Node, out: Node, add: Node, order: dict[Node, int] | None = None
+) -> Branch | tuple[RejectReason, str]:
+    """Cut out the branch that computes ``out`` from ``fork`` for the residual ``add``.
+
+    Returns the branch's nodes (in graph order) and the outside values it reads, or a
+    ``(reason, detail)`` pair when the branch cannot be gated as a unit. Used by the analysis and
+    again by the rewrite (on a graph whose inner branches are already gated).
+    """
+    if order is None:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    stop = order[add]
+    # Everything computed from the fork before the add.
+    region: set[Node] = set()
+    stack = [fork]
+    while stack:
+        for u in stack.pop().users:
+            if u not in region and order[u] < stop:
+                region.add(u)
+                stack.append(u)
+    if out not in region:
+        return RejectReason.NO_COMMON_FORK, f"'{out.name}' is not computed from '{fork.name}'"
+    nodes: set[Node] = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in nodes:
+            continue
+        nodes.add(n)
+        stack.extend(a for a in n.all_input_nodes if a in region and a not in nodes)
+    _absorb(gm, nodes, fork, add)
+    for n in nodes:
+        for u in n.users:
+            if u not in nodes and not (n is out and u is add):
+                return (RejectReason.ESCAPING_VALUE,
+                        f"'{n.name}' inside the branch is also used by '{u.name}' outside it "
+                        "(DenseNet-style reuse): the branch cannot be skipped as a unit")
+    ordered = sorted(nodes, key=order.__getitem__)
+    inputs: dict[Node, None] = {}
+    for n in ordered:
+        for a in n.all_input_nodes:
+            if a not in nodes and a is not fork:
+                inputs.setdefault(a)
+    problem = _mutation_problem(gm, ordered, fork, inputs, add, order)
+    if problem:
+        return RejectReason.MUTATION, problem
+    return Branch(tuple(ordered), tuple(inputs))
+
+
+def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
+    """Grow ``nodes`` by what belongs to the branch though it is not on a fork-to-output path.
+
+    * unused side results of branch nodes (the attention weights a ``MultiheadAttention`` returns
+      next to its output), which would otherwise hold on to a value inside the branch;
+    * outside values that only the branch reads and that are computed from parameters alone (a
+      relative position bias gathered from its table): computing them inside the gate means a
+      dropped branch skips them too.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for n in list(nodes):
+            for u in n.users:
+                if u not in nodes and u is not add and not u.users and not is_inplace(u, gm) \
+                        and u.op != "output":
+                    nodes.add(u)
+                    changed = True
+            for a in n.all_input_nodes:
+                if a in nodes or a is fork or a.op in ("placeholder", "get_attr"):
+                    continue
+                if a.users and all(u in nodes for u in a.users) and not is_inplace(a, gm) \
+                        and not _reads_placeholder(a):
+                    nodes.add(a)
+                    changed = True
+
+
+def _reads_placeholder(n: Node) -> bool:
+    seen, stack = set(), [n]
+    while stack:
+        x = stack.pop()
+        if x.op == "placeholder":
+            return True
+        for a in x.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
+def _mutation_problem(
+    gm: GraphModule, branch: list[Node], fork: Node, inputs: dict[Node, None], add: Node,
+    order: dict[Node, int],
+) -> str | None:
+    members = set(branch)
+    read = {fork, *inputs}
+    for n in branch:
+        target = mutated_operand(n, gm)
+        if target is not None and target not in members and n.op != "call_module":
+            return (f"'{n.name}' in the branch mutates '{target.name}' in place, which lives "
+                    "outside the branch: skipping the branch would skip that mutation")
+    first = order[branch[0]]
+    for n in gm.graph.nodes:
+        i = order.get(n, -1)
+        if i <= first or i >= order[add] or n in members:
+            continue
+        target = mutated_operand(n, gm)
+        if target in read and n.op != "call_module":
+            return (f"'{n.name}' mutates '{target.name}' in place between the branch and the add; "
+                    "gating would move the branch after that mutation")
+    return None
+
+
+def _non_tensor_nodes(nodes: list[Node], profiles: dict[Node, NodeProfile] | None) -> set[Node]:
+    """Nodes that hold Python numbers or shapes rather than tensors."""
+    if profiles is not None:
+        return {n for n in nodes if n in profiles and not profiles[n].is_tensor
+                and n.op != "placeholder"}
+    out: set[Node] = set()
+    for n in nodes:
+        if n.op == "call_method" and n.target in ("size", "dim", "numel", "item", "tolist",
+                                                    "stride", "element_size", "nelement"):
+            out.add(n)
+        elif n.op == "call_function" and n.target is getattr and n.args[1:2] and \
+                n.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda"):
+            out.add(n)
+        elif n.op == "call_function" and getattr(n.target, "__module__", None) == "_operator" \
+                and n.all_input_nodes and all(a in out for a in n.all_input_nodes):
+            out.add(n)
+        elif n.op == "call_function" and n.target in (len, int, float, operator.index):
+            out.add(n)
+    return out
+
+
+def _is_free(n: Node) -> bool:
+    """Nodes that cost (almost) nothing: views, ``getitem``, attribute reads."""
+    if n.op in ("placeholder", "get_attr", "output"):
+        return True
+    if n.op == "call_function" and n.target is getattr:
+        return True
+    return is_view(n)
+
+
+def _param_count(gm: GraphModule, nodes: Iterable[Node]) -> int:
+    seen: dict[int, int] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            try:
+                mod = gm.get_submodule(str(n.target))
+            except AttributeError:
+                continue
+            for p in mod.parameters():
+                seen[id(p)] = p.numel()
+        elif n.op == "get_attr":
+            try:
+                value = _get_attr(gm, str(n.target))
+            except AttributeError:
+                continue
+            if isinstance(value, nn.Parameter):
+                seen[id(value)] = value.numel()
+    return sum(seen.values())
+
+
+def _get_attr(gm: GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _module_of(node: Node, branch: Sequence[Node] = ()) -> tuple[str, str]:
+    """(qualified path, class name) of the module whose forward performs ``node``."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        key, value = list(stack.items())[-1]
+        path = value[0] if isinstance(value, tuple) and isinstance(value[0], str) else str(key)
+        mtype = value[1] if isinstance(value, tuple) and len(value) > 1 else ""
+        name = mtype if isinstance(mtype, str) else getattr(mtype, "__name__", str(mtype))
+        return path, name.rsplit(".", 1)[-1]
+    # No module stack (a graph from another tracer): the longest prefix shared by the branch's
+    # module calls.
+    targets = [str(n.target).split(".") for n in branch if n.op == "call_module"]
+    if not targets:
+        return "", ""
+    prefix = targets[0][:-1]
+    for t in targets[1:]:
+        k = 0
+        while k < min(len(prefix), len(t) - 1) and prefix[k] == t[k]:
+            k += 1
+        prefix = prefix[:k]
+    return ".".join(prefix), ""

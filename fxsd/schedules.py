@@ -1,0 +1,67 @@
+"""Per-site drop rates: how a model-wide ``drop_rate`` is spread over depths ``1..L``.
+
+* ``"linear"`` — the site at depth ``l`` of ``L`` gets ``drop_rate * l / L`` (Huang et al.'s rule,
+  Composer's ``drop_distribution="linear"``): the last site drops at ``drop_rate``;
+* ``"uniform"`` — every site gets ``drop_rate``;
+* a sequence — one rate per site, in execution order (``drop_rate`` is then ignored);
+* a callable ``(depth, L) -> rate`` — returns the rate for depth ``l`` of ``L``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from numbers import Real
+from typing import Union
+
+from fxsd.errors import InvalidArgumentError, InvalidTypeError
+
+__all__ = ["Distribution", "DISTRIBUTIONS", "check_rate", "site_rates"]
+
+Distribution = Union[str, Sequence[float], Callable[[int, int], float]]
+DISTRIBUTIONS = ("linear", "uniform")
+
+
+def check_rate(rate: object, what: str = "drop_rate") -> float:
+    """Return ``rate`` as a float in [0, 1], or raise a clear error."""
+    if isinstance(rate, bool) or not isinstance(rate, Real):
+        raise InvalidTypeError(f"{what} must be a number in [0, 1], got {rate!r}")
+    value = float(rate)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise InvalidArgumentError(f"{what} must lie in [0, 1], got {rate!r}")
+    return value
+
+
+def site_rates(drop_rate: float, distribution: Distribution, depths: Sequence[int],
+               num_levels: int) -> list[float]:
+    """The drop rate of each site, given the sites' depths and the largest depth ``L``.
+
+    Example:
+        >>> site_rates(0.5, "linear", [1, 2, 3, 4], 4)
+        [0.125, 0.25, 0.375, 0.5]
+    """
+    if isinstance(distribution, str):
+        rate = check_rate(drop_rate)
+        if distribution == "linear":
+            return [rate * d / num_levels for d in depths]
+        if distribution == "uniform":
+            return [rate for _ in depths]
+        raise InvalidArgumentError(
+            f"unknown distribution {distribution!r}: use one of {DISTRIBUTIONS}, a sequence of "
+            "per-site rates, or a callable (depth, L) -> rate"
+        )
+    if callable(distribution):
+        return [check_rate(distribution(d, num_levels), f"distribution({d}, {num_levels})")
+                for d in depths]
+    if isinstance(distribution, Sequence):
+        rates = list(distribution)
+        if len(rates) != len(depths):
+            raise InvalidArgumentError(
+                f"distribution lists {len(rates)} rates but the model has {len(depths)} residual "
+                "sites (list them with fxsd.find_residuals)"
+            )
+        return [check_rate(r, f"distribution[{i}]") for i, r in enumerate(rates)]
+    raise InvalidTypeError(
+        f"distribution must be 'linear', 'uniform', a sequence of rates or a callable, got "
+        f"{type(distribution).__name__}"
+    )

@@ -1,0 +1,207 @@
+"""Symbolic tracing for fxsd: ``torch.fx`` with drop-path modules kept live and clear errors.
+
+:func:`trace` turns a model into an :class:`~fxsd.graph_module.FxsdGraphModule` that fxsd owns (the
+model itself is never modified) and prepares its graph for analysis:
+
+* drop-path modules (torchvision ``StochasticDepth``, timm-style ``DropPath``) stay leaf modules,
+  and calls of the ``torch.fx.wrap``-ped function ``torchvision.ops.stochastic_depth`` become
+  ``StochasticDepth`` modules, so that they still read ``self.training`` at run time instead of
+  having the flag baked into the graph as a constant;
+* in-place ops get explicit results (see :mod:`fxsd.passes.explicit_inplace`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import fx, nn
+
+from fxsd.errors import InvalidTypeError, TraceError
+from fxsd.graph_module import FxsdGraphModule, mirror_module
+from fxsd.passes.explicit_inplace import make_inplace_explicit
+from fxsd.passes.live_drop_path import make_drop_paths_live
+
+__all__ = ["trace", "is_drop_path", "FxsdTracer"]
+
+LeafSpec = type | str
+
+
+def is_drop_path(module: nn.Module) -> bool:
+    """Whether ``module`` is a drop-path module: torchvision ``StochasticDepth`` or timm-like.
+
+    timm's ``DropPath`` (and the many copies of it in other code bases) is recognised by shape: a
+    parameter-free module with a ``drop_prob`` attribute, or any class named ``DropPath``.
+    """
+    try:
+        from torchvision.ops import StochasticDepth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        StochasticDepth = ()  # type: ignore[assignment]
+    if isinstance(module, StochasticDepth):
+        return True
+    if type(module).__name__ in ("DropPath", "DropPath2d", "StochasticDepth"):
+        return True
+    has_rate = hasattr(module, "drop_prob") or hasattr(module, "drop_path_prob")
+    return has_rate and next(module.parameters(recurse=True), None) is None
+
+
+def _functional_drop_path() -> Any:
+    from torchvision.ops.stochastic_depth import stochastic_depth
+
+    return stochastic_depth
+
+
+class FxsdTracer(fx.Tracer):
+    """A :class:`torch.fx.Tracer` that keeps drop-path modules and user-named modules as leaves.
+
+    Args:
+        leaf_modules: module classes, or qualified module names (``"encoder.layers.0.attn"``), to
+            keep as single ``call_module`` nodes instead of tracing through them.
+    """
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = ()) -> None:
+        super().__init__(autowrap_functions=(_functional_drop_path(),))
+        leaves = list(leaf_modules)
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._leaf_names = {x for x in leaves if isinstance(x, str)}
+        self.scope_stack: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names:
+            return True
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if is_drop_path(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root: nn.Module | Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        # ``torchvision.ops.stochastic_depth`` is only fx-wrapped where torchvision itself calls
+        # it; ``autowrap_functions`` covers a global import of it in the user's module, and this
+        # patch covers calls spelled ``torchvision.ops.stochastic_depth(...)``.
+        import torchvision.ops as ops
+
+        original = _functional_drop_path()
+        tracer = self
+
+        def stochastic_depth(*args: Any, **kwargs: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+                return tracer.create_proxy("call_function", original, args, kwargs)
+            return original(*args, **kwargs)
+
+        ops.stochastic_depth = stochastic_depth
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            ops.stochastic_depth = original
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        # Remember which module is being traced, so that a failure can name it.
+        self.scope_stack.append((self.path_of_module(m), type(m).__name__))
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            raise  # leave the stack as it is: the innermost entry is the failing module
+        self.scope_stack.pop()
+        return out
+
+
+def _validate_leaves(leaf_modules: Iterable[LeafSpec] | None) -> list[LeafSpec]:
+    leaves = list(leaf_modules or ())
+    for leaf in leaves:
+        ok = isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))
+        if not ok:
+            raise InvalidTypeError(
+                f"leaf_modules entries must be nn.Module subclasses or qualified module names, "
+                f"got {leaf!r}"
+            )
+    return leaves
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> FxsdGraphModule:
+    """Trace ``model`` into a fresh :class:`~fxsd.graph_module.FxsdGraphModule` that fxsd may edit.
+
+    An ``nn.Module`` is traced with :class:`FxsdTracer`; a ``GraphModule`` (traced by any tracer,
+    for example Hugging Face's) is not traced again: its graph is copied. Either way the result
+    shares submodules and parameters with ``model``, has its exact ``state_dict`` keys, and
+    ``model`` is left untouched.
+
+    Args:
+        model: the model to trace.
+        leaf_modules: module classes or qualified names not to trace through.
+        concrete_args: passed to :meth:`torch.fx.Tracer.trace` (fix data-dependent arguments).
+
+    Raises:
+        InvalidTypeError: ``model`` is not an ``nn.Module``.
+        TraceError: tracing failed; the error names the innermost module being traced.
+
+    Example:
+        >>> import torchvision, fxsd
+        >>> gm = fxsd.trace(torchvision.models.resnet18())
+        >>> gm.state_dict().keys() == torchvision.models.resnet18().state_dict().keys()
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"expected an nn.Module to trace, got {type(model).__name__}")
+    leaves = _validate_leaves(leaf_modules)
+    if isinstance(model, fx.GraphModule):
+        graph = _copy_graph(model.graph)
+        extras: dict[str, Any] = {}
+    else:
+        graph, extras = _symbolic_trace(model, leaves, concrete_args)
+    gm = mirror_module(model, graph, extras, class_name=type(model).__name__)
+    make_drop_paths_live(gm)
+    make_inplace_explicit(gm)
+    return gm
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    from fxsd.graph_module import _copy_graph as copy_graph
+
+    return copy_graph(graph)
+
+
+def _symbolic_trace(
+    model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None
+) -> tuple[fx.Graph, dict[str, Any]]:
+    tracer = FxsdTracer(leaves)
+    # fx's tracer stores tensor constants (``_tensor_constant0``...) on the root it traces; take
+    # them back off the user's model and hand them to the GraphModule instead.
+    before = set(model.__dict__), set(model._buffers), set(model._parameters), set(model._modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:
+        path, kind = tracer.scope_stack[-1] if tracer.scope_stack else ("", type(model).__name__)
+        where = f"module '{path}' ({kind})" if path else f"the root module ({kind})"
+        hint = (
+            f"leaf_modules=[{kind}] (or leaf_modules=['{path}']) to keep it as one opaque call"
+            if path else "concrete_args={...} to fix the arguments that steer Python control flow"
+        )
+        raise TraceError(
+            f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}\n"
+            f"Pass {hint}; concrete_args={{...}} fixes arguments that steer control flow.",
+            module_path=path,
+            module_type=kind,
+        ) from exc
+    finally:
+        extras = _take_new_attrs(model, before)
+    return graph, extras
+
+
+def _take_new_attrs(model: nn.Module, before: tuple[set[str], ...]) -> dict[str, Any]:
+    dict_keys, buffers, params, modules = before
+    taken: dict[str, Any] = {}
+    for name in set(model.__dict__) - dict_keys:
+        taken[name] = model.__dict__.pop(name)
+    for store, seen in ((model._buffers, buffers), (model._parameters, params),
+                        (model._modules, modules)):
+        for name in set(store) - seen:
+            taken[name] = store.pop(name)
+    return taken
+
+

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fxsd
+
+
+def gates(gm: nn.Module) -> list[fxsd.BranchGate]:
+    return [m for m in gm.modules() if isinstance(m, fxsd.BranchGate)]
+
+
+def branch_only_modules(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
+    """Modules called inside some gate's branch and nowhere in the main graph."""
+    main = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    found: dict[str, nn.Module] = {}
+    for gate in gates(gm):
+        for n in gate.branch.graph.nodes:
+            if n.op == "call_module":
+                target = str(n.target)
+                module = gm.get_submodule(target)
+                if target not in main and not isinstance(module, fxsd.BranchGate):
+                    found[target] = module
+    return found
+
+
+class CallCounter:
+    """Counts forward calls of a set of modules through forward hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.calls = dict.fromkeys(modules, 0)
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.calls[name] += 1
+
+        return hook
+
+    def ran(self) -> list[str]:
+        return [name for name, n in self.calls.items() if n]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
