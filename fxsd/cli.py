@@ -80,6 +80,30 @@ def _parser() -> argparse.ArgumentParser:
                               "torchvision models: 1,3,224,224)")
     inspect.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     inspect.add_argument("--format", default="simple", help="tabulate format (default: simple)")
+
+    bench = sub.add_parser(
+        "bench", help="time training steps: baseline, fxsd, mask drop path and the limit")
+    bench.add_argument("model", nargs="?", default="resnet50",
+                       help="torchvision model name, cifar_resnet<depth> (e.g. cifar_resnet110) "
+                            "or package.module:callable (default: resnet50)")
+    bench.add_argument("--drop-rate", type=float, nargs="+", default=[0.5],
+                       help="one or more drop rates (default: 0.5)")
+    bench.add_argument("--distribution", default="linear", choices=DISTRIBUTIONS)
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--image-size", type=int, default=None,
+                       help="input height and width (default: 32 for CIFAR models, else 64)")
+    bench.add_argument("--steps", type=int, default=20,
+                       help="timed steps per variant, interleaved (default: 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    bench.add_argument("--amp", default=None, choices=["bf16", "fp16"],
+                       help="autocast dtype (default: off)")
+    bench.add_argument("--channels-last", action="store_true")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
+    bench.add_argument("--transform", action="store_true",
+                       help="time the pass itself (resnet152, vit_l_16, residual MLPs) instead")
+    bench.add_argument("--format", default="simple", help="tabulate format (default: simple)")
     return parser
 
 
@@ -97,11 +121,47 @@ def _inspect(args: argparse.Namespace) -> None:
                                        distribution=args.distribution))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    from fxsd import bench
+
+    if args.transform:
+        rows = bench.transform_times()
+        print("fxsd.stochastic_depth (trace + analysis + rewrite), best of 3, 1 CPU thread")
+        print(tabulate_rows(rows, args.format))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"transform": rows}, f, indent=2)
+        return
+    result = bench.run(
+        model=args.model, drop_rates=tuple(args.drop_rate), distribution=args.distribution,
+        batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
+        warmup=args.warmup, device=args.device, amp=args.amp, channels_last=args.channels_last,
+        seed=args.seed, progress=lambda msg: print(f"[fxsd bench] {msg}", file=sys.stderr),
+    )
+    print(bench.format_table(result, args.format))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+
+
+def tabulate_rows(rows: list[dict], tablefmt: str) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[r["model"], r["nodes"], r["sites"], f"{r['seconds']:.3f}",
+                      f"{r['us_per_node']:.0f}"] for r in rows],
+                    headers=["model", "nodes", "sites", "seconds", "µs per node"],
+                    tablefmt=tablefmt, disable_numparse=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "inspect":
             _inspect(args)
+        elif args.command == "bench":
+            _bench(args)
     except FxsdError as exc:
         print(f"fxsd: error: {exc}", file=sys.stderr)
         return 2

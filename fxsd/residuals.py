@@ -237,6 +237,7 @@ class _Analyzer:
         self.dependent_mask = sum(1 << i for i, n in enumerate(self.nodes)
                                   if self.anc[n] & inputs_mask)
         self.non_tensor = _non_tensor_nodes(self.nodes, profiles)
+        self.has_stacks = any(n.meta.get("nn_module_stack") for n in self.nodes)
 
     # -- helpers ---------------------------------------------------------------------------
     def descends(self, n: Node, ancestor: Node) -> bool:
@@ -260,7 +261,10 @@ class _Analyzer:
         nodes = list(nodes)
         flops = sum(self.profiles[n].flops for n in nodes if n in self.profiles) \
             if self.profiles else 0
-        return flops, _param_count(self.gm, nodes), sum(1 for n in nodes if not _is_free(n))
+        # parameters the path reads through get_attr count too (a traced-through Conv3d subclass)
+        reads = [a for n in nodes for a in n.all_input_nodes if a.op == "get_attr"]
+        return (flops, _param_count(self.gm, [*nodes, *reads]),
+                sum(1 for n in nodes if not _is_free(n)))
 
     # -- classification --------------------------------------------------------------------
     def run(self) -> ResidualAnalysis:
@@ -282,7 +286,7 @@ class _Analyzer:
                                 total, self.profiles)
 
     def reject(self, node: Node, kind: str, reason: RejectReason, detail: str) -> RejectedAdd:
-        return RejectedAdd(node, kind, reason, detail, _module_of(node)[0])
+        return RejectedAdd(node, kind, reason, detail, _module_of(node, (), self.has_stacks)[0])
 
     def classify(self, node: Node, kind: str) -> dict[str, Any] | RejectedAdd:
         try:
@@ -343,7 +347,7 @@ class _Analyzer:
             return self.reject(node, kind, reason, detail)
         side = tuple(n for n in branch.inputs if n.op != "get_attr")
         params = tuple(n for n in branch.inputs if n.op == "get_attr")
-        path, mtype = _module_of(node, branch.nodes)
+        path, mtype = _module_of(node, branch.nodes, self.has_stacks)
         flops = (sum(self.profiles[n].flops for n in branch.nodes if n in self.profiles)
                  if self.profiles else None)
         return dict(
@@ -466,10 +470,10 @@ def _mutation_problem(
         if target is not None and target not in members and n.op != "call_module":
             return (f"'{n.name}' in the branch mutates '{target.name}' in place, which lives "
                     "outside the branch: skipping the branch would skip that mutation")
-    first = order[branch[0]]
-    for n in gm.graph.nodes:
-        i = order.get(n, -1)
-        if i <= first or i >= order[add] or n in members:
+    n = branch[0]
+    while n.next is not add and n.next.op != "root":  # walk the nodes between branch and add
+        n = n.next
+        if n in members:
             continue
         target = mutated_operand(n, gm)
         if target in read and n.op != "call_module":
@@ -535,9 +539,15 @@ def _get_attr(gm: GraphModule, target: str) -> Any:
     return obj
 
 
-def _module_of(node: Node, branch: Sequence[Node] = ()) -> tuple[str, str]:
-    """(qualified path, class name) of the module whose forward performs ``node``."""
+def _module_of(node: Node, branch: Sequence[Node] = (), has_stacks: bool = True
+               ) -> tuple[str, str]:
+    """(qualified path, class name) of the module whose forward performs ``node``.
+
+    ``has_stacks``: whether the graph's tracer records ``nn_module_stack`` at all.
+    """
     stack = node.meta.get("nn_module_stack")
+    if not stack and has_stacks:
+        return "", ""  # the tracer records stacks, and this node has none: the root's forward
     if stack:
         key, value = list(stack.items())[-1]
         path = value[0] if isinstance(value, tuple) and isinstance(value[0], str) else str(key)

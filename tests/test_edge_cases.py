@@ -444,3 +444,15 @@ def test_operator_iadd_in_foreign_graph():
     out = fxsd.stochastic_depth(gm, 0.0).eval()
     x = _x()
     torch.testing.assert_close(out(x), model.eval()(x))
+
+
+def test_projection_found_when_branch_weights_are_read_via_get_attr():
+    # torchvision's video ResNets use Conv3d subclasses that fx traces through: their weights
+    # reach the branch through get_attr nodes, not module calls, and must count as branch cost.
+    from torchvision.models.video import r3d_18
+    from torchvision.models.video.resnet import BasicBlock
+
+    model = r3d_18()
+    sites = fxsd.find_residuals(model)
+    assert len(sites) == sum(isinstance(m, BasicBlock) for m in model.modules())
+    assert sum(s.skip_kind is SkipKind.PROJECTION for s in sites) == 3

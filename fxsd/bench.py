@@ -1,0 +1,468 @@
+"""``fxsd bench``: time training steps of fxsd against the baseline, drop path and the limit.
+
+One run builds these variants of one model, all on the same machine and inputs:
+
+* ``baseline`` — the untransformed model;
+* ``fxsd p=0`` — the gated model that never drops (the gates' own overhead);
+* ``fxsd`` — the gated model at each requested rate (block mode);
+* ``mask drop path`` — the model with torchvision's ``StochasticDepth(p, "row")`` on every branch
+  output at the same per-site rates (what users run today: the branch is computed anyway);
+* ``every site dropped`` — the gated model with every rate at 1;
+* ``limit`` — the step time perfect skipping would give at each rate.
+
+The limit comes from measured times, not FLOPs: the branches' total time is the baseline step
+minus the every-site-dropped step, and it is shared out between sites in proportion to each
+branch's own forward + backward time, measured in isolation on the inputs it sees in the model.
+For the fxsd rows the limit is *realised*: it counts the branches the run actually skipped, step
+by step, so ``efficiency = saving / limit`` is free of the sampling noise of the drop decisions.
+
+Variants run interleaved (one step of each in turn) after a warm-up; drop decisions come from a
+fixed seed, so reruns skip the same branches.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+
+from fxsd.errors import InvalidArgumentError
+from fxsd.gate import BranchGate
+from fxsd.passes.mask_drop_path import add_mask_drop_paths
+from fxsd.passes.stochastic_depth import stochastic_depth
+from fxsd.residuals import analyze_residuals
+from fxsd.schedules import check_rate, site_rates
+
+__all__ = ["BenchConfig", "BenchRow", "BenchResult", "run", "format_table", "build_model",
+           "site_times", "limit_saving", "transform_times"]
+
+HEADERS = ["variant", "drop rate", "mean ms", "median ms", "ratio", "saving %", "limit %",
+           "efficiency", "peak MiB"]
+
+
+@dataclass
+class BenchConfig:
+    """What to benchmark. ``image_size=None`` picks 32 for CIFAR models and 64 otherwise."""
+
+    model: str = "resnet50"
+    drop_rates: tuple[float, ...] = (0.5,)
+    distribution: str = "linear"
+    batch_size: int = 16
+    image_size: int | None = None
+    steps: int = 20
+    warmup: int = 3
+    device: str = "cpu"
+    amp: str | None = None
+    channels_last: bool = False
+    seed: int = 0
+    branch_reps: int = 5
+
+
+@dataclass
+class BenchRow:
+    variant: str
+    drop_rate: float | None
+    times: list[float] = field(repr=False)
+    peak_bytes: int | None = None
+    limit: float | None = None  # fraction of the baseline step perfect skipping would save
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    rows: list[BenchRow]
+    site_times: dict[str, float]
+    machine: dict[str, str]
+    sync_check: str = "not run"
+
+    def row(self, variant: str, drop_rate: float | None = None) -> BenchRow:
+        for r in self.rows:
+            if r.variant == variant and (drop_rate is None or r.drop_rate == drop_rate):
+                return r
+        raise KeyError((variant, drop_rate))
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.row("baseline").mean
+        return {
+            "config": asdict(self.config),
+            "machine": self.machine,
+            "sync_check": self.sync_check,
+            "site_times_ms": {k: v * 1e3 for k, v in self.site_times.items()},
+            "rows": [
+                {"variant": r.variant, "drop_rate": r.drop_rate, "mean_ms": r.mean * 1e3,
+                 "median_ms": r.median * 1e3, "ratio": r.mean / base, "limit": r.limit,
+                 "peak_bytes": r.peak_bytes, "steps": len(r.times)}
+                for r in self.rows
+            ],
+        }
+
+
+def build_model(name: str) -> nn.Module:
+    """A torchvision model name, ``cifar_resnet<depth>``, or ``package.module:callable``."""
+    from fxsd.cli import load_model
+    from fxsd.models import cifar_resnet
+
+    if name.startswith("cifar_resnet") and name[len("cifar_resnet"):].isdigit():
+        return cifar_resnet(int(name[len("cifar_resnet"):]))
+    return load_model(name)
+
+
+def _loss(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        target = torch.arange(out.shape[0], device=out.device) % out.shape[1]
+        return F.cross_entropy(out.float(), target)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return sum(t.float().mean() for t in leaves)
+
+
+class _Variant:
+    def __init__(self, name: str, rate: float | None, model: nn.Module, cfg: BenchConfig):
+        self.row = BenchRow(name, rate, [])
+        self.model = model.train()
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        self.gates = [m for m in model.modules() if isinstance(m, BranchGate)]
+        self.decisions: list[list[bool]] = []  # per step, per gate: was the branch skipped?
+        self.cfg = cfg
+
+    def step(self, x: torch.Tensor) -> None:
+        for g in self.gates:
+            g.dropped = None
+        self.opt.zero_grad(set_to_none=True)
+        with _autocast(self.cfg):
+            loss = _loss(self.model(x))
+        loss.backward()
+        self.opt.step()
+
+
+def _autocast(cfg: BenchConfig) -> Any:
+    if cfg.amp is None:
+        return nullcontext()
+    return torch.autocast(torch.device(cfg.device).type, dtype=getattr(torch, cfg.amp))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _skipped(gates: Sequence[BranchGate]) -> list[bool]:
+    # A gate that did not run sits inside a dropped branch: its branch was skipped too.
+    return [g.dropped is not False for g in gates]
+
+
+def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str, float]:
+    """Each gate's *exclusive* branch time (forward + backward, seconds), measured in isolation.
+
+    ``model`` is a gated model that never drops. A branch that contains other gates is charged only
+    for what it computes beyond them.
+    """
+    gates = {n: m for n, m in model.named_modules() if isinstance(m, BranchGate)}
+    captured: dict[str, tuple] = {}
+    hooks = [g.register_forward_pre_hook(lambda mod, args, n=n: captured.__setitem__(n, args))
+             for n, g in gates.items()]
+    try:
+        with _autocast(cfg):
+            model.train()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    device = x.device
+    inclusive: dict[str, float] = {}
+    for name, gate in gates.items():
+        args = captured[name] if gate.identity else captured[name][1:]
+        leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor)
+                  else a for a in args]
+        samples = []
+        for _ in range(cfg.branch_reps + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            with _autocast(cfg):
+                out = gate.branch.forward(*leaves)
+            out.backward(torch.ones_like(out))
+            _sync(device)
+            samples.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        inclusive[name] = statistics.median(samples[1:])
+    exclusive = dict(inclusive)
+    for name, gate in gates.items():
+        for child in _child_gates(gate):
+            exclusive[name] -= inclusive.get(child, 0.0)
+    return {n: max(t, 0.0) for n, t in exclusive.items()}
+
+
+def _child_gates(gate: BranchGate) -> list[str]:
+    return [str(n.target) for n in gate.branch.graph.nodes
+            if n.op == "call_module" and str(n.target).endswith("_gate")
+            or n.op == "call_module" and "_gate_" in str(n.target)]
+
+
+def _ancestors(model: nn.Module) -> dict[str, list[str]]:
+    """For each gate, the gates whose branches contain it (nearest first)."""
+    parent: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BranchGate):
+            for child in _child_gates(m):
+                parent[child] = name
+    chains: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BranchGate):
+            chain, cur = [], name
+            while cur in parent:
+                cur = parent[cur]
+                chain.append(cur)
+            chains[name] = chain
+    return chains
+
+
+def limit_saving(times: dict[str, float], rates: dict[str, float],
+                 ancestors: dict[str, list[str]]) -> float:
+    """Expected seconds saved per step by perfect skipping: Σ t_l · P(branch l skipped).
+
+    A branch is skipped when its own gate or any gate enclosing it drops.
+    """
+    total = 0.0
+    for name, t in times.items():
+        keep = 1.0 - rates[name]
+        for a in ancestors.get(name, []):
+            keep *= 1.0 - rates[a]
+        total += t * (1.0 - keep)
+    return total
+
+
+def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | None = None,
+        **overrides: Any) -> BenchResult:
+    """Run the benchmark and return its measurements (see the module docstring).
+
+    Example:
+        >>> from fxsd import bench
+        >>> result = bench.run(model="cifar_resnet20", steps=5, batch_size=8)  # doctest: +SKIP
+        >>> print(bench.format_table(result))  # doctest: +SKIP
+    """
+    cfg = copy.replace(config or BenchConfig(), **overrides) if hasattr(copy, "replace") \
+        else _replace(config or BenchConfig(), overrides)
+    say = progress or (lambda msg: None)
+    rates = tuple(check_rate(r) for r in cfg.drop_rates)
+    if cfg.steps < 1 or cfg.warmup < 0 or cfg.batch_size < 1:
+        raise InvalidArgumentError("steps and batch_size must be positive, warmup non-negative")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device")
+    if cfg.amp not in (None, "bf16", "bfloat16", "fp16", "float16"):
+        raise InvalidArgumentError(f"unknown --amp {cfg.amp!r}: use bf16 or fp16")
+    if cfg.amp:
+        cfg.amp = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.amp, cfg.amp)
+    torch.manual_seed(cfg.seed)
+    base = build_model(cfg.model)
+    size = cfg.image_size or (32 if cfg.model.startswith("cifar") else 64)
+    x = torch.randn(cfg.batch_size, 3, size, size)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    base = base.to(device, memory_format=memory_format)
+    x = x.to(device, memory_format=memory_format)
+
+    analysis = analyze_residuals(base)
+    if not analysis.sites:
+        raise InvalidArgumentError(f"{cfg.model} has no residual site to benchmark")
+    depths = [s.depth for s in analysis.sites]
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(base)
+
+    say(f"building variants of {cfg.model} ({len(analysis.sites)} sites)")
+    variants = [_Variant("baseline", None, fresh(), cfg),
+                _Variant("fxsd p=0", 0.0, stochastic_depth(fresh(), 0.0, seed=cfg.seed), cfg)]
+    for r in rates:
+        variants.append(_Variant("fxsd", r, stochastic_depth(
+            fresh(), r, distribution=cfg.distribution, seed=cfg.seed), cfg))
+    for r in rates:
+        masked = add_mask_drop_paths(analyze_residuals(fresh()),
+                                     site_rates(r, cfg.distribution, depths, analysis.num_levels))
+        variants.append(_Variant("mask drop path", r, masked, cfg))
+    everything = _Variant("every site dropped", 1.0, stochastic_depth(
+        fresh(), 1.0, distribution="uniform", seed=cfg.seed), cfg)
+    variants.append(everything)
+
+    say(f"warm-up: {cfg.warmup} steps per variant")
+    for v in variants:
+        for _ in range(cfg.warmup):
+            v.step(x)
+    sync_check = "not run (CPU)"
+    if device.type == "cuda":
+        sync_check = _sync_check(variants[2], x)
+
+    say(f"timing: {cfg.steps} interleaved steps per variant")
+    for _ in range(cfg.steps):
+        for v in variants:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            v.step(x)
+            _sync(device)
+            v.row.times.append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+                v.row.peak_bytes = max(v.row.peak_bytes or 0, peak)
+            if v.gates:
+                v.decisions.append(_skipped(v.gates))
+
+    say("measuring each branch's time share")
+    probe = variants[1].model
+    raw = site_times(probe, x, cfg)
+    base_time = variants[0].row.mean
+    branch_total = max(base_time - everything.row.mean, 0.0)
+    scale = branch_total / sum(raw.values()) if sum(raw.values()) else 0.0
+    times = {n: t * scale for n, t in raw.items()}
+    chains = _ancestors(probe)
+    names = [n for n, m in probe.named_modules() if isinstance(m, BranchGate)]
+
+    rows: list[BenchRow] = []
+    for v in variants:
+        if v.row.variant == "fxsd":
+            # Realised limit: what skipping exactly this run's dropped branches would save.
+            order = [n for n, m in v.model.named_modules() if isinstance(m, BranchGate)]
+            saved = [sum(times[n] for n, s in zip(order, step) if s) for step in v.decisions]
+            v.row.limit = statistics.fmean(saved) / base_time
+        elif v.row.variant == "mask drop path":
+            v.row.limit = _expected_limit(v.row.drop_rate, cfg, depths, analysis.num_levels,
+                                          names, times, chains) / base_time
+        elif v.row.variant == "every site dropped":
+            v.row.limit = branch_total / base_time
+        rows.append(v.row)
+    for r in rates:
+        saved = _expected_limit(r, cfg, depths, analysis.num_levels, names, times, chains)
+        rows.append(BenchRow("limit", r, [base_time - saved], limit=saved / base_time))
+    return BenchResult(cfg, rows, times, _machine(device), sync_check)
+
+
+def _expected_limit(rate: float, cfg: BenchConfig, depths: list[int], levels: int,
+                    names: list[str], times: dict[str, float],
+                    chains: dict[str, list[str]]) -> float:
+    per_site = dict(zip(names, site_rates(rate, cfg.distribution, depths, levels)))
+    return limit_saving(times, per_site, chains)
+
+
+def _sync_check(variant: _Variant, x: torch.Tensor) -> str:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            variant.step(x)
+    except RuntimeError as exc:
+        return f"FAILED: {exc}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "passed (no host-device sync in 3 gated steps)"
+
+
+def _replace(cfg: BenchConfig, overrides: dict[str, Any]) -> BenchConfig:
+    values = asdict(cfg)
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise InvalidArgumentError(f"unknown bench options {sorted(unknown)}")
+    values.update(overrides)
+    values["drop_rates"] = tuple(values["drop_rates"])
+    return BenchConfig(**values)
+
+
+def _machine(device: torch.device) -> dict[str, str]:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_table(result: BenchResult, tablefmt: str = "simple") -> str:
+    """The benchmark as a table; ratio and saving use means (the random saving settles on them)."""
+    base = result.row("baseline").mean
+    body = []
+    for r in result.rows:
+        saving = 1.0 - r.mean / base
+        limit = r.limit
+        eff = "-" if not limit or r.variant in ("baseline", "limit") else f"{saving / limit:.3f}"
+        if r.variant == "limit":
+            eff = "1.000"
+        body.append([
+            r.variant, "-" if r.drop_rate is None else f"{r.drop_rate:g}",
+            f"{r.mean * 1e3:.1f}", f"{r.median * 1e3:.1f}", f"{r.mean / base:.3f}",
+            f"{saving * 100:+.1f}", "-" if limit is None else f"{limit * 100:.1f}", eff,
+            "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}",
+        ])
+    cfg = result.config
+    head = (f"{cfg.model}, batch {cfg.batch_size}, {cfg.distribution} drop rates, "
+            f"{len(result.rows[0].times)} timed steps per variant (interleaved, after "
+            f"{cfg.warmup} warm-up), {result.machine['device']}, torch {result.machine['torch']}, "
+            f"{result.machine['threads']} threads")
+    table = tabulate(body, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
+    return f"{head}\n{table}\nsync check: {result.sync_check}"
+
+
+def transform_times(block_counts: Sequence[int] = (250, 500, 1000),
+                    torchvision_models: Sequence[str] = ("resnet152", "vit_l_16"),
+                    repeats: int = 3) -> list[dict[str, Any]]:
+    """Time ``fxsd.stochastic_depth`` itself (trace + analysis + rewrite) on one CPU thread."""
+    from fxsd.cli import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        cases: list[tuple[str, Callable[[], nn.Module]]] = [
+            (name, lambda name=name: load_model(name)) for name in torchvision_models
+        ]
+        cases += [(f"residual MLP x{n}", lambda n=n: residual_mlp(n)) for n in block_counts]
+        for label, make in cases:
+            model = make()
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                gm = stochastic_depth(model, 0.1)
+                samples.append(time.perf_counter() - t0)
+            nodes = len(analyze_residuals(model).graph_module.graph.nodes)
+            sites = sum(isinstance(m, BranchGate) for m in gm.modules())
+            best = min(samples)
+            rows.append({"model": label, "nodes": nodes, "sites": sites, "seconds": best,
+                         "us_per_node": best / nodes * 1e6})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def residual_mlp(blocks: int, width: int = 64) -> nn.Module:
+    """A plain chain of pre-norm residual MLP blocks, for timing the pass at scale."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(width)
+            self.fc1 = nn.Linear(width, width)
+            self.fc2 = nn.Linear(width, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+    return nn.Sequential(*[Block() for _ in range(blocks)])

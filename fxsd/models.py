@@ -1,0 +1,77 @@
+"""Reference models for benchmarks and tests.
+
+:func:`cifar_resnet` is the CIFAR ResNet of He et al. (2016, section 4.2) that Huang et al. used for
+stochastic depth: ``depth = 6n + 2`` layers, three stages of ``n`` basic blocks with 16, 32 and 64
+channels, and parameter-free shortcuts ("option A": stride-2 subsampling and zero-padded
+channels), so ``cifar_resnet(110)`` has 54 residual blocks.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fxsd.errors import InvalidArgumentError
+
+__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet"]
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN branch; identity or option-A shortcut; ReLU after the add."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = stride != 1 or in_planes != planes
+        self.pad = (planes - in_planes) // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.downsample:
+            shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int = 110, num_classes: int = 10) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise InvalidArgumentError(f"CIFAR ResNet depth must be 6n + 2 (20, 56, 110...), "
+                                       f"got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def cifar_resnet(depth: int = 110, num_classes: int = 10) -> CifarResNet:
+    """The CIFAR ResNet of the stochastic-depth paper: ``cifar_resnet(110)`` has 54 blocks.
+
+    Example:
+        >>> import fxsd
+        >>> len(fxsd.find_residuals(fxsd.models.cifar_resnet(110)))
+        54
+    """
+    return CifarResNet(depth, num_classes)

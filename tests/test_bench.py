@@ -1,0 +1,189 @@
+"""``fxsd bench`` plumbing: variants, the mask drop-path baseline, the limit, tables. No timing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from conftest import gates
+from torch import nn
+
+import fxsd
+from fxsd import bench
+from fxsd.cli import main
+from fxsd.models import cifar_resnet
+from fxsd.passes.mask_drop_path import add_mask_drop_paths
+
+
+def test_cifar_resnet_matches_the_paper():
+    model = cifar_resnet(110)
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 54
+    assert [model.layer1[0].conv1.out_channels, model.layer2[0].conv1.out_channels,
+            model.layer3[0].conv1.out_channels] == [16, 32, 64]
+    sites = fxsd.find_residuals(model)
+    assert len(sites) == 54
+    # Option-A shortcuts are parameter-free projections (subsample + zero-pad).
+    projections = [s for s in sites if s.skip_kind is fxsd.SkipKind.PROJECTION]
+    assert [s.module_path for s in projections] == ["layer2.0", "layer3.0"]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(fxsd.InvalidArgumentError, match="6n \\+ 2"):
+        cifar_resnet(100)
+
+
+def test_mask_drop_path_applies_torchvision_op_at_site_rates():
+    model = cifar_resnet(20)
+    analysis = fxsd.analyze_residuals(model)
+    depths = [s.depth for s in analysis.sites]
+    rates = fxsd.site_rates(0.5, "linear", depths, analysis.num_levels)
+    gm = add_mask_drop_paths(fxsd.analyze_residuals(model), rates)
+    drop_paths = [(n, gm.get_submodule(str(n.target))) for n in gm.graph.nodes
+                  if n.op == "call_module"
+                  and isinstance(gm.get_submodule(str(n.target)), torchvision.ops.StochasticDepth)]
+    assert [m.p for _, m in drop_paths] == pytest.approx(rates)
+    assert all(m.mode == "row" for _, m in drop_paths)
+    # Each sits between the branch output and the residual add.
+    for node, _ in drop_paths:
+        (user,) = node.users
+        assert fxsd.ops.add_kind(user) is not None
+        assert node.args[0].target.endswith("bn2")
+    assert list(gm.state_dict()) == list(model.state_dict())
+    # Same values as torchvision's op applied by hand with the same random state.
+    x = torch.randn(4, 3, 32, 32)
+    gm.train(), model.train()
+    torch.manual_seed(5)
+    out = gm(x)
+    torch.manual_seed(5)
+    handles = [blk.bn2.register_forward_hook(
+        lambda m, a, o, p=p: torchvision.ops.stochastic_depth(o, p, "row", True))
+        for blk, p in zip([b for b in model.modules() if type(b).__name__ == "BasicBlock"], rates)]
+    ref = model(x)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out, ref)
+
+
+def test_limit_saving_with_known_branch_costs():
+    times = {"a": 1.0, "b": 2.0, "c": 4.0}
+    rates = {"a": 0.5, "b": 0.25, "c": 0.0}
+    assert bench.limit_saving(times, rates, {}) == pytest.approx(0.5 + 0.5)
+    # c nested in a's branch: c is skipped whenever a drops.
+    assert bench.limit_saving(times, rates, {"c": ["a"]}) == pytest.approx(0.5 + 0.5 + 2.0)
+    both = {"a": 0.5, "b": 0.0, "c": 0.5}
+    assert bench.limit_saving(times, both, {"c": ["a"]}) == pytest.approx(0.5 + 4.0 * 0.75)
+
+
+def test_site_times_are_exclusive_for_nested_branches():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return x + torch.tanh(self.inner(x))
+
+    gm = fxsd.stochastic_depth(Outer(), 0.0)
+    times = bench.site_times(gm, torch.randn(4, 8), bench.BenchConfig(branch_reps=2))
+    assert set(times) == {"inner_gate", "gate"}
+    assert all(t >= 0 for t in times.values())
+    assert bench._ancestors(gm) == {"inner_gate": ["gate"], "gate": []}
+
+
+@pytest.fixture(scope="module")
+def small_result():
+    return bench.run(model="cifar_resnet20", drop_rates=(0.5, 1.0), distribution="uniform",
+                     steps=2, warmup=1, batch_size=4, branch_reps=1)
+
+
+def test_run_builds_every_variant(small_result):
+    r = small_result
+    names = [(row.variant, row.drop_rate) for row in r.rows]
+    assert names == [
+        ("baseline", None), ("fxsd p=0", 0.0), ("fxsd", 0.5), ("fxsd", 1.0),
+        ("mask drop path", 0.5), ("mask drop path", 1.0), ("every site dropped", 1.0),
+        ("limit", 0.5), ("limit", 1.0),
+    ]
+    assert all(len(row.times) == 2 for row in r.rows if row.variant != "limit")
+    assert len(r.site_times) == 9
+    base = r.row("baseline").mean
+    everything = r.row("every site dropped")
+    # At rate 1 the realised and the expected limit are every branch's whole time.
+    assert r.row("fxsd", 1.0).limit == pytest.approx(everything.limit)
+    assert r.row("limit", 1.0).limit == pytest.approx(everything.limit)
+    assert r.row("limit", 0.5).times[0] == pytest.approx(base * (1 - r.row("limit", 0.5).limit))
+    assert 0 < r.row("limit", 0.5).limit < everything.limit
+    assert r.machine["torch"] == torch.__version__
+
+
+def test_table_columns(small_result):
+    text = bench.format_table(small_result)
+    header = text.splitlines()[1]
+    for col in bench.HEADERS:
+        assert col in header
+    assert "2 timed steps per variant (interleaved, after 1 warm-up)" in text
+    assert "sync check: not run (CPU)" in text
+    data = small_result.to_dict()
+    json.dumps(data)
+    assert data["rows"][0]["ratio"] == 1.0
+
+
+def test_fxsd_variant_uses_requested_rates():
+    gm = bench._Variant("fxsd", 0.5, fxsd.stochastic_depth(cifar_resnet(20), 0.5, seed=0),
+                        bench.BenchConfig()).model
+    assert [g.drop_rate for g in gates(gm)] == pytest.approx([0.5 * d / 9 for d in range(1, 10)])
+
+
+def test_bench_rejects_bad_options():
+    with pytest.raises(fxsd.InvalidArgumentError, match="unknown bench options"):
+        bench.run(model="cifar_resnet20", steps=1, bogus=3)
+    with pytest.raises(fxsd.InvalidArgumentError, match="drop_rate must lie"):
+        bench.run(model="cifar_resnet20", steps=1, drop_rates=(1.5,))
+    with pytest.raises(fxsd.InvalidArgumentError, match="no residual site"):
+        bench.run(model="vgg11", steps=1)
+
+
+def test_cli_bench_and_json(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    assert main(["bench", "cifar_resnet20", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                 "--drop-rate", "0.3", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "mask drop path" in out and "limit" in out and "efficiency" in out
+    data = json.loads(path.read_text())
+    assert data["config"]["drop_rates"] == [0.3]
+
+
+def test_transform_times_rows():
+    rows = bench.transform_times(block_counts=(5,), torchvision_models=(), repeats=1)
+    (row,) = rows
+    assert row["model"] == "residual MLP x5" and row["sites"] == 5
+    assert row["nodes"] > 5 and row["seconds"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_device_sync_in_gated_cuda_step():
+    model = cifar_resnet(20).cuda()
+    gm = fxsd.stochastic_depth(model, 0.5, seed=0).train()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    gm(x).sum().backward()  # warm-up (allocator, cuDNN choices)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            gm(x).sum().backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    result = bench.run(model="cifar_resnet20", steps=2, warmup=1, device="cuda", batch_size=8)
+    assert result.sync_check.startswith("passed")
