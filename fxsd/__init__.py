@@ -30,7 +30,7 @@ from fxsd.residuals import (
 )
 from fxsd.schedules import site_rates
 from fxsd.table import table
-from fxsd.tracing import trace
+from fxsd.tracing import TrainingDependenceWarning, trace
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "ResidualSite",
     "SkipKind",
     "TraceError",
+    "TrainingDependenceWarning",
     "analyze_residuals",
     "find_residuals",
     "site_rates",

@@ -12,6 +12,7 @@ model itself is never modified) and prepares its graph for analysis:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from fxsd.graph_module import FxsdGraphModule, mirror_module
 from fxsd.passes.explicit_inplace import make_inplace_explicit
 from fxsd.passes.live_drop_path import make_drop_paths_live
 
-__all__ = ["trace", "is_drop_path", "FxsdTracer"]
+__all__ = ["trace", "is_drop_path", "FxsdTracer", "TrainingDependenceWarning"]
 
 LeafSpec = type | str
 
@@ -152,12 +153,93 @@ def trace(
     if isinstance(model, fx.GraphModule):
         graph = _copy_graph(model.graph)
         extras: dict[str, Any] = {}
+        live: list[str] = []
     else:
-        graph, extras = _symbolic_trace(model, leaves, concrete_args)
+        graph, extras, live = _trace_training_aware(model, leaves, concrete_args)
     gm = mirror_module(model, graph, extras, class_name=type(model).__name__)
+    gm.meta["fxsd_live_leaves"] = live
     make_drop_paths_live(gm)
     make_inplace_explicit(gm)
     return gm
+
+
+class TrainingDependenceWarning(UserWarning):
+    """Traced code of the root module depends on ``self.training``; it keeps the traced mode."""
+
+
+def _trace_training_aware(
+    model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None
+) -> tuple[fx.Graph, dict[str, Any], list[str]]:
+    """Trace, and keep as leaves the modules whose traced code depends on ``self.training``.
+
+    Tracing evaluates ``if self.training`` and ``dropout_p=p if self.training else 0.0`` once, so
+    the graph would keep the mode the model had when traced (attention dropout in timm,
+    Hugging Face and torchvision's Swin is written like this). fxsd traces a second time with every
+    module's flag flipped, compares the two graphs module by module, and re-traces with the
+    modules that differ kept as leaves, which read their flag at run time.
+    """
+    leaves = list(leaves)
+    live: list[str] = []
+    for _ in range(8):
+        graph, extras = _symbolic_trace(model, leaves, concrete_args)
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            for m, mode in modes:
+                m.training = not mode
+            flipped, _ = _symbolic_trace(model, leaves, concrete_args)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        differing = _scopes_that_differ(graph, flipped)
+        if not differing:
+            break
+        if "" in differing:
+            warnings.warn(
+                f"the traced forward of {type(model).__name__} itself depends on self.training; "
+                f"the graph keeps the {'training' if model.training else 'eval'} behaviour it was "
+                "traced with. Move that code into a submodule to keep it switchable.",
+                TrainingDependenceWarning,
+                stacklevel=3,
+            )
+            break
+        leaves += sorted(differing)
+        live += sorted(differing)
+    return graph, extras, live
+
+
+def _scopes_that_differ(a: fx.Graph, b: fx.Graph) -> set[str]:
+    sa, sb = _scope_signatures(a), _scope_signatures(b)
+    return {p for p in sa.keys() | sb.keys() if sa.get(p) != sb.get(p)}
+
+
+def _scope_signatures(graph: fx.Graph) -> dict[str, list[Any]]:
+    def sig(x: Any) -> Any:
+        if isinstance(x, fx.Node):
+            return "%"
+        if isinstance(x, (list, tuple)):
+            return tuple(sig(v) for v in x)
+        if isinstance(x, dict):
+            return tuple((k, sig(v)) for k, v in x.items())
+        return repr(x)
+
+    drop_path = _functional_drop_path()
+    out: dict[str, list[Any]] = {}
+    for n in graph.nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        path = ""
+        if stack:
+            value = list(stack.values())[-1]
+            path = value[0] if isinstance(value, tuple) else str(list(stack)[-1])
+            if n.op == "call_module" and path == str(n.target) and len(stack) > 1:
+                value = list(stack.values())[-2]  # a leaf call belongs to its caller's scope
+                path = value[0] if isinstance(value, tuple) else str(list(stack)[-2])
+            elif n.op == "call_module" and path == str(n.target):
+                path = ""
+        args, kwargs = n.args, n.kwargs
+        if n.op == "call_function" and n.target is drop_path:  # made live by live_drop_path
+            args, kwargs = args[:3], {k: v for k, v in kwargs.items() if k != "training"}
+        out.setdefault(path, []).append((n.op, repr(n.target), sig(args), sig(kwargs)))
+    return out
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -179,12 +261,13 @@ def _symbolic_trace(
         path, kind = tracer.scope_stack[-1] if tracer.scope_stack else ("", type(model).__name__)
         where = f"module '{path}' ({kind})" if path else f"the root module ({kind})"
         hint = (
-            f"leaf_modules=[{kind}] (or leaf_modules=['{path}']) to keep it as one opaque call"
-            if path else "concrete_args={...} to fix the arguments that steer Python control flow"
+            f"Pass leaf_modules=[{kind}] (or leaf_modules=['{path}']) to keep it as one opaque "
+            "call, or concrete_args={...} to fix the arguments that steer its control flow."
+            if path else "Pass concrete_args={...} to fix the arguments that steer Python control "
+            "flow, or leaf_modules=[...] for the submodules that cannot be traced."
         )
         raise TraceError(
-            f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}\n"
-            f"Pass {hint}; concrete_args={{...}} fixes arguments that steer control flow.",
+            f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}\n{hint}",
             module_path=path,
             module_type=kind,
         ) from exc

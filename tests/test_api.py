@@ -445,3 +445,66 @@ def test_cli_inspect_callable_and_errors(capsys):
     assert "4 residual sites" in out and "0.4000" in out and "FLOPs" in out
     assert main(["inspect", "no_such_model"]) == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
+
+
+class SdpaAttention(nn.Module):  # timm / Hugging Face style: the flag steers a function argument
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.p = 0.5
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.p if self.training else 0.0)
+
+
+class SdpaBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = SdpaAttention()
+
+    def forward(self, x):
+        return x + self.attn(x)
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_modules_reading_training_stay_switchable(traced_in):
+    model = SdpaBlock()
+    getattr(model, traced_in)()
+    gm = fxsd.stochastic_depth(model, 0.0)
+    assert gm.meta["fxsd_live_leaves"] == ["attn"]
+    assert len(gates(gm)) == 1
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=0, atol=0)
+    torch.manual_seed(0)
+    a = gm.train()(x)
+    torch.manual_seed(0)
+    b = model.train()(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, gm.eval()(x)), "training mode must apply attention dropout"
+
+
+def test_swin_attention_dropout_follows_mode():
+    model = torchvision.models.swin_t(dropout=0.5, attention_dropout=0.5).train()
+    gm = fxsd.stochastic_depth(model, 0.0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(gm(x), model.eval()(x), rtol=0, atol=0)
+    assert len(gates(gm)) == 24
+
+
+class RootReadsTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.f(x)
+        if self.training:
+            y = y * 2
+        return x + y
+
+
+def test_root_reading_training_warns():
+    with pytest.warns(fxsd.TrainingDependenceWarning, match="depends on self.training"):
+        fxsd.stochastic_depth(RootReadsTraining().train(), 0.1)
