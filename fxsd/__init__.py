@@ -11,10 +11,13 @@ The public surface:
   others are not (pure analysis, the model is never modified);
 * :func:`stochastic_depth` — the pass: gate every residual branch with a depth-indexed drop rate;
 * :func:`table` — the sites (or a transformed model's gates) as a printable table;
+* :func:`set_drop_rate`, :class:`DropWarmup`, :func:`get_rng_state`/:func:`set_rng_state` —
+  training-loop helpers; :func:`apply_stochastic_depth` — Composer's functional API;
 * :func:`trace` — fxsd's tracer on its own;
 * :class:`FxsdError` and its subclasses — every error fxsd raises.
 """
 
+from fxsd.composer import apply_stochastic_depth  # noqa: E402  (needs the pass imported first)
 from fxsd.errors import FxsdError, GraphError, InvalidArgumentError, InvalidTypeError, TraceError
 from fxsd.gate import BranchGate, DropSampler, GateInfo
 from fxsd.graph_module import FxsdGraphModule
@@ -31,11 +34,20 @@ from fxsd.residuals import (
 from fxsd.schedules import site_rates
 from fxsd.table import table
 from fxsd.tracing import TrainingDependenceWarning, trace
+from fxsd.training import (
+    DropWarmup,
+    gates,
+    get_drop_rate,
+    get_rng_state,
+    set_drop_rate,
+    set_rng_state,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BranchGate",
+    "DropWarmup",
     "DropSampler",
     "FxsdError",
     "FxsdGraphModule",
@@ -52,7 +64,13 @@ __all__ = [
     "TraceError",
     "TrainingDependenceWarning",
     "analyze_residuals",
+    "apply_stochastic_depth",
     "find_residuals",
+    "gates",
+    "get_drop_rate",
+    "get_rng_state",
+    "set_drop_rate",
+    "set_rng_state",
     "site_rates",
     "stochastic_depth",
     "table",

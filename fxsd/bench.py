@@ -57,6 +57,7 @@ class BenchConfig:
     model: str = "resnet50"
     drop_rates: tuple[float, ...] = (0.5,)
     distribution: str = "linear"
+    mode: str = "block"
     batch_size: int = 16
     image_size: int | None = None
     steps: int = 20
@@ -115,13 +116,20 @@ class BenchResult:
         }
 
 
-def build_model(name: str) -> nn.Module:
-    """A torchvision model name, ``cifar_resnet<depth>``, or ``package.module:callable``."""
+def build_model(name: str, image_size: int | None = None) -> nn.Module:
+    """A torchvision model name, ``cifar_resnet<depth>``, or ``package.module:callable``.
+
+    torchvision ViTs are built for ``image_size`` (they only accept the size they were built for).
+    """
     from fxsd.cli import load_model
     from fxsd.models import cifar_resnet
 
     if name.startswith("cifar_resnet") and name[len("cifar_resnet"):].isdigit():
         return cifar_resnet(int(name[len("cifar_resnet"):]))
+    if name.startswith("vit_") and ":" not in name and image_size:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, image_size=image_size)
     return load_model(name)
 
 
@@ -139,12 +147,13 @@ class _Variant:
         self.model = model.train()
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         self.gates = [m for m in model.modules() if isinstance(m, BranchGate)]
-        self.decisions: list[list[bool]] = []  # per step, per gate: was the branch skipped?
+        self.decisions: list[list[float]] = []  # per step, per gate: share of work skipped
         self.cfg = cfg
 
     def step(self, x: torch.Tensor) -> None:
         for g in self.gates:
             g.dropped = None
+            g.kept_rows = None
         self.opt.zero_grad(set_to_none=True)
         with _autocast(self.cfg):
             loss = _loss(self.model(x))
@@ -163,9 +172,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _skipped(gates: Sequence[BranchGate]) -> list[bool]:
-    # A gate that did not run sits inside a dropped branch: its branch was skipped too.
-    return [g.dropped is not False for g in gates]
+def _skipped(gates: Sequence[BranchGate]) -> list[float]:
+    """The share of each gate's branch work skipped in the last step (rows or whole branch)."""
+    shares = []
+    for g in gates:
+        if g.kept_rows is not None:
+            shares.append(1.0 - float(g.kept_rows.float().mean()))
+        else:
+            # A gate that did not run sits inside a dropped branch: skipped too.
+            shares.append(0.0 if g.dropped is False else 1.0)
+    return shares
 
 
 def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str, float]:
@@ -270,8 +286,8 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
     if cfg.amp:
         cfg.amp = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.amp, cfg.amp)
     torch.manual_seed(cfg.seed)
-    base = build_model(cfg.model)
     size = cfg.image_size or (32 if cfg.model.startswith("cifar") else 64)
+    base = build_model(cfg.model, size)
     x = torch.randn(cfg.batch_size, 3, size, size)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     base = base.to(device, memory_format=memory_format)
@@ -287,10 +303,15 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
 
     say(f"building variants of {cfg.model} ({len(analysis.sites)} sites)")
     variants = [_Variant("baseline", None, fresh(), cfg),
-                _Variant("fxsd p=0", 0.0, stochastic_depth(fresh(), 0.0, seed=cfg.seed), cfg)]
+                _Variant("fxsd p=0", 0.0, stochastic_depth(fresh(), 0.0, mode=cfg.mode,
+                                                           seed=cfg.seed), cfg)]
     for r in rates:
         variants.append(_Variant("fxsd", r, stochastic_depth(
-            fresh(), r, distribution=cfg.distribution, seed=cfg.seed), cfg))
+            fresh(), r, distribution=cfg.distribution, mode=cfg.mode, seed=cfg.seed), cfg))
+        if cfg.mode == "sample":
+            variants.append(_Variant("fxsd (mask)", r, stochastic_depth(
+                fresh(), r, distribution=cfg.distribution, mode="sample", sample_impl="mask",
+                seed=cfg.seed), cfg))
     for r in rates:
         masked = add_mask_drop_paths(analyze_residuals(fresh()),
                                      site_rates(r, cfg.distribution, depths, analysis.num_levels))
@@ -335,10 +356,10 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
 
     rows: list[BenchRow] = []
     for v in variants:
-        if v.row.variant == "fxsd":
+        if v.row.variant.startswith("fxsd") and v.row.variant != "fxsd p=0":
             # Realised limit: what skipping exactly this run's dropped branches would save.
             order = [n for n, m in v.model.named_modules() if isinstance(m, BranchGate)]
-            saved = [sum(times[n] for n, s in zip(order, step) if s) for step in v.decisions]
+            saved = [sum(times[n] * s for n, s in zip(order, step)) for step in v.decisions]
             v.row.limit = statistics.fmean(saved) / base_time
         elif v.row.variant == "mask drop path":
             v.row.limit = _expected_limit(v.row.drop_rate, cfg, depths, analysis.num_levels,
@@ -413,7 +434,7 @@ def format_table(result: BenchResult, tablefmt: str = "simple") -> str:
             "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}",
         ])
     cfg = result.config
-    head = (f"{cfg.model}, batch {cfg.batch_size}, {cfg.distribution} drop rates, "
+    head = (f"{cfg.model}, batch {cfg.batch_size}, {cfg.mode} mode, {cfg.distribution} rates, "
             f"{len(result.rows[0].times)} timed steps per variant (interleaved, after "
             f"{cfg.warmup} warm-up), {result.machine['device']}, torch {result.machine['torch']}, "
             f"{result.machine['threads']} threads")

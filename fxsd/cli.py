@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--drop-rate", type=float, nargs="+", default=[0.5],
                        help="one or more drop rates (default: 0.5)")
     bench.add_argument("--distribution", default="linear", choices=DISTRIBUTIONS)
+    bench.add_argument("--mode", default="block", choices=["block", "sample"],
+                       help="block, or sample (adds an 'fxsd (mask)' row beside fxsd's default "
+                            "subset-where-exact implementation)")
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--image-size", type=int, default=None,
                        help="input height and width (default: 32 for CIFAR models, else 64)")
@@ -136,6 +139,7 @@ def _bench(args: argparse.Namespace) -> None:
         return
     result = bench.run(
         model=args.model, drop_rates=tuple(args.drop_rate), distribution=args.distribution,
+        mode=args.mode,
         batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
         warmup=args.warmup, device=args.device, amp=args.amp, channels_last=args.channels_last,
         seed=args.seed, progress=lambda msg: print(f"[fxsd bench] {msg}", file=sys.stderr),

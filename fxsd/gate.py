@@ -1,10 +1,18 @@
 """The gate runtime: :class:`BranchGate` runs or skips one residual branch.
 
-A gated graph calls ``self.<block>_gate(skip, fork, *side_inputs)`` where the add used to be. In
-training the gate draws one host-side number per forward: a dropped branch returns the skip and
-its nodes never run, so neither their forward nor their backward costs anything; a kept branch
-returns ``skip + branch(...)``. In eval every branch runs and is scaled by its keep probability
-inside the add itself: ``torch.add(skip, branch, alpha=1 - p)``.
+A gated graph calls ``self.<block>_gate(skip, fork, *side_inputs)`` where the add used to be.
+
+* **block** mode draws one host-side number per training forward: a dropped branch returns the
+  skip and its nodes never run, so neither their forward nor their backward costs anything.
+* **sample** mode decides per example (row). Its ``subset`` implementation runs the branch on the
+  kept rows only and adds the result back into the skip at those rows (``index_add``), so dropped
+  rows cost nothing; its ``mask`` implementation runs the branch on the whole batch and multiplies
+  it by the row mask, exactly like timm's ``DropPath`` and torchvision's ``StochasticDepth``.
+
+Scaling follows ``scale``: ``"eval"`` (the paper, Composer) multiplies the branch by its keep
+probability at inference; ``"train"`` (timm, torchvision) divides kept branches by it in training
+and leaves inference alone; ``"none"`` never scales. Scaling happens inside the add
+(``torch.add(..., alpha=)``, ``index_add(..., alpha=)``), not as an extra kernel.
 """
 
 from __future__ import annotations
@@ -17,36 +25,50 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-__all__ = ["BranchGate", "DropSampler", "GateInfo"]
+__all__ = ["BranchGate", "DropSampler", "GateInfo", "MODES", "SCALES", "SAMPLE_IMPLS"]
+
+MODES = ("block", "sample")
+SCALES = ("eval", "train", "none")
+SAMPLE_IMPLS = ("subset", "mask")
 
 
 class DropSampler:
-    """The stream of uniform draws a transformed model's gates share.
+    """The random decisions a transformed model's gates share, drawn on the host.
 
-    A plain :class:`random.Random` on the host: drawing needs no device and no synchronisation,
-    consumes nothing from torch's or Python's global generators, and its state pickles with the
-    model. Every gate that runs draws exactly one number per training forward whatever its rate
-    (a gate nested in a dropped branch does not run), so decisions depend on the seed alone and
-    a higher rate drops a superset of the sites a lower rate drops.
+    Block decisions come from a :class:`random.Random`, per-row decisions from a CPU
+    :class:`torch.Generator`; both are seeded from ``seed``. Drawing needs no device and no
+    synchronisation, consumes nothing from torch's or Python's global generators, and the state
+    (:meth:`get_state` / :meth:`set_state`) travels with ``deepcopy`` and ``torch.save``.
+
+    Every block gate that runs draws exactly one number per training forward whatever its rate (a
+    gate nested in a dropped branch does not run), so a higher rate drops a superset of the sites
+    a lower rate drops, and the sequence depends on the seed alone.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
         self._rng = random.Random(self.seed)
         self.random = self._rng.random
+        self._rows = torch.Generator().manual_seed(self.seed & (2**63 - 1))
 
-    def get_state(self) -> Any:
-        return self._rng.getstate()
+    def rows(self, n: int) -> torch.Tensor:
+        """``n`` uniform draws in [0, 1) as a CPU tensor."""
+        return torch.rand(n, generator=self._rows)
 
-    def set_state(self, state: Any) -> None:
-        self._rng.setstate(state)
+    def get_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "block": self._rng.getstate(),
+                "rows": self._rows.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._rng.setstate(state["block"])
+        self._rows.set_state(state["rows"])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"seed": self.seed, "state": self._rng.getstate()}
+        return self.get_state()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["seed"])
-        self._rng.setstate(state["state"])
+        self.set_state(state)
 
     def __repr__(self) -> str:
         return f"DropSampler(seed={self.seed})"
@@ -75,17 +97,24 @@ class BranchGate(nn.Module):
     """Run or skip one residual branch; the add the branch used to feed happens here.
 
     Args:
-        branch: the branch as a ``GraphModule`` taking ``(fork, *side_inputs)``. It is kept outside
-            the module tree (it calls the model's own submodules, which already live in the tree),
-            so the gate adds no parameters and no ``state_dict`` keys.
-        drop_rate: probability of dropping the branch in a training forward.
+        branch: the branch as a ``GraphModule`` taking ``(fork, *inputs)``. It is kept outside the
+            module tree (it calls the model's own submodules, which already live in the tree), so
+            the gate adds no parameters and no ``state_dict`` keys.
+        drop_rate: probability of dropping the branch (block) or a row (sample) in training.
         sampler: the model's shared :class:`DropSampler`.
-        identity: the skip is the fork itself; the gate is then called as ``gate(fork, *side)``
-            instead of ``gate(skip, fork, *side)``.
+        identity: the skip is the fork itself; the gate is then called as ``gate(fork, *inputs)``
+            instead of ``gate(skip, fork, *inputs)``.
         clone_on_drop: return a copy of the skip when dropping, because something later modifies
             the result in place (``ReLU(inplace=True)``) and must not modify the skip, which
             autograd may have saved.
         info: the site's description.
+        mode: ``"block"`` or ``"sample"``.
+        scale: ``"eval"``, ``"train"`` or ``"none"`` (see the module docstring).
+        sample_impl: ``"subset"`` or ``"mask"`` (sample mode).
+        note: why this gate is set up the way it is (shown in tables), e.g. why a sample-mode
+            site uses ``mask``, or which drop-path op it adopted.
+        rate_weight: the site's share of the model-wide rate: ``fxsd.set_drop_rate(gm, r)`` sets
+            ``drop_rate = min(1, r * rate_weight)``.
     """
 
     def __init__(
@@ -97,6 +126,11 @@ class BranchGate(nn.Module):
         identity: bool,
         clone_on_drop: bool,
         info: GateInfo,
+        mode: str = "block",
+        scale: str = "eval",
+        sample_impl: str = "mask",
+        note: str = "",
+        rate_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.__dict__["branch"] = branch  # deliberately not a registered submodule
@@ -105,23 +139,64 @@ class BranchGate(nn.Module):
         self.identity = identity
         self.clone_on_drop = clone_on_drop
         self.info = info
-        self.dropped: bool | None = None  # decision of the last training forward
+        self.mode = mode
+        self.scale = scale
+        self.sample_impl = sample_impl
+        self.note = note
+        self.rate_weight = float(rate_weight)
+        self.dropped: bool | None = None  # block mode: decision of the last training forward
+        self.kept_rows: torch.Tensor | None = None  # sample mode: row mask of the last forward
 
     def forward(self, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
         args = (skip, *inputs) if self.identity else inputs
-        if self.training:
-            self.dropped = self.sampler.random() < self.drop_rate
-            if self.dropped:
-                return skip.clone() if self.clone_on_drop else skip
-            return skip + self.branch.forward(*args)
-        keep = 1.0 - self.drop_rate
-        if keep == 1.0:
-            return skip + self.branch.forward(*args)
-        if keep == 0.0:
-            return skip.clone() if self.clone_on_drop else skip
-        return torch.add(skip, self.branch.forward(*args), alpha=keep)
+        p = self.drop_rate
+        if not self.training:
+            if self.scale != "eval" or p == 0.0:
+                return skip + self.branch.forward(*args)
+            if p == 1.0:
+                return self._skip(skip)
+            return torch.add(skip, self.branch.forward(*args), alpha=1.0 - p)
+        if self.mode == "sample":
+            return self._sample(skip, args)
+        self.dropped = self.sampler.random() < p
+        if self.dropped:
+            return self._skip(skip)
+        if self.scale == "train" and p > 0.0:
+            return torch.add(skip, self.branch.forward(*args), alpha=1.0 / (1.0 - p))
+        return skip + self.branch.forward(*args)
+
+    def _skip(self, skip: torch.Tensor) -> torch.Tensor:
+        return skip.clone() if self.clone_on_drop else skip
+
+    def _sample(self, skip: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
+        p = self.drop_rate
+        fork = args[0]
+        n = fork.shape[0]
+        kept = self.sampler.rows(n) >= p  # host-side draws: no device sync
+        self.kept_rows = kept
+        keep = 1.0 - p
+        alpha = 1.0 / keep if self.scale == "train" and keep > 0.0 else 1.0
+        if self.sample_impl == "subset":
+            index = kept.nonzero().flatten()
+            if len(index) == 0:
+                return self._skip(skip)
+            if len(index) == n:
+                return torch.add(skip, self.branch.forward(*args), alpha=alpha)
+            index = index.to(fork.device, non_blocking=True)
+            out = self.branch.forward(fork.index_select(0, index), *args[1:])
+            return torch.index_add(skip, 0, index, out, alpha=alpha)
+        out = self.branch.forward(*args)
+        factor = kept.to(device=out.device, dtype=out.dtype, non_blocking=True)
+        if alpha != 1.0:
+            factor = factor.div_(keep)  # as torchvision's stochastic_depth computes its noise
+        return out * factor.view((n,) + (1,) * (out.dim() - 1)) + skip
 
     def extra_repr(self) -> str:
         i = self.info
-        return (f"'{i.module_path or '<root>'}', depth={i.depth}/{i.num_levels}, "
+        text = (f"'{i.module_path or '<root>'}', depth={i.depth}/{i.num_levels}, "
                 f"drop_rate={self.drop_rate:.4g}, skip={i.skip_kind}")
+        if self.mode != "block":
+            text += f", mode={self.mode}/{self.sample_impl}"
+        if self.scale != "eval":
+            text += f", scale={self.scale}"
+        return text

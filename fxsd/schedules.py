@@ -2,6 +2,8 @@
 
 * ``"linear"`` — the site at depth ``l`` of ``L`` gets ``drop_rate * l / L`` (Huang et al.'s rule,
   Composer's ``drop_distribution="linear"``): the last site drops at ``drop_rate``;
+* ``"linspace"`` — ``drop_rate * (l - 1) / (L - 1)``: the first site never drops, the last drops at
+  ``drop_rate`` (timm's ``linspace(0, rate, depth)``, torchvision's ConvNeXt/Swin rule);
 * ``"uniform"`` — every site gets ``drop_rate``;
 * a sequence — one rate per site, in execution order (``drop_rate`` is then ignored);
 * a callable ``(depth, L) -> rate`` — returns the rate for depth ``l`` of ``L``.
@@ -19,7 +21,7 @@ from fxsd.errors import InvalidArgumentError, InvalidTypeError
 __all__ = ["Distribution", "DISTRIBUTIONS", "check_rate", "site_rates"]
 
 Distribution = Union[str, Sequence[float], Callable[[int, int], float]]
-DISTRIBUTIONS = ("linear", "uniform")
+DISTRIBUTIONS = ("linear", "linspace", "uniform")
 
 
 def check_rate(rate: object, what: str = "drop_rate") -> float:
@@ -44,6 +46,8 @@ def site_rates(drop_rate: float, distribution: Distribution, depths: Sequence[in
         rate = check_rate(drop_rate)
         if distribution == "linear":
             return [rate * d / num_levels for d in depths]
+        if distribution == "linspace":
+            return [rate * (d - 1) / (num_levels - 1) if num_levels > 1 else 0.0 for d in depths]
         if distribution == "uniform":
             return [rate for _ in depths]
         raise InvalidArgumentError(

@@ -30,6 +30,9 @@ class SiteRow:
 
     info: GateInfo
     drop_rate: float | None
+    mode: str | None = None  # "block", "sample/subset", "sample/mask" (transformed models)
+    scale: str | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,10 @@ def _report(
         if gates or "fxsd" in meta:
             gates.sort(key=lambda g: (g.info.depth, g.info.add))
             fxsd_meta = meta.get("fxsd", {})
-            return _Report([SiteRow(g.info, g.drop_rate) for g in gates],
+            rows = [SiteRow(g.info, g.drop_rate,
+                            g.mode if g.mode == "block" else f"{g.mode}/{g.sample_impl}",
+                            g.scale, g.note) for g in gates]
+            return _Report(rows,
                            list(fxsd_meta.get("rejected", [])), fxsd_meta.get("total_flops"))
         source = analyze_residuals(source, example_inputs)
     if isinstance(source, ResidualAnalysis):
@@ -134,6 +140,13 @@ def table(
         headers.append("FLOPs")
     if with_rates:
         headers.append("drop rate")
+    with_modes = any(r.mode not in (None, "block") or r.scale not in (None, "eval")
+                     for r in report.rows)
+    with_notes = any(r.note for r in report.rows)
+    if with_modes:
+        headers += ["mode", "scale"]
+    if with_notes:
+        headers.append("note")
     body = []
     for row in report.rows:
         i = row.info
@@ -146,6 +159,10 @@ def table(
             line.append(_fmt_int(i.flops))
         if with_rates:
             line.append("-" if row.drop_rate is None else f"{row.drop_rate:.4f}")
+        if with_modes:
+            line += [row.mode or "-", row.scale or "-"]
+        if with_notes:
+            line.append(row.note or "-")
         body.append(line)
     text = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
     if rejected:

@@ -11,8 +11,11 @@ already a gate call when the outer branch is cut out.
 
 from __future__ import annotations
 
+import operator
+import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,19 +23,31 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
-from fxsd.gate import BranchGate, DropSampler, GateInfo
+from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropSampler, GateInfo
 from fxsd.ops import is_view, mutated_operand
 from fxsd.residuals import ResidualAnalysis, ResidualSite, analyze_residuals, collect_branch
+from fxsd.rows import row_coupling
 from fxsd.schedules import DISTRIBUTIONS, Distribution, check_rate, site_rates
-from fxsd.tracing import LeafSpec
+from fxsd.tracing import LeafSpec, is_drop_path
 
-__all__ = ["stochastic_depth", "gate_residuals", "MODES", "NoResidualSitesWarning"]
+__all__ = ["stochastic_depth", "gate_residuals", "GateSpec", "NoResidualSitesWarning"]
 
-MODES = ("block",)
+EXISTING = ("adopt", "replace", "keep")
 
 
 class NoResidualSitesWarning(UserWarning):
     """The model has no residual site, so the pass changed nothing."""
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How to gate one site (before any existing drop path is adopted)."""
+
+    drop_rate: float
+    rate_weight: float
+    mode: str
+    scale: str
+    sample_impl: str | None  # None: subset where exact, else mask
 
 
 def stochastic_depth(
@@ -41,30 +56,54 @@ def stochastic_depth(
     *,
     distribution: Distribution = "linear",
     mode: str = "block",
+    scale: str = "eval",
+    sample_impl: str | None = None,
+    existing: str = "adopt",
     seed: int | None = None,
+    sync_ranks: bool = True,
+    select: Callable[[ResidualSite], bool] | None = None,
     example_inputs: Sequence[Any] | None = None,
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
 ) -> GraphModule:
     """Return ``model`` as a ``GraphModule`` whose residual branches drop at random in training.
 
-    In training, each residual site draws once per forward: with probability ``p_l`` its branch is
-    skipped (neither its forward nor its backward runs; its parameters get no gradient) and the
-    site returns the skip; otherwise it returns ``skip + branch``. In eval every branch runs,
-    scaled by ``1 - p_l``. ``.train()`` and ``.eval()`` switch between the two at any time.
+    In block mode each residual site draws once per training forward: with probability ``p_l`` its
+    branch is skipped (neither its forward nor its backward runs; its parameters get no gradient)
+    and the site returns the skip; otherwise it returns ``skip + branch``. In eval every branch
+    runs, scaled by ``1 - p_l`` (``scale="eval"``). ``.train()`` and ``.eval()`` switch between the
+    two at any time.
 
     The result shares submodules and parameters with ``model`` (as ``torch.fx.symbolic_trace``
     does), has exactly its ``state_dict`` keys, and ``model`` itself is not modified.
 
     Args:
         model: an ``nn.Module`` or an already traced ``GraphModule``.
-        drop_rate: the largest drop rate (``linear``) or every site's rate (``uniform``).
+        drop_rate: the largest drop rate (``linear``, ``linspace``) or every site's rate
+            (``uniform``).
         distribution: ``"linear"`` (depth ``l`` of ``L`` drops at ``drop_rate * l / L``),
+            ``"linspace"`` (``drop_rate * (l - 1) / (L - 1)``, timm's and torchvision's rule),
             ``"uniform"``, a sequence of per-site rates in execution order, or a callable
             ``(depth, L) -> rate``.
-        mode: ``"block"``: one decision per site per forward, for the whole batch.
-        seed: seed of the gates' host-side generator. ``None`` takes ``torch.initial_seed()``, so
-            ``torch.manual_seed`` makes runs reproducible; no global generator is ever drawn from.
+        mode: ``"block"`` (one decision per site per forward, for the whole batch) or
+            ``"sample"`` (one per example).
+        scale: ``"eval"`` (branch × (1 − p) at inference: the paper, Composer), ``"train"``
+            (kept branches ÷ (1 − p) in training, identity at inference: timm, torchvision) or
+            ``"none"``.
+        sample_impl: for ``mode="sample"``: ``"subset"`` (run the branch on the kept rows only;
+            exact for branches that treat rows independently), ``"mask"`` (run it on every row and
+            multiply by the row mask) or ``None``: subset where exact, else mask.
+        existing: what to do with drop-path ops already in a branch (timm ``DropPath``,
+            torchvision ``StochasticDepth``): ``"adopt"`` removes each and gives its site the op's
+            own rate, mode and scaling, so the same regularisation now saves compute;
+            ``"replace"`` removes them and applies fxsd's schedule; ``"keep"`` leaves them.
+        seed: seed of the gates' host-side generators. ``None`` takes ``torch.initial_seed()``,
+            so ``torch.manual_seed`` makes runs reproducible; no global generator is drawn from.
+        sync_ranks: under ``torch.distributed``, every rank draws the same decisions (``True``,
+            Composer's ``use_same_gpu_seed``) or each rank its own stream (``False``: the seed is
+            offset by the rank, read from the default process group or ``$RANK``).
+        select: gate only the sites for which ``select(site)`` is true (a
+            :class:`~fxsd.ResidualSite`); depths ``1..L`` are then counted over those sites.
         example_inputs: optional inputs of one forward call; lets the analysis check shapes
             (broadcasting adds are never gated) and count FLOPs for :func:`fxsd.table`.
         leaf_modules: module classes or qualified names not to trace through.
@@ -85,14 +124,15 @@ def stochastic_depth(
         raise InvalidTypeError(
             f"stochastic_depth expects an nn.Module, got {type(model).__name__}"
         )
-    if mode not in MODES:
-        raise InvalidArgumentError(
-            f"unknown mode {mode!r}: fxsd supports {MODES} (one draw per site per forward)"
-        )
+    _check_choice("mode", mode, MODES)
+    _check_choice("scale", scale, SCALES)
+    _check_choice("existing", existing, EXISTING)
+    if sample_impl is not None:
+        _check_choice("sample_impl", sample_impl, SAMPLE_IMPLS)
     if isinstance(distribution, str):
         if distribution not in DISTRIBUTIONS:
             site_rates(0.0, distribution, [], 0)  # raises the unknown-distribution error
-        check_rate(drop_rate)
+    drop_rate = check_rate(drop_rate)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InvalidTypeError(f"seed must be an int or None, got {seed!r}")
     analysis = analyze_residuals(
@@ -103,7 +143,14 @@ def stochastic_depth(
     analysis.graph_module.meta["fxsd"] = {
         "rejected": _rejected_rows(analysis.rejected),
         "total_flops": analysis.total_flops,
+        "drop_rate": drop_rate,
     }
+    if select is not None:
+        analysis.sites = [site for site in analysis.sites if select(site)]
+        distinct = sorted({site.depth for site in analysis.sites})
+        rank = {d: i + 1 for i, d in enumerate(distinct)}
+        analysis.sites = [replace(site, depth=rank[site.depth]) for site in analysis.sites]
+        analysis.num_levels = len(distinct)
     if not analysis.sites:
         warnings.warn(
             f"fxsd found no residual site in {type(model).__name__} "
@@ -113,36 +160,93 @@ def stochastic_depth(
             stacklevel=2,
         )
         return analysis.graph_module
-    rates = site_rates(drop_rate, distribution, [s.depth for s in analysis.sites],
-                       analysis.num_levels)
-    return gate_residuals(analysis, rates, DropSampler(torch.initial_seed() if seed is None
-                                                       else seed))
+    depths = [s.depth for s in analysis.sites]
+    rates = site_rates(drop_rate, distribution, depths, analysis.num_levels)
+    if drop_rate > 0:
+        weights = [r / drop_rate for r in rates]
+    elif isinstance(distribution, str):
+        weights = site_rates(1.0, distribution, depths, analysis.num_levels)
+    else:
+        weights = list(rates)
+    specs = [GateSpec(r, w, mode, scale, sample_impl) for r, w in zip(rates, weights)]
+    base = torch.initial_seed() if seed is None else seed
+    if not sync_ranks:
+        base += 1_000_003 * _rank()
+    return gate_residuals(analysis, specs, DropSampler(base), existing=existing)
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise InvalidArgumentError(f"unknown {name} {value!r}: use one of {tuple(choices)}")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def gate_residuals(
-    analysis: ResidualAnalysis, rates: Sequence[float], sampler: DropSampler
+    analysis: ResidualAnalysis,
+    specs: Sequence[GateSpec | float],
+    sampler: DropSampler,
+    *,
+    existing: str = "adopt",
 ) -> GraphModule:
     """Rewrite ``analysis.graph_module`` in place: one :class:`BranchGate` per site.
 
-    ``rates`` gives each site's drop rate (same order as ``analysis.sites``). Returns the module.
+    ``specs`` gives each site's gating (same order as ``analysis.sites``); a plain float is a
+    block-mode rate. Returns the module.
     """
     gm = analysis.graph_module
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
+    # A model that carries its own drop paths keeps its own regularisation under "adopt": sites
+    # without a drop path had rate 0 in the model, and keep it.
+    adopting = existing == "adopt" and any(_drop_paths(gm, s.branch) for s in analysis.sites)
     gates: dict[Node, Node] = {}  # rewritten add -> the gate call that replaced it
-    for site, rate in zip(analysis.sites, rates):
+    for site, spec in zip(analysis.sites, specs):
+        if not isinstance(spec, GateSpec):
+            spec = GateSpec(float(spec), 1.0, "block", "eval", None)
+        if adopting and not _drop_paths(gm, site.branch):
+            spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
         fork, skip, out = (gates.get(n, n) for n in (site.fork, site.skip, site.branch_output))
         branch = collect_branch(gm, fork, out, site.add, order)
         if isinstance(branch, tuple):  # the analysis accepted it: a bug if this happens
             raise GraphError(f"cannot gate '{site.add.name}' ({site.module_path}): {branch[1]}")
+        spec, new_out, note = _handle_drop_paths(gm, branch.nodes, out, spec, existing)
+        if new_out is not out or note.startswith(("adopted", "replaced")):
+            out = new_out
+            branch = collect_branch(gm, fork, out, site.add, order)
+            if isinstance(branch, tuple):
+                raise GraphError(f"cannot gate '{site.add.name}': {branch[1]}")
+        impl = spec.sample_impl or "mask"
+        if spec.mode == "sample":
+            side = [n for n in branch.inputs if n.op != "get_attr"]
+            coupling = row_coupling(gm, fork, branch.nodes, side)
+            if spec.sample_impl is None:
+                impl = "mask" if coupling else "subset"
+                if coupling:
+                    note = _join(note, f"mask: {coupling}")
+            elif impl == "subset" and coupling:
+                raise InvalidArgumentError(
+                    f"sample_impl='subset' would change what '{site.module_path or '<root>'}' "
+                    f"computes: {coupling}. Use sample_impl=None to fall back to 'mask' there.")
         name = _gate_name(gm, site)
         gate = BranchGate(
             _branch_module(gm, fork, branch.nodes, branch.inputs, out, name),
-            rate,
+            spec.drop_rate,
             sampler,
             identity=skip is fork,
             clone_on_drop=_needs_clone(gm, site.add, skip, order),
             info=_info(site, analysis.num_levels),
+            mode=spec.mode,
+            scale=spec.scale,
+            sample_impl=impl,
+            note=note,
+            rate_weight=spec.rate_weight,
         )
         gm.add_submodule(name, gate)
         args = (fork, *branch.inputs) if skip is fork else (skip, fork, *branch.inputs)
@@ -160,6 +264,69 @@ def gate_residuals(
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a else b
+
+
+def _drop_path_settings(module: nn.Module) -> tuple[float, str, str] | None:
+    """(rate, mode, scale) of a drop-path module, or None when they cannot be read."""
+    rate = getattr(module, "p", getattr(module, "drop_prob", getattr(module, "drop_path_prob",
+                                                                       None)))
+    if not isinstance(rate, (int, float)):
+        return None
+    mode = "block" if getattr(module, "mode", "row") == "batch" else "sample"
+    scale = "train" if getattr(module, "scale_by_keep", True) else "none"
+    return float(rate), mode, scale
+
+
+def _handle_drop_paths(
+    gm: GraphModule, nodes: Sequence[Node], out: Node, spec: GateSpec, existing: str
+) -> tuple[GateSpec, Node, str]:
+    """Adopt, remove or keep the drop-path ops of one branch. Returns the new spec and output."""
+    drops = _drop_paths(gm, nodes)
+    if not drops or existing == "keep":
+        return spec, out, ("kept existing drop path" if drops else "")
+    note = ""
+    if existing == "adopt":
+        settings = _drop_path_settings(gm.get_submodule(str(drops[0].target)))
+        if len(drops) != 1 or settings is None or not _on_output_path(drops[0], out):
+            return spec, out, "kept existing drop path (not a single op at the branch output)"
+        rate, mode, scale = settings
+        base = gm.meta.get("fxsd", {}).get("drop_rate", 0.0)
+        spec = GateSpec(rate, rate / base if base > 0 else rate, mode, scale, spec.sample_impl)
+        note = f"adopted {type(gm.get_submodule(str(drops[0].target))).__name__}(p={rate:g})"
+    else:
+        note = "replaced existing drop path"
+    for n in drops:
+        (source,) = n.all_input_nodes[:1]
+        if n is out:
+            out = source
+        n.replace_all_uses_with(source)
+        gm.graph.erase_node(n)
+    return spec, out, note
+
+
+def _drop_paths(gm: GraphModule, nodes: Sequence[Node]) -> list[Node]:
+    return [n for n in nodes if n.op == "call_module"
+            and is_drop_path(gm.get_submodule(str(n.target)))]
+
+
+def _on_output_path(node: Node, out: Node) -> bool:
+    """Whether ``node`` reaches ``out`` through per-row-neutral scalings only (layer scale)."""
+    while node is not out:
+        users = list(node.users)
+        if len(users) != 1:
+            return False
+        (user,) = users
+        if not (user.op == "call_function" and user.target in (operator.mul, torch.mul)
+                or user.op == "call_method" and user.target == "mul"):
+            return False
+        if any(a.op != "get_attr" for a in user.all_input_nodes if a is not node):
+            return False
+        node = user
+    return True
 
 
 def _branch_module(gm: GraphModule, fork: Node, nodes: Sequence[Node], inputs: Sequence[Node],

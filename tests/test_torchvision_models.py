@@ -360,9 +360,11 @@ def test_no_residual_model_warns_and_is_unchanged(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", _params(RESIDUAL))
+# ``existing="keep"`` below: these tests check fxsd's own gates (issue-2 semantics) on models that
+# may carry torchvision drop paths; the default, ``"adopt"``, is covered in test_training.py.
 def test_eval_at_rate_zero_equals_model(name: str) -> None:
     model = _model(name)
-    gm = fxsd.stochastic_depth(model, 0.0, seed=0)
+    gm = fxsd.stochastic_depth(model, 0.0, seed=0, existing="keep")
     assert len(_gates(gm)) == sum(_expected(name).values()), f"{name}: wrong number of gates"
     x = _input(name)
     ref = _eval_out(model, x)
@@ -377,7 +379,8 @@ def test_eval_at_rate_zero_equals_model(name: str) -> None:
 @pytest.mark.parametrize("name", _params(RESIDUAL))
 def test_train_all_dropped_runs_no_branch(name: str) -> None:
     model = _model(name)
-    gm = fxsd.stochastic_depth(model, 1.0, distribution="uniform", seed=0)
+    gm = fxsd.stochastic_depth(model, 1.0, distribution="uniform", seed=0,
+                               existing="keep")
     gates = _gates(gm)
     assert len(gates) == sum(_expected(name).values()), f"{name}: wrong number of gates"
     assert all(g.drop_rate == 1.0 for g in gates.values()), (
@@ -413,7 +416,7 @@ def test_train_all_dropped_runs_no_branch(name: str) -> None:
 @pytest.mark.parametrize("name", _params(RESIDUAL))
 def test_train_none_dropped_equals_model(name: str) -> None:
     model = _model(name)
-    gm = fxsd.stochastic_depth(model, 0.0, seed=0)
+    gm = fxsd.stochastic_depth(model, 0.0, seed=0, existing="keep")
     x = _input(name)
     out_ref, grads_ref = _train_step(model, model, x)
     modules, _ = _branch_only(gm)
