@@ -13,15 +13,19 @@ The public surface:
 * :func:`table` — the sites (or a transformed model's gates) as a printable table;
 * :func:`set_drop_rate`, :class:`DropWarmup`, :func:`get_rng_state`/:func:`set_rng_state` —
   training-loop helpers; :func:`apply_stochastic_depth` — Composer's functional API;
+* :func:`compile` — ``torch.compile`` with live decisions; :func:`strip` — a gate-free eval graph
+  for deployment and ``torch.export``;
 * :func:`trace` — fxsd's tracer on its own;
 * :class:`FxsdError` and its subclasses — every error fxsd raises.
 """
 
+from fxsd.compiling import compile  # noqa: A004
 from fxsd.composer import apply_stochastic_depth  # noqa: E402  (needs the pass imported first)
 from fxsd.errors import FxsdError, GraphError, InvalidArgumentError, InvalidTypeError, TraceError
 from fxsd.gate import BranchGate, DropSampler, GateInfo
 from fxsd.graph_module import FxsdGraphModule
 from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
+from fxsd.passes.strip_gates import strip
 from fxsd.residuals import (
     RejectedAdd,
     RejectReason,
@@ -64,6 +68,7 @@ __all__ = [
     "TraceError",
     "TrainingDependenceWarning",
     "analyze_residuals",
+    "compile",
     "apply_stochastic_depth",
     "find_residuals",
     "gates",
@@ -73,6 +78,7 @@ __all__ = [
     "set_rng_state",
     "site_rates",
     "stochastic_depth",
+    "strip",
     "table",
     "trace",
 ]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
+from fxsd.compiling import compile as compile_gated
 from fxsd.errors import InvalidArgumentError
 from fxsd.gate import BranchGate
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
@@ -67,6 +68,8 @@ class BenchConfig:
     channels_last: bool = False
     seed: int = 0
     branch_reps: int = 5
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -76,6 +79,7 @@ class BenchRow:
     times: list[float] = field(repr=False)
     peak_bytes: int | None = None
     limit: float | None = None  # fraction of the baseline step perfect skipping would save
+    group: str = "eager"  # rows compare with the baseline of their group ("eager"/"compiled")
 
     @property
     def mean(self) -> float:
@@ -100,8 +104,10 @@ class BenchResult:
                 return r
         raise KeyError((variant, drop_rate))
 
+    def base(self, group: str) -> BenchRow:
+        return next(r for r in self.rows if r.group == group and r.variant.endswith("baseline"))
+
     def to_dict(self) -> dict[str, Any]:
-        base = self.row("baseline").mean
         return {
             "config": asdict(self.config),
             "machine": self.machine,
@@ -109,7 +115,8 @@ class BenchResult:
             "site_times_ms": {k: v * 1e3 for k, v in self.site_times.items()},
             "rows": [
                 {"variant": r.variant, "drop_rate": r.drop_rate, "mean_ms": r.mean * 1e3,
-                 "median_ms": r.median * 1e3, "ratio": r.mean / base, "limit": r.limit,
+                 "median_ms": r.median * 1e3, "ratio": r.mean / self.base(r.group).mean,
+                 "limit": r.limit, "group": r.group,
                  "peak_bytes": r.peak_bytes, "steps": len(r.times)}
                 for r in self.rows
             ],
@@ -142,11 +149,15 @@ def _loss(out: Any) -> torch.Tensor:
 
 
 class _Variant:
-    def __init__(self, name: str, rate: float | None, model: nn.Module, cfg: BenchConfig):
-        self.row = BenchRow(name, rate, [])
+    def __init__(self, name: str, rate: float | None, model: nn.Module, cfg: BenchConfig,
+                 group: str = "eager"):
+        self.row = BenchRow(name, rate, [], group=group)
+        self.gates = [m for m in model.modules() if isinstance(m, BranchGate)]
         self.model = model.train()
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        self.gates = [m for m in model.modules() if isinstance(m, BranchGate)]
+        if group == "compiled":
+            self.model = (compile_gated(model, backend=cfg.compile_backend) if self.gates
+                          else torch.compile(model, backend=cfg.compile_backend))
         self.decisions: list[list[float]] = []  # per step, per gate: share of work skipped
         self.cfg = cfg
 
@@ -319,9 +330,27 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
     everything = _Variant("every site dropped", 1.0, stochastic_depth(
         fresh(), 1.0, distribution="uniform", seed=cfg.seed), cfg)
     variants.append(everything)
+    if cfg.compile:
+        variants.append(_Variant("compiled baseline", None, fresh(), cfg, "compiled"))
+        variants.append(_Variant("compiled fxsd p=0", 0.0, stochastic_depth(
+            fresh(), 0.0, mode=cfg.mode, seed=cfg.seed), cfg, "compiled"))
+        for r in rates:
+            variants.append(_Variant("compiled fxsd", r, stochastic_depth(
+                fresh(), r, distribution=cfg.distribution, mode=cfg.mode, seed=cfg.seed), cfg,
+                "compiled"))
+        variants.append(_Variant("compiled every site dropped", 1.0, stochastic_depth(
+            fresh(), 1.0, distribution="uniform", seed=cfg.seed), cfg, "compiled"))
 
-    say(f"warm-up: {cfg.warmup} steps per variant")
+    say(f"warm-up: {cfg.warmup} steps per variant" + (" (compiling)" if cfg.compile else ""))
     for v in variants:
+        if v.row.group == "compiled" and v.gates:
+            # Compile every branch before timing: one step with every branch kept.
+            rates_now = [g.drop_rate for g in v.gates]
+            for g in v.gates:
+                g.drop_rate = 0.0
+            v.step(x)
+            for g, r in zip(v.gates, rates_now):
+                g.drop_rate = r
         for _ in range(cfg.warmup):
             v.step(x)
     sync_check = "not run (CPU)"
@@ -347,30 +376,46 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
     say("measuring each branch's time share")
     probe = variants[1].model
     raw = site_times(probe, x, cfg)
-    base_time = variants[0].row.mean
-    branch_total = max(base_time - everything.row.mean, 0.0)
-    scale = branch_total / sum(raw.values()) if sum(raw.values()) else 0.0
-    times = {n: t * scale for n, t in raw.items()}
     chains = _ancestors(probe)
     names = [n for n, m in probe.named_modules() if isinstance(m, BranchGate)]
-
     rows: list[BenchRow] = []
-    for v in variants:
-        if v.row.variant.startswith("fxsd") and v.row.variant != "fxsd p=0":
-            # Realised limit: what skipping exactly this run's dropped branches would save.
-            order = [n for n, m in v.model.named_modules() if isinstance(m, BranchGate)]
-            saved = [sum(times[n] * s for n, s in zip(order, step)) for step in v.decisions]
-            v.row.limit = statistics.fmean(saved) / base_time
-        elif v.row.variant == "mask drop path":
-            v.row.limit = _expected_limit(v.row.drop_rate, cfg, depths, analysis.num_levels,
-                                          names, times, chains) / base_time
-        elif v.row.variant == "every site dropped":
-            v.row.limit = branch_total / base_time
-        rows.append(v.row)
-    for r in rates:
-        saved = _expected_limit(r, cfg, depths, analysis.num_levels, names, times, chains)
-        rows.append(BenchRow("limit", r, [base_time - saved], limit=saved / base_time))
-    return BenchResult(cfg, rows, times, _machine(device), sync_check)
+    shares: dict[str, float] = {}
+    for group in ("eager", "compiled"):
+        members = [v for v in variants if v.row.group == group]
+        if not members:
+            continue
+        base_time = members[0].row.mean
+        every = next(v for v in members if v.row.variant.endswith("every site dropped"))
+        branch_total = max(base_time - every.row.mean, 0.0)
+        # The branches' measured total, shared out in proportion to their isolated times.
+        scale = branch_total / sum(raw.values()) if sum(raw.values()) else 0.0
+        times = {n: t * scale for n, t in raw.items()}
+        if group == "eager":
+            shares = times
+        prefix = "compiled " if group == "compiled" else ""
+        for v in members:
+            kind = v.row.variant.removeprefix(prefix)
+            if kind.startswith("fxsd") and kind != "fxsd p=0":
+                # Realised limit: what skipping exactly this run's dropped work would save.
+                order = [n for n, m in _gated(v.model).named_modules()
+                         if isinstance(m, BranchGate)]
+                saved = [sum(times[n] * s for n, s in zip(order, step)) for step in v.decisions]
+                v.row.limit = statistics.fmean(saved) / base_time
+            elif kind == "mask drop path":
+                v.row.limit = _expected_limit(v.row.drop_rate, cfg, depths, analysis.num_levels,
+                                              names, times, chains) / base_time
+            elif kind == "every site dropped":
+                v.row.limit = branch_total / base_time
+            rows.append(v.row)
+        for r in rates:
+            saved = _expected_limit(r, cfg, depths, analysis.num_levels, names, times, chains)
+            rows.append(BenchRow(f"{prefix}limit", r, [base_time - saved],
+                                 limit=saved / base_time, group=group))
+    return BenchResult(cfg, rows, shares, _machine(device), sync_check)
+
+
+def _gated(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # the module under torch.compile's wrapper
 
 
 def _expected_limit(rate: float, cfg: BenchConfig, depths: list[int], levels: int,
@@ -419,13 +464,14 @@ def _machine(device: torch.device) -> dict[str, str]:
 
 def format_table(result: BenchResult, tablefmt: str = "simple") -> str:
     """The benchmark as a table; ratio and saving use means (the random saving settles on them)."""
-    base = result.row("baseline").mean
     body = []
     for r in result.rows:
+        base = result.base(r.group).mean
         saving = 1.0 - r.mean / base
         limit = r.limit
-        eff = "-" if not limit or r.variant in ("baseline", "limit") else f"{saving / limit:.3f}"
-        if r.variant == "limit":
+        kind = r.variant.removeprefix("compiled ")
+        eff = "-" if not limit or kind in ("baseline", "limit") else f"{saving / limit:.3f}"
+        if kind == "limit":
             eff = "1.000"
         body.append([
             r.variant, "-" if r.drop_rate is None else f"{r.drop_rate:g}",
@@ -437,7 +483,9 @@ def format_table(result: BenchResult, tablefmt: str = "simple") -> str:
     head = (f"{cfg.model}, batch {cfg.batch_size}, {cfg.mode} mode, {cfg.distribution} rates, "
             f"{len(result.rows[0].times)} timed steps per variant (interleaved, after "
             f"{cfg.warmup} warm-up), {result.machine['device']}, torch {result.machine['torch']}, "
-            f"{result.machine['threads']} threads")
+            f"{result.machine['threads']} threads"
+            + (f"; compiled rows: torch.compile(backend={cfg.compile_backend!r}) vs compiled "
+               "baseline" if cfg.compile else ""))
     table = tabulate(body, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
     return f"{head}\n{table}\nsync check: {result.sync_check}"
 

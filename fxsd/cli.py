@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--amp", default=None, choices=["bf16", "fp16"],
                        help="autocast dtype (default: off)")
     bench.add_argument("--channels-last", action="store_true")
+    bench.add_argument("--compile", action="store_true",
+                       help="add torch.compile rows: compiled baseline vs fxsd.compile")
+    bench.add_argument("--compile-backend", default="inductor")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     bench.add_argument("--transform", action="store_true",
@@ -139,7 +142,7 @@ def _bench(args: argparse.Namespace) -> None:
         return
     result = bench.run(
         model=args.model, drop_rates=tuple(args.drop_rate), distribution=args.distribution,
-        mode=args.mode,
+        mode=args.mode, compile=args.compile, compile_backend=args.compile_backend,
         batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
         warmup=args.warmup, device=args.device, amp=args.amp, channels_last=args.channels_last,
         seed=args.seed, progress=lambda msg: print(f"[fxsd bench] {msg}", file=sys.stderr),

@@ -147,23 +147,38 @@ class BranchGate(nn.Module):
         self.dropped: bool | None = None  # block mode: decision of the last training forward
         self.kept_rows: torch.Tensor | None = None  # sample mode: row mask of the last forward
 
+    @property
+    def run_branch(self) -> Any:
+        """The branch's forward: compiled by :func:`fxsd.compile`, else the GraphModule's."""
+        compiled = self.__dict__.get("compiled_branch")
+        return self.branch.forward if compiled is None else compiled
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("compiled_branch", None)  # compiled code neither copies nor pickles
+        return state
+
+    # The gate runs eagerly even inside torch.compile: its host-side draw and its Python branch
+    # must happen at every call, not once at trace time. Compilation stops at each gate (a graph
+    # break); fxsd.compile() compiles each branch on its own.
+    @torch.compiler.disable
     def forward(self, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
         args = (skip, *inputs) if self.identity else inputs
         p = self.drop_rate
         if not self.training:
             if self.scale != "eval" or p == 0.0:
-                return skip + self.branch.forward(*args)
+                return skip + self.run_branch(*args)
             if p == 1.0:
                 return self._skip(skip)
-            return torch.add(skip, self.branch.forward(*args), alpha=1.0 - p)
+            return torch.add(skip, self.run_branch(*args), alpha=1.0 - p)
         if self.mode == "sample":
             return self._sample(skip, args)
         self.dropped = self.sampler.random() < p
         if self.dropped:
             return self._skip(skip)
         if self.scale == "train" and p > 0.0:
-            return torch.add(skip, self.branch.forward(*args), alpha=1.0 / (1.0 - p))
-        return skip + self.branch.forward(*args)
+            return torch.add(skip, self.run_branch(*args), alpha=1.0 / (1.0 - p))
+        return skip + self.run_branch(*args)
 
     def _skip(self, skip: torch.Tensor) -> torch.Tensor:
         return skip.clone() if self.clone_on_drop else skip
@@ -181,11 +196,11 @@ class BranchGate(nn.Module):
             if len(index) == 0:
                 return self._skip(skip)
             if len(index) == n:
-                return torch.add(skip, self.branch.forward(*args), alpha=alpha)
+                return torch.add(skip, self.run_branch(*args), alpha=alpha)
             index = index.to(fork.device, non_blocking=True)
-            out = self.branch.forward(fork.index_select(0, index), *args[1:])
+            out = self.run_branch(fork.index_select(0, index), *args[1:])
             return torch.index_add(skip, 0, index, out, alpha=alpha)
-        out = self.branch.forward(*args)
+        out = self.run_branch(*args)
         factor = kept.to(device=out.device, dtype=out.dtype, non_blocking=True)
         if alpha != 1.0:
             factor = factor.div_(keep)  # as torchvision's stochastic_depth computes its noise

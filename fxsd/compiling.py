@@ -1,0 +1,40 @@
+"""``fxsd.compile``: torch.compile for gated models, with the drop decisions kept live.
+
+Each :class:`~fxsd.BranchGate` runs eagerly (its ``forward`` is ``torch.compiler.disable``-d): its
+host-side draw and the Python ``if`` that skips a branch run at every call instead of being frozen
+into a graph at trace time. :func:`compile` compiles every *branch* on its own and leaves the thin
+trunk between gates (the skips, the adds' neighbours) eager: measured on CPU, compiling the trunk
+too splits it into one small graph per gate whose fixed cost outweighs what compiling them gains
+(docs/design.md, "torch.compile"). The number of compiled graphs is at most one per branch for
+each of train and eval, independent of the number of steps; changing drop rates (warmup) never
+recompiles, because only the eager gate reads the rate.
+
+``torch.compile(gm)`` also works on a gated model — correct, with live decisions and a bounded
+number of graphs — but it compiles the trunk segments and leaves the branches eager.
+
+>>> import torch, torchvision, fxsd
+>>> gm = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2)
+>>> gm = fxsd.compile(gm)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsd.training import _gates_or_error
+
+__all__ = ["compile"]
+
+
+def compile(gm: nn.Module, **kwargs: Any) -> nn.Module:  # noqa: A001 - mirrors torch.compile
+    """Compile every branch of ``gm`` with ``torch.compile(**kwargs)``; return ``gm``.
+
+    Compiled branches live on their gates (``gate.compiled_branch``), outside the module tree:
+    ``state_dict`` is unchanged, and ``deepcopy`` and pickling leave them out (compile again).
+    """
+    for gate in _gates_or_error(gm):
+        gate.__dict__["compiled_branch"] = torch.compile(gate.branch, **kwargs)
+    return gm
