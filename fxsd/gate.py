@@ -92,6 +92,18 @@ class GateInfo:
     side_inputs: tuple[str, ...]
     flops: int | None = None
 
+    @classmethod
+    def from_site(cls, site: Any, num_levels: int) -> GateInfo:
+        """Describe a :class:`~fxsd.ResidualSite` (by names, so it outlives the graph)."""
+        return cls(
+            add=site.add.name, add_kind=site.add_kind, module_path=site.module_path,
+            module_type=site.module_type, skip_kind=site.skip_kind.value, depth=site.depth,
+            num_levels=num_levels, branch_first=site.branch[0].name,
+            branch_last=site.branch_output.name, branch_len=len(site.branch),
+            num_params=site.num_params, side_inputs=tuple(n.name for n in site.side_inputs),
+            flops=site.flops,
+        )
+
 
 class BranchGate(nn.Module):
     """Run or skip one residual branch; the add the branch used to feed happens here.

@@ -18,7 +18,21 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Tracer
 
-__all__ = ["FxsdGraphModule", "mirror_module"]
+__all__ = ["FxsdGraphModule", "copy_graph", "free_name", "mirror_module", "site_module_name"]
+
+
+def free_name(gm: nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... : the first name ``gm`` has no attribute for."""
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def site_module_name(gm: nn.Module, module_path: str, suffix: str) -> str:
+    """A free root attribute name for something added at a site: ``layer1_0_gate``."""
+    base = f"{module_path.replace('.', '_')}_{suffix}" if module_path else suffix
+    return free_name(gm, base)
 
 
 class FxsdGraphModule(GraphModule):
@@ -33,7 +47,7 @@ class FxsdGraphModule(GraphModule):
         memo[id(self)] = res
         state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
         res.__dict__.update(copy.deepcopy(state, memo))
-        res.graph = _copy_graph(self.graph)
+        res.graph = copy_graph(self.graph)
         return res
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -48,7 +62,7 @@ def _is_impl(cls: type) -> bool:
     return cls.__qualname__.split(".")[-1] == "GraphModuleImpl"
 
 
-def _copy_graph(graph: Graph) -> Graph:
+def copy_graph(graph: Graph) -> Graph:
     new = Graph(tracer_cls=getattr(graph, "_tracer_cls", None))
     val_map: dict[Any, Any] = {}
     out = new.graph_copy(graph, val_map, return_output_node=True)

@@ -42,17 +42,6 @@ class _Report:
     total_flops: int | None
 
 
-def _site_info(site: ResidualSite, num_levels: int) -> GateInfo:
-    return GateInfo(
-        add=site.add.name, add_kind=site.add_kind, module_path=site.module_path,
-        module_type=site.module_type, skip_kind=site.skip_kind.value, depth=site.depth,
-        num_levels=num_levels, branch_first=site.branch[0].name,
-        branch_last=site.branch_output.name, branch_len=len(site.branch),
-        num_params=site.num_params, side_inputs=tuple(n.name for n in site.side_inputs),
-        flops=site.flops,
-    )
-
-
 def _rejected_rows(rejected: Sequence[RejectedAdd]) -> list[tuple[str, str, str, str, str]]:
     return [(r.name, r.add_kind, r.module_path or "<root>", r.reason.value, r.detail)
             for r in rejected]
@@ -88,8 +77,8 @@ def _report(
     rates: list[float | None] = [None] * len(sites)
     if drop_rate is not None:
         rates = list(site_rates(drop_rate, distribution, [s.depth for s in sites], levels))
-    return _Report([SiteRow(_site_info(s, levels), r) for s, r in zip(sites, rates)], rejected,
-                   total)
+    rows = [SiteRow(GateInfo.from_site(s, levels), r) for s, r in zip(sites, rates)]
+    return _Report(rows, rejected, total)
 
 
 def site_rows(source: Any, drop_rate: float | None = None,

@@ -19,7 +19,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxsd.errors import InvalidTypeError, TraceError
-from fxsd.graph_module import FxsdGraphModule, mirror_module
+from fxsd.graph_module import FxsdGraphModule, copy_graph, mirror_module
 from fxsd.passes.explicit_inplace import make_inplace_explicit
 from fxsd.passes.live_drop_path import make_drop_paths_live
 
@@ -151,7 +151,7 @@ def trace(
         raise InvalidTypeError(f"expected an nn.Module to trace, got {type(model).__name__}")
     leaves = _validate_leaves(leaf_modules)
     if isinstance(model, fx.GraphModule):
-        graph = _copy_graph(model.graph)
+        graph = copy_graph(model.graph)
         extras: dict[str, Any] = {}
         live: list[str] = []
     else:
@@ -240,12 +240,6 @@ def _scope_signatures(graph: fx.Graph) -> dict[str, list[Any]]:
             args, kwargs = args[:3], {k: v for k, v in kwargs.items() if k != "training"}
         out.setdefault(path, []).append((n.op, repr(n.target), sig(args), sig(kwargs)))
     return out
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    from fxsd.graph_module import _copy_graph as copy_graph
-
-    return copy_graph(graph)
 
 
 def _symbolic_trace(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from fxsd.errors import GraphError
+from fxsd.graph_module import free_name
 
 __all__ = ["make_drop_paths_live"]
 
@@ -45,7 +46,7 @@ def make_drop_paths_live(gm: GraphModule) -> list[str]:
                 "computed at run time; fxsd needs constants there. Call it with literal p and mode "
                 "or keep the calling module as a leaf (leaf_modules=[...])."
             )
-        name = _free_name(gm, node.name)
+        name = free_name(gm, node.name)
         gm.add_submodule(name, StochasticDepth(float(p), mode))
         with gm.graph.inserting_before(node):
             live = gm.graph.call_module(name, (bound["input"],))
@@ -56,10 +57,3 @@ def make_drop_paths_live(gm: GraphModule) -> list[str]:
     if added:
         gm.recompile()
     return added
-
-
-def _free_name(gm: GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name

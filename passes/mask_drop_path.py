@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from torch.fx import GraphModule
 
+from fxsd.graph_module import site_module_name
 from fxsd.residuals import ResidualAnalysis
 
 __all__ = ["add_mask_drop_paths"]
@@ -27,11 +28,7 @@ def add_mask_drop_paths(analysis: ResidualAnalysis, rates: Sequence[float]) -> G
 
     gm = analysis.graph_module
     for site, rate in zip(analysis.sites, rates):
-        base = f"{site.module_path.replace('.', '_')}_drop_path" if site.module_path \
-            else "drop_path"
-        name, i = base, 1
-        while hasattr(gm, name):
-            name, i = f"{base}_{i}", i + 1
+        name = site_module_name(gm, site.module_path, "drop_path")
         gm.add_submodule(name, StochasticDepth(float(rate), "row"))
         with gm.graph.inserting_before(site.add):
             masked = gm.graph.call_module(name, (site.branch_output,))

@@ -24,6 +24,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
 from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropSampler, GateInfo
+from fxsd.graph_module import site_module_name
 from fxsd.ops import is_view, mutated_operand
 from fxsd.residuals import ResidualAnalysis, ResidualSite, analyze_residuals, collect_branch
 from fxsd.rows import row_coupling
@@ -234,14 +235,14 @@ def gate_residuals(
                 raise InvalidArgumentError(
                     f"sample_impl='subset' would change what '{site.module_path or '<root>'}' "
                     f"computes: {coupling}. Use sample_impl=None to fall back to 'mask' there.")
-        name = _gate_name(gm, site)
+        name = site_module_name(gm, site.module_path, "gate")
         gate = BranchGate(
             _branch_module(gm, fork, branch.nodes, branch.inputs, out, name),
             spec.drop_rate,
             sampler,
             identity=skip is fork,
             clone_on_drop=_needs_clone(gm, site.add, skip, order),
-            info=_info(site, analysis.num_levels),
+            info=GateInfo.from_site(site, analysis.num_levels),
             mode=spec.mode,
             scale=spec.scale,
             sample_impl=impl,
@@ -371,30 +372,3 @@ def _mutated_after(gm: GraphModule, node: Node, after: int, order: dict[Node, in
                 seen.add(user)
                 stack.append(user)
     return False
-
-
-def _gate_name(gm: GraphModule, site: ResidualSite) -> str:
-    base = f"{site.module_path.replace('.', '_')}_gate" if site.module_path else "gate"
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def _info(site: ResidualSite, num_levels: int) -> GateInfo:
-    return GateInfo(
-        add=site.add.name,
-        add_kind=site.add_kind,
-        module_path=site.module_path,
-        module_type=site.module_type,
-        skip_kind=site.skip_kind.value,
-        depth=site.depth,
-        num_levels=num_levels,
-        branch_first=site.branch[0].name,
-        branch_last=site.branch_output.name,
-        branch_len=len(site.branch),
-        num_params=site.num_params,
-        side_inputs=tuple(n.name for n in site.side_inputs),
-        flops=site.flops,
-    )
-
