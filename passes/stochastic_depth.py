@@ -218,6 +218,10 @@ def gate_residuals(
         if isinstance(branch, tuple):  # the analysis accepted it: a bug if this happens
             raise GraphError(f"cannot gate '{site.add.name}' ({site.module_path}): {branch[1]}")
         spec, new_out, note = _handle_drop_paths(gm, branch.nodes, out, spec, existing)
+        if adopting and note.startswith("kept"):
+            # The model's own drop path stays and regularises this site: no second one on top.
+            spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
+            note += "; fxsd rate 0"
         if new_out is not out or note.startswith(("adopted", "replaced")):
             out = new_out
             branch = collect_branch(gm, fork, out, site.add, order)
@@ -309,6 +313,19 @@ def _handle_drop_paths(
     return spec, out, note
 
 
+def _depends_on_input(node: Node) -> bool:
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
 def _drop_paths(gm: GraphModule, nodes: Sequence[Node]) -> list[Node]:
     return [n for n in nodes if n.op == "call_module"
             and is_drop_path(gm.get_submodule(str(n.target)))]
@@ -322,10 +339,10 @@ def _on_output_path(node: Node, out: Node) -> bool:
             return False
         (user,) = users
         if not (user.op == "call_function" and user.target in (operator.mul, torch.mul)
-                or user.op == "call_method" and user.target == "mul"):
+                or user.op == "call_method" and user.target in ("mul", "mul_")):
             return False
-        if any(a.op != "get_attr" for a in user.all_input_nodes if a is not node):
-            return False
+        if any(_depends_on_input(a) for a in user.all_input_nodes if a is not node):
+            return False  # scaled by an activation, not a parameter: the mask would not commute
         node = user
     return True
 

@@ -360,3 +360,58 @@ def test_adopt_torchvision_drop_paths(name):
     assert left == []
     x = torch.randn(1, 3, 224, 224) if name == "maxvit_t" else torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(gm.eval()(x), model(x), rtol=0, atol=0)
+
+
+class DropPath(nn.Module):  # timm's shape: a parameter-free module with drop_prob
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = True
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        return x * x.new_empty((x.shape[0], 1)).bernoulli_(keep) / keep
+
+
+class Scale(nn.Module):  # timm MetaFormer's per-channel scale, traced through
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1)
+
+
+class MetaFormerLike(nn.Module):
+    def __init__(self, gate_by_activation: bool = False) -> None:
+        super().__init__()
+        self.mixer = nn.Linear(16, 16)
+        self.drop_path = DropPath(0.3)
+        self.layer_scale = Scale(16)
+        self.gate_by_activation = gate_by_activation
+
+    def forward(self, x):
+        y = self.drop_path(self.mixer(x))
+        if self.gate_by_activation:  # scaled by an activation: a row mask would not commute
+            return x + y * torch.sigmoid(self.mixer(x))
+        return x + self.layer_scale(y)
+
+
+def test_adopt_through_layer_scale_module():
+    model = MetaFormerLike().eval()
+    gm = fxsd.stochastic_depth(model, 0.1)
+    (gate,) = fxsd.gates(gm)
+    assert gate.note == "adopted DropPath(p=0.3)" and gate.drop_rate == pytest.approx(0.3)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(gm.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_unadoptable_drop_path_is_kept_without_a_second_drop():
+    model = MetaFormerLike(gate_by_activation=True).eval()
+    gm = fxsd.stochastic_depth(model, 0.5)
+    (gate,) = fxsd.gates(gm)
+    assert gate.note.startswith("kept existing drop path") and gate.drop_rate == 0.0
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(gm.eval()(x), model(x), rtol=0, atol=0)
