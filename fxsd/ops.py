@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node
 __all__ = [
     "add_kind",
     "add_operands",
-    "is_add",
+    "depends_on_input",
     "is_inplace",
     "mutated_operand",
     "is_view",
@@ -29,7 +29,6 @@ _ADD_FUNCTIONS: dict[Any, str] = {
     torch.Tensor.add_: "Tensor.add_",
 }
 _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
-_INPLACE_ADDS = {"operator.iadd", "Tensor.add_"}
 
 # Ops whose result shares storage with their first operand: an in-place op on the result mutates
 # the operand too.
@@ -54,10 +53,6 @@ def add_kind(node: Node) -> str | None:
     if node.op == "call_method":
         return _ADD_METHODS.get(str(node.target))
     return None
-
-
-def is_add(node: Node) -> bool:
-    return add_kind(node) is not None
 
 
 def add_operands(node: Node) -> tuple[Any, Any]:
@@ -114,12 +109,22 @@ def mutated_operand(node: Node, root: GraphModule | None = None) -> Node | None:
     return first if isinstance(first, Node) else None
 
 
-def is_inplace_add(node: Node) -> bool:
-    return add_kind(node) in _INPLACE_ADDS
-
-
 def is_view(node: Node) -> bool:
     """Whether ``node``'s result may alias its first operand (views, ``getitem``, ``chunk``...)."""
     if node.op == "call_function" and node.target is operator.getitem:
         return True
     return _target_name(node) in _VIEW_NAMES and node.op in ("call_function", "call_method")
+
+
+def depends_on_input(node: Node) -> bool:
+    """Whether ``node``'s value is computed from a model input (a ``placeholder``)."""
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False

@@ -29,7 +29,14 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxsd.ops import add_kind, add_operands, is_inplace, is_view, mutated_operand
+from fxsd.ops import (
+    add_kind,
+    add_operands,
+    depends_on_input,
+    is_inplace,
+    is_view,
+    mutated_operand,
+)
 from fxsd.profile import NodeProfile, profile_nodes
 from fxsd.tracing import LeafSpec, trace
 
@@ -441,22 +448,9 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
                 if a in nodes or a is fork or a.op in ("placeholder", "get_attr"):
                     continue
                 if a.users and all(u in nodes for u in a.users) and not is_inplace(a, gm) \
-                        and not _reads_placeholder(a):
+                        and not depends_on_input(a):
                     nodes.add(a)
                     changed = True
-
-
-def _reads_placeholder(n: Node) -> bool:
-    seen, stack = set(), [n]
-    while stack:
-        x = stack.pop()
-        if x.op == "placeholder":
-            return True
-        for a in x.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return False
 
 
 def _mutation_problem(

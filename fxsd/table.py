@@ -18,7 +18,7 @@ from fxsd.gate import BranchGate, GateInfo
 from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite, analyze_residuals
 from fxsd.schedules import Distribution, site_rates
 
-__all__ = ["table", "summary", "SiteRow", "site_rows"]
+__all__ = ["table", "summary", "SiteRow"]
 
 SITE_HEADERS = ["depth", "add", "module", "skip", "branch", "nodes", "params", "side inputs"]
 REJECTED_HEADERS = ["add", "kind", "module", "reason", "detail"]
@@ -79,12 +79,6 @@ def _report(
         rates = list(site_rates(drop_rate, distribution, [s.depth for s in sites], levels))
     rows = [SiteRow(GateInfo.from_site(s, levels), r) for s, r in zip(sites, rates)]
     return _Report(rows, rejected, total)
-
-
-def site_rows(source: Any, drop_rate: float | None = None,
-              distribution: Distribution = "linear") -> list[SiteRow]:
-    """The rows :func:`table` would print, as data."""
-    return _report(source, drop_rate, distribution, None).rows
 
 
 def _fmt_int(n: int | None) -> str:

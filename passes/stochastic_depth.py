@@ -25,7 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
 from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropSampler, GateInfo
 from fxsd.graph_module import site_module_name
-from fxsd.ops import is_view, mutated_operand
+from fxsd.ops import depends_on_input, is_view, mutated_operand
 from fxsd.residuals import ResidualAnalysis, ResidualSite, analyze_residuals, collect_branch
 from fxsd.rows import row_coupling
 from fxsd.schedules import DISTRIBUTIONS, Distribution, check_rate, site_rates
@@ -313,19 +313,6 @@ def _handle_drop_paths(
     return spec, out, note
 
 
-def _depends_on_input(node: Node) -> bool:
-    seen, stack = {node}, [node]
-    while stack:
-        n = stack.pop()
-        if n.op == "placeholder":
-            return True
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return False
-
-
 def _drop_paths(gm: GraphModule, nodes: Sequence[Node]) -> list[Node]:
     return [n for n in nodes if n.op == "call_module"
             and is_drop_path(gm.get_submodule(str(n.target)))]
@@ -341,7 +328,7 @@ def _on_output_path(node: Node, out: Node) -> bool:
         if not (user.op == "call_function" and user.target in (operator.mul, torch.mul)
                 or user.op == "call_method" and user.target in ("mul", "mul_")):
             return False
-        if any(_depends_on_input(a) for a in user.all_input_nodes if a is not node):
+        if any(depends_on_input(a) for a in user.all_input_nodes if a is not node):
             return False  # scaled by an activation, not a parameter: the mask would not commute
         node = user
     return True
