@@ -14,7 +14,9 @@ from torch.fx import GraphModule, Node
 __all__ = [
     "add_kind",
     "add_operands",
+    "data_inputs",
     "depends_on_input",
+    "is_metadata_read",
     "is_inplace",
     "mutated_operand",
     "is_view",
@@ -29,6 +31,12 @@ _ADD_FUNCTIONS: dict[Any, str] = {
     torch.Tensor.add_: "Tensor.add_",
 }
 _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
+
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout",
+                             "requires_grad", "is_sparse", "is_quantized"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "nelement", "stride", "get_device",
+                               "element_size", "is_contiguous", "is_floating_point",
+                               "is_complex", "ndimension"})
 
 # Ops whose result shares storage with their first operand: an in-place op on the result mutates
 # the operand too.
@@ -116,14 +124,31 @@ def is_view(node: Node) -> bool:
     return _target_name(node) in _VIEW_NAMES and node.op in ("call_function", "call_method")
 
 
+def is_metadata_read(node: Node) -> bool:
+    """Whether ``node`` reads only a tensor's metadata (``x.shape``, ``x.size(0)``, ``x.dtype``).
+
+    Such a node depends on its operand's shape, dtype or device, never on its values: it is not a
+    data dependency. (Hugging Face builds attention masks from ``embeddings.dtype``; position
+    embeddings are expanded to ``x.shape[0]``.)
+    """
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and str(node.target) in _METADATA_METHODS
+
+
+def data_inputs(node: Node) -> list[Node]:
+    """The inputs whose *values* ``node`` reads (none for a metadata read)."""
+    return [] if is_metadata_read(node) else node.all_input_nodes
+
+
 def depends_on_input(node: Node) -> bool:
-    """Whether ``node``'s value is computed from a model input (a ``placeholder``)."""
+    """Whether ``node``'s value is computed from the values of a model input (a ``placeholder``)."""
     seen, stack = {node}, [node]
     while stack:
         n = stack.pop()
         if n.op == "placeholder":
             return True
-        for a in n.all_input_nodes:
+        for a in data_inputs(n):
             if a not in seen:
                 seen.add(a)
                 stack.append(a)

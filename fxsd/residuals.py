@@ -32,8 +32,10 @@ from torch.fx import GraphModule, Node
 from fxsd.ops import (
     add_kind,
     add_operands,
+    data_inputs,
     depends_on_input,
     is_inplace,
+    is_metadata_read,
     is_view,
     mutated_operand,
 )
@@ -234,7 +236,7 @@ class _Analyzer:
         inputs_mask = 0
         for i, n in enumerate(self.nodes):
             bits = 1 << i
-            for a in n.all_input_nodes:
+            for a in data_inputs(n):  # values only: x.shape[0] does not make x an ancestor
                 bits |= self.anc[a]
             self.anc[n] = bits
             if n.op == "placeholder":
@@ -258,7 +260,7 @@ class _Analyzer:
         seen, stack = {end}, [end]
         while stack:
             n = stack.pop()
-            for a in n.all_input_nodes:
+            for a in data_inputs(n):
                 if a is not fork and a not in seen and self.descends(a, fork):
                     seen.add(a)
                     stack.append(a)
@@ -317,8 +319,9 @@ class _Analyzer:
                                    f"operand '{x.name}' is not a tensor")
             if not self.input_dependent(x):
                 return self.reject(node, kind, RejectReason.CONSTANT_OPERAND,
-                                   f"operand '{x.name}' depends on no model input (a parameter, "
-                                   "buffer or constant such as a position embedding or bias)")
+                                   f"operand '{x.name}' depends on no model input's values (a "
+                                   "parameter, buffer or constant such as a position embedding "
+                                   "or bias, possibly expanded to the input's shape)")
         if self.profiles is not None:
             sa, sb, so = (self.profiles[x].shape if x in self.profiles else None
                           for x in (a, b, node))
@@ -394,7 +397,7 @@ def collect_branch(
     stack = [fork]
     while stack:
         for u in stack.pop().users:
-            if u not in region and order[u] < stop:
+            if u not in region and order[u] < stop and not is_metadata_read(u):
                 region.add(u)
                 stack.append(u)
     if out not in region:
@@ -431,9 +434,10 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
 
     * unused side results of branch nodes (the attention weights a ``MultiheadAttention`` returns
       next to its output), which would otherwise hold on to a value inside the branch;
-    * outside values that only the branch reads and that are computed from parameters alone (a
-      relative position bias gathered from its table): computing them inside the gate means a
-      dropped branch skips them too.
+    * outside values that only the branch reads and that are computed from parameters and tensor
+      metadata alone (a relative position bias gathered from its table, ``x.shape[0]`` for a
+      reshape): computing them inside the gate means a dropped branch skips them too, and a
+      branch run on a subset of rows reads its own batch size.
     """
     changed = True
     while changed:
@@ -447,9 +451,13 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
             for a in n.all_input_nodes:
                 if a in nodes or a is fork or a.op in ("placeholder", "get_attr"):
                     continue
-                if a.users and all(u in nodes for u in a.users) and not is_inplace(a, gm) \
-                        and not depends_on_input(a):
+                if is_inplace(a, gm) or depends_on_input(a):
+                    continue
+                dead = [u for u in a.users if not u.users and not is_inplace(u, gm)
+                        and u.op != "output"]  # ``B, N, C = x.shape`` with N unused
+                if all(u in nodes or u in dead for u in a.users):
                     nodes.add(a)
+                    nodes.update(dead)
                     changed = True
 
 

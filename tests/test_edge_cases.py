@@ -456,3 +456,67 @@ def test_projection_found_when_branch_weights_are_read_via_get_attr():
     sites = fxsd.find_residuals(model)
     assert len(sites) == sum(isinstance(m, BasicBlock) for m in model.modules())
     assert sum(s.skip_kind is SkipKind.PROJECTION for s in sites) == 3
+
+
+# -- metadata reads are not data dependencies -------------------------------------------------
+
+
+class ExpandedPosEmbed(nn.Module):  # ViT-style: a parameter expanded to the batch size
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, 5, C))
+
+    def forward(self, x):
+        return x + self.pos.expand(x.shape[0], -1, -1)
+
+
+class MaskFromDtype(nn.Module):  # Hugging Face style: the mask reads the embeddings' dtype
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(C, C) for _ in range(2))
+
+    def forward(self, x, keep):
+        bias = (1.0 - keep.to(x.dtype)) * -1e4  # depends on x only through its dtype
+        for blk in self.blocks:
+            x = x + torch.softmax(blk(x) + bias, dim=-1)
+        return x
+
+
+class ShapeInBranch(nn.Module):  # timm Attention style: B, N, C = x.shape, N unused
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+        self.fc = nn.Linear(C, C)
+
+    def forward(self, x):
+        h = self.norm(x)
+        b, n, c = h.shape
+        return x + self.fc(h).reshape(b, -1, c)
+
+
+def test_expanded_parameter_is_a_constant_operand():
+    analysis = fxsd.analyze_residuals(ExpandedPosEmbed())
+    assert analysis.sites == []
+    assert analysis.rejected[0].reason is RejectReason.CONSTANT_OPERAND
+
+
+def test_mask_built_from_dtype_is_a_side_input_of_every_block():
+    model = MaskFromDtype().eval()
+    sites = fxsd.find_residuals(model)
+    assert len(sites) == 2
+    assert all([n.name for n in s.side_inputs] == ["mul"] for s in sites), \
+        [[n.name for n in s.side_inputs] for s in sites]
+    x, keep = _x(), torch.ones(4, 5, C)
+    gm = fxsd.stochastic_depth(model, 0.0).eval()
+    torch.testing.assert_close(gm(x, keep), model(x, keep), rtol=0, atol=0)
+
+
+def test_shape_reads_inside_a_branch_stay_in_it():
+    model = ShapeInBranch()
+    (site,) = fxsd.find_residuals(model)
+    assert any(n.op == "call_function" and n.target is getattr for n in site.branch)
+    gm = fxsd.stochastic_depth(model, 0.5, distribution="uniform", mode="sample", seed=0)
+    (gate,) = gates(gm)
+    assert gate.sample_impl == "subset"  # the batch size is read from the kept rows
+    out = gm.train()(_x((16, 5, C)))
+    assert out.shape == (16, 5, C)
