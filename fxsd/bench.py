@@ -230,15 +230,15 @@ def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str,
         inclusive[name] = statistics.median(samples[1:])
     exclusive = dict(inclusive)
     for name, gate in gates.items():
-        for child in _child_gates(gate):
+        for child in _child_gates(model, gate):
             exclusive[name] -= inclusive.get(child, 0.0)
     return {n: max(t, 0.0) for n, t in exclusive.items()}
 
 
-def _child_gates(gate: BranchGate) -> list[str]:
-    return [str(n.target) for n in gate.branch.graph.nodes
-            if n.op == "call_module" and str(n.target).endswith("_gate")
-            or n.op == "call_module" and "_gate_" in str(n.target)]
+def _child_gates(model: nn.Module, gate: BranchGate) -> list[str]:
+    """The gates called directly inside ``gate``'s branch (nested residuals)."""
+    return [str(n.target) for n in gate.branch.graph.nodes if n.op == "call_module"
+            and isinstance(model.get_submodule(str(n.target)), BranchGate)]
 
 
 def _ancestors(model: nn.Module) -> dict[str, list[str]]:
@@ -246,7 +246,7 @@ def _ancestors(model: nn.Module) -> dict[str, list[str]]:
     parent: dict[str, str] = {}
     for name, m in model.named_modules():
         if isinstance(m, BranchGate):
-            for child in _child_gates(m):
+            for child in _child_gates(model, m):
                 parent[child] = name
     chains: dict[str, list[str]] = {}
     for name, m in model.named_modules():
