@@ -125,6 +125,11 @@ def stochastic_depth(
         raise InvalidTypeError(
             f"stochastic_depth expects an nn.Module, got {type(model).__name__}"
         )
+    if any(isinstance(m, BranchGate) for m in model.modules()):
+        raise InvalidArgumentError(
+            f"{type(model).__name__} is already gated by fxsd: change its rates with "
+            "fxsd.set_drop_rate(gm, rate), or transform the original model again"
+        )
     _check_choice("mode", mode, MODES)
     _check_choice("scale", scale, SCALES)
     _check_choice("existing", existing, EXISTING)

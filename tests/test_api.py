@@ -329,6 +329,12 @@ def test_bad_arguments(net, kwargs, error, match):
     assert isinstance(info.value, fxsd.FxsdError)
 
 
+def test_already_gated_model_rejected(net):
+    gm = fxsd.stochastic_depth(net, 0.2)
+    with pytest.raises(fxsd.InvalidArgumentError, match="already gated by fxsd"):
+        fxsd.stochastic_depth(gm, 0.3)
+
+
 def test_bad_argument_errors_are_builtin_subclasses(net):
     with pytest.raises(ValueError):
         fxsd.stochastic_depth(net, 2.0)
