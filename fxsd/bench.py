@@ -43,6 +43,7 @@ from fxsd.passes.mask_drop_path import add_mask_drop_paths
 from fxsd.passes.stochastic_depth import stochastic_depth
 from fxsd.residuals import analyze_residuals
 from fxsd.schedules import check_rate, site_rates
+from fxsd.training import gates, named_gates
 
 __all__ = ["BenchConfig", "BenchRow", "BenchResult", "run", "format_table", "build_model",
            "site_times", "limit_saving", "transform_times"]
@@ -152,7 +153,7 @@ class _Variant:
     def __init__(self, name: str, rate: float | None, model: nn.Module, cfg: BenchConfig,
                  group: str = "eager"):
         self.row = BenchRow(name, rate, [], group=group)
-        self.gates = [m for m in model.modules() if isinstance(m, BranchGate)]
+        self.gates = gates(model)
         self.model = model.train()
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         if group == "compiled":
@@ -201,10 +202,10 @@ def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str,
     ``model`` is a gated model that never drops. A branch that contains other gates is charged only
     for what it computes beyond them.
     """
-    gates = {n: m for n, m in model.named_modules() if isinstance(m, BranchGate)}
+    by_name = named_gates(model)
     captured: dict[str, tuple] = {}
     hooks = [g.register_forward_pre_hook(lambda mod, args, n=n: captured.__setitem__(n, args))
-             for n, g in gates.items()]
+             for n, g in by_name.items()]
     try:
         with _autocast(cfg):
             model.train()(x)
@@ -213,7 +214,7 @@ def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str,
             h.remove()
     device = x.device
     inclusive: dict[str, float] = {}
-    for name, gate in gates.items():
+    for name, gate in by_name.items():
         args = captured[name] if gate.identity else captured[name][1:]
         leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor)
                   else a for a in args]
@@ -229,7 +230,7 @@ def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str,
         model.zero_grad(set_to_none=True)
         inclusive[name] = statistics.median(samples[1:])
     exclusive = dict(inclusive)
-    for name, gate in gates.items():
+    for name, gate in by_name.items():
         for child in _child_gates(model, gate):
             exclusive[name] -= inclusive.get(child, 0.0)
     return {n: max(t, 0.0) for n, t in exclusive.items()}
@@ -243,19 +244,16 @@ def _child_gates(model: nn.Module, gate: BranchGate) -> list[str]:
 
 def _ancestors(model: nn.Module) -> dict[str, list[str]]:
     """For each gate, the gates whose branches contain it (nearest first)."""
-    parent: dict[str, str] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, BranchGate):
-            for child in _child_gates(model, m):
-                parent[child] = name
+    by_name = named_gates(model)
+    parent = {child: name for name, gate in by_name.items()
+              for child in _child_gates(model, gate)}
     chains: dict[str, list[str]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, BranchGate):
-            chain, cur = [], name
-            while cur in parent:
-                cur = parent[cur]
-                chain.append(cur)
-            chains[name] = chain
+    for name in by_name:
+        chain, cur = [], name
+        while cur in parent:
+            cur = parent[cur]
+            chain.append(cur)
+        chains[name] = chain
     return chains
 
 
@@ -283,8 +281,7 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
         >>> result = bench.run(model="cifar_resnet20", steps=5, batch_size=8)  # doctest: +SKIP
         >>> print(bench.format_table(result))  # doctest: +SKIP
     """
-    cfg = copy.replace(config or BenchConfig(), **overrides) if hasattr(copy, "replace") \
-        else _replace(config or BenchConfig(), overrides)
+    cfg = _replace(config or BenchConfig(), overrides)
     say = progress or (lambda msg: None)
     rates = tuple(check_rate(r) for r in cfg.drop_rates)
     if cfg.steps < 1 or cfg.warmup < 0 or cfg.batch_size < 1:
@@ -377,7 +374,7 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
     probe = variants[1].model
     raw = site_times(probe, x, cfg)
     chains = _ancestors(probe)
-    names = [n for n, m in probe.named_modules() if isinstance(m, BranchGate)]
+    names = list(named_gates(probe))
     rows: list[BenchRow] = []
     shares: dict[str, float] = {}
     for group in ("eager", "compiled"):
@@ -397,8 +394,7 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
             kind = v.row.variant.removeprefix(prefix)
             if kind.startswith("fxsd") and kind != "fxsd p=0":
                 # Realised limit: what skipping exactly this run's dropped work would save.
-                order = [n for n, m in _gated(v.model).named_modules()
-                         if isinstance(m, BranchGate)]
+                order = list(named_gates(_gated(v.model)))
                 saved = [sum(times[n] * s for n, s in zip(order, step)) for step in v.decisions]
                 v.row.limit = statistics.fmean(saved) / base_time
             elif kind == "mask drop path":
@@ -512,7 +508,7 @@ def transform_times(block_counts: Sequence[int] = (250, 500, 1000),
                 gm = stochastic_depth(model, 0.1)
                 samples.append(time.perf_counter() - t0)
             nodes = len(analyze_residuals(model).graph_module.graph.nodes)
-            sites = sum(isinstance(m, BranchGate) for m in gm.modules())
+            sites = len(gates(gm))
             best = min(samples)
             rows.append({"model": label, "nodes": nodes, "sites": sites, "seconds": best,
                          "us_per_node": best / nodes * 1e6})

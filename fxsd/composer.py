@@ -19,10 +19,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxsd.errors import InvalidArgumentError
-from fxsd.gate import BranchGate
 from fxsd.passes.stochastic_depth import stochastic_depth
 from fxsd.residuals import ResidualSite
-from fxsd.training import DropWarmup
+from fxsd.training import DropWarmup, gates
 
 __all__ = ["apply_stochastic_depth"]
 
@@ -73,7 +72,7 @@ def apply_stochastic_depth(
     gm = stochastic_depth(model, drop_rate, distribution=drop_distribution,
                           mode=stochastic_method, sync_ranks=use_same_gpu_seed, seed=seed,
                           select=select, **kwargs)
-    if target_layer_name is not None and not any(isinstance(m, BranchGate) for m in gm.modules()):
+    if target_layer_name is not None and not gates(gm):
         raise InvalidArgumentError(
             f"no residual site lies inside a module of class {target_layer_name!r}")
     if drop_warmup:

@@ -491,11 +491,7 @@ def _non_tensor_nodes(nodes: list[Node], profiles: dict[Node, NodeProfile] | Non
                 and n.op != "placeholder"}
     out: set[Node] = set()
     for n in nodes:
-        if n.op == "call_method" and n.target in ("size", "dim", "numel", "item", "tolist",
-                                                    "stride", "element_size", "nelement"):
-            out.add(n)
-        elif n.op == "call_function" and n.target is getattr and n.args[1:2] and \
-                n.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda"):
+        if is_metadata_read(n) or n.op == "call_method" and n.target in ("item", "tolist"):
             out.add(n)
         elif n.op == "call_function" and getattr(n.target, "__module__", None) == "_operator" \
                 and n.all_input_nodes and all(a in out for a in n.all_input_nodes):

@@ -14,9 +14,10 @@ from tabulate import tabulate
 from torch import nn
 
 from fxsd.errors import InvalidTypeError
-from fxsd.gate import BranchGate, GateInfo
+from fxsd.gate import GateInfo
 from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite, analyze_residuals
 from fxsd.schedules import Distribution, site_rates
+from fxsd.training import gates as all_gates
 
 __all__ = ["table", "summary", "SiteRow"]
 
@@ -52,7 +53,7 @@ def _report(
     example_inputs: Sequence[Any] | None,
 ) -> _Report:
     if isinstance(source, nn.Module):
-        gates = [m for m in source.modules() if isinstance(m, BranchGate)]
+        gates = all_gates(source)
         meta = getattr(source, "meta", {}) or {}
         if gates or "fxsd" in meta:
             gates.sort(key=lambda g: (g.info.depth, g.info.add))

@@ -98,11 +98,9 @@ class FxsdTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         # Remember which module is being traced, so that a failure can name it.
+        # On failure the entry stays on the stack: the innermost one names the failing module.
         self.scope_stack.append((self.path_of_module(m), type(m).__name__))
-        try:
-            out = super().call_module(m, forward, args, kwargs)
-        except Exception:
-            raise  # leave the stack as it is: the innermost entry is the failing module
+        out = super().call_module(m, forward, args, kwargs)
         self.scope_stack.pop()
         return out
 

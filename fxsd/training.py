@@ -19,13 +19,18 @@ from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.gate import BranchGate, DropSampler
 from fxsd.schedules import check_rate
 
-__all__ = ["gates", "set_drop_rate", "get_drop_rate", "DropWarmup", "get_rng_state",
+__all__ = ["gates", "named_gates", "set_drop_rate", "get_drop_rate", "DropWarmup", "get_rng_state",
            "set_rng_state"]
+
+
+def named_gates(gm: nn.Module) -> dict[str, BranchGate]:
+    """The gates of a transformed model by qualified name, in execution order of their sites."""
+    return {name: m for name, m in gm.named_modules() if isinstance(m, BranchGate)}
 
 
 def gates(gm: nn.Module) -> list[BranchGate]:
     """The gates of a transformed model, in execution order of their sites."""
-    return [m for m in gm.modules() if isinstance(m, BranchGate)]
+    return list(named_gates(gm).values())
 
 
 def _gates_or_error(gm: nn.Module) -> list[BranchGate]:

@@ -30,6 +30,7 @@ from fxsd.residuals import ResidualAnalysis, ResidualSite, analyze_residuals, co
 from fxsd.rows import row_coupling
 from fxsd.schedules import DISTRIBUTIONS, Distribution, check_rate, site_rates
 from fxsd.tracing import LeafSpec, is_drop_path
+from fxsd.training import gates
 
 __all__ = ["stochastic_depth", "gate_residuals", "GateSpec", "NoResidualSitesWarning"]
 
@@ -125,7 +126,7 @@ def stochastic_depth(
         raise InvalidTypeError(
             f"stochastic_depth expects an nn.Module, got {type(model).__name__}"
         )
-    if any(isinstance(m, BranchGate) for m in model.modules()):
+    if gates(model):
         raise InvalidArgumentError(
             f"{type(model).__name__} is already gated by fxsd: change its rates with "
             "fxsd.set_drop_rate(gm, rate), or transform the original model again"
@@ -212,13 +213,14 @@ def gate_residuals(
     # A model that carries its own drop paths keeps its own regularisation under "adopt": sites
     # without a drop path had rate 0 in the model, and keep it.
     adopting = existing == "adopt" and any(_drop_paths(gm, s.branch) for s in analysis.sites)
-    gates: dict[Node, Node] = {}  # rewritten add -> the gate call that replaced it
+    rewritten: dict[Node, Node] = {}  # rewritten add -> the gate call that replaced it
     for site, spec in zip(analysis.sites, specs):
         if not isinstance(spec, GateSpec):
             spec = GateSpec(float(spec), 1.0, "block", "eval", None)
         if adopting and not _drop_paths(gm, site.branch):
             spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
-        fork, skip, out = (gates.get(n, n) for n in (site.fork, site.skip, site.branch_output))
+        fork, skip, out = (rewritten.get(n, n)
+                           for n in (site.fork, site.skip, site.branch_output))
         branch = collect_branch(gm, fork, out, site.add, order)
         if isinstance(branch, tuple):  # the analysis accepted it: a bug if this happens
             raise GraphError(f"cannot gate '{site.add.name}' ({site.module_path}): {branch[1]}")
@@ -270,7 +272,7 @@ def gate_residuals(
         graph.erase_node(site.add)
         for n in reversed(branch.nodes):
             graph.erase_node(n)
-        gates[site.add] = call
+        rewritten[site.add] = call
     graph.lint()
     gm.recompile()
     return gm
