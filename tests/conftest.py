@@ -43,3 +43,18 @@ class CallCounter:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class DropPath(nn.Module):
+    """timm's shape: a parameter-free module with ``drop_prob``, rows dropped and rescaled."""
+
+    def __init__(self, drop_prob: float = 0.5) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = True
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        return x * x.new_empty((x.shape[0], 1)).bernoulli_(keep) / keep

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torchvision
-from conftest import gates
+from conftest import DropPath, gates
 from torch import nn
 
 import fxsd
@@ -255,19 +255,6 @@ class FunctionalDropPath(nn.Module):
 
     def forward(self, x):
         return x + torchvision.ops.stochastic_depth(self.f(x), 0.5, "row", self.training)
-
-
-class DropPath(nn.Module):  # timm's shape
-    def __init__(self, drop_prob: float = 0.5):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0], 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 class TimmStyle(nn.Module):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import CallCounter
+from conftest import CallCounter, DropPath
 from torch import nn
 
 import fxsd
@@ -360,19 +360,6 @@ def test_adopt_torchvision_drop_paths(name):
     assert left == []
     x = torch.randn(1, 3, 224, 224) if name == "maxvit_t" else torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(gm.eval()(x), model(x), rtol=0, atol=0)
-
-
-class DropPath(nn.Module):  # timm's shape: a parameter-free module with drop_prob
-    def __init__(self, drop_prob: float) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-        self.scale_by_keep = True
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        return x * x.new_empty((x.shape[0], 1)).bernoulli_(keep) / keep
 
 
 class Scale(nn.Module):  # timm MetaFormer's per-channel scale, traced through
