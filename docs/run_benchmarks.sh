@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the CPU numbers in docs/benchmarks.md (about 30 minutes on 2 cores), then the plot.
+# Reproduce the CPU numbers in docs/benchmarks.md (about 45 minutes on 2 cores), then the plot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=docs/bench
@@ -19,6 +19,15 @@ run cifar_resnet56_compile_linear cifar_resnet56 --compile --batch-size 32 --ste
     --drop-rate 0.5 --distribution linear
 run cifar_resnet56_compile_uniform cifar_resnet56 --compile --batch-size 32 --steps 20 \
     --drop-rate 0.5 --distribution uniform
+run cifar_resnet56_compile_channels_last_linear cifar_resnet56 --compile --channels-last \
+    --batch-size 32 --steps 20 --drop-rate 0.5 --distribution linear
+run cifar_resnet56_compile_channels_last_uniform cifar_resnet56 --compile --channels-last \
+    --batch-size 32 --steps 20 --drop-rate 0.5 --distribution uniform
+run vit_b_16_compile_linear vit_b_16 --compile --image-size 64 --batch-size 16 --steps 10 \
+    --drop-rate 0.5 --distribution linear
+run vit_b_16_compile_uniform vit_b_16 --compile --image-size 64 --batch-size 16 --steps 10 \
+    --drop-rate 0.5 --distribution uniform
+python docs/bench/compile_strategies.py --steps 12 | tee $out/compile_strategies.txt
 fxsd bench --transform --json $out/transform.json | tee $out/transform.txt
 python docs/plot_benchmarks.py $out/resnet50_linear.json $out/cifar_resnet110_linear.json \
     -o docs/benchmarks.png

@@ -104,6 +104,35 @@ def test_plain_torch_compile_keeps_decisions_live():
     assert _graphs() <= len(fxsd.gates(gm)) + 1  # one graph per trunk segment
 
 
+def test_channels_last_stays_channels_last_through_compiled_branches():
+    # The layout docs/api.md recommends for conv nets: every gate (eager trunk) must see
+    # channels-last activations, i.e. the compiled branches hand that layout back, and the
+    # numerics must match the eager gated model.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
+    eager = fxsd.stochastic_depth(model, 0.5, distribution="uniform", seed=3).train()
+    gated = fxsd.stochastic_depth(model, 0.5, distribution="uniform", seed=3).train()
+    compiled = fxsd.compile(gated, backend=BACKEND)
+    layouts = []
+    for gate in fxsd.gates(gated):
+        gate.register_forward_pre_hook(lambda g, args: layouts.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        ref = _step(eager, x)
+        ref_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        out = _step(compiled, x)
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        assert len(grads) == len(ref_grads)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+    assert len(layouts) == 3 * len(fxsd.gates(gated)) and all(layouts)
+
+
 def test_compiled_branches_are_not_copied_or_pickled():
     gm = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2)
     fxsd.compile(gm, backend=BACKEND)
