@@ -6,15 +6,16 @@ from torch import nn
 import fxsd
 
 
-def gates(gm: nn.Module) -> list[fxsd.BranchGate]:
-    return [m for m in gm.modules() if isinstance(m, fxsd.BranchGate)]
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the gradients ``model``'s parameters hold, by name (those without one left out)."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def branch_only_modules(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
     """Modules called inside some gate's branch and nowhere in the main graph."""
     main = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     found: dict[str, nn.Module] = {}
-    for gate in gates(gm):
+    for gate in fxsd.gates(gm):
         for n in gate.branch.graph.nodes:
             if n.op == "call_module":
                 target = str(n.target)

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torchvision
-from conftest import DropPath, gates
+from conftest import DropPath
 from torch import nn
 
 import fxsd
@@ -90,7 +90,7 @@ def test_graph_module_input_not_mutated(net):
     code, nodes = traced.code, len(traced.graph.nodes)
     gm = fxsd.stochastic_depth(traced, 0.0, seed=0)
     assert traced.code == code and len(traced.graph.nodes) == nodes
-    assert gm is not traced and len(gates(gm)) == 4
+    assert gm is not traced and len(fxsd.gates(gm)) == 4
     x = torch.randn(3, 8)
     torch.testing.assert_close(gm.eval()(x), traced.eval()(x), rtol=0, atol=0)
 
@@ -102,7 +102,7 @@ def test_deepcopy(net):
     assert _sd_equal(clone.state_dict(), gm.state_dict())
     assert all(id(p) not in {id(q) for q in gm.parameters()} for p in clone.parameters())
     # The clone's branches run the clone's modules, not the original's.
-    g = gates(clone)[0]
+    g = fxsd.gates(clone)[0]
     first = next(n for n in g.branch.graph.nodes if n.op == "call_module")
     assert g.branch.get_submodule(str(first.target)) is clone.get_submodule(str(first.target))
     x = torch.randn(3, 8)
@@ -112,8 +112,8 @@ def test_deepcopy(net):
             p.zero_()
     assert not torch.equal(clone(x), gm(x))
     # One sampler shared by all the clone's gates, independent of the original's.
-    assert len({id(g.sampler) for g in gates(clone)}) == 1
-    assert gates(clone)[0].sampler is not gates(gm)[0].sampler
+    assert len({id(g.sampler) for g in fxsd.gates(clone)}) == 1
+    assert fxsd.gates(clone)[0].sampler is not fxsd.gates(gm)[0].sampler
 
 
 def test_save_load_whole_module(net):
@@ -131,8 +131,8 @@ def test_save_load_whole_module(net):
     gm.train(), loaded.train()
     for _ in range(5):
         gm(x), loaded(x)
-        assert [g.dropped for g in gates(gm)] == [g.dropped for g in gates(loaded)]
-    g = gates(loaded)[0]
+        assert [g.dropped for g in fxsd.gates(gm)] == [g.dropped for g in fxsd.gates(loaded)]
+    g = fxsd.gates(loaded)[0]
     first = next(n for n in g.branch.graph.nodes if n.op == "call_module")
     assert g.branch.get_submodule(str(first.target)) is loaded.get_submodule(str(first.target))
 
@@ -165,15 +165,15 @@ def test_eval_scaling_linear_and_uniform(net):
     x = torch.randn(3, 8)
     for dist, rates in (("linear", [0.4 * d / 4 for d in range(1, 5)]), ("uniform", [0.4] * 4)):
         gm = fxsd.stochastic_depth(net, 0.4, distribution=dist).eval()
-        assert [g.drop_rate for g in gates(gm)] == pytest.approx(rates)
+        assert [g.drop_rate for g in fxsd.gates(gm)] == pytest.approx(rates)
         torch.testing.assert_close(gm(x), _eval_reference(net, x, rates))
 
 
 def test_custom_distributions(net):
     gm = fxsd.stochastic_depth(net, distribution=[0.1, 0.0, 0.3, 1.0])
-    assert [g.drop_rate for g in gates(gm)] == [0.1, 0.0, 0.3, 1.0]
+    assert [g.drop_rate for g in fxsd.gates(gm)] == [0.1, 0.0, 0.3, 1.0]
     gm = fxsd.stochastic_depth(net, distribution=lambda d, L: 0.5 * (d - 1) / (L - 1))
-    assert [g.drop_rate for g in gates(gm)] == pytest.approx([0, 1 / 6, 1 / 3, 0.5])
+    assert [g.drop_rate for g in fxsd.gates(gm)] == pytest.approx([0, 1 / 6, 1 / 3, 0.5])
 
 
 def test_train_eval_switch_at_run_time(net):
@@ -195,7 +195,7 @@ def test_seeded_reproducibility_and_no_global_rng(net):
         seq = []
         for _ in range(steps):
             gm(x)
-            seq.append(tuple(g.dropped for g in gates(gm)))
+            seq.append(tuple(g.dropped for g in fxsd.gates(gm)))
         return seq
 
     torch_state, py_state = torch.get_rng_state(), random.getstate()
@@ -210,7 +210,7 @@ def test_seeded_reproducibility_and_no_global_rng(net):
     d1 = fxsd.stochastic_depth(net, 0.5, seed=None)
     torch.manual_seed(7)
     d2 = fxsd.stochastic_depth(net, 0.5, seed=None)
-    assert gates(d1)[0].sampler.seed == gates(d2)[0].sampler.seed == 7
+    assert fxsd.gates(d1)[0].sampler.seed == fxsd.gates(d2)[0].sampler.seed == 7
 
 
 def test_gate_names_and_code_read_naturally():
@@ -271,7 +271,7 @@ class TimmStyle(nn.Module):
 def test_existing_drop_paths_follow_train_and_eval(model_cls):
     model = model_cls().train()  # traced in training mode
     gm = fxsd.stochastic_depth(model, 0.0)
-    assert len(gates(gm)) == 1
+    assert len(fxsd.gates(gm)) == 1
     x = torch.randn(64, 8)
     gm.eval()
     torch.testing.assert_close(gm(x), model.eval()(x), rtol=0, atol=0)
@@ -362,9 +362,9 @@ def test_untraceable_module_named_with_fix():
     assert "leaf_modules=" in str(err) and "concrete_args=" in str(err)
     # The suggested fix works: keep the module as a leaf, inside the gated branch.
     gm = fxsd.stochastic_depth(Outer(), 0.5, leaf_modules=[DataDependent])
-    assert len(gates(gm)) == 1
+    assert len(fxsd.gates(gm)) == 1
     gm = fxsd.stochastic_depth(Outer(), 0.5, leaf_modules=["tricky"])
-    assert len(gates(gm)) == 1
+    assert len(fxsd.gates(gm)) == 1
 
 
 class Flag(nn.Module):
@@ -467,7 +467,7 @@ def test_modules_reading_training_stay_switchable(traced_in):
     getattr(model, traced_in)()
     gm = fxsd.stochastic_depth(model, 0.0)
     assert gm.meta["fxsd_live_leaves"] == ["attn"]
-    assert len(gates(gm)) == 1
+    assert len(fxsd.gates(gm)) == 1
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=0, atol=0)
     torch.manual_seed(0)
@@ -483,7 +483,7 @@ def test_swin_attention_dropout_follows_mode():
     gm = fxsd.stochastic_depth(model, 0.0).eval()
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(gm(x), model.eval()(x), rtol=0, atol=0)
-    assert len(gates(gm)) == 24
+    assert len(fxsd.gates(gm)) == 24
 
 
 class RootReadsTraining(nn.Module):

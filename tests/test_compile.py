@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch._dynamo
 import torchvision
+from conftest import grads
 from torch._dynamo.utils import counters
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -57,17 +58,17 @@ def test_compiled_matches_eager_with_live_randomness_and_bounded_compiles(name):
     for step in range(20):
         model.zero_grad(set_to_none=True)
         ref = _step(eager, x)
-        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        ref_grads = grads(model)
         model.zero_grad(set_to_none=True)
         out = _step(compiled, x)
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        got = grads(model)
         eager_dec = [g.dropped for g in fxsd.gates(eager)]
         comp_dec = [g.dropped for g in fxsd.gates(traced)]
         assert eager_dec == comp_dec, f"step {step}: decisions differ"
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-        assert grads.keys() == ref_grads.keys(), f"step {step}: different parameters got grads"
-        for k in grads:
-            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-5, msg=k)
+        assert got.keys() == ref_grads.keys(), f"step {step}: different parameters got grads"
+        for k in got:
+            torch.testing.assert_close(got[k], ref_grads[k], rtol=1e-3, atol=1e-5, msg=k)
         decisions.append(tuple(comp_dec))
         graphs_after[step] = _graphs()
     # Decisions stay random under compile (not frozen at trace time).
@@ -122,14 +123,14 @@ def test_channels_last_stays_channels_last_through_compiled_branches():
     for _ in range(3):
         model.zero_grad(set_to_none=True)
         ref = _step(eager, x)
-        ref_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        ref_grads = grads(model)
         model.zero_grad(set_to_none=True)
         out = _step(compiled, x)
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        got = grads(model)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-        assert len(grads) == len(ref_grads)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+        assert got.keys() == ref_grads.keys()
+        for k in got:
+            torch.testing.assert_close(got[k], ref_grads[k], rtol=1e-3, atol=1e-5, msg=k)
     assert len(layouts) == 3 * len(fxsd.gates(gated)) and all(layouts)
 
 

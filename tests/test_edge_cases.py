@@ -7,7 +7,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CallCounter, branch_only_modules, gates
+from conftest import CallCounter, branch_only_modules
 from torch import nn
 
 import fxsd
@@ -216,7 +216,7 @@ def test_dropped_branches_do_not_run(case):
     gm(x).sum().backward()
     counter.remove()
     assert counter.ran() == [], f"dropped branches ran: {counter.ran()}"
-    assert not any(g.dropped is False for g in gates(gm)), "a gate kept its branch"
+    assert not any(g.dropped is False for g in fxsd.gates(gm)), "a gate kept its branch"
     for name, module in branch_modules.items():
         for p in module.parameters():
             assert p.grad is None, f"{name} got a gradient although its branch was dropped"
@@ -271,7 +271,7 @@ def test_skip_mutated_in_place_keeps_semantics():
 
 def test_nested_depths_and_gating():
     gm = fxsd.stochastic_depth(Nested(), 0.5, seed=0)
-    by_path = {g.info.module_path: g for g in gates(gm)}
+    by_path = {g.info.module_path: g for g in fxsd.gates(gm)}
     assert by_path["a"].info.depth == 1 and by_path["b"].info.depth == 2
     assert by_path[""].info.depth == 3
     outer = by_path[""]
@@ -300,10 +300,10 @@ def test_side_input_mask():
 
 def test_shared_weights_sites_have_distinct_depths():
     gm = fxsd.stochastic_depth(SharedWeights(), 0.3, seed=0)
-    assert [g.info.depth for g in gates(gm)] == [1, 2, 3]
-    assert [round(g.drop_rate, 6) for g in gates(gm)] == [0.1, 0.2, 0.3]
+    assert [g.info.depth for g in fxsd.gates(gm)] == [1, 2, 3]
+    assert [round(g.drop_rate, 6) for g in fxsd.gates(gm)] == [0.1, 0.2, 0.3]
     # One depth dropped, the others kept: the shared weights still get a gradient.
-    g1, g2, g3 = gates(gm)
+    g1, g2, g3 = fxsd.gates(gm)
     g1.drop_rate, g2.drop_rate, g3.drop_rate = 1.0, 0.0, 0.0
     x = _x()
     gm.train()(x).sum().backward()
@@ -417,7 +417,7 @@ def test_rejected_model_warns_and_is_unchanged():
         gm = fxsd.stochastic_depth(model, 0.5)
     x = _x()
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
-    assert gates(gm) == []
+    assert fxsd.gates(gm) == []
 
 
 def test_add_kinds_reported():
@@ -516,7 +516,7 @@ def test_shape_reads_inside_a_branch_stay_in_it():
     (site,) = fxsd.find_residuals(model)
     assert any(n.op == "call_function" and n.target is getattr for n in site.branch)
     gm = fxsd.stochastic_depth(model, 0.5, distribution="uniform", mode="sample", seed=0)
-    (gate,) = gates(gm)
+    (gate,) = fxsd.gates(gm)
     assert gate.sample_impl == "subset"  # the batch size is read from the kept rows
     out = gm.train()(_x((16, 5, C)))
     assert out.shape == (16, 5, C)

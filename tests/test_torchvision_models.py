@@ -40,6 +40,7 @@ from torchvision.models import (
 )
 
 import fxsd
+from fxsd.training import named_gates
 
 # --------------------------------------------------------------------------------------------
 # Expected residual joins, from each model's definition.
@@ -188,10 +189,6 @@ def _expected(name: str) -> Counter[str]:
     return expected
 
 
-def _gates(gm: nn.Module) -> dict[str, fxsd.BranchGate]:
-    return {n: m for n, m in gm.named_modules() if isinstance(m, fxsd.BranchGate)}
-
-
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
@@ -231,7 +228,7 @@ def _branch_only(gm: GraphModule) -> tuple[dict[str, nn.Module], dict[str, nn.Pa
     ``get_attr`` inside a branch or, in the main graph, only to be passed to gates (Swin's
     attention weights), minus every parameter the rest of the main graph uses.
     """
-    gate_names = set(_gates(gm))
+    gate_names = set(named_gates(gm))
     main_modules = {str(n.target) for n in gm.graph.nodes
                     if n.op == "call_module" and str(n.target) not in gate_names}
     main_params: set[int] = set()
@@ -255,7 +252,7 @@ def _branch_only(gm: GraphModule) -> tuple[dict[str, nn.Module], dict[str, nn.Pa
 
     for target in gate_only_reads:
         add_params(target, (("", p) for p in _get_params(gm, target)))
-    for gate in _gates(gm).values():
+    for gate in named_gates(gm).values():
         for n in gate.branch.graph.nodes:
             target = str(n.target)
             if n.op == "call_module":
@@ -347,7 +344,7 @@ def test_no_residual_model_warns_and_is_unchanged(name: str) -> None:
     with pytest.warns(fxsd.NoResidualSitesWarning):
         gm = fxsd.stochastic_depth(model, 0.5, seed=0)
     assert isinstance(gm, GraphModule), f"{name}: got {type(gm).__name__}, not a GraphModule"
-    assert not _gates(gm), f"{name}: unexpected gates {list(_gates(gm))}"
+    assert not named_gates(gm), f"{name}: unexpected gates {list(fxsd.named_gates(gm))}"
     x = _input(name)
     ref = _eval_out(model, x)
     out = _eval_out(gm, x)
@@ -365,7 +362,7 @@ def test_no_residual_model_warns_and_is_unchanged(name: str) -> None:
 def test_eval_at_rate_zero_equals_model(name: str) -> None:
     model = _model(name)
     gm = fxsd.stochastic_depth(model, 0.0, seed=0, existing="keep")
-    assert len(_gates(gm)) == sum(_expected(name).values()), f"{name}: wrong number of gates"
+    assert len(fxsd.gates(gm)) == sum(_expected(name).values()), f"{name}: wrong number of gates"
     x = _input(name)
     ref = _eval_out(model, x)
     out = _eval_out(gm, x)
@@ -381,7 +378,7 @@ def test_train_all_dropped_runs_no_branch(name: str) -> None:
     model = _model(name)
     gm = fxsd.stochastic_depth(model, 1.0, distribution="uniform", seed=0,
                                existing="keep")
-    gates = _gates(gm)
+    gates = named_gates(gm)
     assert len(gates) == sum(_expected(name).values()), f"{name}: wrong number of gates"
     assert all(g.drop_rate == 1.0 for g in gates.values()), (
         f"{name}: uniform rate 1.0 gave rates {sorted({g.drop_rate for g in gates.values()})}"
@@ -422,7 +419,7 @@ def test_train_none_dropped_equals_model(name: str) -> None:
     modules, _ = _branch_only(gm)
     with _CallRecorder(modules) as rec:
         out, grads = _train_step(gm, model, x)
-    dropped = [n for n, g in _gates(gm).items() if g.dropped is not False]
+    dropped = [n for n, g in named_gates(gm).items() if g.dropped is not False]
     assert not dropped, f"{name}: gates dropped (or did not run) at drop_rate=0: {dropped}"
     # The hooks do fire: every branch module ran (the positive control of the test above).
     assert set(rec.ran) == set(modules), (

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import CallCounter, DropPath
+from conftest import CallCounter, DropPath, grads
 from torch import nn
 
 import fxsd
@@ -33,10 +33,6 @@ class LnMlp(nn.Module):
         return self.blocks(x)
 
 
-def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _run(gm, x, seed=0):
     for g in fxsd.gates(gm):
         g.sampler.set_state(fxsd.DropSampler(seed).get_state())
@@ -44,7 +40,7 @@ def _run(gm, x, seed=0):
     xi = x.clone().requires_grad_()
     out = gm(xi)
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return out, xi.grad, _grads(gm)
+    return out, xi.grad, grads(gm)
 
 
 # -- sample mode -----------------------------------------------------------------------------
