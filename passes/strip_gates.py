@@ -49,11 +49,7 @@ def strip(gm: GraphModule, *, fold_scale: bool = False) -> GraphModule:
     env: dict[Node, Any] = {}
     calls: dict[str, int] = {}
     for node in source.graph.nodes:
-        if node.op == "call_module" and isinstance(_module(source, node), BranchGate):
-            env[node] = _inline_gate(source, graph, _module(source, node),
-                                     [_lookup(env, a) for a in node.args], fold_scale)
-        else:
-            env[node] = graph.node_copy(node, lambda n: _lookup(env, n))
+        env[node] = _copy_node(source, graph, env, node)
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
@@ -76,8 +72,14 @@ def _lookup(env: dict[Node, Any], n: Any) -> Any:
     return env[n] if isinstance(n, Node) else n
 
 
-def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[Any],
-                 fold_scale: bool) -> Any:
+def _copy_node(root: GraphModule, graph: Graph, env: dict[Node, Any], node: Node) -> Any:
+    """Copy ``node`` into ``graph``; a gate call becomes its inlined branch and add."""
+    if node.op == "call_module" and isinstance(_module(root, node), BranchGate):
+        return _inline_gate(root, graph, _module(root, node), [_lookup(env, a) for a in node.args])
+    return graph.node_copy(node, lambda n: _lookup(env, n))
+
+
+def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[Any]) -> Any:
     skip = args[0]
     branch_args = args if gate.identity else args[1:]
     keep = 1.0 - gate.drop_rate if gate.scale == "eval" else 1.0
@@ -94,11 +96,7 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
         if node.op == "output":
             out = _lookup(env, node.args[0])
             continue
-        if node.op == "call_module" and isinstance(_module(root, node), BranchGate):
-            env[node] = _inline_gate(root, graph, _module(root, node),
-                                     [_lookup(env, a) for a in node.args], fold_scale)
-        else:
-            env[node] = graph.node_copy(node, lambda n: _lookup(env, n))
+        env[node] = _copy_node(root, graph, env, node)
     if keep == 1.0:
         return graph.call_function(operator.add, (skip, out))
     result = graph.call_function(torch.add, (skip, out), {"alpha": keep})
