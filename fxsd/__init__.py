@@ -21,11 +21,19 @@ The public surface:
 
 from fxsd.compiling import compile  # noqa: A004
 from fxsd.composer import apply_stochastic_depth  # noqa: E402  (needs the pass imported first)
-from fxsd.errors import FxsdError, GraphError, InvalidArgumentError, InvalidTypeError, TraceError
-from fxsd.gate import BranchGate, DropSampler, GateInfo
+from fxsd.errors import (
+    FxsdError,
+    GraphError,
+    GuardError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    TraceError,
+)
+from fxsd.gate import BranchGate, DropPathAction, DropSampler, GateInfo
 from fxsd.graph_module import FxsdGraphModule
 from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
 from fxsd.passes.strip_gates import strip
+from fxsd.record import FxsdRecord, get_record
 from fxsd.residuals import (
     RejectedAdd,
     RejectReason,
@@ -43,6 +51,7 @@ from fxsd.training import (
     gates,
     get_drop_rate,
     get_rng_state,
+    named_gates,
     set_drop_rate,
     set_rng_state,
 )
@@ -51,12 +60,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BranchGate",
+    "DropPathAction",
     "DropWarmup",
     "DropSampler",
     "FxsdError",
     "FxsdGraphModule",
+    "FxsdRecord",
     "GateInfo",
     "GraphError",
+    "GuardError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "NoResidualSitesWarning",
@@ -73,7 +85,9 @@ __all__ = [
     "find_residuals",
     "gates",
     "get_drop_rate",
+    "get_record",
     "get_rng_state",
+    "named_gates",
     "set_drop_rate",
     "set_rng_state",
     "site_rates",

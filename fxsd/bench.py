@@ -39,14 +39,15 @@ from torch import nn
 from fxsd.compiling import compile as compile_gated
 from fxsd.errors import InvalidArgumentError
 from fxsd.gate import BranchGate
+from fxsd.models import load_model
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
 from fxsd.passes.stochastic_depth import stochastic_depth
 from fxsd.residuals import analyze_residuals
 from fxsd.schedules import check_rate, site_rates
 from fxsd.training import gates, named_gates
 
-__all__ = ["BenchConfig", "BenchRow", "BenchResult", "run", "format_table", "build_model",
-           "site_times", "limit_saving", "transform_times"]
+__all__ = ["BenchConfig", "BenchRow", "BenchResult", "run", "format_table", "site_times",
+           "gate_ancestors", "limit_saving", "transform_times"]
 
 HEADERS = ["variant", "drop rate", "mean ms", "median ms", "ratio", "saving %", "limit %",
            "efficiency", "peak MiB"]
@@ -124,23 +125,6 @@ class BenchResult:
         }
 
 
-def build_model(name: str, image_size: int | None = None) -> nn.Module:
-    """A torchvision model name, ``cifar_resnet<depth>``, or ``package.module:callable``.
-
-    torchvision ViTs are built for ``image_size`` (they only accept the size they were built for).
-    """
-    from fxsd.cli import load_model
-    from fxsd.models import cifar_resnet
-
-    if name.startswith("cifar_resnet") and name[len("cifar_resnet"):].isdigit():
-        return cifar_resnet(int(name[len("cifar_resnet"):]))
-    if name.startswith("vit_") and ":" not in name and image_size:
-        import torchvision
-
-        return torchvision.models.get_model(name, weights=None, image_size=image_size)
-    return load_model(name)
-
-
 def _loss(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor) and out.dim() == 2:
         target = torch.arange(out.shape[0], device=out.device) % out.shape[1]
@@ -196,25 +180,46 @@ def _skipped(gates: Sequence[BranchGate]) -> list[float]:
     return shares
 
 
-def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str, float]:
-    """Each gate's *exclusive* branch time (forward + backward, seconds), measured in isolation.
-
-    ``model`` is a gated model that never drops. A branch that contains other gates is charged only
-    for what it computes beyond them.
-    """
+def _probe(model: nn.Module, x: torch.Tensor, cfg: BenchConfig
+           ) -> tuple[dict[str, tuple], dict[str, str | None]]:
+    """One training forward of a gated model that never drops: each gate's inputs, and the gate
+    whose branch was running when it ran (``None`` for a gate on the trunk)."""
     by_name = named_gates(model)
     captured: dict[str, tuple] = {}
-    hooks = [g.register_forward_pre_hook(lambda mod, args, n=n: captured.__setitem__(n, args))
-             for n, g in by_name.items()]
+    parent: dict[str, str | None] = {}
+    running: list[str] = []
+
+    def before(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            captured[name] = args
+            parent[name] = running[-1] if running else None
+            running.append(name)
+        return hook
+
+    def after(module: nn.Module, args: tuple, out: Any) -> None:
+        running.pop()
+
+    hooks = [h for n, g in by_name.items()
+             for h in (g.register_forward_pre_hook(before(n)), g.register_forward_hook(after))]
     try:
         with _autocast(cfg):
             model.train()(x)
     finally:
         for h in hooks:
             h.remove()
+    return captured, parent
+
+
+def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str, float]:
+    """Each gate's *exclusive* branch time (forward + backward, seconds), measured in isolation.
+
+    ``model`` is a gated model that never drops. A branch that contains other gates is charged only
+    for what it computes beyond them.
+    """
+    captured, parent = _probe(model, x, cfg)
     device = x.device
     inclusive: dict[str, float] = {}
-    for name, gate in by_name.items():
+    for name, gate in named_gates(model).items():
         args = captured[name] if gate.identity else captured[name][1:]
         leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor)
                   else a for a in args]
@@ -230,29 +235,21 @@ def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str,
         model.zero_grad(set_to_none=True)
         inclusive[name] = statistics.median(samples[1:])
     exclusive = dict(inclusive)
-    for name, gate in by_name.items():
-        for child in _child_gates(model, gate):
-            exclusive[name] -= inclusive.get(child, 0.0)
+    for name, up in parent.items():
+        if up is not None:
+            exclusive[up] -= inclusive[name]
     return {n: max(t, 0.0) for n, t in exclusive.items()}
 
 
-def _child_gates(model: nn.Module, gate: BranchGate) -> list[str]:
-    """The gates called directly inside ``gate``'s branch (nested residuals)."""
-    return [str(n.target) for n in gate.branch.graph.nodes if n.op == "call_module"
-            and isinstance(model.get_submodule(str(n.target)), BranchGate)]
-
-
-def _ancestors(model: nn.Module) -> dict[str, list[str]]:
+def gate_ancestors(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str, list[str]]:
     """For each gate, the gates whose branches contain it (nearest first)."""
-    by_name = named_gates(model)
-    parent = {child: name for name, gate in by_name.items()
-              for child in _child_gates(model, gate)}
+    _, parent = _probe(model, x, cfg)
     chains: dict[str, list[str]] = {}
-    for name in by_name:
-        chain, cur = [], name
-        while cur in parent:
-            cur = parent[cur]
+    for name in parent:
+        chain, cur = [], parent[name]
+        while cur is not None:
             chain.append(cur)
+            cur = parent[cur]
         chains[name] = chain
     return chains
 
@@ -295,7 +292,7 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
         cfg.amp = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.amp, cfg.amp)
     torch.manual_seed(cfg.seed)
     size = cfg.image_size or (32 if cfg.model.startswith("cifar") else 64)
-    base = build_model(cfg.model, size)
+    base = load_model(cfg.model, size)
     x = torch.randn(cfg.batch_size, 3, size, size)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     base = base.to(device, memory_format=memory_format)
@@ -373,7 +370,7 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
     say("measuring each branch's time share")
     probe = variants[1].model
     raw = site_times(probe, x, cfg)
-    chains = _ancestors(probe)
+    chains = gate_ancestors(probe, x, cfg)
     names = list(named_gates(probe))
     rows: list[BenchRow] = []
     shares: dict[str, float] = {}
@@ -490,8 +487,6 @@ def transform_times(block_counts: Sequence[int] = (250, 500, 1000),
                     torchvision_models: Sequence[str] = ("resnet152", "vit_l_16"),
                     repeats: int = 3) -> list[dict[str, Any]]:
     """Time ``fxsd.stochastic_depth`` itself (trace + analysis + rewrite) on one CPU thread."""
-    from fxsd.cli import load_model
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []

@@ -8,45 +8,20 @@ get, and a one-line summary. MODEL is a torchvision model name (built with ``wei
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from fxsd.errors import FxsdError, InvalidArgumentError
+from fxsd.errors import FxsdError
+from fxsd.models import load_model
 from fxsd.residuals import analyze_residuals
 from fxsd.schedules import DISTRIBUTIONS
 from fxsd.table import summary, table
 
-__all__ = ["main", "load_model"]
+__all__ = ["main"]
 
 DEFAULT_MODEL = "resnet50"
-
-
-def load_model(spec: str) -> nn.Module:
-    """Build the model ``spec`` names: a torchvision model name or ``package.module:callable``."""
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise InvalidArgumentError(f"cannot load {spec!r}: {exc}") from exc
-        model = factory()
-    else:
-        import torchvision
-
-        try:
-            model = torchvision.models.get_model(spec, weights=None)
-        except ValueError as exc:
-            raise InvalidArgumentError(
-                f"unknown model {spec!r}: give a torchvision model name (see "
-                "torchvision.models.list_models()) or package.module:callable"
-            ) from exc
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
-    return model
 
 
 def _shape(text: str) -> tuple[int, ...]:

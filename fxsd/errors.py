@@ -7,7 +7,8 @@ types are also ``TypeError``\\ s, so code written against the built-in exception
 
 from __future__ import annotations
 
-__all__ = ["FxsdError", "InvalidArgumentError", "InvalidTypeError", "TraceError", "GraphError"]
+__all__ = ["FxsdError", "InvalidArgumentError", "InvalidTypeError", "TraceError", "GraphError",
+           "GuardError"]
 
 
 class FxsdError(Exception):
@@ -39,3 +40,7 @@ class TraceError(FxsdError):
 
 class GraphError(FxsdError):
     """A graph cannot be analysed or rewritten as asked (names the node at fault)."""
+
+
+class GuardError(FxsdError, ValueError):
+    """A rewritten module was called with another value for an argument it was traced with."""

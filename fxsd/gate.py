@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-__all__ = ["BranchGate", "DropSampler", "GateInfo", "MODES", "SCALES", "SAMPLE_IMPLS"]
+from fxsd.distributed import check_unsynced_sharding, unsynced_sharding_generation
+from fxsd.recompute import decide
+
+__all__ = ["BranchGate", "DropPathAction", "DropSampler", "GateInfo", "MODES", "SCALES",
+           "SAMPLE_IMPLS"]
 
 MODES = ("block", "sample")
 SCALES = ("eval", "train", "none")
@@ -43,16 +48,37 @@ class DropSampler:
     Every block gate that runs draws exactly one number per training forward whatever its rate (a
     gate nested in a dropped branch does not run), so a higher rate drops a superset of the sites
     a lower rate drops, and the sequence depends on the seed alone.
+
+    Args:
+        seed: the seed (already offset by the rank for per-rank streams).
+        sync_ranks: whether every rank draws the same decisions. When not, each draw first makes
+            sure no FSDP2-sharded module would issue mismatched collectives
+            (:func:`fxsd.distributed.check_unsynced_sharding`).
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, sync_ranks: bool = True) -> None:
         self.seed = int(seed)
+        self.sync_ranks = bool(sync_ranks)
         self._rng = random.Random(self.seed)
-        self.random = self._rng.random
         self._rows = torch.Generator().manual_seed(self.seed & (2**63 - 1))
+        self._sharding_checked = -1
+
+    def _check_sharding(self) -> None:
+        generation = unsynced_sharding_generation()
+        if generation != self._sharding_checked:
+            check_unsynced_sharding()
+            self._sharding_checked = generation
+
+    def random(self) -> float:
+        """One uniform draw in [0, 1)."""
+        if not self.sync_ranks:
+            self._check_sharding()
+        return self._rng.random()
 
     def rows(self, n: int) -> torch.Tensor:
         """``n`` uniform draws in [0, 1) as a CPU tensor."""
+        if not self.sync_ranks:
+            self._check_sharding()
         return torch.rand(n, generator=self._rows)
 
     def get_state(self) -> dict[str, Any]:
@@ -60,24 +86,46 @@ class DropSampler:
                 "rows": self._rows.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._rng.setstate(state["block"])
-        self._rows.set_state(state["rows"])
+        try:
+            self._rng.setstate(state["block"])
+            self._rows.set_state(state["rows"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            from fxsd.errors import InvalidArgumentError
+
+            raise InvalidArgumentError(
+                f"not a state returned by fxsd.get_rng_state: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.get_state()
+        return {**self.get_state(), "sync_ranks": self.sync_ranks}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["seed"])
+        self.__init__(state["seed"], state.get("sync_ranks", True))
         self.set_state(state)
 
     def __repr__(self) -> str:
-        return f"DropSampler(seed={self.seed})"
+        sync = "" if self.sync_ranks else ", sync_ranks=False"
+        return f"DropSampler(seed={self.seed}{sync})"
+
+
+class DropPathAction(str, Enum):
+    """What the rewrite did with a drop-path op the branch held (``existing=``)."""
+
+    ADOPTED = "adopted"
+    REPLACED = "replaced"
+    KEPT = "kept"
 
 
 @dataclass(frozen=True)
 class GateInfo:
-    """A description of the site a gate stands for, kept for tables (names, not graph nodes)."""
+    """A description of the site a gate stands for, kept for tables (names, not graph nodes).
 
+    ``name`` is the gate's qualified name in the model (``layer1.0.residual_gate``): the module
+    that was rewritten, and the attribute its code calls. The other fields describe the site as
+    the analysis found it (:class:`~fxsd.ResidualSite`).
+    """
+
+    name: str
     add: str
     add_kind: str
     module_path: str
@@ -93,10 +141,10 @@ class GateInfo:
     flops: int | None = None
 
     @classmethod
-    def from_site(cls, site: Any, num_levels: int) -> GateInfo:
+    def from_site(cls, site: Any, num_levels: int, name: str = "") -> GateInfo:
         """Describe a :class:`~fxsd.ResidualSite` (by names, so it outlives the graph)."""
         return cls(
-            add=site.add.name, add_kind=site.add_kind, module_path=site.module_path,
+            name=name, add=site.add.name, add_kind=site.add_kind, module_path=site.module_path,
             module_type=site.module_type, skip_kind=site.skip_kind.value, depth=site.depth,
             num_levels=num_levels, branch_first=site.branch[0].name,
             branch_last=site.branch_output.name, branch_len=len(site.branch),
@@ -127,6 +175,8 @@ class BranchGate(nn.Module):
             site uses ``mask``, or which drop-path op it adopted.
         rate_weight: the site's share of the model-wide rate: ``fxsd.set_drop_rate(gm, r)`` sets
             ``drop_rate = min(1, r * rate_weight)``.
+        drop_path: what the rewrite did with a drop-path op in the branch, if it held one.
+        record: the model's :class:`~fxsd.record.FxsdRecord`, shared by all its gates.
     """
 
     def __init__(
@@ -143,6 +193,8 @@ class BranchGate(nn.Module):
         sample_impl: str = "mask",
         note: str = "",
         rate_weight: float = 1.0,
+        drop_path: DropPathAction | None = None,
+        record: Any = None,
     ) -> None:
         super().__init__()
         self.__dict__["branch"] = branch  # deliberately not a registered submodule
@@ -156,6 +208,8 @@ class BranchGate(nn.Module):
         self.sample_impl = sample_impl
         self.note = note
         self.rate_weight = float(rate_weight)
+        self.drop_path = drop_path
+        self.record = record
         self.dropped: bool | None = None  # block mode: decision of the last training forward
         self.kept_rows: torch.Tensor | None = None  # sample mode: row mask of the last forward
 
@@ -185,12 +239,18 @@ class BranchGate(nn.Module):
             return torch.add(skip, self.run_branch(*args), alpha=1.0 - p)
         if self.mode == "sample":
             return self._sample(skip, args)
-        self.dropped = self.sampler.random() < p
+        self.dropped = decide(self, self._draw_block)
         if self.dropped:
             return self._skip(skip)
         if self.scale == "train" and p > 0.0:
             return torch.add(skip, self.run_branch(*args), alpha=1.0 / (1.0 - p))
         return skip + self.run_branch(*args)
+
+    def _draw_block(self) -> bool:
+        return self.sampler.random() < self.drop_rate
+
+    def _draw_rows(self, n: int) -> torch.Tensor:
+        return self.sampler.rows(n) >= self.drop_rate
 
     def _skip(self, skip: torch.Tensor) -> torch.Tensor:
         return skip.clone() if self.clone_on_drop else skip
@@ -199,7 +259,7 @@ class BranchGate(nn.Module):
         p = self.drop_rate
         fork = args[0]
         n = fork.shape[0]
-        kept = self.sampler.rows(n) >= p  # host-side draws: no device sync
+        kept = decide(self, lambda: self._draw_rows(n))  # host-side draws: no device sync
         self.kept_rows = kept
         keep = 1.0 - p
         alpha = 1.0 / keep if self.scale == "train" and keep > 0.0 else 1.0
@@ -220,7 +280,7 @@ class BranchGate(nn.Module):
 
     def extra_repr(self) -> str:
         i = self.info
-        text = (f"'{i.module_path or '<root>'}', depth={i.depth}/{i.num_levels}, "
+        text = (f"'{i.name or i.module_path or '<root>'}', depth={i.depth}/{i.num_levels}, "
                 f"drop_rate={self.drop_rate:.4g}, skip={i.skip_kind}")
         if self.mode != "block":
             text += f", mode={self.mode}/{self.sample_impl}"

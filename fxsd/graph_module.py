@@ -1,11 +1,21 @@
-"""``FxsdGraphModule``: a GraphModule that keeps the traced model's whole module tree.
+"""``FxsdGraphModule``: a GraphModule that keeps a module's whole tree, and its class.
 
 ``torch.fx.GraphModule`` keeps only the submodules and attributes its graph references, re-creates
 the containers above them as plain ``nn.Module``\\ s and registers every tensor its graph reads as a
-persistent buffer. Its ``deepcopy`` and unpickling rebuild the module from the graph the same way.
-So a model with an unused submodule, a non-persistent buffer or a tensor constant gets different
-``state_dict`` keys once traced. fxsd promises identical keys, so its modules carry the original
-tree (the very same submodule objects, like ``symbolic_trace``) and copy and pickle it whole.
+persistent buffer; its ``deepcopy`` and unpickling rebuild that partial tree. A gated block built
+that way would change the model's ``state_dict`` keys and its printed tree. fxsd's GraphModules
+instead hold the source module's own tree (the very same submodule, parameter and buffer objects,
+as ``symbolic_trace`` shares them), its hooks and its other attributes, and keep them through
+``deepcopy`` and ``torch.save``/``torch.load``.
+
+A gated block also keeps its class: :func:`module_from_graph` builds it as an instance of a
+subclass of both :class:`FxsdGraphModule` and the original class (``isinstance(block,
+Bottleneck)`` still holds, the class's own methods still work, ``type(block).__name__`` is
+unchanged), whose ``forward`` is the generated code.
+
+Serialisation is torch.fx's own: the generated code is pickled, and loading re-traces it into a
+graph (``torch.fx.graph_module.reduce_graph_module``); fxsd only puts the whole tree and the class
+back afterwards. Nothing process-global is touched.
 """
 
 from __future__ import annotations
@@ -16,50 +26,99 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import Graph, GraphModule, Tracer
+from torch.fx import Graph, GraphModule
 
-__all__ = ["FxsdGraphModule", "copy_graph", "free_name", "mirror_module", "site_module_name"]
+__all__ = ["FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "free_name",
+           "module_from_graph", "shallow_copy"]
+
+# Instance attributes GraphModule manages itself: never copied over from the source module.
+_GRAPH_MODULE_ATTRS = frozenset({
+    "_graph", "_code", "graph", "code", "meta", "_tracer_cls", "_tracer_extras", "_in_spec",
+    "_out_spec", "_erase_node_hooks", "_create_node_hooks", "_replace_hooks", "_deepcopy_hooks",
+    "_graphmodule_cls_name", "_lineno_map", "_prologue_start", "_wrapped_call",
+})
+# The module tree: taken from the source module, not from the graph.
+_TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 
 
-def free_name(gm: nn.Module, base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``... : the first name ``gm`` has no attribute for."""
+def free_name(module: nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... : the first name ``module`` has no attribute for."""
     name, i = base, 1
-    while hasattr(gm, name):
+    while hasattr(module, name):
         name, i = f"{base}_{i}", i + 1
     return name
 
 
-def site_module_name(gm: nn.Module, module_path: str, suffix: str) -> str:
-    """A free root attribute name for something added at a site: ``layer1_0_gate``."""
-    base = f"{module_path.replace('.', '_')}_{suffix}" if module_path else suffix
-    return free_name(gm, base)
-
-
 class FxsdGraphModule(GraphModule):
-    """A :class:`torch.fx.GraphModule` whose module tree is the traced model's own.
+    """A :class:`torch.fx.GraphModule` whose module tree is its source module's own.
 
-    Behaves like any GraphModule (``.graph``, ``.code``, ``print_tabular``); the difference is that
-    ``deepcopy``, ``torch.save``/``torch.load`` and ``state_dict`` see the complete original tree.
+    Behaves like any GraphModule (``.graph``, ``.code``, ``print_readable``); ``deepcopy``,
+    ``torch.save``/``torch.load`` and ``state_dict`` see the complete original tree.
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FxsdGraphModule:
         res = type(self).__new__(type(self))
         memo[id(self)] = res
+        type(res).__name__ = type(self).__name__
         state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
         res.__dict__.update(copy.deepcopy(state, memo))
         res.graph = copy_graph(self.graph)
         return res
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Like GraphModule, serialise the generated code rather than the Graph (which has no
-        # on-disk compatibility guarantee), but keep the whole __dict__ and our class.
-        state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
-        return (_rebuild, (type(self).__mro__[1] if _is_impl(type(self)) else type(self),
-                           state, self.code))
+        load, (body, import_block) = super().__reduce__()  # torch.fx's own: code, not graph
+        return (_load, (load, body, import_block, _source_class(type(self)),
+                        type(self).__name__))
 
 
-def _is_impl(cls: type) -> bool:
-    return cls.__qualname__.split(".")[-1] == "GraphModuleImpl"
+def _source_class(cls: type) -> type:
+    """The class a gated block was built from (``FxsdGraphModule`` for a plain one)."""
+    for klass in cls.__mro__:
+        if klass is FxsdGraphModule:
+            return FxsdGraphModule
+        if klass.__qualname__.split(".")[-1] == "GraphModuleImpl":
+            continue
+        if getattr(klass, "_fxsd_block_of", None) is not None:
+            return klass._fxsd_block_of
+    return FxsdGraphModule
+
+
+def _load(load: Any, body: dict[str, Any], import_block: str, source: type,
+          name: str) -> FxsdGraphModule:
+    """Unpickle: torch.fx rebuilds the graph from the code, then the tree and class come back."""
+    plain = load(dict(body), import_block)
+    res = _transplant(plain, block_class(source), body)
+    type(res).__name__ = name
+    return res
+
+
+def _transplant(gm: GraphModule, cls: type, state: dict[str, Any] | None = None
+                ) -> FxsdGraphModule:
+    """An instance of ``cls`` with ``gm``'s graph and ``state`` (default: ``gm``'s own state)."""
+    res = cls.__new__(cls)
+    type(res).__name__ = type(gm).__name__
+    res.__dict__.update({k: v for k, v in (gm.__dict__ if state is None else state).items()
+                         if k != "_graph"})
+    res.graph = gm.graph
+    return res
+
+
+def block_class(source: type) -> type[FxsdGraphModule]:
+    """The GraphModule class for a rewritten module of class ``source``.
+
+    A subclass of :class:`FxsdGraphModule` and ``source`` (so ``isinstance`` checks, FSDP and
+    activation-checkpointing policies by class, and the class's own methods keep working). Its
+    ``forward`` is the generated code. ``GraphModule`` sources, and classes that cannot be
+    combined with it, give plain :class:`FxsdGraphModule`.
+    """
+    if issubclass(source, GraphModule):
+        return FxsdGraphModule
+    try:
+        return type(source.__name__, (FxsdGraphModule, source),
+                    {"__module__": __name__, "__qualname__": f"FxsdGraphModule[{source.__name__}]",
+                     "_fxsd_block_of": source})
+    except TypeError:  # a metaclass or layout conflict: keep the tree, lose isinstance
+        return FxsdGraphModule
 
 
 def copy_graph(graph: Graph) -> Graph:
@@ -73,35 +132,19 @@ def copy_graph(graph: Graph) -> Graph:
     return new
 
 
-class _KeepModules(Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
+def module_from_graph(source: nn.Module, graph: Graph, extra_attrs: dict[str, Any] | None = None,
+                      *, keep_class: bool = True) -> FxsdGraphModule:
+    """Build a GraphModule running ``graph`` over ``source``'s own module tree.
 
+    The result shares every submodule, parameter and buffer with ``source`` (the containers are
+    copies, the objects in them are not), carries its hooks and other attributes, and has its
+    ``state_dict`` keys. ``extra_attrs`` are attributes the graph reads that ``source`` lacks:
+    modules are added as submodules, tensors as non-persistent buffers (``.to()`` moves them,
+    ``state_dict`` does not list them), anything else as a plain attribute.
 
-def _rebuild(cls: type, state: dict[str, Any], code: str) -> FxsdGraphModule:
-    """Unpickle an :class:`FxsdGraphModule`: restore its state, re-trace its code into a Graph."""
-    from torch.fx.graph_module import _CodeOnlyModule, _forward_from_src
-
-    globals_: dict[str, Any] = {}
-    exec("import torch\nimport operator\nfrom torch import device, inf, nan\n", globals_)  # noqa: S102
-    forward = _forward_from_src(code, globals_)
-    holder = _CodeOnlyModule(dict(state))
-    type(holder).forward = forward
-    graph = _KeepModules().trace(holder)
-    res = cls.__new__(cls)
-    res.__dict__.update(state)
-    res.graph = graph
-    return res
-
-
-def mirror_module(model: nn.Module, graph: Graph, extra_attrs: dict[str, Any] | None = None,
-                  class_name: str | None = None) -> FxsdGraphModule:
-    """Build an :class:`FxsdGraphModule` running ``graph`` over ``model``'s own module tree.
-
-    The result shares every submodule, parameter and buffer with ``model`` (nothing is copied) and
-    has the same ``state_dict`` keys. ``extra_attrs`` are root attributes the graph reads that the
-    model lacks (tracing's ``_tensor_constant``\\ s): tensors among them become non-persistent
-    buffers, so ``.to()`` moves them without adding ``state_dict`` keys.
+    Args:
+        keep_class: make the result an instance of ``type(source)`` too (see
+            :func:`block_class`); otherwise a plain :class:`FxsdGraphModule` named after it.
     """
     extra_attrs = dict(extra_attrs or {})
     referenced: dict[str, Any] = {}
@@ -109,26 +152,93 @@ def mirror_module(model: nn.Module, graph: Graph, extra_attrs: dict[str, Any] | 
         if node.op in ("call_module", "get_attr"):
             target = str(node.target)
             referenced[target] = (extra_attrs[target] if target in extra_attrs
-                                  else _resolve(model, target))
-    gm = FxsdGraphModule(referenced, graph, class_name=class_name or type(model).__name__)
-    # Swap the partial tree GraphModule built for the model's own.
-    root_plain = {t for t in referenced if "." not in t} - set(model._modules) \
-        - set(model._parameters) - set(model._buffers)
-    for attr in root_plain:
-        gm.__dict__.pop(attr, None)
-    gm._modules = OrderedDict(model._modules)
-    gm._parameters = OrderedDict(model._parameters)
-    gm._buffers = OrderedDict(model._buffers)
-    gm._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
-    gm.training = model.training
-    for attr in root_plain:
-        value = extra_attrs[attr] if attr in extra_attrs else model.__dict__[attr]
-        if attr in extra_attrs and isinstance(value, torch.Tensor) \
-                and not isinstance(value, nn.Parameter):
-            gm.register_buffer(attr, value, persistent=False)
+                                  else _resolve(source, target))
+    base = _source_class(type(source)) if isinstance(source, GraphModule) else type(source)
+    gm = FxsdGraphModule(referenced, graph, class_name=type(source).__name__)
+    cls = block_class(base) if keep_class else FxsdGraphModule
+    if cls is not FxsdGraphModule:
+        # GraphModule.__init__ would call the source class's __init__ through super(): build a
+        # plain one and move its state into an instance of the combined class.
+        gm = _transplant(gm, cls)
+    # GraphModule installed a partial tree for what the graph reads; swap in the source's own.
+    for attr in [k for k in gm.__dict__ if k not in _GRAPH_MODULE_ATTRS and k not in _TREE
+                 and k not in nn.Module().__dict__]:
+        del gm.__dict__[attr]
+    for name, value in source.__dict__.items():
+        if name in _TREE or name.endswith("_hooks") or name.endswith("_hooks_with_kwargs") \
+                or name.endswith("_hooks_always_called"):
+            gm.__dict__[name] = copy.copy(value)
+        elif name not in _GRAPH_MODULE_ATTRS:
+            gm.__dict__[name] = value
+    for name, value in extra_attrs.items():
+        if "." in name:
+            continue
+        if isinstance(value, nn.Module):
+            gm._modules[name] = value
+        elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            gm.register_buffer(name, value, persistent=False)
         else:
-            gm.__dict__[attr] = value
+            gm.__dict__[name] = value
+    gm.training = source.training
     return gm
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing ``module``'s children, parameters, buffers
+    and attributes; its containers and hook registries are copies, so replacing a child or
+    adding a hook on the copy leaves ``module`` as it was."""
+    if isinstance(module, GraphModule):
+        res = type(module).__new__(type(module))
+    else:
+        res = object.__new__(type(module))
+    state = dict(module.__dict__)
+    for name, value in state.items():
+        if isinstance(value, (dict, set, OrderedDict)) and name.startswith("_"):
+            state[name] = copy.copy(value)
+    res.__dict__.update(state)
+    if isinstance(module, GraphModule):
+        type(res).__name__ = type(module).__name__
+        res.graph = copy_graph(module.graph)
+    return res
+
+
+class TreeEditor:
+    """Replace modules deep in a model, copying only the modules on the way to them.
+
+    ``TreeEditor(model)`` works on a shallow copy of ``model`` (``in_place=True``: on ``model``
+    itself); :meth:`locate` returns a module's parent in the result, shallow-copying each module
+    on the path the first time, and :meth:`replace` puts a new module in its place. Everything
+    not on such a path is shared with ``model``.
+    """
+
+    def __init__(self, model: nn.Module, in_place: bool = False) -> None:
+        self.in_place = in_place
+        self.root = model if in_place else shallow_copy(model)
+        self._copies = {id(self.root)}
+
+    def locate(self, path: str) -> tuple[nn.Module | None, str, nn.Module]:
+        """(parent, attribute name, module) at ``path`` in the result (parent ``None``: root)."""
+        if not path:
+            return None, "", self.root
+        node = self.root
+        *parents, name = path.split(".")
+        for atom in parents:
+            child = node._modules[atom]
+            if not self.in_place and id(child) not in self._copies:
+                child = shallow_copy(child)
+                self._copies.add(id(child))
+                node._modules[atom] = child
+            node = child
+        return node, name, node._modules[name]
+
+    def replace(self, path: str, module: nn.Module) -> None:
+        """Put ``module`` at ``path`` in the result."""
+        parent, name, _ = self.locate(path)
+        if parent is None:
+            self.root = module
+        else:
+            parent._modules[name] = module
+        self._copies.add(id(module))
 
 
 def _resolve(model: nn.Module, target: str) -> Any:

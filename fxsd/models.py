@@ -1,19 +1,24 @@
-"""Reference models for benchmarks and tests.
+"""Reference models for benchmarks and tests, and the model specs the command line accepts.
 
 :func:`cifar_resnet` is the CIFAR ResNet of He et al. (2016, section 4.2) that Huang et al. used for
 stochastic depth: ``depth = 6n + 2`` layers, three stages of ``n`` basic blocks with 16, 32 and 64
 channels, and parameter-free shortcuts ("option A": stride-2 subsampling and zero-padded
 channels), so ``cifar_resnet(110)`` has 54 residual blocks.
+
+:func:`load_model` builds a model from a spec: a torchvision model name (``weights=None``),
+``cifar_resnet<depth>`` or ``package.module:callable``.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxsd.errors import InvalidArgumentError
 
-__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet"]
+__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet", "load_model"]
 
 
 class BasicBlock(nn.Module):
@@ -75,3 +80,44 @@ def cifar_resnet(depth: int = 110, num_classes: int = 10) -> CifarResNet:
         54
     """
     return CifarResNet(depth, num_classes)
+
+
+def load_model(spec: str, image_size: int | None = None) -> nn.Module:
+    """Build the model ``spec`` names (random weights, nothing downloaded).
+
+    ``spec`` is ``cifar_resnet<depth>`` (the paper's CIFAR network), a torchvision model name, or
+    ``package.module:callable`` returning an ``nn.Module``. torchvision ViTs are built for
+    ``image_size`` when given (they only accept the size they were built for).
+
+    Raises:
+        InvalidArgumentError: the spec names no model.
+    """
+    if spec.startswith("cifar_resnet") and spec[len("cifar_resnet"):].isdigit():
+        return cifar_resnet(int(spec[len("cifar_resnet"):]))
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise InvalidArgumentError(f"cannot load {spec!r}: {exc}") from exc
+        try:
+            model = factory()
+        except Exception as exc:
+            raise InvalidArgumentError(
+                f"cannot build {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc} "
+                "(package.module:callable must name a callable that takes no arguments)"
+            ) from exc
+    else:
+        import torchvision
+
+        kwargs = {"image_size": image_size} if spec.startswith("vit_") and image_size else {}
+        try:
+            model = torchvision.models.get_model(spec, weights=None, **kwargs)
+        except ValueError as exc:
+            raise InvalidArgumentError(
+                f"unknown model {spec!r}: give cifar_resnet<depth>, a torchvision model name "
+                "(see torchvision.models.list_models()) or package.module:callable"
+            ) from exc
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxsd.calls import CallTree, stack_scope
 from fxsd.ops import (
     add_kind,
     add_operands,
@@ -40,7 +41,7 @@ from fxsd.ops import (
     mutated_operand,
 )
 from fxsd.profile import NodeProfile, profile_nodes
-from fxsd.tracing import LeafSpec, trace
+from fxsd.tracing import LeafSpec, trace_calls
 
 __all__ = [
     "SkipKind",
@@ -102,6 +103,8 @@ class ResidualSite:
         depth: 1-based position along the longest chain of residual sites through the graph.
         num_params: number of parameter elements the branch uses.
         flops: the branch's forward FLOPs, when the analysis had example inputs.
+        scope: ``(path, class name)`` of every module whose ``forward`` is running at the add,
+            outermost first (the last one is ``module_path``; empty for the root).
     """
 
     add: Node
@@ -119,6 +122,7 @@ class ResidualSite:
     depth: int
     num_params: int
     flops: int | None = None
+    scope: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -151,6 +155,9 @@ class ResidualAnalysis:
         rejected: every other add, with its reason.
         num_levels: ``L``, the largest site depth (0 without sites).
         total_flops: forward FLOPs of the whole model, when example inputs were given.
+        profiles: each node's shape and FLOPs, when example inputs were given.
+        calls: the module calls the trace went through (``None`` for a ``GraphModule`` input,
+            which is not traced again).
     """
 
     graph_module: GraphModule
@@ -159,6 +166,7 @@ class ResidualAnalysis:
     num_levels: int
     total_flops: int | None = None
     profiles: dict[Node, NodeProfile] | None = field(default=None, repr=False)
+    calls: CallTree | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -216,19 +224,21 @@ def analyze_residuals(
         >>> len(analysis.sites), analysis.rejected[0].reason.value
         (24, 'constant operand')
     """
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm, calls = trace_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     profiles = None
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         profiles = profile_nodes(gm, tuple(example_inputs))
-    return _Analyzer(gm, profiles).run()
+    return _Analyzer(gm, profiles, calls).run()
 
 
 class _Analyzer:
-    def __init__(self, gm: GraphModule, profiles: dict[Node, NodeProfile] | None) -> None:
+    def __init__(self, gm: GraphModule, profiles: dict[Node, NodeProfile] | None,
+                 calls: CallTree | None) -> None:
         self.gm = gm
         self.profiles = profiles
+        self.calls = calls
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         # ancestors-or-self of each node, as a bitset over node positions
@@ -247,6 +257,12 @@ class _Analyzer:
                                   if self.anc[n] & inputs_mask)
         self.non_tensor = _non_tensor_nodes(self.nodes, profiles)
         self.has_stacks = any(n.meta.get("nn_module_stack") for n in self.nodes)
+
+    def scope(self, node: Node, branch: Sequence[Node] = ()) -> tuple[tuple[str, str], ...]:
+        """(path, class name) of the modules whose forwards are running at ``node``."""
+        if self.calls is not None:
+            return self.calls.scope(node)
+        return stack_scope(node, branch, self.has_stacks)
 
     # -- helpers ---------------------------------------------------------------------------
     def descends(self, n: Node, ancestor: Node) -> bool:
@@ -292,10 +308,11 @@ class _Analyzer:
         sites = [ResidualSite(depth=depths[d["add"]], **d) for d in accepted]
         total = sum(p.flops for p in self.profiles.values()) if self.profiles else None
         return ResidualAnalysis(self.gm, sites, rejected, max(depths.values(), default=0),
-                                total, self.profiles)
+                                total, self.profiles, self.calls)
 
     def reject(self, node: Node, kind: str, reason: RejectReason, detail: str) -> RejectedAdd:
-        return RejectedAdd(node, kind, reason, detail, _module_of(node, (), self.has_stacks)[0])
+        scope = self.scope(node)
+        return RejectedAdd(node, kind, reason, detail, scope[-1][0] if scope else "")
 
     def classify(self, node: Node, kind: str) -> dict[str, Any] | RejectedAdd:
         try:
@@ -357,13 +374,14 @@ class _Analyzer:
             return self.reject(node, kind, reason, detail)
         side = tuple(n for n in branch.inputs if n.op != "get_attr")
         params = tuple(n for n in branch.inputs if n.op == "get_attr")
-        path, mtype = _module_of(node, branch.nodes, self.has_stacks)
+        scope = self.scope(node, branch.nodes)
+        path, mtype = scope[-1] if scope else ("", "")
         flops = (sum(self.profiles[n].flops for n in branch.nodes if n in self.profiles)
                  if self.profiles else None)
         return dict(
             add=node, add_kind=kind, fork=fork, skip=skip, skip_kind=skip_kind,
             skip_path=skip_path, branch_output=out, branch=branch.nodes, side_inputs=side,
-            param_inputs=params, module_path=path, module_type=mtype,
+            param_inputs=params, module_path=path, module_type=mtype, scope=scope,
             num_params=_param_count(self.gm, (*branch.nodes, *params)), flops=flops,
         )
 
@@ -535,32 +553,3 @@ def _get_attr(gm: GraphModule, target: str) -> Any:
     for atom in target.split("."):
         obj = getattr(obj, atom)
     return obj
-
-
-def _module_of(node: Node, branch: Sequence[Node] = (), has_stacks: bool = True
-               ) -> tuple[str, str]:
-    """(qualified path, class name) of the module whose forward performs ``node``.
-
-    ``has_stacks``: whether the graph's tracer records ``nn_module_stack`` at all.
-    """
-    stack = node.meta.get("nn_module_stack")
-    if not stack and has_stacks:
-        return "", ""  # the tracer records stacks, and this node has none: the root's forward
-    if stack:
-        key, value = list(stack.items())[-1]
-        path = value[0] if isinstance(value, tuple) and isinstance(value[0], str) else str(key)
-        mtype = value[1] if isinstance(value, tuple) and len(value) > 1 else ""
-        name = mtype if isinstance(mtype, str) else getattr(mtype, "__name__", str(mtype))
-        return path, name.rsplit(".", 1)[-1]
-    # No module stack (a graph from another tracer): the longest prefix shared by the branch's
-    # module calls.
-    targets = [str(n.target).split(".") for n in branch if n.op == "call_module"]
-    if not targets:
-        return "", ""
-    prefix = targets[0][:-1]
-    for t in targets[1:]:
-        k = 0
-        while k < min(len(prefix), len(t) - 1) and prefix[k] == t[k]:
-            k += 1
-        prefix = prefix[:k]
-    return ".".join(prefix), ""

@@ -15,13 +15,15 @@ from torch import nn
 
 from fxsd.errors import InvalidTypeError
 from fxsd.gate import GateInfo
+from fxsd.owners import plan_owners
+from fxsd.record import RejectedRecord, get_record
 from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite, analyze_residuals
 from fxsd.schedules import Distribution, site_rates
 from fxsd.training import gates as all_gates
 
 __all__ = ["table", "summary", "SiteRow"]
 
-SITE_HEADERS = ["depth", "add", "module", "skip", "branch", "nodes", "params", "side inputs"]
+SITE_HEADERS = ["depth", "gate", "skip", "branch", "nodes", "params", "side inputs"]
 REJECTED_HEADERS = ["add", "kind", "module", "reason", "detail"]
 
 
@@ -39,12 +41,12 @@ class SiteRow:
 @dataclass(frozen=True)
 class _Report:
     rows: list[SiteRow]
-    rejected: list[tuple[str, str, str, str, str]]
+    rejected: list[RejectedRecord]
     total_flops: int | None
 
 
-def _rejected_rows(rejected: Sequence[RejectedAdd]) -> list[tuple[str, str, str, str, str]]:
-    return [(r.name, r.add_kind, r.module_path or "<root>", r.reason.value, r.detail)
+def _rejected_records(rejected: Sequence[RejectedAdd]) -> list[RejectedRecord]:
+    return [RejectedRecord(r.name, r.add_kind, r.module_path or "<root>", r.reason, r.detail)
             for r in rejected]
 
 
@@ -54,31 +56,32 @@ def _report(
 ) -> _Report:
     if isinstance(source, nn.Module):
         gates = all_gates(source)
-        meta = getattr(source, "meta", {}) or {}
-        if gates or "fxsd" in meta:
-            gates.sort(key=lambda g: (g.info.depth, g.info.add))
-            fxsd_meta = meta.get("fxsd", {})
+        if gates:
+            gates.sort(key=lambda g: g.info.depth)  # stable: model order within a depth
+            record = get_record(source)
             rows = [SiteRow(g.info, g.drop_rate,
                             g.mode if g.mode == "block" else f"{g.mode}/{g.sample_impl}",
                             g.scale, g.note) for g in gates]
-            return _Report(rows,
-                           list(fxsd_meta.get("rejected", [])), fxsd_meta.get("total_flops"))
+            return _Report(rows, list(record.rejected), record.total_flops)
         source = analyze_residuals(source, example_inputs)
     if isinstance(source, ResidualAnalysis):
         sites, levels = source.sites, source.num_levels
-        rejected, total = _rejected_rows(source.rejected), source.total_flops
+        rejected, total = _rejected_records(source.rejected), source.total_flops
+        names = {id(site): owner.gate_path(i) for owner in plan_owners(source)
+                 for i, site in enumerate(owner.sites)}
     elif isinstance(source, Sequence) and all(isinstance(s, ResidualSite) for s in source):
         sites, levels = list(source), max((s.depth for s in source), default=0)
-        rejected, total = [], None
+        rejected, total, names = [], None, {}
     else:
         raise InvalidTypeError(
-            "table() takes a model, a transformed GraphModule, a ResidualAnalysis or a list of "
-            f"ResidualSite, got {type(source).__name__}"
+            "table() takes a model, a model returned by fxsd.stochastic_depth, a "
+            f"ResidualAnalysis or a list of ResidualSite, got {type(source).__name__}"
         )
     rates: list[float | None] = [None] * len(sites)
     if drop_rate is not None:
         rates = list(site_rates(drop_rate, distribution, [s.depth for s in sites], levels))
-    rows = [SiteRow(GateInfo.from_site(s, levels), r) for s, r in zip(sites, rates)]
+    rows = [SiteRow(GateInfo.from_site(s, levels, names.get(id(s), "")), r)
+            for s, r in zip(sites, rates)]
     return _Report(rows, rejected, total)
 
 
@@ -103,8 +106,8 @@ def table(
     """Render residual sites as a table, one row per site.
 
     Args:
-        source: a model (analysed on the spot), a model returned by
-            :func:`fxsd.stochastic_depth` (its gates and their rates), a
+        source: a model (analysed on the spot, with the gate each site would get), a model
+            returned by :func:`fxsd.stochastic_depth` (its gates and their rates), a
             :class:`~fxsd.ResidualAnalysis`, or a list of :class:`~fxsd.ResidualSite`.
         drop_rate, distribution: show the rates these would give (untransformed sources).
         rejected: also list the adds that are not residual sites, with the reasons.
@@ -135,7 +138,7 @@ def table(
     for row in report.rows:
         i = row.info
         line: list[Any] = [
-            i.depth, i.add, i.module_path or "<root>", i.skip_kind,
+            i.depth, i.name or f"{i.module_path or '<root>'} ({i.add})", i.skip_kind,
             f"{i.branch_first} → {i.branch_last}", i.branch_len, _fmt_int(i.num_params),
             ", ".join(i.side_inputs) or "-",
         ]
@@ -150,7 +153,8 @@ def table(
         body.append(line)
     text = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
     if rejected:
-        rows = report.rejected
+        rows = [(r.add, r.add_kind, r.module_path, r.reason.value, r.detail)
+                for r in report.rejected]
         text += "\n\nrejected adds:\n" + (
             tabulate(rows, headers=REJECTED_HEADERS, tablefmt=tablefmt, disable_numparse=True)
             if rows else "(none)"

@@ -17,13 +17,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import fx, nn
+from torch.fx.node import map_aggregate
 
+from fxsd.calls import CallTree, ModuleCall
+from fxsd.distributed import check_not_wrapped
 from fxsd.errors import InvalidTypeError, TraceError
-from fxsd.graph_module import FxsdGraphModule, copy_graph, mirror_module
+from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph
 from fxsd.passes.explicit_inplace import make_inplace_explicit
 from fxsd.passes.live_drop_path import make_drop_paths_live
+from fxsd.record import FxsdRecord, NodeRecord
 
-__all__ = ["trace", "is_drop_path", "FxsdTracer", "TrainingDependenceWarning"]
+__all__ = ["trace", "trace_calls", "is_drop_path", "FxsdTracer", "TrainingDependenceWarning"]
 
 LeafSpec = type | str
 
@@ -55,6 +59,11 @@ def _functional_drop_path() -> Any:
 class FxsdTracer(fx.Tracer):
     """A :class:`torch.fx.Tracer` that keeps drop-path modules and user-named modules as leaves.
 
+    It also records every module call it traces through (a :class:`~fxsd.calls.ModuleCall`, in
+    :attr:`calls`) and tags each node with the calls running when it was created
+    (``node.meta["fxsd"]``, a :class:`~fxsd.record.NodeRecord`). Activation-checkpoint wrappers
+    (``CheckpointWrapper``) are traced as the module they wrap.
+
     Args:
         leaf_modules: module classes, or qualified module names (``"encoder.layers.0.attn"``), to
             keep as single ``call_module`` nodes instead of tracing through them.
@@ -66,6 +75,8 @@ class FxsdTracer(fx.Tracer):
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._leaf_names = {x for x in leaves if isinstance(x, str)}
         self.scope_stack: list[tuple[str, str]] = []
+        self.calls: list[ModuleCall] = []
+        self._running: list[int] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names:
@@ -96,13 +107,42 @@ class FxsdTracer(fx.Tracer):
         finally:
             ops.stochastic_depth = original
 
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["fxsd"] = NodeRecord(tuple(self._running))
+        return node
+
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
         # Remember which module is being traced, so that a failure can name it.
         # On failure the entry stays on the stack: the innermost one names the failing module.
-        self.scope_stack.append((self.path_of_module(m), type(m).__name__))
+        self.scope_stack.append((path, type(m).__name__))
+        if self.is_leaf_module(m, path):
+            out = super().call_module(m, forward, args, kwargs)
+            self.scope_stack.pop()
+            return out
+        call = ModuleCall(len(self.calls), path, m, self._running[-1] if self._running else None,
+                          _as_nodes(args), _as_nodes(kwargs))
+        self.calls.append(call)
+        self._running.append(call.index)
+        wrapped = _checkpoint_wrapped(m)
+        if wrapped is not None:  # trace the wrapped module, not torch.utils.checkpoint
+            forward = wrapped
         out = super().call_module(m, forward, args, kwargs)
+        self._running.pop()
+        call.output = _as_nodes(out)
         self.scope_stack.pop()
         return out
+
+
+def _as_nodes(value: Any) -> Any:
+    return map_aggregate(value, lambda x: x.node if isinstance(x, fx.Proxy) else x)
+
+
+def _checkpoint_wrapped(module: nn.Module) -> nn.Module | None:
+    """The module an activation-checkpoint wrapper (``CheckpointWrapper``) wraps, if any."""
+    inner = module.__dict__.get("_modules", {}).get("_checkpoint_wrapped_module")
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def _validate_leaves(leaf_modules: Iterable[LeafSpec] | None) -> list[LeafSpec]:
@@ -145,20 +185,33 @@ def trace(
         >>> gm.state_dict().keys() == torchvision.models.resnet18().state_dict().keys()
         True
     """
+    return trace_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args)[0]
+
+
+def trace_calls(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> tuple[FxsdGraphModule, CallTree | None]:
+    """:func:`trace`, plus the module calls the tracer went through (``None`` for a
+    ``GraphModule`` input, whose graph is copied, not traced)."""
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"expected an nn.Module to trace, got {type(model).__name__}")
     leaves = _validate_leaves(leaf_modules)
+    check_not_wrapped(model)
+    calls: list[ModuleCall] | None = None
     if isinstance(model, fx.GraphModule):
         graph = copy_graph(model.graph)
         extras: dict[str, Any] = {}
         live: list[str] = []
     else:
-        graph, extras, live = _trace_training_aware(model, leaves, concrete_args)
-    gm = mirror_module(model, graph, extras, class_name=type(model).__name__)
-    gm.meta["fxsd_live_leaves"] = live
+        graph, extras, live, calls = _trace_training_aware(model, leaves, concrete_args)
+    gm = module_from_graph(model, graph, extras, keep_class=False)
+    gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live))
     make_drop_paths_live(gm)
     make_inplace_explicit(gm)
-    return gm
+    return gm, None if calls is None else CallTree(calls, gm.graph)
 
 
 class TrainingDependenceWarning(UserWarning):
@@ -167,7 +220,7 @@ class TrainingDependenceWarning(UserWarning):
 
 def _trace_training_aware(
     model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None
-) -> tuple[fx.Graph, dict[str, Any], list[str]]:
+) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall]]:
     """Trace, and keep as leaves the modules whose traced code depends on ``self.training``.
 
     Tracing evaluates ``if self.training`` and ``dropout_p=p if self.training else 0.0`` once, so
@@ -179,16 +232,16 @@ def _trace_training_aware(
     leaves = list(leaves)
     live: list[str] = []
     for _ in range(8):
-        graph, extras = _symbolic_trace(model, leaves, concrete_args)
+        graph, extras, calls = _symbolic_trace(model, leaves, concrete_args)
         modes = [(m, m.training) for m in model.modules()]
         try:
             for m, mode in modes:
                 m.training = not mode
-            flipped, _ = _symbolic_trace(model, leaves, concrete_args)
+            flipped, _, flipped_calls = _symbolic_trace(model, leaves, concrete_args)
         finally:
             for m, mode in modes:
                 m.training = mode
-        differing = _scopes_that_differ(graph, flipped)
+        differing = _scopes_that_differ((graph, calls), (flipped, flipped_calls))
         if not differing:
             break
         if "" in differing:
@@ -202,15 +255,17 @@ def _trace_training_aware(
             break
         leaves += sorted(differing)
         live += sorted(differing)
-    return graph, extras, live
+    return graph, extras, live, calls
 
 
-def _scopes_that_differ(a: fx.Graph, b: fx.Graph) -> set[str]:
-    sa, sb = _scope_signatures(a), _scope_signatures(b)
+def _scopes_that_differ(a: tuple[fx.Graph, list[ModuleCall]],
+                        b: tuple[fx.Graph, list[ModuleCall]]) -> set[str]:
+    sa, sb = _scope_signatures(*a), _scope_signatures(*b)
     return {p for p in sa.keys() | sb.keys() if sa.get(p) != sb.get(p)}
 
 
-def _scope_signatures(graph: fx.Graph) -> dict[str, list[Any]]:
+def _scope_signatures(graph: fx.Graph, calls: list[ModuleCall]) -> dict[str, list[Any]]:
+    """For each module path, the ops its ``forward`` recorded (op, target, constant arguments)."""
     def sig(x: Any) -> Any:
         if isinstance(x, fx.Node):
             return "%"
@@ -223,16 +278,8 @@ def _scope_signatures(graph: fx.Graph) -> dict[str, list[Any]]:
     drop_path = _functional_drop_path()
     out: dict[str, list[Any]] = {}
     for n in graph.nodes:
-        stack = n.meta.get("nn_module_stack") or {}
-        path = ""
-        if stack:
-            value = list(stack.values())[-1]
-            path = value[0] if isinstance(value, tuple) else str(list(stack)[-1])
-            if n.op == "call_module" and path == str(n.target) and len(stack) > 1:
-                value = list(stack.values())[-2]  # a leaf call belongs to its caller's scope
-                path = value[0] if isinstance(value, tuple) else str(list(stack)[-2])
-            elif n.op == "call_module" and path == str(n.target):
-                path = ""
+        chain = n.meta["fxsd"].calls if "fxsd" in n.meta else ()
+        path = calls[chain[-1]].path if chain else ""
         args, kwargs = n.args, n.kwargs
         if n.op == "call_function" and n.target is drop_path:  # made live by live_drop_path
             args, kwargs = args[:3], {k: v for k, v in kwargs.items() if k != "training"}
@@ -242,7 +289,7 @@ def _scope_signatures(graph: fx.Graph) -> dict[str, list[Any]]:
 
 def _symbolic_trace(
     model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None
-) -> tuple[fx.Graph, dict[str, Any]]:
+) -> tuple[fx.Graph, dict[str, Any], list[ModuleCall]]:
     tracer = FxsdTracer(leaves)
     # fx's tracer stores tensor constants (``_tensor_constant0``...) on the root it traces; take
     # them back off the user's model and hand them to the GraphModule instead.
@@ -265,7 +312,7 @@ def _symbolic_trace(
         ) from exc
     finally:
         extras = _take_new_attrs(model, before)
-    return graph, extras
+    return graph, extras, tracer.calls
 
 
 def _take_new_attrs(model: nn.Module, before: tuple[set[str], ...]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch.fx import GraphModule
 
-from fxsd.graph_module import site_module_name
+from fxsd.graph_module import free_name
 from fxsd.residuals import ResidualAnalysis
 
 __all__ = ["add_mask_drop_paths"]
@@ -28,7 +28,8 @@ def add_mask_drop_paths(analysis: ResidualAnalysis, rates: Sequence[float]) -> G
 
     gm = analysis.graph_module
     for site, rate in zip(analysis.sites, rates):
-        name = site_module_name(gm, site.module_path, "drop_path")
+        base = site.module_path.replace(".", "_")
+        name = free_name(gm, f"{base}_drop_path" if base else "drop_path")
         gm.add_submodule(name, StochasticDepth(float(rate), "row"))
         with gm.graph.inserting_before(site.add):
             masked = gm.graph.call_module(name, (site.branch_output,))

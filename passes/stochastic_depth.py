@@ -1,18 +1,21 @@
-"""The stochastic-depth pass: gate the branch of every residual site of a model.
+"""The stochastic-depth pass: gate the branch of every residual site, inside the modules that own
+them.
 
 Each residual add ``skip + branch(fork, *side)`` found by :func:`fxsd.analyze_residuals` becomes a
-call of a :class:`~fxsd.gate.BranchGate` registered on the root and named after the block it gates
-(``layer1_0_gate``). The branch's nodes move out of the main graph into a small ``GraphModule``
-that the gate runs only when the branch is kept, so a dropped branch costs nothing.
+call of a :class:`~fxsd.gate.BranchGate`. The rewrite happens in the module whose ``forward``
+owns the join (:func:`fxsd.owners.plan_owners`: a torchvision ``Bottleneck``, a ViT
+``EncoderBlock``, a BERT layer): that module is cut out of the whole-model trace
+(:mod:`fxsd.passes.extract_module`), its branch nodes move into a small ``GraphModule`` that the
+gate runs only when the branch is kept, and the gated module takes the original's place in the
+model. Every other module, the root's class included, stays as it was.
 
-Sites are rewritten in execution order, so that a site nested inside another site's branch is
-already a gate call when the outer branch is cut out.
+Within a module, sites are rewritten in execution order, so that a site nested inside another
+site's branch is already a gate call when the outer branch is cut out.
 """
 
 from __future__ import annotations
 
 import operator
-import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -22,10 +25,14 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxsd.distributed import rank
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
-from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropSampler, GateInfo
-from fxsd.graph_module import site_module_name
+from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropPathAction, DropSampler, GateInfo
+from fxsd.graph_module import TreeEditor, module_from_graph, shallow_copy
 from fxsd.ops import depends_on_input, is_view, mutated_operand
+from fxsd.owners import Owner, plan_owners
+from fxsd.passes.extract_module import extract_module
+from fxsd.record import FxsdRecord, RejectedRecord
 from fxsd.residuals import ResidualAnalysis, ResidualSite, analyze_residuals, collect_branch
 from fxsd.rows import row_coupling
 from fxsd.schedules import DISTRIBUTIONS, Distribution, check_rate, site_rates
@@ -38,7 +45,7 @@ EXISTING = ("adopt", "replace", "keep")
 
 
 class NoResidualSitesWarning(UserWarning):
-    """The model has no residual site, so the pass changed nothing."""
+    """The model has no residual site (or none selected), so the pass changed nothing."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +71,12 @@ def stochastic_depth(
     seed: int | None = None,
     sync_ranks: bool = True,
     select: Callable[[ResidualSite], bool] | None = None,
+    inplace: bool = False,
     example_inputs: Sequence[Any] | None = None,
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
-) -> GraphModule:
-    """Return ``model`` as a ``GraphModule`` whose residual branches drop at random in training.
+) -> nn.Module:
+    """Return ``model`` with its residual branches dropping at random in training.
 
     In block mode each residual site draws once per training forward: with probability ``p_l`` its
     branch is skipped (neither its forward nor its backward runs; its parameters get no gradient)
@@ -76,8 +84,13 @@ def stochastic_depth(
     runs, scaled by ``1 - p_l`` (``scale="eval"``). ``.train()`` and ``.eval()`` switch between the
     two at any time.
 
-    The result shares submodules and parameters with ``model`` (as ``torch.fx.symbolic_trace``
-    does), has exactly its ``state_dict`` keys, and ``model`` itself is not modified.
+    The result is ``model`` itself, structurally: the same class, attributes, methods and module
+    tree, in which each module whose ``forward`` performs residual joins (a ``Bottleneck``, an
+    ``EncoderBlock``) is replaced by a gated ``GraphModule`` that is still an instance of that
+    module's class. ``print(result.layer1[0].code)`` shows the block with its gate. Parameters and
+    untouched submodules are shared with ``model`` and ``state_dict`` keys are identical. When the
+    root's own ``forward`` performs joins, the root is rewritten too (an instance of a subclass of
+    ``type(model)``).
 
     Args:
         model: an ``nn.Module`` or an already traced ``GraphModule``.
@@ -106,21 +119,24 @@ def stochastic_depth(
             offset by the rank, read from the default process group or ``$RANK``).
         select: gate only the sites for which ``select(site)`` is true (a
             :class:`~fxsd.ResidualSite`); depths ``1..L`` are then counted over those sites.
+        inplace: gate ``model`` itself and return it (the owning modules are replaced in their
+            parents) instead of a new model that shares everything it does not rewrite.
         example_inputs: optional inputs of one forward call; lets the analysis check shapes
             (broadcasting adds are never gated) and count FLOPs for :func:`fxsd.table`.
         leaf_modules: module classes or qualified names not to trace through.
         concrete_args: passed to the tracer.
 
     Raises:
-        InvalidTypeError, InvalidArgumentError: bad arguments.
+        InvalidTypeError, InvalidArgumentError: bad arguments (also: ``inplace=True`` when the
+            root's own ``forward`` performs joins, which cannot be rewritten in place).
         TraceError: the model cannot be traced (names the module at fault).
 
     Example:
         >>> import torch, torchvision, fxsd
-        >>> gm = fxsd.stochastic_depth(torchvision.models.resnet50(), 0.2, seed=0)
-        >>> gm.layer4_2_gate
-        BranchGate('layer4.2', depth=16/16, drop_rate=0.2, skip=identity)
-        >>> loss = gm(torch.randn(2, 3, 224, 224)).sum()  # some blocks skipped
+        >>> model = fxsd.stochastic_depth(torchvision.models.resnet50(), 0.2, seed=0)
+        >>> type(model).__name__, model.layer4[2].residual_gate
+        ('ResNet', BranchGate('layer4.2.residual_gate', depth=16/16, drop_rate=0.2, skip=identity))
+        >>> loss = model(torch.randn(2, 3, 224, 224)).sum()  # some blocks skipped
     """
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(
@@ -129,7 +145,7 @@ def stochastic_depth(
     if gates(model):
         raise InvalidArgumentError(
             f"{type(model).__name__} is already gated by fxsd: change its rates with "
-            "fxsd.set_drop_rate(gm, rate), or transform the original model again"
+            "fxsd.set_drop_rate(model, rate), or transform the original model again"
         )
     _check_choice("mode", mode, MODES)
     _check_choice("scale", scale, SCALES)
@@ -145,28 +161,21 @@ def stochastic_depth(
     analysis = analyze_residuals(
         model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
     )
-    from fxsd.table import _rejected_rows
-
-    analysis.graph_module.meta["fxsd"] = {
-        "rejected": _rejected_rows(analysis.rejected),
-        "total_flops": analysis.total_flops,
-        "drop_rate": drop_rate,
-    }
     if select is not None:
         analysis.sites = [site for site in analysis.sites if select(site)]
         distinct = sorted({site.depth for site in analysis.sites})
-        rank = {d: i + 1 for i, d in enumerate(distinct)}
-        analysis.sites = [replace(site, depth=rank[site.depth]) for site in analysis.sites]
+        rank_of = {d: i + 1 for i, d in enumerate(distinct)}
+        analysis.sites = [replace(site, depth=rank_of[site.depth]) for site in analysis.sites]
         analysis.num_levels = len(distinct)
     if not analysis.sites:
         warnings.warn(
-            f"fxsd found no residual site in {type(model).__name__} "
-            f"({len(analysis.rejected)} adds, none a residual join); returning the traced model "
-            "unchanged. Inspect the adds with fxsd.table(model, rejected=True).",
+            f"fxsd found no residual site to gate in {type(model).__name__} "
+            f"({len(analysis.rejected)} adds rejected); the model is returned unchanged. "
+            "Inspect the adds with fxsd.table(model, rejected=True).",
             NoResidualSitesWarning,
             stacklevel=2,
         )
-        return analysis.graph_module
+        return model if inplace else shallow_copy(model)
     depths = [s.depth for s in analysis.sites]
     rates = site_rates(drop_rate, distribution, depths, analysis.num_levels)
     if drop_rate > 0:
@@ -178,8 +187,9 @@ def stochastic_depth(
     specs = [GateSpec(r, w, mode, scale, sample_impl) for r, w in zip(rates, weights)]
     base = torch.initial_seed() if seed is None else seed
     if not sync_ranks:
-        base += 1_000_003 * _rank()
-    return gate_residuals(analysis, specs, DropSampler(base), existing=existing)
+        base += 1_000_003 * rank()
+    return gate_residuals(analysis, specs, DropSampler(base, sync_ranks), model,
+                          existing=existing, drop_rate=drop_rate, inplace=inplace)
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -187,57 +197,105 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise InvalidArgumentError(f"unknown {name} {value!r}: use one of {tuple(choices)}")
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
 def gate_residuals(
     analysis: ResidualAnalysis,
     specs: Sequence[GateSpec | float],
     sampler: DropSampler,
+    model: nn.Module,
     *,
     existing: str = "adopt",
-) -> GraphModule:
-    """Rewrite ``analysis.graph_module`` in place: one :class:`BranchGate` per site.
+    drop_rate: float = 0.0,
+    inplace: bool = False,
+) -> nn.Module:
+    """Gate ``analysis.sites`` of ``model`` (the model ``analysis`` was made from).
 
     ``specs`` gives each site's gating (same order as ``analysis.sites``); a plain float is a
-    block-mode rate. Returns the module.
+    block-mode rate. Returns the gated model: ``model`` itself with ``inplace=True``, else a copy
+    of the modules on the paths from the root to the rewritten ones, sharing everything else.
     """
-    gm = analysis.graph_module
-    graph = gm.graph
+    specs = [s if isinstance(s, GateSpec) else GateSpec(float(s), 1.0, "block", "eval", None)
+             for s in specs]
+    owners = plan_owners(analysis, analysis.sites)
+    if inplace and any(o.call is None for o in owners):
+        raise InvalidArgumentError(
+            f"the forward of {type(model).__name__} itself performs residual joins, so its root "
+            "module must be rewritten, which cannot happen in place: use the returned model "
+            "(inplace=False)")
+    whole = _WholeGraphFacts(analysis, existing)
+    record = FxsdRecord(
+        drop_rate=drop_rate, num_levels=analysis.num_levels,
+        live_leaves=analysis.graph_module.meta["fxsd"].live_leaves,
+        rejected=tuple(RejectedRecord(r.name, r.add_kind, r.module_path or "<root>", r.reason,
+                                      r.detail) for r in analysis.rejected),
+        total_flops=analysis.total_flops)
+    spec_of = {id(site): spec for site, spec in zip(analysis.sites, specs)}
+    tree = TreeEditor(model, in_place=inplace)
+    for owner in owners:  # deepest first: a rewritten parent holds its rewritten children
+        module = tree.locate(owner.path)[2]
+        tree.replace(owner.path, _gate_owner(analysis, owner, module, whole, spec_of, sampler,
+                                             record, existing))
+    position = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    rewritten = sorted(owners, key=lambda o: position[o.path])
+    record.rewritten = tuple(o.path for o in rewritten)
+    record.original_classes = tuple(type(_resolve(model, o.path)).__name__ for o in rewritten)
+    return tree.root
+
+
+class _WholeGraphFacts:
+    """What the rewrite needs to know about each site from the whole-model graph: where
+    in-place ops follow, which branches mix batch rows, whether the model carries drop paths."""
+
+    def __init__(self, analysis: ResidualAnalysis, existing: str) -> None:
+        self.gm = analysis.graph_module
+        self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        self.adopting = existing == "adopt" and any(
+            _drop_paths(self.gm, s.branch) for s in analysis.sites)
+
+    def clone_on_drop(self, site: ResidualSite) -> bool:
+        return _needs_clone(self.gm, site.add, site.skip, self.order)
+
+    def row_coupling(self, site: ResidualSite) -> str | None:
+        return row_coupling(self.gm, site.fork, site.branch, site.side_inputs)
+
+    def has_drop_path(self, site: ResidualSite) -> bool:
+        return bool(_drop_paths(self.gm, site.branch))
+
+
+def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
+                whole: _WholeGraphFacts, spec_of: dict[int, GateSpec], sampler: DropSampler,
+                record: FxsdRecord, existing: str) -> GraphModule:
+    """Rewrite ``module`` (the owner) as a GraphModule with one gate per owned site."""
+    cut = extract_module(analysis, owner, module)
+    block = module_from_graph(module, cut.graph, cut.extra_attrs)
+    block.meta["fxsd"] = record
+    graph = block.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    # A model that carries its own drop paths keeps its own regularisation under "adopt": sites
-    # without a drop path had rate 0 in the model, and keep it.
-    adopting = existing == "adopt" and any(_drop_paths(gm, s.branch) for s in analysis.sites)
     rewritten: dict[Node, Node] = {}  # rewritten add -> the gate call that replaced it
-    for site, spec in zip(analysis.sites, specs):
-        if not isinstance(spec, GateSpec):
-            spec = GateSpec(float(spec), 1.0, "block", "eval", None)
-        if adopting and not _drop_paths(gm, site.branch):
+    for i, site in enumerate(owner.sites):
+        spec = spec_of[id(site)]
+        if whole.adopting and not whole.has_drop_path(site):
+            # A model that carries its own drop paths keeps its own regularisation under
+            # "adopt": sites without a drop path had rate 0 in the model, and keep it.
             spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
-        fork, skip, out = (rewritten.get(n, n)
-                           for n in (site.fork, site.skip, site.branch_output))
-        branch = collect_branch(gm, fork, out, site.add, order)
-        if isinstance(branch, tuple):  # the analysis accepted it: a bug if this happens
-            raise GraphError(f"cannot gate '{site.add.name}' ({site.module_path}): {branch[1]}")
-        spec, new_out, note = _handle_drop_paths(gm, branch.nodes, out, spec, existing)
-        if adopting and note.startswith("kept"):
+        fork, skip, out, add = (rewritten.get(cut.env[n], cut.env[n])
+                                for n in (site.fork, site.skip, site.branch_output, site.add))
+        spec, drops, action, note = _plan_drop_paths(whole.gm, site, spec, existing,
+                                                     record.drop_rate)
+        if whole.adopting and action is DropPathAction.KEPT:
             # The model's own drop path stays and regularises this site: no second one on top.
             spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
             note += "; fxsd rate 0"
-        if new_out is not out or note.startswith(("adopted", "replaced")):
-            out = new_out
-            branch = collect_branch(gm, fork, out, site.add, order)
-            if isinstance(branch, tuple):
-                raise GraphError(f"cannot gate '{site.add.name}': {branch[1]}")
+        for drop in drops:  # the plan keeps drop-path calls in the owner's own graph
+            node = cut.env[drop]
+            source = node.all_input_nodes[0]
+            if node is out:
+                out = source
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+        branch = _collect(block, fork, out, add, order, site)
         impl = spec.sample_impl or "mask"
         if spec.mode == "sample":
-            side = [n for n in branch.inputs if n.op != "get_attr"]
-            coupling = row_coupling(gm, fork, branch.nodes, side)
+            coupling = whole.row_coupling(site)
             if spec.sample_impl is None:
                 impl = "mask" if coupling else "subset"
                 if coupling:
@@ -246,36 +304,49 @@ def gate_residuals(
                 raise InvalidArgumentError(
                     f"sample_impl='subset' would change what '{site.module_path or '<root>'}' "
                     f"computes: {coupling}. Use sample_impl=None to fall back to 'mask' there.")
-        name = site_module_name(gm, site.module_path, "gate")
+        name = owner.gate_names[i]
         gate = BranchGate(
-            _branch_module(gm, fork, branch.nodes, branch.inputs, out, name),
+            _branch_module(block, fork, branch.nodes, branch.inputs, out, name),
             spec.drop_rate,
             sampler,
             identity=skip is fork,
-            clone_on_drop=_needs_clone(gm, site.add, skip, order),
-            info=GateInfo.from_site(site, analysis.num_levels),
+            clone_on_drop=whole.clone_on_drop(site),
+            info=GateInfo.from_site(site, analysis.num_levels, owner.gate_path(i)),
             mode=spec.mode,
             scale=spec.scale,
             sample_impl=impl,
             note=note,
             rate_weight=spec.rate_weight,
+            drop_path=action,
+            record=record,
         )
-        gm.add_submodule(name, gate)
+        block.add_submodule(name, gate)
         args = (fork, *branch.inputs) if skip is fork else (skip, fork, *branch.inputs)
-        with graph.inserting_before(site.add):
+        with graph.inserting_before(add):
             call = graph.call_module(name, args)
-        call.meta = {k: v for k, v in site.add.meta.items() if k in ("nn_module_stack",
-                                                                        "stack_trace")}
-        call.meta["fxsd_site"] = site.add.name
-        order[call] = order[site.add]
-        site.add.replace_all_uses_with(call)
-        graph.erase_node(site.add)
+        call.meta = {k: v for k, v in add.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        order[call] = order[add]
+        add.replace_all_uses_with(call)
+        graph.erase_node(add)
         for n in reversed(branch.nodes):
             graph.erase_node(n)
-        rewritten[site.add] = call
+        rewritten[add] = call
     graph.lint()
-    gm.recompile()
-    return gm
+    block.recompile()
+    return block
+
+
+def _collect(block: GraphModule, fork: Node, out: Node, add: Node, order: dict[Node, int],
+             site: ResidualSite) -> Any:
+    branch = collect_branch(block, fork, out, add, order)
+    if isinstance(branch, tuple):  # the analysis accepted it: a bug if this happens
+        raise GraphError(f"cannot gate '{site.add.name}' in '{site.module_path or '<root>'}' "
+                         f"after cutting the module out: {branch[1]}")
+    return branch
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
 
 
 def _join(a: str, b: str) -> str:
@@ -293,31 +364,30 @@ def _drop_path_settings(module: nn.Module) -> tuple[float, str, str] | None:
     return float(rate), mode, scale
 
 
-def _handle_drop_paths(
-    gm: GraphModule, nodes: Sequence[Node], out: Node, spec: GateSpec, existing: str
-) -> tuple[GateSpec, Node, str]:
-    """Adopt, remove or keep the drop-path ops of one branch. Returns the new spec and output."""
-    drops = _drop_paths(gm, nodes)
-    if not drops or existing == "keep":
-        return spec, out, ("kept existing drop path" if drops else "")
-    note = ""
-    if existing == "adopt":
-        settings = _drop_path_settings(gm.get_submodule(str(drops[0].target)))
-        if len(drops) != 1 or settings is None or not _on_output_path(drops[0], out):
-            return spec, out, "kept existing drop path (not a single op at the branch output)"
-        rate, mode, scale = settings
-        base = gm.meta.get("fxsd", {}).get("drop_rate", 0.0)
-        spec = GateSpec(rate, rate / base if base > 0 else rate, mode, scale, spec.sample_impl)
-        note = f"adopted {type(gm.get_submodule(str(drops[0].target))).__name__}(p={rate:g})"
-    else:
-        note = "replaced existing drop path"
-    for n in drops:
-        (source,) = n.all_input_nodes[:1]
-        if n is out:
-            out = source
-        n.replace_all_uses_with(source)
-        gm.graph.erase_node(n)
-    return spec, out, note
+def _plan_drop_paths(
+    gm: GraphModule, site: ResidualSite, spec: GateSpec, existing: str, base_rate: float,
+) -> tuple[GateSpec, list[Node], DropPathAction | None, str]:
+    """What to do with the drop-path ops of one branch (read on the whole-model graph).
+
+    Returns the site's spec (an adopted op's own rate, mode and scaling), the drop-path nodes to
+    remove, what is done and the note tables show.
+    """
+    drops = _drop_paths(gm, site.branch)
+    if not drops:
+        return spec, [], None, ""
+    if existing == "keep":
+        return spec, [], DropPathAction.KEPT, "kept existing drop path"
+    if existing == "replace":
+        return spec, drops, DropPathAction.REPLACED, "replaced existing drop path"
+    module = gm.get_submodule(str(drops[0].target))
+    settings = _drop_path_settings(module)
+    if len(drops) != 1 or settings is None or not _on_output_path(drops[0], site.branch_output):
+        return (spec, [], DropPathAction.KEPT,
+                "kept existing drop path (not a single op at the branch output)")
+    rate, mode, scale = settings
+    spec = GateSpec(rate, rate / base_rate if base_rate > 0 else rate, mode, scale,
+                    spec.sample_impl)
+    return spec, drops, DropPathAction.ADOPTED, f"adopted {type(module).__name__}(p={rate:g})"
 
 
 def _drop_paths(gm: GraphModule, nodes: Sequence[Node]) -> list[Node]:
@@ -354,7 +424,7 @@ def _branch_module(gm: GraphModule, fork: Node, nodes: Sequence[Node], inputs: S
     attrs = {str(n.target): gm.get_submodule(str(n.target))
              for n in graph.nodes if n.op == "call_module"}
     class_name = "".join(part.capitalize() for part in name.split("_")) or "Branch"
-    return GraphModule(attrs, graph, class_name=class_name.replace("Gate", "Branch"))
+    return GraphModule(attrs, graph, class_name=class_name.removesuffix("Gate") + "Branch")
 
 
 def _needs_clone(gm: GraphModule, add: Node, skip: Node, order: dict[Node, int]) -> bool:

@@ -1,12 +1,14 @@
-"""``fxsd.strip``: a plain GraphModule for deployment, every gate replaced by its eval semantics.
+"""``fxsd.strip``: the gated model with every gate replaced by its eval semantics, for export.
 
-Each gate call becomes the branch's own nodes followed by one add: ``skip + (1 - p) * branch``
-written as ``torch.add(skip, branch, alpha=1 - p)`` for ``scale="eval"`` gates (the plain
-``skip + branch`` for ``scale="train"``/``"none"`` and for ``p = 0``; the bare skip for ``p = 1``).
-With ``fold_scale=True`` the factor ``1 - p`` is instead multiplied into the weight and bias of the
-module that ends the branch (a convolution, linear layer or affine norm), so the add is plain. The
-result runs exactly the eval computation of the gated model, keeps its ``state_dict`` keys, has no
-Python-level control flow left and exports with ``torch.export.export``.
+Each gated block becomes a gate-free GraphModule (still an instance of the block's class) in which
+every gate call is the branch's own nodes followed by one add: ``skip + (1 - p) * branch`` written
+as ``torch.add(skip, branch, alpha=1 - p)`` for ``scale="eval"`` gates (the plain
+``skip + branch`` for ``scale="train"``/``"none"`` and for ``p = 0``; the skip alone for
+``p = 1``, copied where the gate copies it). With ``fold_scale=True`` the factor ``1 - p`` is
+instead multiplied into the weight and bias of the module that ends the branch (a convolution,
+linear layer or affine norm), so the add is plain. The result runs exactly the eval computation of
+the gated model, keeps the model's structure and ``state_dict`` keys, has no Python-level control
+flow left in the blocks and exports with ``torch.export.export``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.gate import BranchGate
-from fxsd.graph_module import mirror_module
+from fxsd.graph_module import TreeEditor, module_from_graph
+from fxsd.record import FxsdRecord
+from fxsd.training import gates
 
 __all__ = ["strip"]
 
@@ -28,63 +33,92 @@ _FOLDABLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm
              nn.GroupNorm)
 
 
-def strip(gm: GraphModule, *, fold_scale: bool = False) -> GraphModule:
-    """Return ``gm`` without gates, computing what ``gm.eval()`` computes.
+def strip(model: nn.Module, *, fold_scale: bool = False) -> nn.Module:
+    """Return ``model`` without gates, computing what ``model.eval()`` computes.
 
     Args:
-        gm: a model returned by :func:`fxsd.stochastic_depth`.
+        model: a model returned by :func:`fxsd.stochastic_depth`.
         fold_scale: fold each ``1 - p`` into the weights of the module that ends its branch, where
-            that module is a convolution, linear layer or affine norm called once in the model.
-            The result then owns copies of the parameters (``gm`` is not changed); without
-            folding it shares them with ``gm``, like the gated model shares them with its source.
+            that module is a convolution, linear layer or affine norm called once in its block.
+            The result then owns copies of the parameters (``model`` is not changed); without
+            folding it shares them with ``model``, like the gated model shares them with its
+            source.
+
+    Raises:
+        InvalidTypeError: ``model`` is not an ``nn.Module``.
+        InvalidArgumentError: ``model`` has no fxsd gates.
 
     Example:
         >>> import torch, torchvision, fxsd
-        >>> gm = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2)
-        >>> plain = fxsd.strip(gm)
+        >>> model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2)
+        >>> plain = fxsd.strip(model)
         >>> ep = torch.export.export(plain.eval(), (torch.randn(1, 3, 64, 64),))  # doctest: +SKIP
     """
-    source = copy.deepcopy(gm) if fold_scale else gm
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"strip expects a model returned by fxsd.stochastic_depth, got "
+                               f"{type(model).__name__}")
+    if not gates(model):
+        raise InvalidArgumentError(f"{type(model).__name__} has no fxsd gates to strip: pass the "
+                                   "model fxsd.stochastic_depth returned")
+    source = copy.deepcopy(model) if fold_scale else model
+    blocks = [path for path, m in source.named_modules() if _is_gated(m)]
+    tree = TreeEditor(source, in_place=fold_scale)
+    for path in sorted(blocks, key=lambda p: -p.count(".") - bool(p)):  # deepest first
+        tree.replace(path, _strip_block(tree.locate(path)[2], fold_scale))
+    tree.root.eval()
+    return tree.root
+
+
+def _is_gated(module: nn.Module) -> bool:
+    return isinstance(module, GraphModule) and any(
+        isinstance(c, BranchGate) for c in module.children())
+
+
+def _strip_block(block: GraphModule, fold_scale: bool) -> GraphModule:
+    """The block's graph with its own gates inlined (nested gated blocks stay calls)."""
     graph = Graph()
     env: dict[Node, Any] = {}
-    calls: dict[str, int] = {}
-    for node in source.graph.nodes:
-        env[node] = _copy_node(source, graph, env, node)
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    folds: dict[Node, tuple[Any, float]] = {}
+    for node in block.graph.nodes:
+        env[node] = _copy_node(block, graph, env, node, folds)
     if fold_scale:
-        _fold(source, graph, calls)
-    plain = mirror_module(source, graph, class_name=type(gm).__name__)
+        calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        _fold(block, folds, calls)
+    plain = module_from_graph(block, graph)
     for name, child in list(plain.named_children()):
         if isinstance(child, BranchGate):
             del plain._modules[name]
-    plain.meta = {"fxsd_stripped": True}
-    plain.eval()
+    record = block.meta.get("fxsd")
+    plain.meta["fxsd"] = (copy.copy(record) if isinstance(record, FxsdRecord)
+                          else FxsdRecord())
+    plain.meta["fxsd"].stripped = True
     return plain
-
-
-def _module(gm: GraphModule, node: Node) -> nn.Module:
-    return gm.get_submodule(str(node.target))
 
 
 def _lookup(env: dict[Node, Any], n: Any) -> Any:
     return env[n] if isinstance(n, Node) else n
 
 
-def _copy_node(root: GraphModule, graph: Graph, env: dict[Node, Any], node: Node) -> Any:
+def _copy_node(root: GraphModule, graph: Graph, env: dict[Node, Any], node: Node,
+               folds: dict[Node, tuple[Any, float]]) -> Any:
     """Copy ``node`` into ``graph``; a gate call becomes its inlined branch and add."""
-    if node.op == "call_module" and isinstance(_module(root, node), BranchGate):
-        return _inline_gate(root, graph, _module(root, node), [_lookup(env, a) for a in node.args])
+    if node.op == "call_module":
+        module = root.get_submodule(str(node.target))
+        if isinstance(module, BranchGate):
+            return _inline_gate(root, graph, module, [_lookup(env, a) for a in node.args], folds)
     return graph.node_copy(node, lambda n: _lookup(env, n))
 
 
-def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[Any]) -> Any:
+def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[Any],
+                 folds: dict[Node, tuple[Any, float]]) -> Any:
     skip = args[0]
     branch_args = args if gate.identity else args[1:]
     keep = 1.0 - gate.drop_rate if gate.scale == "eval" else 1.0
     if keep == 0.0:
-        return skip
+        return graph.call_method("clone", (skip,)) if gate.clone_on_drop else skip
     env: dict[Node, Any] = {}
     placeholders = [n for n in gate.branch.graph.nodes if n.op == "placeholder"]
     for ph, value in zip(placeholders, branch_args):
@@ -96,21 +130,17 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
         if node.op == "output":
             out = _lookup(env, node.args[0])
             continue
-        env[node] = _copy_node(root, graph, env, node)
+        env[node] = _copy_node(root, graph, env, node, folds)
     if keep == 1.0:
         return graph.call_function(operator.add, (skip, out))
     result = graph.call_function(torch.add, (skip, out), {"alpha": keep})
-    result.meta["fxsd_fold"] = (out, keep)
+    folds[result] = (out, keep)
     return result
 
 
-def _fold(root: GraphModule, graph: Graph, calls: dict[str, int]) -> None:
+def _fold(root: GraphModule, folds: dict[Node, tuple[Any, float]], calls: dict[str, int]) -> None:
     """Move each eligible ``alpha=keep`` into the weights of the module computing the branch."""
-    for node in list(graph.nodes):
-        fold = node.meta.pop("fxsd_fold", None)
-        if fold is None:
-            continue
-        out, keep = fold
+    for node, (out, keep) in folds.items():
         if not (isinstance(out, Node) and out.op == "call_module" and len(out.users) == 1):
             continue
         module = root.get_submodule(str(out.target))

@@ -11,17 +11,38 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def branch_only_modules(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
-    """Modules called inside some gate's branch and nowhere in the main graph."""
-    main = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+def gated_blocks(model: nn.Module) -> dict[str, torch.fx.GraphModule]:
+    """The modules fxsd rewrote (those holding gates), by qualified name."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, torch.fx.GraphModule)
+            and any(isinstance(c, fxsd.BranchGate) for c in m.children())}
+
+
+def called_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module a gated block's graph or a gate's branch calls (gates excluded)."""
+    found = []
+    graphs = [(block, block.graph) for block in gated_blocks(model).values()]
+    graphs += [(gate.branch, gate.branch.graph) for gate in fxsd.gates(model)]
+    for owner, graph in graphs:
+        for n in graph.nodes:
+            if n.op == "call_module":
+                module = owner.get_submodule(str(n.target))
+                if not isinstance(module, fxsd.BranchGate):
+                    found.append(module)
+    return found
+
+
+def branch_only_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules called inside some gate's branch and nowhere in a gated block's own graph."""
+    trunk = {id(block.get_submodule(str(n.target))) for block in gated_blocks(model).values()
+             for n in block.graph.nodes if n.op == "call_module"}
     found: dict[str, nn.Module] = {}
-    for gate in fxsd.gates(gm):
+    for name, gate in fxsd.named_gates(model).items():
+        owner = name.rpartition(".")[0]
         for n in gate.branch.graph.nodes:
             if n.op == "call_module":
-                target = str(n.target)
-                module = gm.get_submodule(target)
-                if target not in main and not isinstance(module, fxsd.BranchGate):
-                    found[target] = module
+                module = gate.branch.get_submodule(str(n.target))
+                if id(module) not in trunk and not isinstance(module, fxsd.BranchGate):
+                    found[f"{owner}.{n.target}" if owner else str(n.target)] = module
     return found
 
 

@@ -102,9 +102,12 @@ def test_deepcopy(net):
     assert _sd_equal(clone.state_dict(), gm.state_dict())
     assert all(id(p) not in {id(q) for q in gm.parameters()} for p in clone.parameters())
     # The clone's branches run the clone's modules, not the original's.
-    g = fxsd.gates(clone)[0]
+    name, g = next(iter(fxsd.named_gates(clone).items()))
+    owner = clone.get_submodule(name.rpartition(".")[0])
     first = next(n for n in g.branch.graph.nodes if n.op == "call_module")
-    assert g.branch.get_submodule(str(first.target)) is clone.get_submodule(str(first.target))
+    assert g.branch.get_submodule(str(first.target)) is owner.get_submodule(str(first.target))
+    assert type(clone) is Net and type(clone.blocks[0]).__name__ == "Block"
+    assert isinstance(clone.blocks[0], Block)
     x = torch.randn(3, 8)
     torch.testing.assert_close(clone.eval()(x), gm.eval()(x), rtol=0, atol=0)
     with torch.no_grad():
@@ -122,7 +125,8 @@ def test_save_load_whole_module(net):
     torch.save(gm, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert isinstance(loaded, torch.fx.GraphModule)
+    assert type(loaded) is Net and isinstance(loaded.blocks[0], Block)
+    assert isinstance(loaded.blocks[0], torch.fx.GraphModule)
     assert list(loaded.state_dict()) == list(net.state_dict())
     assert _sd_equal(loaded.state_dict(), gm.state_dict())
     x = torch.randn(3, 8)
@@ -132,9 +136,10 @@ def test_save_load_whole_module(net):
     for _ in range(5):
         gm(x), loaded(x)
         assert [g.dropped for g in fxsd.gates(gm)] == [g.dropped for g in fxsd.gates(loaded)]
-    g = fxsd.gates(loaded)[0]
+    name, g = next(iter(fxsd.named_gates(loaded).items()))
+    owner = loaded.get_submodule(name.rpartition(".")[0])
     first = next(n for n in g.branch.graph.nodes if n.op == "call_module")
-    assert g.branch.get_submodule(str(first.target)) is loaded.get_submodule(str(first.target))
+    assert g.branch.get_submodule(str(first.target)) is owner.get_submodule(str(first.target))
 
 
 def test_to_float64(net):
@@ -214,15 +219,23 @@ def test_seeded_reproducibility_and_no_global_rng(net):
 
 
 def test_gate_names_and_code_read_naturally():
-    gm = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.1)
-    names = [name for name, m in gm.named_children() if isinstance(m, fxsd.BranchGate)]
-    assert names[:3] == ["layer1_0_gate", "layer1_1_gate", "layer2_0_gate"]
-    assert "layer2_0_gate = self.layer2_0_gate(layer2_0_downsample_1, layer1_1_relu_1)" in gm.code
-    assert "layer1_0_conv1" in gm.layer1_0_gate.branch.code
-    assert "layer1_0_conv1" not in gm.code
-    assert repr(gm.layer4_1_gate) == (
-        "BranchGate('layer4.1', depth=8/8, drop_rate=0.1, skip=identity)"
+    model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.1)
+    names = list(fxsd.named_gates(model))
+    assert names[:3] == ["layer1.0.residual_gate", "layer1.1.residual_gate",
+                         "layer2.0.residual_gate"]
+    block = model.layer2[0]
+    assert "downsample = self.downsample(x)" in block.code
+    assert "residual_gate = self.residual_gate(downsample, x)" in block.code
+    assert "conv1 = self.conv1(x)" in block.residual_gate.branch.code
+    assert "conv1" not in block.code
+    assert repr(model.layer4[1].residual_gate) == (
+        "BranchGate('layer4.1.residual_gate', depth=8/8, drop_rate=0.1, skip=identity)"
     )
+    vit = fxsd.stochastic_depth(torchvision.models.vit_b_16(image_size=32), 0.1)
+    layer = vit.encoder.layers.encoder_layer_0
+    assert [n for n, m in layer.named_children() if isinstance(m, fxsd.BranchGate)] == [
+        "self_attention_gate", "mlp_gate"]
+    assert "self_attention_gate = self.self_attention_gate(input_1" in layer.code
 
 
 def test_no_host_device_sync_needed_for_draws(net):
@@ -399,12 +412,12 @@ def test_table_rows_and_columns():
     text = fxsd.table(model, drop_rate=0.2)
     lines = text.splitlines()
     header = lines[0]
-    for col in ("depth", "add", "module", "skip", "branch", "nodes", "params", "side inputs",
+    for col in ("depth", "gate", "skip", "branch", "nodes", "params", "side inputs",
                 "drop rate"):
         assert col in header
     rows = lines[2:]
     assert len(rows) == 16
-    assert rows[0].split()[:4] == ["1", "add", "layer1.0", "projection"]
+    assert rows[0].split()[:3] == ["1", "layer1.0.residual_gate", "projection"]
     assert rows[-1].split()[-1] == "0.2000"
     gm = fxsd.stochastic_depth(model, 0.2)
     assert fxsd.table(gm) == text  # a transformed model shows its gates the same way
@@ -466,7 +479,7 @@ def test_modules_reading_training_stay_switchable(traced_in):
     model = SdpaBlock()
     getattr(model, traced_in)()
     gm = fxsd.stochastic_depth(model, 0.0)
-    assert gm.meta["fxsd_live_leaves"] == ["attn"]
+    assert fxsd.get_record(gm).live_leaves == ("attn",)
     assert len(fxsd.gates(gm)) == 1
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=0, atol=0)

@@ -92,10 +92,12 @@ def test_site_times_are_exclusive_for_nested_branches():
             return x + torch.tanh(self.inner(x))
 
     gm = fxsd.stochastic_depth(Outer(), 0.0)
-    times = bench.site_times(gm, torch.randn(4, 8), bench.BenchConfig(branch_reps=2))
-    assert set(times) == {"inner_gate", "gate"}
+    x, cfg = torch.randn(4, 8), bench.BenchConfig(branch_reps=2)
+    times = bench.site_times(gm, x, cfg)
+    assert set(times) == {"inner.residual_gate", "residual_gate"}
     assert all(t >= 0 for t in times.values())
-    assert bench._ancestors(gm) == {"inner_gate": ["gate"], "gate": []}
+    assert bench.gate_ancestors(gm, x, cfg) == {"inner.residual_gate": ["residual_gate"],
+                                                "residual_gate": []}
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,8 @@ def test_plain_torch_compile_keeps_decisions_live():
         _step(compiled, x)
         decisions.add(tuple(g.dropped for g in fxsd.gates(gm)))
     assert len(decisions) > 3
-    assert _graphs() <= len(fxsd.gates(gm)) + 1  # one graph per trunk segment
+    # Bounded: the trunk splits at each gate (a graph before it, one resuming in its block).
+    assert _graphs() <= 2 * len(fxsd.gates(gm)) + 1
 
 
 def test_channels_last_stays_channels_last_through_compiled_branches():
@@ -146,6 +147,12 @@ def test_compiled_branches_are_not_copied_or_pickled():
 
 # -- strip + export --------------------------------------------------------------------------
 
+
+def _code(model: torch.nn.Module) -> str:
+    """The generated code of every GraphModule in ``model``."""
+    return "\n".join(m.code for m in model.modules() if isinstance(m, torch.fx.GraphModule))
+
+
 STRIP_CASES = {
     "resnet50": (lambda: torchvision.models.resnet50(), dict(drop_rate=0.3)),
     "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32), dict(drop_rate=0.3)),
@@ -165,7 +172,8 @@ def test_strip_equals_gated_eval_and_exports(name):
     assert not fxsd.gates(plain)
     assert not any(isinstance(m, fxsd.BranchGate) for m in plain.modules())
     assert list(plain.state_dict()) == list(model.state_dict())
-    assert "alpha = 0.9" in plain.code or "alpha = 0." in plain.code
+    assert type(plain) is type(model)
+    assert "alpha = 0." in _code(plain)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = gm(x)
@@ -180,7 +188,7 @@ def test_strip_fold_scale_into_weights():
     gm = fxsd.stochastic_depth(model, 0.3).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fxsd.strip(gm, fold_scale=True)
-    assert "alpha" not in folded.code  # every bn3 took its branch's factor
+    assert "alpha" not in _code(folded)  # every bn3 took its branch's factor
     assert list(folded.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -275,8 +275,13 @@ def test_nested_depths_and_gating():
     assert by_path["a"].info.depth == 1 and by_path["b"].info.depth == 2
     assert by_path[""].info.depth == 3
     outer = by_path[""]
+    # The outer branch calls the two inner blocks, themselves gated in place.
     inner_calls = [n.target for n in outer.branch.graph.nodes if n.op == "call_module"]
-    assert "a_gate" in inner_calls and "b_gate" in inner_calls, inner_calls
+    assert inner_calls == ["norm", "a", "b"]
+    assert outer.branch.get_submodule("a") is gm.a and isinstance(gm.a.residual_gate,
+                                                                   fxsd.BranchGate)
+    assert list(fxsd.named_gates(gm)) == ["a.residual_gate", "b.residual_gate",
+                                          "residual_gate"]
 
 
 def test_layer_scale_is_a_branch_parameter():

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torchvision.models as tvm
+from conftest import gated_blocks
 from torch import nn
-from torch.fx import GraphModule
 from torchvision.models import (
     convnext,
     efficientnet,
@@ -219,50 +219,54 @@ def _train_step(
     return out.detach(), grads
 
 
-def _branch_only(gm: GraphModule) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter]]:
+def _branch_only(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter]]:
     """Modules and parameters that only gated branches use.
 
-    Branch modules are the ``call_module`` targets of every gate's ``.branch`` graph (nested gates
-    excluded), minus modules the main graph also calls (torchvision ResNet calls one ``relu`` in
-    the branch and after the add). Branch parameters are theirs, plus the parameters read with
-    ``get_attr`` inside a branch or, in the main graph, only to be passed to gates (Swin's
-    attention weights), minus every parameter the rest of the main graph uses.
+    Branch modules are the ``call_module`` targets of every gate's ``.branch`` graph, minus
+    modules a gated block's own graph also calls (torchvision ResNet calls one ``relu`` in the
+    branch and after the add). Branch parameters are theirs, plus the parameters a block reads
+    with ``get_attr`` only to pass them to its gates (ConvNeXt's layer scale), minus every
+    parameter the blocks' own graphs use otherwise.
     """
-    gate_names = set(named_gates(gm))
-    main_modules = {str(n.target) for n in gm.graph.nodes
-                    if n.op == "call_module" and str(n.target) not in gate_names}
-    main_params: set[int] = set()
-    gate_only_reads: list[str] = []
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and str(n.target) not in gate_names:
-            main_params.update(id(p) for p in gm.get_submodule(str(n.target)).parameters())
-        elif n.op == "get_attr":
-            if n.users and all(u.op == "call_module" and str(u.target) in gate_names
-                               for u in n.users):
-                gate_only_reads.append(str(n.target))
-            else:
-                main_params.update(id(p) for p in _get_params(gm, str(n.target)))
+    blocks = gated_blocks(model)
+    trunk: set[int] = set()
+    trunk_params: set[int] = set()
+    gate_only_reads: list[tuple[str, nn.Module, str]] = []
+    for path, block in blocks.items():
+        gate_names = set(n for n, c in block.named_children() if isinstance(c, fxsd.BranchGate))
+        for n in block.graph.nodes:
+            target = str(n.target)
+            if n.op == "call_module" and target not in gate_names:
+                called = block.get_submodule(target)
+                trunk.add(id(called))
+                if not gated_blocks(called):
+                    trunk_params.update(id(p) for p in called.parameters())
+            elif n.op == "get_attr":
+                if n.users and all(u.op == "call_module" and str(u.target) in gate_names
+                                   for u in n.users):
+                    gate_only_reads.append((path, block, target))
+                else:
+                    trunk_params.update(id(p) for p in _get_params(block, target))
     modules: dict[str, nn.Module] = {}
     params: dict[str, nn.Parameter] = {}
 
     def add_params(prefix: str, named: Iterable[tuple[str, nn.Parameter]]) -> None:
         for pname, p in named:
-            if id(p) not in main_params:
+            if id(p) not in trunk_params:
                 params[f"{prefix}.{pname}" if pname else prefix] = p
 
-    for target in gate_only_reads:
-        add_params(target, (("", p) for p in _get_params(gm, target)))
-    for gate in named_gates(gm).values():
+    for path, block, target in gate_only_reads:
+        add_params(f"{path}.{target}", (("", p) for p in _get_params(block, target)))
+    for name, gate in named_gates(model).items():
+        owner = name.rpartition(".")[0]
         for n in gate.branch.graph.nodes:
-            target = str(n.target)
             if n.op == "call_module":
-                mod = gm.get_submodule(target)
-                if isinstance(mod, fxsd.BranchGate) or target in main_modules:
+                mod = gate.branch.get_submodule(str(n.target))
+                if isinstance(mod, fxsd.BranchGate) or id(mod) in trunk:
                     continue
-                modules[target] = mod
-                add_params(target, mod.named_parameters())
-            elif n.op == "get_attr":
-                add_params(target, (("", p) for p in _get_params(gm, target)))
+                qualified = f"{owner}.{n.target}" if owner else str(n.target)
+                modules[qualified] = mod
+                add_params(qualified, mod.named_parameters())
     return modules, params
 
 
@@ -343,7 +347,7 @@ def test_no_residual_model_warns_and_is_unchanged(name: str) -> None:
     )
     with pytest.warns(fxsd.NoResidualSitesWarning):
         gm = fxsd.stochastic_depth(model, 0.5, seed=0)
-    assert isinstance(gm, GraphModule), f"{name}: got {type(gm).__name__}, not a GraphModule"
+    assert type(gm) is type(model) and gm is not model, f"{name}: got {type(gm).__name__}"
     assert not named_gates(gm), f"{name}: unexpected gates {list(fxsd.named_gates(gm))}"
     x = _input(name)
     ref = _eval_out(model, x)

@@ -1,0 +1,101 @@
+"""fxsd under ``torch.distributed``: ranks, and what sharding engines need from fxsd.
+
+* :func:`rank` — this process's rank, for per-rank decision streams (``sync_ranks=False``).
+* :func:`check_not_wrapped` — fxsd transforms the plain model; a model already wrapped by FSDP or
+  DDP is refused with a message saying to transform first (tracing a sharded module would run
+  FSDP's hooks on proxies, and the wrappers' own forwards are not the model's).
+* :func:`check_unsynced_sharding` — with ``sync_ranks=False`` each rank skips other branches, so
+  each rank's backward gives gradients to other parameters. FSDP2 then issues mismatched
+  reduce-scatters (a hang or a gloo abort) unless every sharded module was told to reduce unused
+  parameters too (``set_reduce_scatter_unused_params(True)``). The gates call this before their
+  first unsynced draw and raise a clear error instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from fxsd.errors import InvalidArgumentError
+
+__all__ = ["rank", "check_not_wrapped", "check_unsynced_sharding"]
+
+_WRAPPERS = ("FSDPModule", "FullyShardedDataParallel", "DistributedDataParallel",
+             "DataParallel")
+
+
+def rank() -> int:
+    """The default process group's rank, else ``$RANK``, else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wrapper_kind(module: nn.Module) -> str | None:
+    for cls in type(module).__mro__:
+        if cls.__name__ in _WRAPPERS:
+            return cls.__name__
+    return None
+
+
+def check_not_wrapped(model: nn.Module) -> None:
+    """Raise when ``model`` or one of its modules is already sharded or wrapped for data parallel.
+
+    Raises:
+        InvalidArgumentError: names the first wrapped module and says to transform first.
+    """
+    for path, module in model.named_modules():
+        kind = _wrapper_kind(module)
+        if kind is not None:
+            where = f"module '{path}'" if path else "the model"
+            raise InvalidArgumentError(
+                f"{where} ({type(module).__name__}) is already wrapped by {kind}: apply "
+                "fxsd.stochastic_depth to the plain model first, then shard or wrap the result "
+                "(fully_shard / DistributedDataParallel); the gated blocks keep their module "
+                "boundaries, so per-block sharding works on them")
+
+
+def check_unsynced_sharding() -> None:
+    """Raise when FSDP2 shards modules in this process without reducing unused parameters.
+
+    Only meaningful for ``sync_ranks=False`` with more than one rank. Reads torch's registry of
+    composable distributed states (FSDP2 registers every module it shards there).
+
+    Raises:
+        InvalidArgumentError: a sharded module would issue mismatched collectives.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:  # pragma: no cover - older torch: nothing to inspect
+        return
+    for module in list(_module_state_mapping):
+        if _wrapper_kind(module) != "FSDPModule":
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None) or []
+        if not isinstance(groups, (list, tuple)):
+            groups = [groups]
+        if any(not getattr(g, "reduce_scatter_unused_params", False) for g in groups if g):
+            raise InvalidArgumentError(
+                f"sync_ranks=False lets each rank skip other branches, but FSDP2 shards "
+                f"{type(module).__name__} without reducing unused parameters: the ranks' "
+                "reduce-scatters would not match (a hang or an abort). Call "
+                "model.set_reduce_scatter_unused_params(True) on the fully_shard-ed root "
+                "(it recurses), or transform with sync_ranks=True (the same decisions on every "
+                "rank, no extra communication)")
+
+
+def unsynced_sharding_generation() -> int:
+    """A number that changes whenever modules are sharded or unsharded (cheap to read)."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:  # pragma: no cover
+        return 0
+    return len(_module_state_mapping)

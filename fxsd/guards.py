@@ -1,0 +1,54 @@
+"""Guards for the arguments a rewritten module was traced with as constants.
+
+A gated block's graph is cut out of the whole-model trace, where the block was called with
+particular values for its non-tensor arguments (``attn_mask=None``, ``use_cache=False``): the
+graph is only right for those values. Each such argument gets one guard in the block's code,
+
+    check_argument(attn_mask, None, 'blocks.0', 'attn_mask')
+
+which raises :class:`~fxsd.errors.GuardError` when the block is later called with another value,
+instead of silently computing something else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx
+
+from fxsd.errors import GuardError
+
+__all__ = ["check_argument", "is_guardable", "is_literal"]
+
+_LITERALS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout,
+             torch.memory_format, type(Ellipsis), slice)
+
+
+def is_literal(value: Any) -> bool:
+    """Whether generated code can spell ``value`` (numbers, strings, dtypes, containers of them)."""
+    if isinstance(value, (tuple, list)):
+        return all(is_literal(v) or isinstance(v, torch.fx.Node) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and (is_literal(v) or isinstance(v, torch.fx.Node))
+                   for k, v in value.items())
+    return isinstance(value, _LITERALS)
+
+
+def is_guardable(value: Any) -> bool:
+    """Whether :func:`check_argument` can compare an argument against ``value``."""
+    if isinstance(value, (tuple, list)):
+        return all(is_guardable(v) for v in value)
+    return isinstance(value, _LITERALS) and not isinstance(value, slice)
+
+
+@torch.fx.wrap
+def check_argument(value: Any, expected: Any, module: str, name: str) -> None:
+    """Raise unless ``value`` is the constant the module was traced with."""
+    if value is expected or (type(value) is type(expected) and value == expected):
+        return
+    raise GuardError(
+        f"'{module or '<root>'}' was rewritten by fxsd for {name}={expected!r}, the value it "
+        f"received when the model was traced, but it was called with {name}={value!r}. "
+        "Transform the model with example inputs that pass the values used in training "
+        "(example_inputs=/example_kwargs=), or keep this module out of the rewrite "
+        "(select=...)")

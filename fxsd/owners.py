@@ -1,0 +1,332 @@
+"""Which modules fxsd rewrites, and what each keeps as whole calls: ``plan_owners``.
+
+fxsd gates a residual join inside the module that owns it, so the rest of the model keeps its
+modules, hooks and class. The **owner** of a site is the innermost module call (on the stack of
+the call performing the add) that
+
+* is the only call of its module in the traced forward (a module applied at several depths,
+  ALBERT-style, would need one gate per call: its sites go to the caller that makes the calls);
+* created the add, the branch and the skip path, and created or received as arguments the fork
+  and the branch's side inputs;
+* can be cut out of the whole-model graph as a function of its arguments: it reads nothing from
+  outside except its arguments and its own parameters, nothing it computes is used outside except
+  through its return value, its constant arguments can be guarded, and every module and attribute
+  it uses lives under it.
+
+The root qualifies whenever nothing smaller does. Inside an owner, each module call it makes stays
+one ``call_module`` (hooks fire, FSDP and checkpoint wrappers apply) unless the rewrite must see
+inside it: it performs the owner's add or holds a drop path the rewrite removes, it lies partly
+inside and partly outside a branch, or it cannot be cut out itself. Such calls are *inlined*: their
+nodes are copied into the owner's graph. A call that owns sites of its own but must be inlined
+hands them to the enclosing owner.
+
+Everything here is pure analysis: nothing is traced or changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Node
+
+from fxsd.calls import CallTree, node_leaves
+from fxsd.guards import is_guardable, is_literal
+from fxsd.residuals import ResidualAnalysis, ResidualSite
+from fxsd.tracing import is_drop_path
+
+__all__ = ["Owner", "plan_owners", "ROOT"]
+
+#: The owner index of the root module.
+ROOT = None
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A module fxsd rewrites as a gated GraphModule.
+
+    Attributes:
+        call: index of its call in the trace's :class:`~fxsd.calls.CallTree` (``None``: the root).
+        path: its qualified name (``""``: the root).
+        sites: the residual sites it gates, in execution order.
+        gate_names: the attribute name of each site's gate on the rewritten module.
+        inline: calls under it whose nodes are copied into its graph instead of kept as calls.
+    """
+
+    call: int | None
+    path: str
+    sites: tuple[ResidualSite, ...]
+    gate_names: tuple[str, ...]
+    inline: frozenset[int]
+
+    def gate_path(self, i: int) -> str:
+        """Qualified name of site ``i``'s gate in the model."""
+        return f"{self.path}.{self.gate_names[i]}" if self.path else self.gate_names[i]
+
+
+def plan_owners(analysis: ResidualAnalysis,
+                sites: Sequence[ResidualSite] | None = None) -> list[Owner]:
+    """The modules to rewrite for ``sites`` (default: every site), deepest first.
+
+    Example:
+        >>> import torchvision, fxsd
+        >>> from fxsd.owners import plan_owners
+        >>> owners = plan_owners(fxsd.analyze_residuals(torchvision.models.vit_b_16()))
+        >>> owners[0].path, owners[0].gate_names
+        ('encoder.layers.encoder_layer_0', ('self_attention_gate', 'mlp_gate'))
+    """
+    sites = list(analysis.sites if sites is None else sites)
+    if not sites:
+        return []
+    return _Planner(analysis).plan(sites)
+
+
+class _Planner:
+    def __init__(self, analysis: ResidualAnalysis) -> None:
+        self.analysis = analysis
+        self.gm = analysis.graph_module
+        self.tree: CallTree | None = analysis.calls
+        self._clean: dict[int, bool] = {}
+
+    # -- the owner of one site ---------------------------------------------------------------
+    def plan(self, sites: list[ResidualSite]) -> list[Owner]:
+        owner_of = [self.owner(site) for site in sites]
+        while True:
+            by_owner: dict[int | None, list[int]] = {}
+            for i, k in enumerate(owner_of):
+                by_owner.setdefault(k, []).append(i)
+            inline = {k: self.inline_set(k, [sites[i] for i in v]) for k, v in by_owner.items()}
+            moved = False
+            for k, calls in inline.items():
+                for other in by_owner:
+                    if other is not None and other in calls:  # an owner that must be inlined
+                        for i in by_owner[other]:
+                            owner_of[i] = k
+                        moved = True
+            if not moved:
+                break
+        owners = [self._owner(k, [sites[i] for i in v], inline[k]) for k, v in by_owner.items()]
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        owners.sort(key=lambda o: (-self.depth(o.call), order[o.sites[0].add]))
+        return owners
+
+    def depth(self, index: int | None) -> int:
+        return 0 if index is None else len(self.tree.ancestors(index)) + 1
+
+    def owner(self, site: ResidualSite) -> int | None:
+        if self.tree is None:
+            return ROOT
+        for index in reversed(self.tree.chain(site.add)):
+            if self.can_own(index, site):
+                return index
+        return ROOT
+
+    def can_own(self, index: int, site: ResidualSite) -> bool:
+        tree = self.tree
+        if not tree.is_unique(index) or not self.clean(index):
+            return False
+        given = set(tree.inputs(index))
+        inside = (*site.branch, *site.skip_path, site.add)
+        if not all(n.op == "get_attr" or tree.in_region(n, index) or n in given for n in inside):
+            return False
+        return all(tree.in_region(n, index) or n in given for n in (site.fork, *site.side_inputs))
+
+    def clean(self, index: int) -> bool:
+        """Whether call ``index`` can be cut out as a function of its arguments."""
+        if index not in self._clean:
+            tree = self.tree
+            call = tree.calls[index]
+            reads, escapes = tree.boundary(index)
+            constants = [v for v in _constant_leaves((call.args, call.kwargs))]
+            ok = not reads and not escapes and all(is_literal(v) for v in constants)
+            ok = ok and _binds(call) and self._owns_its_attributes(index)
+            self._clean[index] = ok
+        return self._clean[index]
+
+    def _owns_its_attributes(self, index: int) -> bool:
+        """Every module and tensor the call's region uses lives under the called module (or is a
+        stateless object fxsd can hand it, such as a constant tensor or a drop-path module)."""
+        tree = self.tree
+        prefix = tree.calls[index].path + "." if tree.calls[index].path else ""
+        for n in tree.region(index):
+            paths = []
+            if n.op in ("call_module", "get_attr"):
+                paths.append(str(n.target))
+            for a in n.all_input_nodes:
+                if a.op == "get_attr":
+                    paths.append(str(a.target))
+            for path in paths:
+                if not path.startswith(prefix) and not _stateless(self.gm, path):
+                    return False
+        for child in tree.children(index):
+            if not tree.calls[child].path.startswith(prefix):
+                return False
+        return True
+
+    # -- inside an owner ---------------------------------------------------------------------
+    def inline_set(self, owner: int | None, sites: list[ResidualSite]) -> frozenset[int]:
+        """The calls under ``owner`` that its graph must copy rather than call."""
+        if self.tree is None:
+            return frozenset()
+        protected = {s.add for s in sites}
+        for s in sites:
+            protected.update(n for n in s.branch if n.op == "call_module"
+                             and is_drop_path(self.gm.get_submodule(str(n.target))))
+        branches = [set(s.branch) for s in sites]
+        inline: set[int] = set()
+        todo = self.tree.children(owner)
+        while todo:
+            child = todo.pop()
+            if self.keeps_whole(child, protected, branches):
+                continue
+            inline.add(child)
+            todo.extend(self.tree.children(child))
+        return frozenset(inline)
+
+    def keeps_whole(self, index: int, protected: set[Node], branches: list[set[Node]]) -> bool:
+        """Whether the owner's graph can keep call ``index`` as one call: it can be cut out, does
+        not hold a node the rewrite edits, and lies wholly inside or wholly outside each branch
+        (unused side results aside)."""
+        if not self.clean(index):
+            return False
+        region = [n for n in self.tree.region(index) if n.op != "get_attr"]
+        if any(n in protected for n in region):
+            return False
+        for branch in branches:
+            hits = [n in branch for n in region]
+            if any(hits) and not all(h or not n.users for n, h in zip(region, hits)):
+                return False
+        return True
+
+    # -- names -------------------------------------------------------------------------------
+    def _owner(self, index: int | None, sites: list[ResidualSite],
+               inline: frozenset[int]) -> Owner:
+        path = "" if index is None else self.tree.calls[index].path
+        module = self.gm if index is None else self.tree.calls[index].module
+        names = self.gate_names(module, path, sites)
+        return Owner(index, path, tuple(sites), tuple(names), inline)
+
+    def gate_names(self, module: nn.Module, path: str, sites: list[ResidualSite]) -> list[str]:
+        """``residual_gate`` for a module with one site; otherwise named after the module
+        performing the add (relative to the owner) and, where that module performs several
+        joins, after the heaviest module in each branch (``self_attention_gate``, ``mlp_gate``).
+        """
+        if len(sites) == 1:
+            return [_free(module, "residual_gate", set())]
+        performer = [s.module_path for s in sites]
+        count: dict[str, int] = {}
+        for p in performer:
+            count[p] = count.get(p, 0) + 1
+        taken: set[str] = set()
+        names = []
+        for site, p in zip(sites, performer):
+            rel = _relative(p, path)
+            what = self.heaviest(site, p) if count[p] > 1 else ""
+            base = "_".join(x for x in (rel.replace(".", "_"), what) if x) or "residual"
+            name = _free(module, f"{base}_gate", taken)
+            taken.add(name)
+            names.append(name)
+        return names
+
+    def heaviest(self, site: ResidualSite, performer: str) -> str:
+        """The attribute (under ``performer``) of the branch's largest module, by parameters."""
+        prefix = performer + "." if performer else ""
+        best, best_params = "", -1
+        for n in site.branch:
+            if n.op == "call_module":
+                where = str(n.target)
+            elif self.tree is not None and self.tree.innermost(n) is not None:
+                where = self.tree.innermost(n).path
+            else:
+                continue
+            if not where.startswith(prefix) or where == performer:
+                continue
+            top = where[len(prefix):].split(".")[0]
+            try:
+                params = sum(p.numel() for p in
+                             self.gm.get_submodule(prefix + top).parameters())
+            except AttributeError:
+                params = 0
+            if params > best_params:
+                best, best_params = top, params
+        return best
+
+
+def _relative(path: str, owner: str) -> str:
+    if not owner:
+        return path
+    return path[len(owner) + 1:] if path.startswith(owner + ".") else ""
+
+
+def _free(module: nn.Module, base: str, taken: set[str]) -> str:
+    name, i = base, 1
+    while name in taken or hasattr(module, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _constant_leaves(value: Any) -> list[Any]:
+    out: list[Any] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, (tuple, list)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif not isinstance(x, Node):
+            out.append(x)
+
+    visit(value)
+    return out
+
+
+def _binds(call: Any) -> bool:
+    import inspect
+
+    try:
+        inspect.signature(call.module.forward).bind(*call.args, **call.kwargs)
+    except (TypeError, ValueError):
+        return False
+    for _name, value in _arguments(call):
+        if not node_leaves(value) and not is_guardable(value):
+            return False
+    return True
+
+
+def _arguments(call: Any) -> list[tuple[str, Any]]:
+    import inspect
+
+    sig = inspect.signature(call.module.forward)
+    bound = sig.bind(*call.args, **call.kwargs)
+    out = []
+    for name, param in sig.parameters.items():
+        if name in bound.arguments:
+            out.append((name, bound.arguments[name]))
+        elif param.default is not inspect.Parameter.empty:
+            out.append((name, param.default))
+    return out
+
+
+def _stateless(gm: nn.Module, target: str) -> bool:
+    try:
+        obj = _get(gm, target)
+    except AttributeError:
+        return False
+    if isinstance(obj, nn.Parameter):
+        return False
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, nn.Module):
+        return next(obj.parameters(), None) is None and next(obj.buffers(), None) is None
+    return True
+
+
+def _get(obj: Any, target: str) -> Any:
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj

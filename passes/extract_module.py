@@ -1,0 +1,246 @@
+"""Cut one module's ``forward`` out of a whole-model trace, as a graph of its own.
+
+fxsd traces the whole model once (the analysis needs the whole data flow: depths, forks that come
+from outside a block, side inputs). To rewrite a block in place, the block's own ``forward`` is
+needed as a graph over the block's arguments. :func:`extract_module` builds it from the nodes the
+block's call created in the whole-model graph:
+
+* one placeholder per parameter of the block's ``forward`` signature (defaults kept); a tensor the
+  caller passed inside a tuple or dict (Llama's ``position_embeddings``) is read back with
+  ``getitem``; a constant the block was traced with (``attn_mask=None``) gets a guard
+  (:func:`fxsd.guards.check_argument`);
+* the block's nodes, with module and attribute targets made relative to the block;
+* each module call the plan keeps whole (:class:`~fxsd.owners.Owner`) becomes one
+  ``call_module`` node, its results read back where the caller used them;
+* the block's return value as the output.
+
+The result computes exactly what the block's call computed in the trace; the mapping from the
+whole-model nodes to the new ones lets the rewrite carry the analysis over. The whole-model graph
+is not changed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Graph, Node
+from torch.fx.node import map_aggregate
+
+from fxsd.errors import GraphError
+from fxsd.graph_module import free_name
+from fxsd.guards import check_argument
+from fxsd.owners import Owner
+from fxsd.residuals import ResidualAnalysis
+
+__all__ = ["ExtractedModule", "extract_module"]
+
+
+@dataclass
+class ExtractedModule:
+    """A block's forward cut out of the whole-model graph.
+
+    Attributes:
+        graph: the block's graph (targets relative to the block).
+        env: whole-model node -> the node of ``graph`` holding the same value.
+        extra_attrs: attributes the graph reads that the block lacks (constant tensors and
+            stateless modules the trace created on the root, such as made-live drop paths).
+    """
+
+    graph: Graph
+    env: dict[Node, Node]
+    extra_attrs: dict[str, Any]
+
+
+def extract_module(analysis: ResidualAnalysis, owner: Owner, module: nn.Module) -> ExtractedModule:
+    """Build ``owner``'s forward as a graph (see the module docstring).
+
+    Args:
+        analysis: the whole-model analysis the owner was planned on.
+        owner: the module to cut out, with the calls to keep whole.
+        module: the module the graph will run on (the owner's module, or its copy), used to
+            name new attributes without clashes.
+    """
+    return _Extractor(analysis, owner, module).run()
+
+
+class _Extractor:
+    def __init__(self, analysis: ResidualAnalysis, owner: Owner, module: nn.Module) -> None:
+        self.source = analysis.graph_module
+        self.tree = analysis.calls
+        self.owner = owner
+        self.module = module
+        self.prefix = owner.path + "." if owner.path else ""
+        self.graph = Graph()
+        self.env: dict[Node, Node] = {}
+        self.extra: dict[str, Any] = {}
+        self.rehomed: dict[str, str] = {}
+        self.emitted: set[int] = set()
+
+    def run(self) -> ExtractedModule:
+        if self.owner.call is None:
+            region = list(self.source.graph.nodes)
+            depth = 0
+        else:
+            call = self.tree.calls[self.owner.call]
+            region = self.tree.region(call.index)
+            depth = len(self.tree.ancestors(call.index)) + 1
+            self._placeholders(call)
+        for node in region:
+            kept = self._kept_call(node, depth)
+            if kept is not None:
+                if kept not in self.emitted:
+                    self._emit_call(kept)
+                continue
+            if node.op == "output":
+                self.graph.output(map_aggregate(node.args[0], self._value))
+                continue
+            self.env[node] = self._copy(node)
+        if self.owner.call is not None:
+            output = self.tree.calls[self.owner.call].output
+            self.graph.output(map_aggregate(output, self._value))
+        self.graph.lint()
+        return ExtractedModule(self.graph, self.env, self.extra)
+
+    # -- arguments ---------------------------------------------------------------------------
+    def _placeholders(self, call: Any) -> None:
+        sig = inspect.signature(call.module.forward)
+        bound = sig.bind(*call.args, **call.kwargs)
+        for name, param in sig.parameters.items():
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                ph = self.graph.placeholder(f"*{name}")
+                value: Any = bound.arguments.get(name, ())
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                ph = self.graph.placeholder(f"**{name}")
+                value = bound.arguments.get(name, {})
+            else:
+                ph = self.graph.placeholder(name, default_value=param.default)
+                value = bound.arguments.get(name, param.default)
+            if not self._bind_value(ph, value):
+                guard = self.graph.call_function(
+                    check_argument, (ph, value, self.owner.path, name))
+                guard.meta["is_wrapped"] = True  # the generated code re-registers it with fx
+
+    def _bind_value(self, holder: Node, value: Any) -> bool:
+        """Map the nodes inside ``value`` to reads of ``holder``; False if it holds none."""
+        if isinstance(value, Node):
+            self.env.setdefault(value, holder)
+            return True
+        items = (enumerate(value) if isinstance(value, (tuple, list))
+                 else value.items() if isinstance(value, dict) else ())
+        found = False
+        for key, item in items:
+            if _has_node(item):
+                part = self.graph.call_function(operator.getitem, (holder, key))
+                found = self._bind_value(part, item) or found
+        return found
+
+    # -- nodes -------------------------------------------------------------------------------
+    def _kept_call(self, node: Node, depth: int) -> int | None:
+        """The outermost call below the owner that ``node`` belongs to and the plan keeps whole."""
+        if self.tree is None:
+            return None
+        for index in self.tree.chain(node)[depth:]:
+            if index not in self.owner.inline:
+                return index
+        return None
+
+    def _emit_call(self, index: int) -> None:
+        self.emitted.add(index)
+        call = self.tree.calls[index]
+        args = map_aggregate(call.args, self._value)
+        kwargs = map_aggregate(call.kwargs, self._value)
+        target = self._target(call.path)
+        node = self.graph.create_node("call_module", target, tuple(args), dict(kwargs),
+                                      name=target.replace(".", "_"))
+        self._bind_result(node, call.output, index)
+
+    def _bind_result(self, holder: Node, value: Any, index: int) -> None:
+        if isinstance(value, Node):
+            if self.tree.in_region(value, index):
+                self.env[value] = holder
+            return
+        items = (enumerate(value) if isinstance(value, (tuple, list))
+                 else value.items() if isinstance(value, dict) else ())
+        for key, item in items:
+            if _has_node(item):
+                self._bind_result(self.graph.call_function(operator.getitem, (holder, key)),
+                                  item, index)
+
+    def _copy(self, node: Node) -> Node:
+        args = map_aggregate(node.args, self._value)
+        kwargs = map_aggregate(node.kwargs, self._value)
+        target = node.target
+        name = node.name
+        if node.op in ("call_module", "get_attr"):
+            target = self._target(str(node.target))
+            name = target.replace(".", "_")
+        elif self.prefix and name.startswith(self.prefix.replace(".", "_")):
+            name = name[len(self.prefix):]
+        new = self.graph.create_node(node.op, target, tuple(args), dict(kwargs), name=name,
+                                     type_expr=node.type)
+        new.meta = dict(node.meta)
+        return new
+
+    def _value(self, value: Any) -> Any:
+        if not isinstance(value, Node):
+            return value
+        if value in self.env:
+            return self.env[value]
+        if value.op == "get_attr":  # a parameter first read elsewhere (fx caches the node)
+            self.env[value] = self._copy(value)
+            return self.env[value]
+        raise GraphError(
+            f"cannot cut '{self.owner.path or '<root>'}' out of the traced graph: it reads "
+            f"'{value.name}', which it neither computes nor receives")
+
+    def _target(self, path: str) -> str:
+        """``path`` (qualified in the model) relative to the owner, or a new attribute for a
+        stateless object that lives elsewhere."""
+        if self.owner.call is None:
+            if _has_path(self.module, path):
+                return path
+        elif path.startswith(self.prefix):
+            return path[len(self.prefix):]
+        if path not in self.rehomed:
+            obj = _get(self.source, path)
+            if isinstance(obj, nn.Parameter) or (
+                    isinstance(obj, nn.Module) and next(obj.parameters(), None) is not None):
+                raise GraphError(f"'{self.owner.path or '<root>'}' uses '{path}', which holds "
+                                 "state outside it")
+            name = free_name(self.module, path.replace(".", "_"))
+            while name in self.extra:
+                name += "_"
+            self.extra[name] = obj if not isinstance(obj, torch.Tensor) else obj.detach()
+            self.rehomed[path] = name
+        return self.rehomed[path]
+
+
+def _has_node(value: Any) -> bool:
+    found = False
+
+    def visit(x: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(x, Node)
+        return x
+
+    map_aggregate(value, visit)
+    return found
+
+
+def _has_path(module: nn.Module, path: str) -> bool:
+    try:
+        _get(module, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _get(obj: Any, path: str) -> Any:
+    for atom in path.split("."):
+        obj = getattr(obj, atom)
+    return obj
