@@ -146,33 +146,24 @@ def module_from_graph(source: nn.Module, graph: Graph, extra_attrs: dict[str, An
         keep_class: make the result an instance of ``type(source)`` too (see
             :func:`block_class`); otherwise a plain :class:`FxsdGraphModule` named after it.
     """
-    extra_attrs = dict(extra_attrs or {})
-    referenced: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            target = str(node.target)
-            referenced[target] = (extra_attrs[target] if target in extra_attrs
-                                  else _resolve(source, target))
     base = _source_class(type(source)) if isinstance(source, GraphModule) else type(source)
-    gm = FxsdGraphModule(referenced, graph, class_name=type(source).__name__)
     cls = block_class(base) if keep_class else FxsdGraphModule
-    if cls is not FxsdGraphModule:
-        # GraphModule.__init__ would call the source class's __init__ through super(): build a
-        # plain one and move its state into an instance of the combined class.
-        gm = _transplant(gm, cls)
-    # GraphModule installed a partial tree for what the graph reads; swap in the source's own.
-    for attr in [k for k in gm.__dict__ if k not in _GRAPH_MODULE_ATTRS and k not in _TREE
-                 and k not in nn.Module().__dict__]:
-        del gm.__dict__[attr]
+    # GraphModule.__init__ would install a partial tree for what the graph reads (and, for the
+    # combined class, call the source class's __init__ through super()): initialise a plain one
+    # on an empty graph, move its state into an instance of ``cls``, give it the source's own
+    # tree and attributes, and only then the graph (one code generation).
+    empty = Graph()
+    empty.output(None)
+    gm = cls.__new__(cls)
+    gm.__dict__.update(FxsdGraphModule({}, empty, class_name=type(source).__name__).__dict__)
+    type(gm).__name__ = type(source).__name__
     for name, value in source.__dict__.items():
         if name in _TREE or name.endswith("_hooks") or name.endswith("_hooks_with_kwargs") \
                 or name.endswith("_hooks_always_called"):
             gm.__dict__[name] = copy.copy(value)
         elif name not in _GRAPH_MODULE_ATTRS:
             gm.__dict__[name] = value
-    for name, value in extra_attrs.items():
-        if "." in name:
-            continue
+    for name, value in (extra_attrs or {}).items():
         if isinstance(value, nn.Module):
             gm._modules[name] = value
         elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
@@ -180,6 +171,7 @@ def module_from_graph(source: nn.Module, graph: Graph, extra_attrs: dict[str, An
         else:
             gm.__dict__[name] = value
     gm.training = source.training
+    gm.graph = graph
     return gm
 
 

@@ -47,13 +47,22 @@ class ExtractedModule:
     Attributes:
         graph: the block's graph (targets relative to the block).
         env: whole-model node -> the node of ``graph`` holding the same value.
-        extra_attrs: attributes the graph reads that the block lacks (constant tensors and
-            stateless modules the trace created on the root, such as made-live drop paths).
+        module: the module the graph runs on.
+        extra_attrs: attributes the graph reads that the module lacks (constant tensors and
+            stateless modules the trace created on the root, such as made-live drop paths). A
+            rewrite that adds modules for its graph to call (gates) adds them here too.
     """
 
     graph: Graph
     env: dict[Node, Node]
+    module: nn.Module
     extra_attrs: dict[str, Any]
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """Look ``target`` up as the module built from this graph will."""
+        if target in self.extra_attrs:
+            return self.extra_attrs[target]
+        return self.module.get_submodule(target)
 
 
 def extract_module(analysis: ResidualAnalysis, owner: Owner, module: nn.Module) -> ExtractedModule:
@@ -104,7 +113,7 @@ class _Extractor:
             output = self.tree.calls[self.owner.call].output
             self.graph.output(map_aggregate(output, self._value))
         self.graph.lint()
-        return ExtractedModule(self.graph, self.env, self.extra)
+        return ExtractedModule(self.graph, self.env, self.module, self.extra)
 
     # -- arguments ---------------------------------------------------------------------------
     def _placeholders(self, call: Any) -> None:

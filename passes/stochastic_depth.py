@@ -266,9 +266,8 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
                 record: FxsdRecord, existing: str) -> GraphModule:
     """Rewrite ``module`` (the owner) as a GraphModule with one gate per owned site."""
     cut = extract_module(analysis, owner, module)
-    block = module_from_graph(module, cut.graph, cut.extra_attrs)
-    block.meta["fxsd"] = record
-    graph = block.graph
+    block = cut  # looks modules up like the rewritten block will (extra attributes, gates)
+    graph = cut.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     rewritten: dict[Node, Node] = {}  # rewritten add -> the gate call that replaced it
     for i, site in enumerate(owner.sites):
@@ -320,7 +319,7 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
             drop_path=action,
             record=record,
         )
-        block.add_submodule(name, gate)
+        cut.extra_attrs[name] = gate
         args = (fork, *branch.inputs) if skip is fork else (skip, fork, *branch.inputs)
         with graph.inserting_before(add):
             call = graph.call_module(name, args)
@@ -332,11 +331,12 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
             graph.erase_node(n)
         rewritten[add] = call
     graph.lint()
-    block.recompile()
-    return block
+    gated = module_from_graph(module, graph, cut.extra_attrs)
+    gated.meta["fxsd"] = record
+    return gated
 
 
-def _collect(block: GraphModule, fork: Node, out: Node, add: Node, order: dict[Node, int],
+def _collect(block: Any, fork: Node, out: Node, add: Node, order: dict[Node, int],
              site: ResidualSite) -> Any:
     branch = collect_branch(block, fork, out, add, order)
     if isinstance(branch, tuple):  # the analysis accepted it: a bug if this happens
@@ -411,7 +411,7 @@ def _on_output_path(node: Node, out: Node) -> bool:
     return True
 
 
-def _branch_module(gm: GraphModule, fork: Node, nodes: Sequence[Node], inputs: Sequence[Node],
+def _branch_module(gm: Any, fork: Node, nodes: Sequence[Node], inputs: Sequence[Node],
                    out: Node, name: str) -> GraphModule:
     graph = Graph()
     env: dict[Node, Node] = {}
