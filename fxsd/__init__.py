@@ -19,6 +19,7 @@ The public surface:
 * :class:`FxsdError` and its subclasses — every error fxsd raises.
 """
 
+from fxsd import bench, models  # noqa: F401  (fxsd.bench, fxsd.models)
 from fxsd.compiling import compile  # noqa: A004
 from fxsd.composer import apply_stochastic_depth  # noqa: E402  (needs the pass imported first)
 from fxsd.errors import (
@@ -31,7 +32,11 @@ from fxsd.errors import (
 )
 from fxsd.gate import BranchGate, DropPathAction, DropSampler, GateInfo
 from fxsd.graph_module import FxsdGraphModule
-from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
+from fxsd.passes.stochastic_depth import (
+    InlinedHooksWarning,
+    NoResidualSitesWarning,
+    stochastic_depth,
+)
 from fxsd.passes.strip_gates import strip
 from fxsd.record import FxsdRecord, get_record
 from fxsd.residuals import (
@@ -69,6 +74,7 @@ __all__ = [
     "GateInfo",
     "GraphError",
     "GuardError",
+    "InlinedHooksWarning",
     "InvalidArgumentError",
     "InvalidTypeError",
     "NoResidualSitesWarning",

@@ -4,11 +4,13 @@
 * :func:`check_not_wrapped` — fxsd transforms the plain model; a model already wrapped by FSDP or
   DDP is refused with a message saying to transform first (tracing a sharded module would run
   FSDP's hooks on proxies, and the wrappers' own forwards are not the model's).
-* :func:`check_unsynced_sharding` — with ``sync_ranks=False`` each rank skips other branches, so
-  each rank's backward gives gradients to other parameters. FSDP2 then issues mismatched
-  reduce-scatters (a hang or a gloo abort) unless every sharded module was told to reduce unused
-  parameters too (``set_reduce_scatter_unused_params(True)``). The gates call this before their
-  first unsynced draw and raise a clear error instead.
+* :func:`check_unsynced_sharding` — with ``sync_ranks=False`` each rank skips other branches.
+  Under FSDP2 the ranks' collectives then stop matching: a rank that skipped a branch sends no
+  gradient for its parameters, and when a skipped block's output does not require grad (the
+  first block, fed by the data) that rank does not even all-gather the block for backward, while
+  the others do: a hang or a gloo abort. ``set_reduce_scatter_unused_params(True)`` fixes the
+  first case, not the second. So fxsd refuses per-rank decisions under FSDP2: the gates call
+  this before their first unsynced draw and raise a clear error instead.
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ def check_not_wrapped(model: nn.Module) -> None:
 
 
 def check_unsynced_sharding() -> None:
-    """Raise when FSDP2 shards modules in this process without reducing unused parameters.
+    """Raise when FSDP2 shards modules in this process and ranks would draw their own decisions.
 
     Only meaningful for ``sync_ranks=False`` with more than one rank. Reads torch's registry of
     composable distributed states (FSDP2 registers every module it shards there).
 
     Raises:
-        InvalidArgumentError: a sharded module would issue mismatched collectives.
+        InvalidArgumentError: the ranks' collectives would not match.
     """
     import torch.distributed as dist
 
@@ -76,20 +78,14 @@ def check_unsynced_sharding() -> None:
     except ImportError:  # pragma: no cover - older torch: nothing to inspect
         return
     for module in list(_module_state_mapping):
-        if _wrapper_kind(module) != "FSDPModule":
-            continue
-        state = module._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None) or []
-        if not isinstance(groups, (list, tuple)):
-            groups = [groups]
-        if any(not getattr(g, "reduce_scatter_unused_params", False) for g in groups if g):
+        if _wrapper_kind(module) == "FSDPModule":
             raise InvalidArgumentError(
                 f"sync_ranks=False lets each rank skip other branches, but FSDP2 shards "
-                f"{type(module).__name__} without reducing unused parameters: the ranks' "
-                "reduce-scatters would not match (a hang or an abort). Call "
-                "model.set_reduce_scatter_unused_params(True) on the fully_shard-ed root "
-                "(it recurses), or transform with sync_ranks=True (the same decisions on every "
-                "rank, no extra communication)")
+                f"{type(module).__name__}: the ranks' all-gathers and reduce-scatters would "
+                "stop matching (a hang or an abort; set_reduce_scatter_unused_params does not "
+                "cover a skipped block whose output needs no gradient). Transform with "
+                "sync_ranks=True: the same decisions on every rank, and a skipped block's "
+                "branch computes nothing on any rank")
 
 
 def unsynced_sharding_generation() -> int:

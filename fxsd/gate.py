@@ -166,7 +166,7 @@ class BranchGate(nn.Module):
             instead of ``gate(skip, fork, *inputs)``.
         clone_on_drop: return a copy of the skip when dropping, because something later modifies
             the result in place (``ReLU(inplace=True)``) and must not modify the skip, which
-            autograd may have saved.
+            autograd may have saved. (A skip that is a view is always copied when dropped.)
         info: the site's description.
         mode: ``"block"`` or ``"sample"``.
         scale: ``"eval"``, ``"train"`` or ``"none"`` (see the module docstring).
@@ -253,7 +253,10 @@ class BranchGate(nn.Module):
         return self.sampler.rows(n) >= self.drop_rate
 
     def _skip(self, skip: torch.Tensor) -> torch.Tensor:
-        return skip.clone() if self.clone_on_drop else skip
+        # A view is copied too: handing it on would make the block's output alias storage it
+        # does not own (FSDP2 passes a block's inputs through an autograd function, so an
+        # identity skip arrives as a view, and FSDP2 warns about blocks that return one).
+        return skip.clone() if self.clone_on_drop or skip._is_view() else skip
 
     def _sample(self, skip: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
         p = self.drop_rate

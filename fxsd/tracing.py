@@ -61,8 +61,9 @@ class FxsdTracer(fx.Tracer):
 
     It also records every module call it traces through (a :class:`~fxsd.calls.ModuleCall`, in
     :attr:`calls`) and tags each node with the calls running when it was created
-    (``node.meta["fxsd"]``, a :class:`~fxsd.record.NodeRecord`). Activation-checkpoint wrappers
-    (``CheckpointWrapper``) are traced as the module they wrap.
+    (``node.meta["fxsd"]``, a :class:`~fxsd.record.NodeRecord`). Modules are traced through
+    their ``forward`` alone: their hooks are not run on proxies (nor copied into the graph).
+    Activation-checkpoint wrappers (``CheckpointWrapper``) are traced as the module they wrap.
 
     Args:
         leaf_modules: module classes, or qualified module names (``"encoder.layers.0.attn"``), to
@@ -125,10 +126,11 @@ class FxsdTracer(fx.Tracer):
                           _as_nodes(args), _as_nodes(kwargs))
         self.calls.append(call)
         self._running.append(call.index)
+        # Trace the module's own forward, without its hooks: a hook must never see proxies, and
+        # the rewritten module runs its hooks itself. A checkpoint wrapper is traced as the
+        # module it wraps (not through torch.utils.checkpoint).
         wrapped = _checkpoint_wrapped(m)
-        if wrapped is not None:  # trace the wrapped module, not torch.utils.checkpoint
-            forward = wrapped
-        out = super().call_module(m, forward, args, kwargs)
+        out = super().call_module(m, wrapped if wrapped is not None else m.forward, args, kwargs)
         self._running.pop()
         call.output = _as_nodes(out)
         self.scope_stack.pop()

@@ -165,7 +165,7 @@ class _Extractor:
         kwargs = map_aggregate(call.kwargs, self._value)
         target = self._target(call.path)
         node = self.graph.create_node("call_module", target, tuple(args), dict(kwargs),
-                                      name=target.replace(".", "_"))
+                                      name=_name_for(target))
         self._bind_result(node, call.output, index)
 
     def _bind_result(self, holder: Node, value: Any, index: int) -> None:
@@ -187,7 +187,7 @@ class _Extractor:
         name = node.name
         if node.op in ("call_module", "get_attr"):
             target = self._target(str(node.target))
-            name = target.replace(".", "_")
+            name = _name_for(target)
         elif self.prefix and name.startswith(self.prefix.replace(".", "_")):
             name = name[len(self.prefix):]
         new = self.graph.create_node(node.op, target, tuple(args), dict(kwargs), name=name,
@@ -227,6 +227,13 @@ class _Extractor:
             self.extra[name] = obj if not isinstance(obj, torch.Tensor) else obj.detach()
             self.rehomed[path] = name
         return self.rehomed[path]
+
+
+def _name_for(target: str) -> str:
+    """A node name for a call of ``target``; never ``self``, which names the module itself in
+    generated code (BERT's attention calls a child named ``self``)."""
+    name = target.replace(".", "_")
+    return "self_1" if name == "self" else name
 
 
 def _has_node(value: Any) -> bool:

@@ -39,13 +39,19 @@ from fxsd.schedules import DISTRIBUTIONS, Distribution, check_rate, site_rates
 from fxsd.tracing import LeafSpec, is_drop_path
 from fxsd.training import gates
 
-__all__ = ["stochastic_depth", "gate_residuals", "GateSpec", "NoResidualSitesWarning"]
+__all__ = ["stochastic_depth", "gate_residuals", "GateSpec", "InlinedHooksWarning",
+           "NoResidualSitesWarning"]
 
 EXISTING = ("adopt", "replace", "keep")
 
 
 class NoResidualSitesWarning(UserWarning):
     """The model has no residual site (or none selected), so the pass changed nothing."""
+
+
+class InlinedHooksWarning(UserWarning):
+    """A module with hooks had to be inlined into the gated module that owns a join: its hooks
+    will not run any more."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,7 @@ def gate_residuals(
     specs = [s if isinstance(s, GateSpec) else GateSpec(float(s), 1.0, "block", "eval", None)
              for s in specs]
     owners = plan_owners(analysis, analysis.sites)
+    _warn_inlined_hooks(analysis, owners)
     if inplace and any(o.call is None for o in owners):
         raise InvalidArgumentError(
             f"the forward of {type(model).__name__} itself performs residual joins, so its root "
@@ -239,6 +246,21 @@ def gate_residuals(
     record.rewritten = tuple(o.path for o in rewritten)
     record.original_classes = tuple(type(_resolve(model, o.path)).__name__ for o in rewritten)
     return tree.root
+
+
+def _warn_inlined_hooks(analysis: ResidualAnalysis, owners: Sequence[Owner]) -> None:
+    for owner in owners:
+        for index in sorted(owner.inline):
+            call = analysis.calls.calls[index]
+            module = call.module
+            if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks \
+                    or getattr(module, "_backward_pre_hooks", None):
+                warnings.warn(
+                    f"'{call.path}' ({call.type_name}) has hooks, but its forward performs part "
+                    f"of a residual join that '{owner.path or '<root>'}' gates, so its code is "
+                    "copied into that module's graph and its hooks will not run. Register them "
+                    f"on '{owner.path or '<root>'}' or on the modules it calls instead.",
+                    InlinedHooksWarning, stacklevel=4)
 
 
 class _WholeGraphFacts:
