@@ -1,16 +1,19 @@
 """fxsd — stochastic depth for any residual network, as a ``torch.fx`` graph pass.
 
 >>> import torch, torchvision, fxsd
->>> model = torchvision.models.resnet50()
->>> gm = fxsd.stochastic_depth(model, drop_rate=0.2, distribution="linear", seed=0)
->>> print(fxsd.table(gm))  # doctest: +SKIP
+>>> model = fxsd.stochastic_depth(torchvision.models.resnet50(), drop_rate=0.2, seed=0)
+>>> type(model).__name__, type(model.layer1[0]).__name__
+('ResNet', 'Bottleneck')
+>>> print(fxsd.table(model))  # doctest: +SKIP
 
 The public surface:
 
 * :func:`find_residuals` / :func:`analyze_residuals` — which adds are residual joins, and why the
   others are not (pure analysis, the model is never modified);
-* :func:`stochastic_depth` — the pass: gate every residual branch with a depth-indexed drop rate;
+* :func:`stochastic_depth` — the pass: gate every residual branch with a depth-indexed drop rate,
+  inside the blocks that own the joins (the model keeps its class and structure);
 * :func:`table` — the sites (or a transformed model's gates) as a printable table;
+  :func:`get_record` — what fxsd recorded about a transformed model;
 * :func:`set_drop_rate`, :class:`DropWarmup`, :func:`get_rng_state`/:func:`set_rng_state` —
   training-loop helpers; :func:`apply_stochastic_depth` — Composer's functional API;
 * :func:`compile` — ``torch.compile`` with live decisions; :func:`strip` — a gate-free eval graph

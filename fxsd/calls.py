@@ -23,7 +23,7 @@ from torch.fx.node import map_aggregate
 
 from fxsd.record import NodeRecord
 
-__all__ = ["ModuleCall", "CallTree", "node_leaves", "stack_scope"]
+__all__ = ["ModuleCall", "CallTree", "calls_of", "node_leaves", "stack_scope"]
 
 
 @dataclass(eq=False)
@@ -65,7 +65,8 @@ def node_leaves(value: Any) -> list[Node]:
     return found
 
 
-def _calls_of(node: Node) -> tuple[int, ...]:
+def calls_of(node: Node) -> tuple[int, ...]:
+    """The module calls running when ``node`` was created (its :class:`NodeRecord`)."""
     record = node.meta.get("fxsd")
     return record.calls if isinstance(record, NodeRecord) else ()
 
@@ -85,7 +86,7 @@ class CallTree:
         self.order = {n: i for i, n in enumerate(graph.nodes)}
         regions: list[list[Node]] = [[] for _ in self.calls]
         for node in graph.nodes:
-            for index in _calls_of(node):
+            for index in calls_of(node):
                 regions[index].append(node)
         self._regions = regions
         self._region_sets = [set(r) for r in regions]
@@ -98,11 +99,11 @@ class CallTree:
     # -- membership ------------------------------------------------------------------------
     def chain(self, node: Node) -> tuple[int, ...]:
         """The calls running when ``node`` was created, outermost first."""
-        return _calls_of(node)
+        return calls_of(node)
 
     def innermost(self, node: Node) -> ModuleCall | None:
         """The call whose ``forward`` performed ``node`` (``None``: the root's ``forward``)."""
-        chain = _calls_of(node)
+        chain = calls_of(node)
         return self.calls[chain[-1]] if chain else None
 
     def region(self, index: int) -> list[Node]:
@@ -157,7 +158,7 @@ class CallTree:
     def scope(self, node: Node) -> tuple[tuple[str, str], ...]:
         """(path, class name) of each module call running when ``node`` was created, outermost
         first; the last one's ``forward`` performs ``node`` (empty: the root's)."""
-        return tuple((self.calls[i].path, self.calls[i].type_name) for i in _calls_of(node))
+        return tuple((self.calls[i].path, self.calls[i].type_name) for i in calls_of(node))
 
     def children(self, index: int | None) -> list[int]:
         """The calls made directly by call ``index``'s forward (``None``: by the root's)."""

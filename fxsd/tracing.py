@@ -19,7 +19,7 @@ from typing import Any
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from fxsd.calls import CallTree, ModuleCall
+from fxsd.calls import CallTree, ModuleCall, calls_of
 from fxsd.distributed import check_not_wrapped
 from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph
@@ -280,7 +280,7 @@ def _scope_signatures(graph: fx.Graph, calls: list[ModuleCall]) -> dict[str, lis
     drop_path = _functional_drop_path()
     out: dict[str, list[Any]] = {}
     for n in graph.nodes:
-        chain = n.meta["fxsd"].calls if "fxsd" in n.meta else ()
+        chain = calls_of(n)
         path = calls[chain[-1]].path if chain else ""
         args, kwargs = n.args, n.kwargs
         if n.op == "call_function" and n.target is drop_path:  # made live by live_drop_path

@@ -29,7 +29,7 @@ from fxsd.distributed import rank
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
 from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropPathAction, DropSampler, GateInfo
 from fxsd.graph_module import TreeEditor, module_from_graph, shallow_copy
-from fxsd.ops import depends_on_input, is_view, mutated_operand
+from fxsd.ops import depends_on_input, is_metadata_read, is_view, mutated_operand
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
 from fxsd.record import FxsdRecord, RejectedRecord
@@ -352,6 +352,9 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
         for n in reversed(branch.nodes):
             graph.erase_node(n)
         rewritten[add] = call
+    for node in reversed(graph.nodes):  # shape reads left behind (a message built from x.shape)
+        if not node.users and is_metadata_read(node):
+            graph.erase_node(node)
     graph.lint()
     gated = module_from_graph(module, graph, cut.extra_attrs)
     gated.meta["fxsd"] = record
