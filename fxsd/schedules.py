@@ -5,7 +5,8 @@
 * ``"linspace"`` — ``drop_rate * (l - 1) / (L - 1)``: the first site never drops, the last drops at
   ``drop_rate`` (timm's ``linspace(0, rate, depth)``, torchvision's ConvNeXt/Swin rule);
 * ``"uniform"`` — every site gets ``drop_rate``;
-* a sequence — one rate per site, in execution order (``drop_rate`` is then ignored);
+* a sequence — one rate per site, in execution order (``drop_rate`` is then ignored): a list or
+  tuple, or a 1-D tensor or NumPy array (timm's ``torch.linspace(0, 0.2, depth)``);
 * a callable ``(depth, L) -> rate`` — returns the rate for depth ``l`` of ``L``.
 """
 
@@ -14,13 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from numbers import Real
-from typing import Union
+from typing import Any, Union
 
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = ["Distribution", "DISTRIBUTIONS", "check_rate", "site_rates"]
 
-Distribution = Union[str, Sequence[float], Callable[[int, int], float]]
+Distribution = Union[str, Sequence[float], Callable[[int, int], float], Any]
 DISTRIBUTIONS = ("linear", "linspace", "uniform")
 
 
@@ -55,17 +56,37 @@ def site_rates(drop_rate: float, distribution: Distribution, depths: Sequence[in
             "per-site rates, or a callable (depth, L) -> rate"
         )
     if callable(distribution):
-        return [check_rate(distribution(d, num_levels), f"distribution({d}, {num_levels})")
-                for d in depths]
-    if isinstance(distribution, Sequence):
-        rates = list(distribution)
-        if len(rates) != len(depths):
+        try:
+            return [check_rate(distribution(d, num_levels), f"distribution({d}, {num_levels})")
+                    for d in depths]
+        except TypeError as exc:
+            if isinstance(exc, InvalidTypeError):
+                raise
+            raise InvalidTypeError(
+                f"a callable distribution is called as distribution(depth, L) and must return a "
+                f"rate: {type(exc).__name__}: {exc}") from exc
+    rates = _as_rates(distribution)
+    if rates is None:
+        raise InvalidTypeError(
+            f"distribution must be one of {DISTRIBUTIONS}, a 1-D sequence of per-site rates "
+            "(list, tuple, tensor, NumPy array) or a callable (depth, L) -> rate, got "
+            f"{type(distribution).__name__}"
+        )
+    if len(rates) != len(depths):
+        raise InvalidArgumentError(
+            f"distribution lists {len(rates)} rates but the model has {len(depths)} residual "
+            "sites (list them with fxsd.find_residuals)"
+        )
+    return [check_rate(r, f"distribution[{i}]") for i, r in enumerate(rates)]
+
+
+def _as_rates(distribution: Any) -> list[Any] | None:
+    """A 1-D sequence of rates as a list of Python numbers, or None."""
+    if hasattr(distribution, "tolist") and hasattr(distribution, "ndim"):  # tensor, ndarray
+        if distribution.ndim != 1:
             raise InvalidArgumentError(
-                f"distribution lists {len(rates)} rates but the model has {len(depths)} residual "
-                "sites (list them with fxsd.find_residuals)"
-            )
-        return [check_rate(r, f"distribution[{i}]") for i, r in enumerate(rates)]
-    raise InvalidTypeError(
-        f"distribution must be 'linear', 'uniform', a sequence of rates or a callable, got "
-        f"{type(distribution).__name__}"
-    )
+                f"a distribution of per-site rates must be 1-D, got {distribution.ndim}-D")
+        return list(distribution.tolist())
+    if isinstance(distribution, Sequence):
+        return list(distribution)
+    return None

@@ -56,22 +56,25 @@ class InlinedHooksWarning(UserWarning):
 
 @dataclass(frozen=True)
 class GateSpec:
-    """How to gate one site (before any existing drop path is adopted)."""
+    """How to gate one site (before any existing drop path is adopted).
+
+    ``mode``/``scale`` ``None``: an adopted drop path's own, else ``"block"``/``"eval"``.
+    """
 
     drop_rate: float
     rate_weight: float
-    mode: str
-    scale: str
+    mode: str | None
+    scale: str | None
     sample_impl: str | None  # None: subset where exact, else mask
 
 
 def stochastic_depth(
     model: nn.Module,
-    drop_rate: float = 0.1,
+    drop_rate: float | None = None,
     *,
-    distribution: Distribution = "linear",
-    mode: str = "block",
-    scale: str = "eval",
+    distribution: Distribution | None = None,
+    mode: str | None = None,
+    scale: str | None = None,
     sample_impl: str | None = None,
     existing: str = "adopt",
     seed: int | None = None,
@@ -98,26 +101,36 @@ def stochastic_depth(
     root's own ``forward`` performs joins, the root is rewritten too (an instance of a subclass of
     ``type(model)``).
 
+    **Explicit beats adopted.** A model that carries its own drop paths (timm ``DropPath``,
+    torchvision ``StochasticDepth``) keeps its own schedule when neither ``drop_rate`` nor
+    ``distribution`` is given: each drop path becomes a gate with the op's rate, and sites
+    without one keep rate 0. Given a ``drop_rate`` or a ``distribution``, fxsd's schedule sets
+    every site's rate; the drop paths still become gates (nothing drops twice), their rates
+    replaced. ``mode``/``scale`` work the same way: given, they apply everywhere; not given, an
+    adopted drop path keeps its own, and other sites use ``"block"``/``"eval"``.
+
     Args:
         model: an ``nn.Module`` or an already traced ``GraphModule``.
         drop_rate: the largest drop rate (``linear``, ``linspace``) or every site's rate
-            (``uniform``).
+            (``uniform``). Default: the model's own drop-path rates if it has drop paths, else 0.1.
         distribution: ``"linear"`` (depth ``l`` of ``L`` drops at ``drop_rate * l / L``),
             ``"linspace"`` (``drop_rate * (l - 1) / (L - 1)``, timm's and torchvision's rule),
-            ``"uniform"``, a sequence of per-site rates in execution order, or a callable
-            ``(depth, L) -> rate``.
+            ``"uniform"``, a sequence of per-site rates in execution order (a list, tuple, 1-D
+            tensor or NumPy array, such as timm's ``torch.linspace(0, 0.2, depth)``), or a
+            callable ``(depth, L) -> rate``. Default ``"linear"``.
         mode: ``"block"`` (one decision per site per forward, for the whole batch) or
-            ``"sample"`` (one per example).
+            ``"sample"`` (one per example). Default ``"block"`` (or an adopted drop path's).
         scale: ``"eval"`` (branch × (1 − p) at inference: the paper, Composer), ``"train"``
             (kept branches ÷ (1 − p) in training, identity at inference: timm, torchvision) or
-            ``"none"``.
+            ``"none"``. Default ``"eval"`` (or an adopted drop path's).
         sample_impl: for ``mode="sample"``: ``"subset"`` (run the branch on the kept rows only;
             exact for branches that treat rows independently), ``"mask"`` (run it on every row and
             multiply by the row mask) or ``None``: subset where exact, else mask.
         existing: what to do with drop-path ops already in a branch (timm ``DropPath``,
             torchvision ``StochasticDepth``): ``"adopt"`` removes each and gives its site the op's
-            own rate, mode and scaling, so the same regularisation now saves compute;
-            ``"replace"`` removes them and applies fxsd's schedule; ``"keep"`` leaves them.
+            own rate, mode and scaling (where not given explicitly), so the same regularisation
+            now saves compute; ``"replace"`` removes them and applies fxsd's settings;
+            ``"keep"`` leaves them in the branches.
         seed: seed of the gates' host-side generators. ``None`` takes ``torch.initial_seed()``,
             so ``torch.manual_seed`` makes runs reproducible; no global generator is drawn from.
         sync_ranks: under ``torch.distributed``, every rank draws the same decisions (``True``,
@@ -153,15 +166,19 @@ def stochastic_depth(
             f"{type(model).__name__} is already gated by fxsd: change its rates with "
             "fxsd.set_drop_rate(model, rate), or transform the original model again"
         )
-    _check_choice("mode", mode, MODES)
-    _check_choice("scale", scale, SCALES)
+    if mode is not None:
+        _check_choice("mode", mode, MODES)
+    if scale is not None:
+        _check_choice("scale", scale, SCALES)
     _check_choice("existing", existing, EXISTING)
     if sample_impl is not None:
         _check_choice("sample_impl", sample_impl, SAMPLE_IMPLS)
+    explicit = drop_rate is not None or distribution is not None
+    distribution = "linear" if distribution is None else distribution
     if isinstance(distribution, str):
         if distribution not in DISTRIBUTIONS:
             site_rates(0.0, distribution, [], 0)  # raises the unknown-distribution error
-    drop_rate = check_rate(drop_rate)
+    drop_rate = check_rate(0.1 if drop_rate is None else drop_rate)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InvalidTypeError(f"seed must be an int or None, got {seed!r}")
     analysis = analyze_residuals(
@@ -195,7 +212,8 @@ def stochastic_depth(
     if not sync_ranks:
         base += 1_000_003 * rank()
     return gate_residuals(analysis, specs, DropSampler(base, sync_ranks), model,
-                          existing=existing, drop_rate=drop_rate, inplace=inplace)
+                          existing=existing, drop_rate=drop_rate, inplace=inplace,
+                          explicit=explicit)
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -212,12 +230,15 @@ def gate_residuals(
     existing: str = "adopt",
     drop_rate: float = 0.0,
     inplace: bool = False,
+    explicit: bool = True,
 ) -> nn.Module:
     """Gate ``analysis.sites`` of ``model`` (the model ``analysis`` was made from).
 
     ``specs`` gives each site's gating (same order as ``analysis.sites``); a plain float is a
-    block-mode rate. Returns the gated model: ``model`` itself with ``inplace=True``, else a copy
-    of the modules on the paths from the root to the rewritten ones, sharing everything else.
+    block-mode rate. ``explicit``: the specs' rates were asked for (otherwise a model's own drop
+    paths set the rates, see :func:`stochastic_depth`). Returns the gated model: ``model`` itself
+    with ``inplace=True``, else a copy of the modules on the paths from the root to the rewritten
+    ones, sharing everything else.
     """
     specs = [s if isinstance(s, GateSpec) else GateSpec(float(s), 1.0, "block", "eval", None)
              for s in specs]
@@ -228,7 +249,9 @@ def gate_residuals(
             f"the forward of {type(model).__name__} itself performs residual joins, so its root "
             "module must be rewritten, which cannot happen in place: use the returned model "
             "(inplace=False)")
-    whole = _WholeGraphFacts(analysis, existing)
+    whole = _WholeGraphFacts(analysis, existing, explicit)
+    if whole.adopting:  # the model-wide rate is its largest drop-path rate
+        drop_rate = max((r for r in whole.adopted_rates if r is not None), default=0.0)
     record = FxsdRecord(
         drop_rate=drop_rate, num_levels=analysis.num_levels,
         live_leaves=analysis.graph_module.meta["fxsd"].live_leaves,
@@ -265,13 +288,25 @@ def _warn_inlined_hooks(analysis: ResidualAnalysis, owners: Sequence[Owner]) -> 
 
 class _WholeGraphFacts:
     """What the rewrite needs to know about each site from the whole-model graph: where
-    in-place ops follow, which branches mix batch rows, whether the model carries drop paths."""
+    in-place ops follow, which branches mix batch rows, whether the model's own drop paths set
+    the rates (``adopting``: ``existing="adopt"``, no explicit rate, and drop paths present)."""
 
-    def __init__(self, analysis: ResidualAnalysis, existing: str) -> None:
+    def __init__(self, analysis: ResidualAnalysis, existing: str, explicit: bool) -> None:
         self.gm = analysis.graph_module
         self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
-        self.adopting = existing == "adopt" and any(
+        self.existing = existing
+        self.explicit = explicit
+        self.adopted_rates = [self.adoptable(s)[0] if self.adoptable(s) else None
+                              for s in analysis.sites] if existing == "adopt" else []
+        self.adopting = existing == "adopt" and not explicit and any(
             _drop_paths(self.gm, s.branch) for s in analysis.sites)
+
+    def adoptable(self, site: ResidualSite) -> tuple[float, str, str] | None:
+        """The (rate, mode, scale) of the site's single drop path at its branch output."""
+        drops = _drop_paths(self.gm, site.branch)
+        if len(drops) != 1 or not _on_output_path(drops[0], site.branch_output):
+            return None
+        return _drop_path_settings(self.gm.get_submodule(str(drops[0].target)))
 
     def clone_on_drop(self, site: ResidualSite) -> bool:
         return _needs_clone(self.gm, site.add, site.skip, self.order)
@@ -300,12 +335,12 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
             spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
         fork, skip, out, add = (rewritten.get(cut.env[n], cut.env[n])
                                 for n in (site.fork, site.skip, site.branch_output, site.add))
-        spec, drops, action, note = _plan_drop_paths(whole.gm, site, spec, existing,
-                                                     record.drop_rate)
+        spec, drops, action, note = _plan_drop_paths(whole, site, spec, record.drop_rate)
         if whole.adopting and action is DropPathAction.KEPT:
             # The model's own drop path stays and regularises this site: no second one on top.
             spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
             note += "; fxsd rate 0"
+        spec = replace(spec, mode=spec.mode or "block", scale=spec.scale or "eval")
         for drop in drops:  # the plan keeps drop-path calls in the owner's own graph
             node = cut.env[drop]
             source = node.all_input_nodes[0]
@@ -390,29 +425,35 @@ def _drop_path_settings(module: nn.Module) -> tuple[float, str, str] | None:
 
 
 def _plan_drop_paths(
-    gm: GraphModule, site: ResidualSite, spec: GateSpec, existing: str, base_rate: float,
+    whole: _WholeGraphFacts, site: ResidualSite, spec: GateSpec, base_rate: float,
 ) -> tuple[GateSpec, list[Node], DropPathAction | None, str]:
     """What to do with the drop-path ops of one branch (read on the whole-model graph).
 
-    Returns the site's spec (an adopted op's own rate, mode and scaling), the drop-path nodes to
-    remove, what is done and the note tables show.
+    Returns the site's spec (with an adopted op's own rate unless rates are explicit, and its mode
+    and scaling unless those are), the drop-path nodes to remove, what is done and the note tables
+    show.
     """
-    drops = _drop_paths(gm, site.branch)
+    drops = _drop_paths(whole.gm, site.branch)
     if not drops:
         return spec, [], None, ""
-    if existing == "keep":
+    if whole.existing == "keep":
         return spec, [], DropPathAction.KEPT, "kept existing drop path"
-    if existing == "replace":
+    settings = whole.adoptable(site) if whole.existing == "adopt" else None
+    if settings is None:
+        if whole.existing == "adopt" and not whole.explicit:
+            return (spec, [], DropPathAction.KEPT,
+                    "kept existing drop path (not a single op at the branch output)")
         return spec, drops, DropPathAction.REPLACED, "replaced existing drop path"
-    module = gm.get_submodule(str(drops[0].target))
-    settings = _drop_path_settings(module)
-    if len(drops) != 1 or settings is None or not _on_output_path(drops[0], site.branch_output):
-        return (spec, [], DropPathAction.KEPT,
-                "kept existing drop path (not a single op at the branch output)")
     rate, mode, scale = settings
-    spec = GateSpec(rate, rate / base_rate if base_rate > 0 else rate, mode, scale,
-                    spec.sample_impl)
-    return spec, drops, DropPathAction.ADOPTED, f"adopted {type(module).__name__}(p={rate:g})"
+    name = type(whole.gm.get_submodule(str(drops[0].target))).__name__
+    if whole.explicit:
+        note = f"adopted {name}(p={rate:g}), rate replaced"
+        rate, weight = spec.drop_rate, spec.rate_weight
+    else:
+        note = f"adopted {name}(p={rate:g})"
+        weight = rate / base_rate if base_rate > 0 else rate
+    spec = GateSpec(rate, weight, spec.mode or mode, spec.scale or scale, spec.sample_impl)
+    return spec, drops, DropPathAction.ADOPTED, note
 
 
 def _drop_paths(gm: GraphModule, nodes: Sequence[Node]) -> list[Node]:

@@ -283,7 +283,7 @@ class TimmStyle(nn.Module):
 @pytest.mark.parametrize("model_cls", [FunctionalDropPath, TimmStyle])
 def test_existing_drop_paths_follow_train_and_eval(model_cls):
     model = model_cls().train()  # traced in training mode
-    gm = fxsd.stochastic_depth(model, 0.0)
+    gm = fxsd.stochastic_depth(model)  # adopts the model's own drop path
     assert len(fxsd.gates(gm)) == 1
     x = torch.randn(64, 8)
     gm.eval()

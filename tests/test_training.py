@@ -168,7 +168,7 @@ def test_block_scale_train_divides_kept_branches():
 def test_adopt_convnext_drop_paths():
     model = torchvision.models.convnext_tiny(stochastic_depth_prob=0.4)
     own = [m.p for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
-    gm = fxsd.stochastic_depth(model, 0.1)
+    gm = fxsd.stochastic_depth(model)  # no rate given: the model's own
     gates = fxsd.gates(gm)
     assert [g.drop_rate for g in gates] == pytest.approx(own)
     assert all(g.mode == "sample" and g.scale == "train" for g in gates)
@@ -197,7 +197,7 @@ def test_adopt_timm_vit_drop_path():
     model = timm.create_model("vit_small_patch16_224", drop_path_rate=0.1, img_size=32,
                               pretrained=False)
     own = [float(m.drop_prob) for m in model.modules() if type(m).__name__ == "DropPath"]
-    gm = fxsd.stochastic_depth(model, 0.1)
+    gm = fxsd.stochastic_depth(model)
     gates = fxsd.gates(gm)
     assert len(gates) == 24
     # timm puts nn.Identity where its schedule gives 0 (the first block): those sites keep 0.
@@ -342,7 +342,7 @@ def test_adopt_torchvision_drop_paths(name):
     own = [traced.get_submodule(str(n.target)).p for n in traced.graph.nodes
            if n.op == "call_module"
            and isinstance(traced.get_submodule(str(n.target)), torchvision.ops.StochasticDepth)]
-    gm = fxsd.stochastic_depth(model, 0.1)
+    gm = fxsd.stochastic_depth(model)
     adopted = [g.drop_rate for g in fxsd.gates(gm) if g.note.startswith("adopted")]
     assert adopted == pytest.approx(own)
     others = [g.drop_rate for g in fxsd.gates(gm) if not g.note.startswith("adopted")]
@@ -378,7 +378,7 @@ class MetaFormerLike(nn.Module):
 
 def test_adopt_through_layer_scale_module():
     model = MetaFormerLike().eval()
-    gm = fxsd.stochastic_depth(model, 0.1)
+    gm = fxsd.stochastic_depth(model)
     (gate,) = fxsd.gates(gm)
     assert gate.note == "adopted DropPath(p=0.3)" and gate.drop_rate == pytest.approx(0.3)
     x = torch.randn(4, 16)
@@ -387,8 +387,82 @@ def test_adopt_through_layer_scale_module():
 
 def test_unadoptable_drop_path_is_kept_without_a_second_drop():
     model = MetaFormerLike(gate_by_activation=True).eval()
-    gm = fxsd.stochastic_depth(model, 0.5)
+    gm = fxsd.stochastic_depth(model)
     (gate,) = fxsd.gates(gm)
     assert gate.note.startswith("kept existing drop path") and gate.drop_rate == 0.0
     x = torch.randn(4, 16)
     torch.testing.assert_close(gm.eval()(x), model(x), rtol=0, atol=0)
+
+
+# -- explicit rates beat adopted ones ----------------------------------------------------------
+
+
+def test_explicit_rate_replaces_adopted_rates_everywhere():
+    model = torchvision.models.convnext_tiny(stochastic_depth_prob=0.1)
+    gated = fxsd.stochastic_depth(model, 1.0, distribution="uniform")
+    gates = fxsd.gates(gated)
+    assert [g.drop_rate for g in gates] == [1.0] * 18
+    # the drop paths still became gates (nothing drops twice), keeping their kind of dropping
+    assert all(g.drop_path is fxsd.DropPathAction.ADOPTED for g in gates)
+    assert all(g.mode == "sample" and g.scale == "train" for g in gates)
+    assert gates[-1].note == "adopted StochasticDepth(p=0.1), rate replaced"
+    assert not [m for m in called_modules(gated)
+                if isinstance(m, torchvision.ops.StochasticDepth)]
+    assert fxsd.get_drop_rate(gated) == 1.0
+
+
+def test_explicit_mode_and_scale_apply_to_adopted_sites():
+    model = torchvision.models.convnext_tiny(stochastic_depth_prob=0.1)
+    gated = fxsd.stochastic_depth(model, 0.2, mode="block", scale="eval")
+    gates = fxsd.gates(gated)
+    assert all(g.mode == "block" and g.scale == "eval" for g in gates)
+    assert [g.drop_rate for g in gates] == pytest.approx([0.2 * d / 18 for d in range(1, 19)])
+
+
+class WithDropPath(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f, self.drop_path = nn.Linear(16, 16), DropPath(0.3)
+
+    def forward(self, x):
+        return x + self.drop_path(self.f(x))
+
+
+def test_explicit_distribution_alone_is_explicit_too():
+    model = nn.Sequential(LnMlpBlock(), WithDropPath())  # a drop path on one block only
+    own = fxsd.stochastic_depth(model)
+    assert [g.drop_rate for g in fxsd.gates(own)] == [0.0, 0.3]  # no drop path: rate 0
+    gated = fxsd.stochastic_depth(model, distribution="uniform")
+    assert [g.drop_rate for g in fxsd.gates(gated)] == [0.1, 0.1]  # the default rate, everywhere
+
+
+def test_no_rate_and_no_drop_paths_uses_the_default_schedule():
+    gated = fxsd.stochastic_depth(LnMlp(4))
+    assert [g.drop_rate for g in fxsd.gates(gated)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+
+
+def test_adopted_rates_scale_with_set_drop_rate():
+    model = torchvision.models.convnext_tiny(stochastic_depth_prob=0.4)
+    gated = fxsd.stochastic_depth(model)
+    own = [g.drop_rate for g in fxsd.gates(gated)]
+    assert fxsd.get_drop_rate(gated) == pytest.approx(max(own))
+    fxsd.set_drop_rate(gated, 0.2)  # halve the model's own schedule
+    assert [g.drop_rate for g in fxsd.gates(gated)] == pytest.approx([r / 2 for r in own])
+
+
+@pytest.mark.parametrize("rates", [lambda n: torch.linspace(0, 0.2, n),
+                                   lambda n: __import__("numpy").linspace(0, 0.2, n),
+                                   lambda n: tuple(0.05 * i for i in range(n))])
+def test_distribution_takes_any_one_dimensional_sequence(rates):
+    gated = fxsd.stochastic_depth(LnMlp(4), distribution=rates(4))
+    assert [g.drop_rate for g in fxsd.gates(gated)] == pytest.approx(
+        [float(r) for r in rates(4)])
+
+
+def test_bad_distributions_are_fxsd_errors():
+    with pytest.raises(fxsd.InvalidTypeError, match=r"distribution\(depth, L\)"):
+        fxsd.stochastic_depth(LnMlp(2), distribution=lambda depth: 0.1)
+    with pytest.raises(fxsd.InvalidArgumentError, match="1-D"):
+        fxsd.stochastic_depth(LnMlp(2), distribution=torch.zeros(2, 1))
+    with pytest.raises(fxsd.InvalidTypeError, match="linspace"):
+        fxsd.stochastic_depth(LnMlp(2), distribution=object())
