@@ -33,6 +33,7 @@ from fxsd.errors import (
     InvalidTypeError,
     TraceError,
 )
+from fxsd.folding import FoldError, plain_state_dict
 from fxsd.gate import BranchGate, DropPathAction, DropSampler, GateInfo
 from fxsd.graph_module import FxsdGraphModule
 from fxsd.passes.stochastic_depth import (
@@ -72,6 +73,7 @@ __all__ = [
     "DropWarmup",
     "DropSampler",
     "FxsdError",
+    "FoldError",
     "FxsdGraphModule",
     "FxsdRecord",
     "GateInfo",
@@ -97,6 +99,7 @@ __all__ = [
     "get_record",
     "get_rng_state",
     "named_gates",
+    "plain_state_dict",
     "set_drop_rate",
     "set_rng_state",
     "site_rates",

@@ -139,12 +139,14 @@ class GateInfo:
     num_params: int
     side_inputs: tuple[str, ...]
     flops: int | None = None
+    fold: Any = None  # fxsd.folding.FoldTarget: where the eval scale folds into weights
 
     @classmethod
-    def from_site(cls, site: Any, num_levels: int, name: str = "") -> GateInfo:
+    def from_site(cls, site: Any, num_levels: int, name: str = "", fold: Any = None) -> GateInfo:
         """Describe a :class:`~fxsd.ResidualSite` (by names, so it outlives the graph)."""
         return cls(
-            name=name, add=site.add.name, add_kind=site.add_kind, module_path=site.module_path,
+            name=name, fold=fold, add=site.add.name, add_kind=site.add_kind,
+            module_path=site.module_path,
             module_type=site.module_type, skip_kind=site.skip_kind.value, depth=site.depth,
             num_levels=num_levels, branch_first=site.branch[0].name,
             branch_last=site.branch_output.name, branch_len=len(site.branch),

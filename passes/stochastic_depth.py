@@ -27,6 +27,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxsd.distributed import rank
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
+from fxsd.folding import fold_target
 from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropPathAction, DropSampler, GateInfo
 from fxsd.graph_module import TreeEditor, module_from_graph, shallow_copy
 from fxsd.ops import depends_on_input, is_metadata_read, is_view, mutated_operand
@@ -367,7 +368,8 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
             sampler,
             identity=skip is fork,
             clone_on_drop=whole.clone_on_drop(site),
-            info=GateInfo.from_site(site, analysis.num_levels, owner.gate_path(i)),
+            info=GateInfo.from_site(site, analysis.num_levels, owner.gate_path(i),
+                                    fold_target(whole.gm, site)),
             mode=spec.mode,
             scale=spec.scale,
             sample_impl=impl,

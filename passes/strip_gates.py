@@ -5,8 +5,8 @@ every gate call is the branch's own nodes followed by one add: ``skip + (1 - p) 
 as ``torch.add(skip, branch, alpha=1 - p)`` for ``scale="eval"`` gates (the plain
 ``skip + branch`` for ``scale="train"``/``"none"`` and for ``p = 0``; the skip alone for
 ``p = 1``, copied where the gate copies it). With ``fold_scale=True`` the factor ``1 - p`` is
-instead multiplied into the weight and bias of the module that ends the branch (a convolution,
-linear layer or affine norm), so the add is plain. The result runs exactly the eval computation of
+instead folded into the weights that end the branch (:func:`fxsd.plain_state_dict`'s rules), so
+every add is plain. The result runs exactly the eval computation of
 the gated model, keeps the model's structure and ``state_dict`` keys, has no Python-level control
 flow left in the blocks and exports with ``torch.export.export``.
 """
@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
+from fxsd.folding import plain_state_dict
 from fxsd.gate import BranchGate
 from fxsd.graph_module import TreeEditor, module_from_graph
 from fxsd.record import FxsdRecord
@@ -29,24 +30,21 @@ from fxsd.training import gates
 
 __all__ = ["strip"]
 
-_FOLDABLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
-             nn.GroupNorm)
-
 
 def strip(model: nn.Module, *, fold_scale: bool = False) -> nn.Module:
     """Return ``model`` without gates, computing what ``model.eval()`` computes.
 
     Args:
         model: a model returned by :func:`fxsd.stochastic_depth`.
-        fold_scale: fold each ``1 - p`` into the weights of the module that ends its branch, where
-            that module is a convolution, linear layer or affine norm called once in its block.
-            The result then owns copies of the parameters (``model`` is not changed); without
-            folding it shares them with ``model``, like the gated model shares them with its
-            source.
+        fold_scale: fold each ``1 - p`` into the weights that end its branch, with the rules of
+            :func:`fxsd.plain_state_dict` (all or nothing). The result then owns copies of the
+            parameters (``model`` is not changed); without folding it shares them with
+            ``model``, like the gated model shares them with its source.
 
     Raises:
         InvalidTypeError: ``model`` is not an ``nn.Module``.
         InvalidArgumentError: ``model`` has no fxsd gates.
+        FoldError: ``fold_scale=True`` and some site's scale cannot be folded (all are listed).
 
     Example:
         >>> import torch, torchvision, fxsd
@@ -60,11 +58,14 @@ def strip(model: nn.Module, *, fold_scale: bool = False) -> nn.Module:
     if not gates(model):
         raise InvalidArgumentError(f"{type(model).__name__} has no fxsd gates to strip: pass the "
                                    "model fxsd.stochastic_depth returned")
+    folded = plain_state_dict(model) if fold_scale else None  # raises before anything is built
     source = copy.deepcopy(model) if fold_scale else model
     blocks = [path for path, m in source.named_modules() if _is_gated(m)]
     tree = TreeEditor(source, in_place=fold_scale)
     for path in sorted(blocks, key=lambda p: -p.count(".") - bool(p)):  # deepest first
         tree.replace(path, _strip_block(tree.locate(path)[2], fold_scale))
+    if folded is not None:
+        tree.root.load_state_dict(folded)
     tree.root.eval()
     return tree.root
 
@@ -74,19 +75,13 @@ def _is_gated(module: nn.Module) -> bool:
         isinstance(c, BranchGate) for c in module.children())
 
 
-def _strip_block(block: GraphModule, fold_scale: bool) -> GraphModule:
-    """The block's graph with its own gates inlined (nested gated blocks stay calls)."""
+def _strip_block(block: GraphModule, folded: bool) -> GraphModule:
+    """The block's graph with its own gates inlined (nested gated blocks stay calls); with
+    ``folded`` every gate's add is plain (its scale lives in the weights)."""
     graph = Graph()
     env: dict[Node, Any] = {}
-    folds: dict[Node, tuple[Any, float]] = {}
     for node in block.graph.nodes:
-        env[node] = _copy_node(block, graph, env, node, folds)
-    if fold_scale:
-        calls: dict[str, int] = {}
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-        _fold(block, folds, calls)
+        env[node] = _copy_node(block, graph, env, node, folded)
     plain = module_from_graph(block, graph)
     for name, child in list(plain.named_children()):
         if isinstance(child, BranchGate):
@@ -103,20 +98,21 @@ def _lookup(env: dict[Node, Any], n: Any) -> Any:
 
 
 def _copy_node(root: GraphModule, graph: Graph, env: dict[Node, Any], node: Node,
-               folds: dict[Node, tuple[Any, float]]) -> Any:
+               folded: bool) -> Any:
     """Copy ``node`` into ``graph``; a gate call becomes its inlined branch and add."""
     if node.op == "call_module":
         module = root.get_submodule(str(node.target))
         if isinstance(module, BranchGate):
-            return _inline_gate(root, graph, module, [_lookup(env, a) for a in node.args], folds)
+            return _inline_gate(root, graph, module, [_lookup(env, a) for a in node.args],
+                                folded)
     return graph.node_copy(node, lambda n: _lookup(env, n))
 
 
 def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[Any],
-                 folds: dict[Node, tuple[Any, float]]) -> Any:
+                 folded: bool) -> Any:
     skip = args[0]
     branch_args = args if gate.identity else args[1:]
-    keep = 1.0 - gate.drop_rate if gate.scale == "eval" else 1.0
+    keep = 1.0 if folded or gate.scale != "eval" else 1.0 - gate.drop_rate
     if keep == 0.0:
         return graph.call_method("clone", (skip,)) if gate.clone_on_drop else skip
     env: dict[Node, Any] = {}
@@ -130,27 +126,7 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
         if node.op == "output":
             out = _lookup(env, node.args[0])
             continue
-        env[node] = _copy_node(root, graph, env, node, folds)
+        env[node] = _copy_node(root, graph, env, node, folded)
     if keep == 1.0:
         return graph.call_function(operator.add, (skip, out))
-    result = graph.call_function(torch.add, (skip, out), {"alpha": keep})
-    folds[result] = (out, keep)
-    return result
-
-
-def _fold(root: GraphModule, folds: dict[Node, tuple[Any, float]], calls: dict[str, int]) -> None:
-    """Move each eligible ``alpha=keep`` into the weights of the module computing the branch."""
-    for node, (out, keep) in folds.items():
-        if not (isinstance(out, Node) and out.op == "call_module" and len(out.users) == 1):
-            continue
-        module = root.get_submodule(str(out.target))
-        if not isinstance(module, _FOLDABLE) or calls.get(str(out.target), 0) != 1:
-            continue
-        if getattr(module, "weight", None) is None:
-            continue
-        with torch.no_grad():
-            module.weight.mul_(keep)
-            if getattr(module, "bias", None) is not None:
-                module.bias.mul_(keep)
-        node.target = operator.add
-        node.kwargs = {}
+    return graph.call_function(torch.add, (skip, out), {"alpha": keep})

@@ -1,0 +1,202 @@
+"""Back to the plain model: fold each gate's eval scale into the weights that end its branch.
+
+A gated model with ``scale="eval"`` computes ``skip + (1 - p) * branch`` at inference. Loading its
+``state_dict`` into the untransformed model succeeds (the keys are identical) but computes
+``skip + branch``: different outputs. :func:`plain_state_dict` returns a ``state_dict`` for the
+untransformed model whose eval outputs equal the gated model's: each factor ``1 - p`` is
+multiplied into the last weight-bearing op of its branch, found on the whole-model trace by
+walking back from the branch's output through ops that are linear in it at eval —
+
+* dropout, ``nn.Identity`` and drop paths (identities at eval), views and reshapes;
+* a product with a parameter-only value (a layer scale ``gamma * f(x)``): the factor goes into
+  that parameter;
+
+— to a convolution, linear layer or affine norm (weight and bias are scaled), or a
+``MultiheadAttention`` (its ``out_proj``). A module or parameter used anywhere else in the model
+cannot take the factor. Sites that cannot be folded are listed in one :class:`FoldError`; nothing
+is ever folded partially.
+
+>>> import torch, torchvision, fxsd
+>>> gated = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2).eval()
+>>> plain = torchvision.models.resnet18().eval()
+>>> _ = plain.load_state_dict(fxsd.plain_state_dict(gated))
+>>> x = torch.randn(1, 3, 64, 64)
+>>> torch.allclose(plain(x), gated(x), atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxsd.errors import GraphError
+from fxsd.ops import depends_on_input, is_view
+from fxsd.residuals import ResidualSite
+from fxsd.tracing import is_drop_path
+
+__all__ = ["FoldTarget", "FoldError", "fold_target", "plain_state_dict"]
+
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+             nn.GroupNorm)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.FeatureAlphaDropout, nn.Identity)
+_DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d,
+                      torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
+                      torch.dropout, torch.nn.functional.alpha_dropout}
+_MULS = {operator.mul, torch.mul, torch.Tensor.mul}
+
+
+class FoldError(GraphError):
+    """Some gates' eval scale cannot be folded into weights (the message lists each site)."""
+
+
+@dataclass(frozen=True)
+class FoldTarget:
+    """Where a branch's scale goes: a module's ``weight`` and ``bias``, or one parameter.
+
+    Attributes:
+        path: qualified name in the model (``layer1.0.bn3``, ``features.1.0.layer_scale``), or
+            ``""`` when the scale cannot be folded.
+        is_parameter: ``path`` names a parameter (scaled whole) rather than a module.
+        problem: why the scale cannot be folded (when ``path`` is empty).
+    """
+
+    path: str = ""
+    is_parameter: bool = False
+    problem: str = ""
+
+
+def fold_target(gm: GraphModule, site: ResidualSite) -> FoldTarget:
+    """Where ``site``'s eval scale can be folded, read on the whole-model graph ``gm``."""
+    node = site.branch_output
+    while True:
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, _DROPOUTS) or is_drop_path(module):
+                node = node.args[0]
+                continue
+            if isinstance(module, _WEIGHTED) and getattr(module, "weight", None) is not None:
+                return _only_use(gm, node, str(node.target), False)
+            return FoldTarget(problem=f"its branch ends in '{node.name}' "
+                                      f"({type(module).__name__})")
+        if node.op == "call_function" and node.target is operator.getitem \
+                and node.args[1] == 0 and isinstance(node.args[0], Node) \
+                and node.args[0].op == "call_module" and isinstance(
+                    gm.get_submodule(str(node.args[0].target)), nn.MultiheadAttention):
+            attention = node.args[0]
+            return _only_use(gm, attention, f"{attention.target}.out_proj", False)
+        if _is_dropout(node) or is_view(node):  # identities at eval, and views: linear
+            node = node.args[0]
+            continue
+        if node.target in _MULS or (node.op == "call_method" and node.target == "mul"):
+            scaled = _parameter_factor(gm, node)
+            if scaled is not None:
+                return scaled
+        return FoldTarget(problem=f"its branch ends in '{node.name}' ({node.op} "
+                                  f"{getattr(node.target, '__name__', node.target)})")
+
+
+def _is_dropout(node: Node) -> bool:
+    if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
+        return False
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else None)
+    return training is not True  # a dropout baked into training mode is not an identity
+
+
+def _parameter_factor(gm: GraphModule, node: Node) -> FoldTarget | None:
+    """``x * gamma`` with ``gamma`` a parameter (through views): fold into ``gamma``."""
+    for factor in node.args[:2]:
+        if not isinstance(factor, Node) or depends_on_input(factor):
+            continue
+        param = factor
+        while is_view(param) and isinstance(param.args[0], Node):
+            param = param.args[0]
+        if param.op == "get_attr" and isinstance(_get(gm, str(param.target)), nn.Parameter):
+            return _only_use(gm, param, str(param.target), True)
+    return None
+
+
+def _only_use(gm: GraphModule, node: Node, path: str, is_parameter: bool) -> FoldTarget:
+    """``path`` as the target, unless something else in the model uses it too."""
+    uses = 0
+    prefix = path + "."
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            target = str(n.target)
+            if target == path or target.startswith(prefix) or path.startswith(target + "."):
+                uses += 1
+    if uses != 1 or (not is_parameter and len(node.users) > 1 and not _is_attention(gm, node)):
+        return FoldTarget(problem=f"'{path}' is used elsewhere in the model too")
+    return FoldTarget(path, is_parameter)
+
+
+def _is_attention(gm: GraphModule, node: Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
+                                                   nn.MultiheadAttention)
+
+
+def _get(gm: nn.Module, path: str) -> object:
+    obj: object = gm
+    for atom in path.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def plain_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """A ``state_dict`` for the untransformed model that computes what ``model.eval()`` computes.
+
+    ``plain.load_state_dict(fxsd.plain_state_dict(gated))`` is the deployment path for a model
+    trained with ``scale="eval"`` (the default): each factor ``1 - p`` is folded into the weights
+    ending its branch (see the module docstring). Gates with ``scale="train"`` or ``"none"``, and
+    rate 0, need nothing. ``model`` is not changed; the tensors that change are copies.
+
+    Raises:
+        FoldError: some sites cannot be folded; the message lists each with the reason.
+        InvalidArgumentError: ``model`` has no fxsd gates.
+    """
+    from fxsd.training import _gates_or_error, named_gates
+
+    _gates_or_error(model)
+    factors: dict[FoldTarget, float] = {}
+    problems: list[str] = []
+    for name, gate in named_gates(model).items():
+        keep = 1.0 - gate.drop_rate if gate.scale == "eval" else 1.0
+        if keep == 1.0:
+            continue
+        target = gate.info.fold
+        if target is None or not target.path:
+            reason = target.problem if target is not None else "no fold target recorded"
+            problems.append(f"{name} (drop rate {gate.drop_rate:g}): {reason}")
+        elif target in factors:
+            problems.append(f"{name}: '{target.path}' also takes another gate's scale")
+        else:
+            factors[target] = keep
+    if problems:
+        raise FoldError(
+            "cannot fold the eval scale (1 - p) of these gates into weights, so no plain "
+            "state_dict reproduces the gated model's eval outputs:\n  " + "\n  ".join(problems)
+            + "\nTrain with scale='train' (the plain model then needs no folding), or deploy "
+            "the gated model, or fxsd.strip(model) without fold_scale.")
+    state = OrderedDict(model.state_dict())
+    for target, keep in factors.items():
+        keys = [target.path] if target.is_parameter else [f"{target.path}.weight",
+                                                          f"{target.path}.bias"]
+        for key in keys:
+            key = _state_key(state, key)
+            if key is not None:
+                state[key] = state[key] * keep
+    return state
+
+
+def _state_key(state: dict[str, torch.Tensor], key: str) -> str | None:
+    """``key`` as ``state`` spells it (activation-checkpoint wrappers drop their own prefix)."""
+    if key in state:
+        return key
+    bare = key.replace("_checkpoint_wrapped_module.", "")
+    return bare if bare in state else None
