@@ -13,11 +13,16 @@ One run builds these variants of one model, all on the same machine and inputs:
 The limit comes from measured times, not FLOPs: the branches' total time is the baseline step
 minus the every-site-dropped step, and it is shared out between sites in proportion to each
 branch's own forward + backward time, measured in isolation on the inputs it sees in the model.
-For the fxsd rows the limit is *realised*: it counts the branches the run actually skipped, step
-by step, so ``efficiency = saving / limit`` is free of the sampling noise of the drop decisions.
+For the fxsd rows the limit is *realised*: it counts the work the run actually skipped, step by
+step, so ``efficiency = saving / limit`` is free of the sampling noise of the drop decisions. In
+sample mode a branch that ran on ``k`` of ``n`` rows saved ``t(n) - t(k)``, with ``t(k)`` measured
+at every row count that occurred (a branch's time is far from linear in its rows on small
+batches), not assumed to be ``t(n)·(n - k)/n``.
 
 Variants run interleaved (one step of each in turn) after a warm-up; drop decisions come from a
-fixed seed, so reruns skip the same branches.
+fixed seed, so reruns skip the same branches. Every row reports the spread of its step times
+(interquartile range); :attr:`BenchResult.warnings` says when the baseline's spread is larger than
+an effect the table reports, or an efficiency lies outside [0, 1.1] — signs of a busy machine.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from __future__ import annotations
 import copy
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,15 +48,17 @@ from fxsd.gate import BranchGate
 from fxsd.models import load_model
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
 from fxsd.passes.stochastic_depth import stochastic_depth
+from fxsd.record import get_record
 from fxsd.residuals import analyze_residuals
 from fxsd.schedules import check_rate, site_rates
 from fxsd.training import gates, named_gates
 
 __all__ = ["BenchConfig", "BenchRow", "BenchResult", "run", "format_table", "site_times",
-           "gate_ancestors", "limit_saving", "transform_times"]
+           "exclusive_times", "gate_ancestors", "limit_saving", "transform_rows",
+           "transform_times"]
 
-HEADERS = ["variant", "drop rate", "mean ms", "median ms", "ratio", "saving %", "limit %",
-           "efficiency", "peak MiB"]
+HEADERS = ["variant", "drop rate", "mean ms", "median ms", "IQR ms", "ratio", "saving %",
+           "limit %", "efficiency", "peak MiB"]
 
 
 @dataclass
@@ -91,6 +99,14 @@ class BenchRow:
     def median(self) -> float:
         return statistics.median(self.times)
 
+    @property
+    def spread(self) -> float:
+        """Interquartile range of the step times (0 with fewer than two steps)."""
+        if len(self.times) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.times, n=4, method="inclusive")
+        return q3 - q1
+
 
 @dataclass
 class BenchResult:
@@ -99,6 +115,7 @@ class BenchResult:
     site_times: dict[str, float]
     machine: dict[str, str]
     sync_check: str = "not run"
+    warnings: list[str] = field(default_factory=list)
 
     def row(self, variant: str, drop_rate: float | None = None) -> BenchRow:
         for r in self.rows:
@@ -114,10 +131,12 @@ class BenchResult:
             "config": asdict(self.config),
             "machine": self.machine,
             "sync_check": self.sync_check,
+            "warnings": self.warnings,
             "site_times_ms": {k: v * 1e3 for k, v in self.site_times.items()},
             "rows": [
                 {"variant": r.variant, "drop_rate": r.drop_rate, "mean_ms": r.mean * 1e3,
-                 "median_ms": r.median * 1e3, "ratio": r.mean / self.base(r.group).mean,
+                 "median_ms": r.median * 1e3, "iqr_ms": r.spread * 1e3,
+                 "ratio": r.mean / self.base(r.group).mean,
                  "limit": r.limit, "group": r.group,
                  "peak_bytes": r.peak_bytes, "steps": len(r.times)}
                 for r in self.rows
@@ -143,7 +162,7 @@ class _Variant:
         if group == "compiled":
             self.model = (compile_gated(model, backend=cfg.compile_backend) if self.gates
                           else torch.compile(model, backend=cfg.compile_backend))
-        self.decisions: list[list[float]] = []  # per step, per gate: share of work skipped
+        self.rows_run: list[list[int]] = []  # per step, per gate: rows perfect skipping computes
         self.cfg = cfg
 
     def step(self, x: torch.Tensor) -> None:
@@ -168,16 +187,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _skipped(gates: Sequence[BranchGate]) -> list[float]:
-    """The share of each gate's branch work skipped in the last step (rows or whole branch)."""
-    shares = []
+def _rows_needed(gates: Sequence[BranchGate], n: int) -> list[int]:
+    """How many rows each gate's branch had to compute in the last step: ``n`` kept, 0 dropped
+    (or not run: inside a dropped branch), the kept rows in sample mode (whatever ran)."""
+    rows = []
     for g in gates:
         if g.kept_rows is not None:
-            shares.append(1.0 - float(g.kept_rows.float().mean()))
+            rows.append(int(g.kept_rows.sum()))
         else:
-            # A gate that did not run sits inside a dropped branch: skipped too.
-            shares.append(0.0 if g.dropped is False else 1.0)
-    return shares
+            rows.append(n if g.dropped is False else 0)
+    return rows
 
 
 def _probe(model: nn.Module, x: torch.Tensor, cfg: BenchConfig
@@ -210,6 +229,27 @@ def _probe(model: nn.Module, x: torch.Tensor, cfg: BenchConfig
     return captured, parent
 
 
+def _branch_time(gate: BranchGate, args: tuple, cfg: BenchConfig, device: torch.device,
+                 rows: int | None = None) -> float:
+    """Median forward + backward time of ``gate``'s branch alone on ``args`` (first ``rows``
+    rows of the fork, when given)."""
+    args = args if gate.identity else args[1:]
+    leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor)
+              else a for a in args]
+    if rows is not None:
+        leaves[0] = leaves[0][:rows].detach().requires_grad_(leaves[0].is_floating_point())
+    samples = []
+    for _ in range(cfg.branch_reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(cfg):
+            out = gate.branch.forward(*leaves)
+        out.backward(torch.ones_like(out))
+        _sync(device)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples[1:])
+
+
 def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str, float]:
     """Each gate's *exclusive* branch time (forward + backward, seconds), measured in isolation.
 
@@ -217,28 +257,47 @@ def site_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str,
     for what it computes beyond them.
     """
     captured, parent = _probe(model, x, cfg)
-    device = x.device
-    inclusive: dict[str, float] = {}
-    for name, gate in named_gates(model).items():
-        args = captured[name] if gate.identity else captured[name][1:]
-        leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor)
-                  else a for a in args]
-        samples = []
-        for _ in range(cfg.branch_reps + 1):
-            _sync(device)
-            t0 = time.perf_counter()
-            with _autocast(cfg):
-                out = gate.branch.forward(*leaves)
-            out.backward(torch.ones_like(out))
-            _sync(device)
-            samples.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-        inclusive[name] = statistics.median(samples[1:])
+    inclusive = {name: _branch_time(gate, captured[name], cfg, x.device)
+                 for name, gate in named_gates(model).items()}
+    model.zero_grad(set_to_none=True)
+    return exclusive_times(inclusive, parent)
+
+
+def exclusive_times(inclusive: dict[str, float], parent: dict[str, str | None]
+                    ) -> dict[str, float]:
+    """Each branch's time minus the time of the branches nested directly in it (never below 0:
+    timing noise can make a thin outer branch look cheaper than the branches it holds)."""
     exclusive = dict(inclusive)
     for name, up in parent.items():
         if up is not None:
             exclusive[up] -= inclusive[name]
     return {n: max(t, 0.0) for n, t in exclusive.items()}
+
+
+def row_times(model: nn.Module, x: torch.Tensor, cfg: BenchConfig,
+              counts: dict[str, set[int]]) -> dict[str, dict[int, float]]:
+    """Each gate's branch time on ``k`` of its batch's rows, for every ``k`` in ``counts``
+    (``k = 0`` costs 0; the full batch is always measured)."""
+    captured, _ = _probe(model, x, cfg)
+    curves: dict[str, dict[int, float]] = {}
+    for name, gate in named_gates(model).items():
+        n = len(captured[name][0 if gate.identity else 1])
+        curve = {0: 0.0}
+        for k in sorted(counts.get(name, set()) | {n}):
+            if k > 0:
+                curve[k] = _branch_time(gate, captured[name], cfg, x.device, rows=k)
+        curves[name] = curve
+    model.zero_grad(set_to_none=True)
+    return curves
+
+
+def _interpolate(curve: dict[int, float], k: float) -> float:
+    """``curve`` (row count -> time) at ``k``, linear between the measured points."""
+    points = sorted(curve.items())
+    for (k0, t0), (k1, t1) in zip(points, points[1:]):
+        if k0 <= k <= k1:
+            return t0 if k1 == k0 else t0 + (t1 - t0) * (k - k0) / (k1 - k0)
+    return points[-1][1]
 
 
 def gate_ancestors(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[str, list[str]]:
@@ -269,20 +328,89 @@ def limit_saving(times: dict[str, float], rates: dict[str, float],
     return total
 
 
-def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | None = None,
-        **overrides: Any) -> BenchResult:
+class _Progress:
+    """Progress on stderr while the benchmark runs: a tqdm bar when tqdm is installed (the
+    ``progress`` extra), plain lines otherwise, nothing when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.tqdm = tqdm
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(f"[fxsd bench] {message}", file=sys.stderr, flush=True)
+
+    def steps(self, label: str, total: int) -> Iterator[int]:
+        """``range(total)``, reported as it goes."""
+        if not self.enabled:
+            yield from range(total)
+            return
+        if self.tqdm is not None:
+            yield from self.tqdm(range(total), desc=f"[fxsd bench] {label}", file=sys.stderr,
+                                 leave=False)
+            return
+        self.say(f"{label}: 0/{total}")
+        every = max(1, total // 10)
+        for i in range(total):
+            yield i
+            if (i + 1) % every == 0 or i + 1 == total:
+                self.say(f"{label}: {i + 1}/{total}")
+
+
+def run(
+    model: str = "resnet50",
+    *,
+    drop_rates: Sequence[float] = (0.5,),
+    distribution: str = "linear",
+    mode: str = "block",
+    batch_size: int = 16,
+    image_size: int | None = None,
+    steps: int = 20,
+    warmup: int = 3,
+    device: str = "cpu",
+    amp: str | None = None,
+    channels_last: bool = False,
+    seed: int = 0,
+    branch_reps: int = 5,
+    compile: bool = False,  # noqa: A002 - the CLI's --compile
+    compile_backend: str = "inductor",
+    progress: bool | None = None,
+) -> BenchResult:
     """Run the benchmark and return its measurements (see the module docstring).
+
+    Args:
+        model: a model spec (:func:`fxsd.models.load_model`): ``cifar_resnet<depth>``, a
+            torchvision name or ``package.module:callable``.
+        drop_rates, distribution, mode: the fxsd rows' rates and mode.
+        batch_size, image_size: the input (``image_size=None``: 32 for CIFAR models, else 64).
+        steps, warmup: timed and untimed steps per variant (variants interleaved).
+        device, amp, channels_last: where and how (``amp``: ``"bf16"`` or ``"fp16"``).
+        seed: seeds the model, the input and every gated variant's decisions.
+        branch_reps: repetitions when timing each branch alone (for the limit).
+        compile, compile_backend: add ``torch.compile`` rows (compiled baseline, ``fxsd.compile``).
+        progress: report progress on stderr (``None``: when stderr is a terminal).
 
     Example:
         >>> from fxsd import bench
-        >>> result = bench.run(model="cifar_resnet20", steps=5, batch_size=8)  # doctest: +SKIP
+        >>> result = bench.run("cifar_resnet20", steps=5, batch_size=8)  # doctest: +SKIP
         >>> print(bench.format_table(result))  # doctest: +SKIP
     """
-    cfg = _replace(config or BenchConfig(), overrides)
-    say = progress or (lambda msg: None)
+    cfg = BenchConfig(model, tuple(drop_rates), distribution, mode, batch_size, image_size,
+                      steps, warmup, device, amp, channels_last, seed, branch_reps, compile,
+                      compile_backend)
+    return _run(cfg, _Progress(progress))
+
+
+def _run(cfg: BenchConfig, report: _Progress) -> BenchResult:
     rates = tuple(check_rate(r) for r in cfg.drop_rates)
     if cfg.steps < 1 or cfg.warmup < 0 or cfg.batch_size < 1:
         raise InvalidArgumentError("steps and batch_size must be positive, warmup non-negative")
+    if cfg.mode not in ("block", "sample"):
+        raise InvalidArgumentError(f"unknown mode {cfg.mode!r}: use 'block' or 'sample'")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device")
@@ -302,41 +430,11 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
     if not analysis.sites:
         raise InvalidArgumentError(f"{cfg.model} has no residual site to benchmark")
     depths = [s.depth for s in analysis.sites]
+    report.say(f"building the variants of {cfg.model} ({len(analysis.sites)} sites)")
+    variants = _variants(cfg, base, rates, analysis)
 
-    def fresh() -> nn.Module:
-        return copy.deepcopy(base)
-
-    say(f"building variants of {cfg.model} ({len(analysis.sites)} sites)")
-    variants = [_Variant("baseline", None, fresh(), cfg),
-                _Variant("fxsd p=0", 0.0, stochastic_depth(fresh(), 0.0, mode=cfg.mode,
-                                                           seed=cfg.seed), cfg)]
-    for r in rates:
-        variants.append(_Variant("fxsd", r, stochastic_depth(
-            fresh(), r, distribution=cfg.distribution, mode=cfg.mode, seed=cfg.seed), cfg))
-        if cfg.mode == "sample":
-            variants.append(_Variant("fxsd (mask)", r, stochastic_depth(
-                fresh(), r, distribution=cfg.distribution, mode="sample", sample_impl="mask",
-                seed=cfg.seed), cfg))
-    for r in rates:
-        masked = add_mask_drop_paths(analyze_residuals(fresh()),
-                                     site_rates(r, cfg.distribution, depths, analysis.num_levels))
-        variants.append(_Variant("mask drop path", r, masked, cfg))
-    everything = _Variant("every site dropped", 1.0, stochastic_depth(
-        fresh(), 1.0, distribution="uniform", seed=cfg.seed), cfg)
-    variants.append(everything)
-    if cfg.compile:
-        variants.append(_Variant("compiled baseline", None, fresh(), cfg, "compiled"))
-        variants.append(_Variant("compiled fxsd p=0", 0.0, stochastic_depth(
-            fresh(), 0.0, mode=cfg.mode, seed=cfg.seed), cfg, "compiled"))
-        for r in rates:
-            variants.append(_Variant("compiled fxsd", r, stochastic_depth(
-                fresh(), r, distribution=cfg.distribution, mode=cfg.mode, seed=cfg.seed), cfg,
-                "compiled"))
-        variants.append(_Variant("compiled every site dropped", 1.0, stochastic_depth(
-            fresh(), 1.0, distribution="uniform", seed=cfg.seed), cfg, "compiled"))
-
-    say(f"warm-up: {cfg.warmup} steps per variant" + (" (compiling)" if cfg.compile else ""))
-    for v in variants:
+    for i in report.steps("warm-up" + (" (compiling)" if cfg.compile else ""), len(variants)):
+        v = variants[i]
         if v.row.group == "compiled" and v.gates:
             # Compile every branch before timing: one step with every branch kept.
             rates_now = [g.drop_rate for g in v.gates]
@@ -351,8 +449,7 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
     if device.type == "cuda":
         sync_check = _sync_check(variants[2], x)
 
-    say(f"timing: {cfg.steps} interleaved steps per variant")
-    for _ in range(cfg.steps):
+    for _ in report.steps(f"timing {len(variants)} variants, interleaved", cfg.steps):
         for v in variants:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -365,13 +462,21 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
                 peak = torch.cuda.max_memory_allocated(device)
                 v.row.peak_bytes = max(v.row.peak_bytes or 0, peak)
             if v.gates:
-                v.decisions.append(_skipped(v.gates))
+                v.rows_run.append(_rows_needed(v.gates, cfg.batch_size))
 
-    say("measuring each branch's time share")
+    report.say("timing each branch alone, for the limit")
     probe = variants[1].model
     raw = site_times(probe, x, cfg)
     chains = gate_ancestors(probe, x, cfg)
     names = list(named_gates(probe))
+    n = cfg.batch_size
+    counts: dict[str, set[int]] = {name: set() for name in names}
+    if cfg.mode == "sample":
+        for v in variants:
+            for step in v.rows_run:
+                for name, k in zip(names, step):
+                    counts[name].add(k)
+    curves = row_times(probe, x, cfg, counts) if cfg.mode == "sample" else {}
     rows: list[BenchRow] = []
     shares: dict[str, float] = {}
     for group in ("eager", "compiled"):
@@ -383,28 +488,96 @@ def run(config: BenchConfig | None = None, *, progress: Callable[[str], None] | 
         branch_total = max(base_time - every.row.mean, 0.0)
         # The branches' measured total, shared out in proportion to their isolated times.
         scale = branch_total / sum(raw.values()) if sum(raw.values()) else 0.0
-        times = {n: t * scale for n, t in raw.items()}
+        times = {name: t * scale for name, t in raw.items()}
         if group == "eager":
             shares = times
+
+        def cost(name: str, k: float, times: dict[str, float] = times) -> float:
+            """The (calibrated) time of ``name``'s branch on ``k`` rows."""
+            if name not in curves or curves[name][n] <= 0:
+                return times[name] * k / n
+            return times[name] * _interpolate(curves[name], k) / curves[name][n]
+
         prefix = "compiled " if group == "compiled" else ""
         for v in members:
             kind = v.row.variant.removeprefix(prefix)
             if kind.startswith("fxsd") and kind != "fxsd p=0":
                 # Realised limit: what skipping exactly this run's dropped work would save.
                 order = list(named_gates(_gated(v.model)))
-                saved = [sum(times[n] * s for n, s in zip(order, step)) for step in v.decisions]
+                saved = [sum(times[g] - cost(g, k) for g, k in zip(order, step))
+                         for step in v.rows_run]
                 v.row.limit = statistics.fmean(saved) / base_time
             elif kind == "mask drop path":
                 v.row.limit = _expected_limit(v.row.drop_rate, cfg, depths, analysis.num_levels,
-                                              names, times, chains) / base_time
+                                              names, times, chains, cost) / base_time
             elif kind == "every site dropped":
                 v.row.limit = branch_total / base_time
             rows.append(v.row)
         for r in rates:
-            saved = _expected_limit(r, cfg, depths, analysis.num_levels, names, times, chains)
+            saved = _expected_limit(r, cfg, depths, analysis.num_levels, names, times, chains,
+                                    cost)
             rows.append(BenchRow(f"{prefix}limit", r, [base_time - saved],
                                  limit=saved / base_time, group=group))
-    return BenchResult(cfg, rows, shares, _machine(device), sync_check)
+    result = BenchResult(cfg, rows, shares, _machine(device), sync_check)
+    result.warnings = noise_warnings(result)
+    return result
+
+
+def _variants(cfg: BenchConfig, base: nn.Module, rates: Sequence[float],
+              analysis: Any) -> list[_Variant]:
+    """The variants one run times, each on its own copy of ``base``."""
+    depths = [s.depth for s in analysis.sites]
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(base)
+
+    def gated(rate: float, distribution: str = cfg.distribution, **kw: Any) -> nn.Module:
+        return stochastic_depth(fresh(), rate, distribution=distribution, mode=cfg.mode,
+                                seed=cfg.seed, **kw)
+
+    variants = [_Variant("baseline", None, fresh(), cfg),
+                _Variant("fxsd p=0", 0.0, gated(0.0), cfg)]
+    for r in rates:
+        variants.append(_Variant("fxsd", r, gated(r), cfg))
+        if cfg.mode == "sample":
+            variants.append(_Variant("fxsd (mask)", r, gated(r, sample_impl="mask"), cfg))
+    for r in rates:
+        masked = add_mask_drop_paths(analyze_residuals(fresh()),
+                                     site_rates(r, cfg.distribution, depths, analysis.num_levels))
+        variants.append(_Variant("mask drop path", r, masked, cfg))
+    variants.append(_Variant("every site dropped", 1.0, gated(1.0, "uniform"), cfg))
+    if cfg.compile:
+        variants.append(_Variant("compiled baseline", None, fresh(), cfg, "compiled"))
+        variants.append(_Variant("compiled fxsd p=0", 0.0, gated(0.0), cfg, "compiled"))
+        for r in rates:
+            variants.append(_Variant("compiled fxsd", r, gated(r), cfg, "compiled"))
+        variants.append(_Variant("compiled every site dropped", 1.0, gated(1.0, "uniform"), cfg,
+                                 "compiled"))
+    return variants
+
+
+def noise_warnings(result: BenchResult) -> list[str]:
+    """What in ``result`` the machine's noise may have made up: a difference from the baseline
+    smaller than the baseline's own spread, or an efficiency outside [0, 1.1]."""
+    found = []
+    for r in result.rows:
+        kind = r.variant.removeprefix("compiled ")
+        if kind in ("baseline", "limit"):
+            continue
+        base = result.base(r.group)
+        effect = abs(base.mean - r.mean)
+        if base.spread > effect and kind != "fxsd p=0":
+            found.append(f"{r.variant} at {r.drop_rate:g}: its {effect * 1e3:.1f} ms difference "
+                         f"from the baseline is smaller than the baseline's own spread "
+                         f"({base.spread * 1e3:.1f} ms IQR)")
+        if r.limit and kind != "every site dropped":
+            efficiency = (1.0 - r.mean / base.mean) / r.limit
+            if not 0.0 <= efficiency <= 1.1 and kind.startswith("fxsd"):
+                found.append(f"{r.variant} at {r.drop_rate:g}: efficiency {efficiency:.2f} is "
+                             "outside [0, 1.1]")
+    if found:
+        found.append("the machine was likely busy: rerun on an idle machine, with more --steps")
+    return found
 
 
 def _gated(model: nn.Module) -> nn.Module:
@@ -412,9 +585,18 @@ def _gated(model: nn.Module) -> nn.Module:
 
 
 def _expected_limit(rate: float, cfg: BenchConfig, depths: list[int], levels: int,
-                    names: list[str], times: dict[str, float],
-                    chains: dict[str, list[str]]) -> float:
+                    names: list[str], times: dict[str, float], chains: dict[str, list[str]],
+                    cost: Callable[[str, float], float]) -> float:
     per_site = dict(zip(names, site_rates(rate, cfg.distribution, depths, levels)))
+    if cfg.mode == "sample":
+        # Each row is kept with probability 1 - p: the branch runs on Binomial(n, 1 - p) rows.
+        from math import comb
+
+        n = cfg.batch_size
+        return sum(
+            sum(comb(n, k) * (1 - p) ** k * p ** (n - k) * (times[g] - cost(g, k))
+                for k in range(n + 1))
+            for g, p in per_site.items())
     return limit_saving(times, per_site, chains)
 
 
@@ -429,16 +611,6 @@ def _sync_check(variant: _Variant, x: torch.Tensor) -> str:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return "passed (no host-device sync in 3 gated steps)"
-
-
-def _replace(cfg: BenchConfig, overrides: dict[str, Any]) -> BenchConfig:
-    values = asdict(cfg)
-    unknown = set(overrides) - set(values)
-    if unknown:
-        raise InvalidArgumentError(f"unknown bench options {sorted(unknown)}")
-    values.update(overrides)
-    values["drop_rates"] = tuple(values["drop_rates"])
-    return BenchConfig(**values)
 
 
 def _machine(device: torch.device) -> dict[str, str]:
@@ -468,7 +640,8 @@ def format_table(result: BenchResult, tablefmt: str = "simple") -> str:
             eff = "1.000"
         body.append([
             r.variant, "-" if r.drop_rate is None else f"{r.drop_rate:g}",
-            f"{r.mean * 1e3:.1f}", f"{r.median * 1e3:.1f}", f"{r.mean / base:.3f}",
+            f"{r.mean * 1e3:.1f}", f"{r.median * 1e3:.1f}",
+            "-" if kind == "limit" else f"{r.spread * 1e3:.1f}", f"{r.mean / base:.3f}",
             f"{saving * 100:+.1f}", "-" if limit is None else f"{limit * 100:.1f}", eff,
             "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}",
         ])
@@ -480,16 +653,19 @@ def format_table(result: BenchResult, tablefmt: str = "simple") -> str:
             + (f"; compiled rows: torch.compile(backend={cfg.compile_backend!r}) vs compiled "
                "baseline" if cfg.compile else ""))
     table = tabulate(body, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
-    return f"{head}\n{table}\nsync check: {result.sync_check}"
+    text = f"{head}\n{table}\nsync check: {result.sync_check}"
+    if result.warnings:
+        text += "\n" + "\n".join(f"warning: {w}" for w in result.warnings)
+    return text
 
 
-def transform_times(block_counts: Sequence[int] = (250, 500, 1000),
-                    torchvision_models: Sequence[str] = ("resnet152", "vit_l_16"),
-                    repeats: int = 3) -> list[dict[str, Any]]:
-    """Time ``fxsd.stochastic_depth`` itself (trace + analysis + rewrite) on one CPU thread."""
+def transform_rows(block_counts: Sequence[int] = (250, 500, 1000),
+                   torchvision_models: Sequence[str] = ("resnet152", "vit_l_16"),
+                   repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """Time ``fxsd.stochastic_depth`` itself (trace + analysis + rewrite) on one CPU thread,
+    yielding one row per model as soon as it is measured."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    rows = []
     try:
         cases: list[tuple[str, Callable[[], nn.Module]]] = [
             (name, lambda name=name: load_model(name)) for name in torchvision_models
@@ -500,16 +676,22 @@ def transform_times(block_counts: Sequence[int] = (250, 500, 1000),
             samples = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                gm = stochastic_depth(model, 0.1)
+                gated = stochastic_depth(model, 0.1)
                 samples.append(time.perf_counter() - t0)
             nodes = len(analyze_residuals(model).graph_module.graph.nodes)
-            sites = len(gates(gm))
             best = min(samples)
-            rows.append({"model": label, "nodes": nodes, "sites": sites, "seconds": best,
-                         "us_per_node": best / nodes * 1e6})
+            yield {"model": label, "nodes": nodes, "sites": len(gates(gated)),
+                   "blocks": len(get_record(gated).rewritten), "seconds": best,
+                   "us_per_node": best / nodes * 1e6}
     finally:
         torch.set_num_threads(threads)
-    return rows
+
+
+def transform_times(block_counts: Sequence[int] = (250, 500, 1000),
+                    torchvision_models: Sequence[str] = ("resnet152", "vit_l_16"),
+                    repeats: int = 3) -> list[dict[str, Any]]:
+    """:func:`transform_rows` as a list."""
+    return list(transform_rows(block_counts, torchvision_models, repeats))
 
 
 def residual_mlp(blocks: int, width: int = 64) -> nn.Module:

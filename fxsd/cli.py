@@ -1,27 +1,24 @@
-"""The ``fxsd`` command line.
+"""The ``fxsd`` command line: ``fxsd inspect`` and ``fxsd bench``.
 
-``fxsd inspect [MODEL]`` prints the residual sites fxsd finds in a model, the drop rate each would
-get, and a one-line summary. MODEL is a torchvision model name (built with ``weights=None``) or
-``package.module:callable`` returning an ``nn.Module``.
+MODEL, in every subcommand, is a torchvision model name (built with ``weights=None``: nothing is
+downloaded), ``cifar_resnet<depth>`` (the stochastic-depth paper's CIFAR network) or
+``package.module:callable`` returning an ``nn.Module``. torch is imported only once a command
+runs, so ``fxsd --help`` answers at once. Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
-
-import torch
-
-from fxsd.errors import FxsdError
-from fxsd.models import load_model
-from fxsd.residuals import analyze_residuals
-from fxsd.schedules import DISTRIBUTIONS
-from fxsd.table import summary, table
 
 __all__ = ["main"]
 
 DEFAULT_MODEL = "resnet50"
+DISTRIBUTIONS = ("linear", "linspace", "uniform")  # fxsd.schedules.DISTRIBUTIONS, without torch
+MODEL_HELP = ("torchvision model name, cifar_resnet<depth> (e.g. cifar_resnet110) or "
+              f"package.module:callable (default: {DEFAULT_MODEL})")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -35,15 +32,22 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _tablefmt(text: str) -> str:
+    from tabulate import tabulate_formats
+
+    if text not in tabulate_formats:
+        raise argparse.ArgumentTypeError(
+            f"unknown table format {text!r}; use one of: {', '.join(sorted(tabulate_formats))}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxsd", description="Stochastic depth for any residual network (torch.fx pass)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="show the residual sites of a model")
-    inspect.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                         help=f"torchvision model name or package.module:callable "
-                              f"(default: {DEFAULT_MODEL})")
+    inspect.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     inspect.add_argument("--drop-rate", type=float, default=0.2,
                          help="largest drop rate (default: 0.2)")
     inspect.add_argument("--distribution", default="linear", choices=DISTRIBUTIONS,
@@ -51,101 +55,135 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--rejected", action="store_true",
                          help="also list the adds that are not residual sites, with reasons")
     inspect.add_argument("--input-shape", type=_shape, default=None,
-                         help="shape of an example input, for FLOP counts (default for "
-                              "torchvision models: 1,3,224,224)")
+                         help="shape of an example input, for FLOP counts (default: 1,3,32,32 "
+                              "for CIFAR models, 1,3,224,224 for torchvision models)")
     inspect.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
-    inspect.add_argument("--format", default="simple", help="tabulate format (default: simple)")
+    inspect.add_argument("--format", type=_tablefmt, default="simple",
+                         help="tabulate format (default: simple)")
+    inspect.add_argument("--wide", action="store_true",
+                         help="do not shorten cells to fit the terminal")
 
     bench = sub.add_parser(
         "bench", help="time training steps: baseline, fxsd, mask drop path and the limit")
-    bench.add_argument("model", nargs="?", default="resnet50",
-                       help="torchvision model name, cifar_resnet<depth> (e.g. cifar_resnet110) "
-                            "or package.module:callable (default: resnet50)")
-    bench.add_argument("--drop-rate", type=float, nargs="+", default=[0.5],
+    # Defaults are None so that --transform can refuse the options it does not use.
+    bench.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    bench.add_argument("--drop-rate", type=float, nargs="+", default=None,
                        help="one or more drop rates (default: 0.5)")
-    bench.add_argument("--distribution", default="linear", choices=DISTRIBUTIONS)
-    bench.add_argument("--mode", default="block", choices=["block", "sample"],
-                       help="block, or sample (adds an 'fxsd (mask)' row beside fxsd's default "
-                            "subset-where-exact implementation)")
-    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--distribution", default=None, choices=DISTRIBUTIONS,
+                       help="default: linear")
+    bench.add_argument("--mode", default=None, choices=["block", "sample"],
+                       help="block (default), or sample (adds an 'fxsd (mask)' row beside fxsd's "
+                            "default subset-where-exact implementation)")
+    bench.add_argument("--batch-size", type=int, default=None, help="default: 16")
     bench.add_argument("--image-size", type=int, default=None,
                        help="input height and width (default: 32 for CIFAR models, else 64)")
-    bench.add_argument("--steps", type=int, default=20,
+    bench.add_argument("--steps", type=int, default=None,
                        help="timed steps per variant, interleaved (default: 20)")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    bench.add_argument("--warmup", type=int, default=None,
+                       help="untimed steps per variant (default: 3)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     bench.add_argument("--amp", default=None, choices=["bf16", "fp16"],
                        help="autocast dtype (default: off)")
-    bench.add_argument("--channels-last", action="store_true")
-    bench.add_argument("--compile", action="store_true",
+    bench.add_argument("--channels-last", action="store_true", default=None)
+    bench.add_argument("--compile", action="store_true", default=None,
                        help="add torch.compile rows: compiled baseline vs fxsd.compile")
-    bench.add_argument("--compile-backend", default="inductor")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--compile-backend", default=None, help="default: inductor")
+    bench.add_argument("--seed", type=int, default=None, help="default: 0")
     bench.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     bench.add_argument("--transform", action="store_true",
-                       help="time the pass itself (resnet152, vit_l_16, residual MLPs) instead")
-    bench.add_argument("--format", default="simple", help="tabulate format (default: simple)")
+                       help="time the pass itself (resnet152, vit_l_16, residual MLPs) instead; "
+                            "takes no MODEL and none of the timing options")
+    bench.add_argument("--format", type=_tablefmt, default="simple",
+                       help="tabulate format (default: simple)")
     return parser
 
 
+_BENCH_OPTIONS = {"model": "MODEL", "drop_rate": "--drop-rate", "distribution": "--distribution",
+                  "mode": "--mode", "batch_size": "--batch-size", "image_size": "--image-size",
+                  "steps": "--steps", "warmup": "--warmup", "device": "--device", "amp": "--amp",
+                  "channels_last": "--channels-last", "compile": "--compile",
+                  "compile_backend": "--compile-backend", "seed": "--seed"}
+
+
 def _inspect(args: argparse.Namespace) -> None:
+    import torch
+
+    from fxsd.models import load_model
+    from fxsd.residuals import analyze_residuals
+    from fxsd.tables import summary, table, terminal_width
+
     model = load_model(args.model)
     shape = args.input_shape
     if shape is None and ":" not in args.model:
-        shape = (1, 3, 224, 224)
+        shape = (1, 3, 32, 32) if args.model.startswith("cifar_resnet") else (1, 3, 224, 224)
     example = None if args.no_flops or shape is None else (torch.zeros(shape),)
     analysis = analyze_residuals(model, example)
+    width = 0 if args.wide else terminal_width()
     print(table(analysis, drop_rate=args.drop_rate, distribution=args.distribution,
-                rejected=args.rejected, tablefmt=args.format))
+                rejected=args.rejected, tablefmt=args.format, width=width))
     print()
-    print(f"{args.model}: " + summary(analysis, drop_rate=args.drop_rate,
-                                       distribution=args.distribution))
+    line = f"{args.model}: " + summary(analysis, drop_rate=args.drop_rate,
+                                        distribution=args.distribution)
+    print(textwrap.fill(line, width, break_on_hyphens=False) if width else line)
 
 
 def _bench(args: argparse.Namespace) -> None:
     import json
 
     from fxsd import bench
+    from fxsd.errors import InvalidArgumentError
 
     if args.transform:
-        rows = bench.transform_times()
-        print("fxsd.stochastic_depth (trace + analysis + rewrite), best of 3, 1 CPU thread")
-        print(tabulate_rows(rows, args.format))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"transform": rows}, f, indent=2)
+        given = [flag for name, flag in _BENCH_OPTIONS.items()
+                 if getattr(args, name) not in (None, False)]
+        if given:
+            raise InvalidArgumentError(
+                f"--transform times the pass on fixed models and takes no {', '.join(given)}")
+        _transform(args)
         return
-    result = bench.run(
-        model=args.model, drop_rates=tuple(args.drop_rate), distribution=args.distribution,
-        mode=args.mode, compile=args.compile, compile_backend=args.compile_backend,
-        batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
-        warmup=args.warmup, device=args.device, amp=args.amp, channels_last=args.channels_last,
-        seed=args.seed, progress=lambda msg: print(f"[fxsd bench] {msg}", file=sys.stderr),
-    )
+    options = {name: getattr(args, name) for name in _BENCH_OPTIONS
+               if name != "drop_rate" and getattr(args, name) is not None}
+    if args.drop_rate is not None:
+        options["drop_rates"] = tuple(args.drop_rate)
+    result = bench.run(**options)
     print(bench.format_table(result, args.format))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
 
 
-def tabulate_rows(rows: list[dict], tablefmt: str) -> str:
-    from tabulate import tabulate
+def _transform(args: argparse.Namespace) -> None:
+    import json
 
-    return tabulate([[r["model"], r["nodes"], r["sites"], f"{r['seconds']:.3f}",
-                      f"{r['us_per_node']:.0f}"] for r in rows],
-                    headers=["model", "nodes", "sites", "seconds", "µs per node"],
-                    tablefmt=tablefmt, disable_numparse=True)
+    from fxsd import bench
+
+    print("fxsd.stochastic_depth (trace + analysis + rewrite), best of 3, 1 CPU thread",
+          flush=True)
+    line = "{:<20} {:>7} {:>6} {:>7} {:>9} {:>12}"
+    print(line.format("model", "nodes", "sites", "blocks", "seconds", "µs per node"))
+    print(line.format("-" * 20, "-" * 7, "-" * 6, "-" * 7, "-" * 9, "-" * 12), flush=True)
+    rows = []
+    for row in bench.transform_rows():  # each row as soon as it is measured
+        rows.append(row)
+        print(line.format(row["model"], row["nodes"], row["sites"], row["blocks"],
+                          f"{row['seconds']:.3f}", f"{row['us_per_node']:.0f}"), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"transform": rows}, f, indent=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from fxsd.errors import FxsdError
+
     try:
         if args.command == "inspect":
             _inspect(args)
         elif args.command == "bench":
             _bench(args)
-    except FxsdError as exc:
-        print(f"fxsd: error: {exc}", file=sys.stderr)
+    except FxsdError as exc:  # one line, no traceback: these are the user's to fix
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"fxsd: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -143,14 +143,24 @@ class GateInfo:
 
     @classmethod
     def from_site(cls, site: Any, num_levels: int, name: str = "", fold: Any = None) -> GateInfo:
-        """Describe a :class:`~fxsd.ResidualSite` (by names, so it outlives the graph)."""
+        """Describe a :class:`~fxsd.ResidualSite` (by names, so it outlives the graph).
+
+        Node names are given as the gated module's code spells them: without the prefix of the
+        module that owns the gate (``conv1``, not ``layer1_0_conv1``).
+        """
+        prefix = name.rpartition(".")[0].replace(".", "_") + "_" if "." in name else ""
+
+        def local(node: Any) -> str:
+            return node.name[len(prefix):] if prefix and node.name.startswith(prefix) \
+                else node.name
+
         return cls(
             name=name, fold=fold, add=site.add.name, add_kind=site.add_kind,
             module_path=site.module_path,
             module_type=site.module_type, skip_kind=site.skip_kind.value, depth=site.depth,
-            num_levels=num_levels, branch_first=site.branch[0].name,
-            branch_last=site.branch_output.name, branch_len=len(site.branch),
-            num_params=site.num_params, side_inputs=tuple(n.name for n in site.side_inputs),
+            num_levels=num_levels, branch_first=local(site.branch[0]),
+            branch_last=local(site.branch_output), branch_len=len(site.branch),
+            num_params=site.num_params, side_inputs=tuple(local(n) for n in site.side_inputs),
             flops=site.flops,
         )
 

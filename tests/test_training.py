@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import CallCounter, DropPath, called_modules, grads
+from conftest import DropPath, called_modules, grads
 from torch import nn
 
 import fxsd
@@ -127,7 +127,7 @@ def test_batchnorm_branch_falls_back_to_mask_with_reason():
     gm = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2, mode="sample")
     assert {g.sample_impl for g in fxsd.gates(gm)} == {"mask"}
     assert all("BatchNorm2d" in g.note for g in fxsd.gates(gm))
-    text = fxsd.table(gm)
+    text = fxsd.table(gm, width=0)
     assert "sample/mask" in text and "mixes the rows of a batch" in text
     with pytest.raises(fxsd.InvalidArgumentError, match="BatchNorm2d"):
         fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2, mode="sample",
@@ -177,7 +177,7 @@ def test_adopt_convnext_drop_paths():
     assert not [m for m in called_modules(gm) if isinstance(m, torchvision.ops.StochasticDepth)]
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=0, atol=0)
-    assert "adopted StochasticDepth(p=0.4)" in fxsd.table(gm)
+    assert "adopted StochasticDepth(p=0.4)" in fxsd.table(gm, width=0)
 
 
 def test_existing_replace_and_keep():
@@ -323,15 +323,22 @@ def test_composer_warmup_needs_total_steps():
     assert math.isclose(fxsd.get_drop_rate(gm), 0.2)
 
 
-def test_dropped_rows_do_not_reach_the_branch_in_mask_mode_either_way():
-    # mask mode computes every row (that is its point of comparison): hooks see the full batch.
+def test_mask_mode_computes_every_row_and_zeroes_the_dropped_ones():
+    # mask mode is the comparison point: the branch runs on the whole batch, dropped rows are
+    # multiplied by zero afterwards (subset mode, above, does not compute them).
     model = LnMlp(1)
     gm = fxsd.stochastic_depth(model, 0.5, distribution="uniform", mode="sample",
-                               sample_impl="mask").train()
-    counter = CallCounter({"fc1": model.blocks[0].fc1})
-    gm(torch.randn(8, 16))
-    counter.remove()
-    assert counter.calls["fc1"] == 1
+                               sample_impl="mask", scale="none").train()
+    seen = []
+    handle = model.blocks[0].fc1.register_forward_hook(lambda m, a, o: seen.append(len(a[0])))
+    x = torch.randn(8, 16)
+    out = gm(x)
+    handle.remove()
+    (gate,) = fxsd.gates(gm)
+    assert seen == [8] and 0 < int(gate.kept_rows.sum()) < 8
+    dropped = ~gate.kept_rows
+    torch.testing.assert_close(out[dropped], x[dropped], rtol=0, atol=0)
+    assert not torch.equal(out[~dropped], x[~dropped])
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "swin_t", "maxvit_t"])

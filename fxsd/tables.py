@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
+import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite, analyze_
 from fxsd.schedules import Distribution, site_rates
 from fxsd.training import gates as all_gates
 
-__all__ = ["table", "summary", "SiteRow"]
+__all__ = ["table", "summary", "SiteRow", "fit_table", "terminal_width", "EMPTY"]
 
 SITE_HEADERS = ["depth", "gate", "skip", "branch", "nodes", "params", "side inputs"]
 REJECTED_HEADERS = ["add", "kind", "module", "reason", "detail"]
@@ -102,6 +104,7 @@ def table(
     rejected: bool = False,
     example_inputs: Sequence[Any] | None = None,
     tablefmt: str = "simple",
+    width: int | None = None,
 ) -> str:
     """Render residual sites as a table, one row per site.
 
@@ -113,11 +116,15 @@ def table(
         rejected: also list the adds that are not residual sites, with the reasons.
         example_inputs: for a model analysed on the spot: adds a FLOPs column.
         tablefmt: any ``tabulate`` format (``"github"`` for Markdown).
+        width: the longest a line may be: long cells are shortened with "…" (the branch column
+            first, then side inputs, notes, gate names) until the table fits. ``None``: the
+            terminal's width (``shutil.get_terminal_size``, which reads ``$COLUMNS``); ``0``:
+            no limit.
 
     Example:
         >>> import torchvision, fxsd
-        >>> print(fxsd.table(torchvision.models.resnet18()).splitlines()[2])  # doctest: +SKIP
-              1  add      layer1.0  identity  layer1_0_conv1 → layer1_0_bn2        5  73.9k ...
+        >>> print(fxsd.table(torchvision.models.resnet18(), width=0).splitlines()[2])
+              1  layer1.0.residual_gate  identity  conv1 → bn2         5  73.9k     -
     """
     report = _report(source, drop_rate, distribution, example_inputs)
     headers = list(SITE_HEADERS)
@@ -151,38 +158,117 @@ def table(
         if with_notes:
             line.append(row.note or "-")
         body.append(line)
-    text = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    limit = terminal_width() if width is None else width
+    shrink = [("branch", _branch), ("side inputs", _end), ("note", _end), (EMPTY, _end),
+              ("gate", _path)]
+    text = fit_table(body, headers, tablefmt, limit, shrink)
     if rejected:
-        rows = [(r.add, r.add_kind, r.module_path, r.reason.value, r.detail)
+        rows = [[r.add, r.add_kind, r.module_path, r.reason.value, r.detail]
                 for r in report.rejected]
         text += "\n\nrejected adds:\n" + (
-            tabulate(rows, headers=REJECTED_HEADERS, tablefmt=tablefmt, disable_numparse=True)
-            if rows else "(none)"
-        )
+            fit_table(rows, REJECTED_HEADERS, tablefmt, limit,
+                      [("detail", _end), (EMPTY, _end), ("module", _path)]) if rows
+            else "(none)")
     return text
+
+
+def terminal_width() -> int:
+    """The terminal's width in characters (``$COLUMNS`` when set, 80 when unknown)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+#: In a ``shrink`` list of :func:`fit_table`: leave out the columns in which every cell is ``-``.
+EMPTY = "<empty columns>"
+
+
+def fit_table(body: list[list[Any]], headers: list[str], tablefmt: str, width: int,
+              shrink: Sequence[tuple[str, Callable[[str, int], str]]]) -> str:
+    """``tabulate(body, headers)``, fitted into ``width`` characters (``0``: no limit).
+
+    Works through ``shrink`` in order until no line is too long: each named column is shortened
+    (down to no less than 12 characters or its header) with its function; :data:`EMPTY` leaves
+    out the columns in which every cell is ``-``.
+    """
+
+    def render() -> str:
+        return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+    text = render()
+    for column, cut in shrink if width > 0 else ():
+        excess = _widest(text) - width
+        if excess <= 0:
+            break
+        if column == EMPTY:
+            keep = [j for j in range(len(headers))
+                    if not body or any(str(row[j]) != "-" for row in body)]
+            body = [[row[j] for j in keep] for row in body]
+            headers = [headers[j] for j in keep]
+        elif column in headers:
+            j = headers.index(column)
+            longest = max((len(str(row[j])) for row in body), default=0)
+            target = max(longest - excess, len(column), 12)
+            if target >= longest:
+                continue
+            body = [[*row[:j], cut(str(row[j]), target), *row[j + 1:]] for row in body]
+        text = render()
+    return text
+
+
+def _widest(text: str) -> int:
+    return max((len(line) for line in text.splitlines()), default=0)
+
+
+def _branch(text: str, n: int) -> str:
+    """``first → last`` in at most ``n`` characters: each end shortened, the arrow kept."""
+    if len(text) <= n or " → " not in text:
+        return _end(text, n)
+    first, last = text.split(" → ", 1)
+    room = n - 3
+    a = min(len(first), max(room // 2, room - len(last)))
+    return f"{_end(first, a)} → {_end(last, room - a)}"
+
+
+def _end(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def _path(text: str, n: int) -> str:
+    """A dotted path in at most ``n`` characters: from the left, atoms before the last are cut
+    to their initial and trailing number (``encoder.layers.encoder_layer_11.mlp_gate`` →
+    ``e.l.e11.mlp_gate``); if that is not enough the start is replaced by "…"."""
+    atoms = text.split(".")
+    for i in range(len(atoms) - 1):
+        if len(".".join(atoms)) <= n:
+            break
+        digits = atoms[i][len(atoms[i].rstrip("0123456789")):]
+        atoms[i] = atoms[i] if atoms[i].isdigit() else atoms[i][:1] + digits
+    short = ".".join(atoms)
+    return short if len(short) <= n else "…" + short[len(short) - n + 1:]
 
 
 def summary(source: Any, *, drop_rate: float | None = None,
             distribution: Distribution = "linear",
-            example_inputs: Sequence[Any] | None = None) -> str:
+            example_inputs: Sequence[Any] | None = None, width: int | None = 0) -> str:
     """One line: sites found, adds rejected, and the expected share of work dropped per step.
 
     The share weighs each site's drop rate by its branch's forward FLOPs when they are known
-    (example inputs given) and by its parameter count otherwise.
+    (example inputs given) and by its parameter count otherwise. ``width``: wrap to lines of at
+    most this many characters (``None``: the terminal's width; ``0``, the default: one line).
     """
     report = _report(source, drop_rate, distribution, example_inputs)
     rows = report.rows
     n_rej = len(report.rejected)
     text = (f"{len(rows)} residual site{'s' * (len(rows) != 1)}, "
             f"{n_rej} add{'s' * (n_rej != 1)} rejected")
-    if not rows or all(r.drop_rate is None for r in rows):
-        return text
-    by_flops = all(r.info.flops is not None for r in rows)
-    weight = [(r.info.flops if by_flops else r.info.num_params) or 0 for r in rows]
-    dropped = sum(w * (r.drop_rate or 0.0) for w, r in zip(weight, rows))
-    share = dropped / sum(weight) if sum(weight) else 0.0
-    unit = "FLOPs" if by_flops else "parameters (by count)"
-    text += f"; expected branch work dropped per training step: {share:.1%} of branch {unit}"
-    if by_flops and report.total_flops:
-        text += f", {dropped / report.total_flops:.1%} of the model's forward FLOPs"
-    return text
+    if rows and any(r.drop_rate is not None for r in rows):
+        by_flops = all(r.info.flops is not None for r in rows)
+        weight = [(r.info.flops if by_flops else r.info.num_params) or 0 for r in rows]
+        dropped = sum(w * (r.drop_rate or 0.0) for w, r in zip(weight, rows))
+        share = dropped / sum(weight) if sum(weight) else 0.0
+        unit = "FLOPs" if by_flops else "parameters (by count)"
+        text += (f"; expected branch work dropped per training step: {share:.1%} of branch "
+                 f"{unit}")
+        if by_flops and report.total_flops:
+            text += f", {dropped / report.total_flops:.1%} of the model's forward FLOPs"
+    limit = terminal_width() if width is None else width
+    return textwrap.fill(text, limit, break_on_hyphens=False) if limit > 0 else text

@@ -1,0 +1,84 @@
+"""The command line: model specs in every subcommand, tables that fit, one-line errors, a fast
+``--help``, and the README's example as real output."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fxsd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_does_not_import_torch():
+    # `fxsd --help` must answer at once: importing torch alone takes over a second.
+    code = ("import sys\nfrom fxsd.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert "inspect" in out.stdout and out.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("spec", ["cifar_resnet20", "resnet18", "tests.test_api:Net"])
+def test_every_model_spec_works_in_inspect(spec, capsys):
+    assert main(["inspect", spec, "--no-flops", "--wide"]) == 0
+    out = capsys.readouterr().out
+    assert f"{spec}: " in out and "residual sites" in out
+
+
+def test_bench_accepts_a_callable_spec(capsys):
+    assert main(["bench", "torchvision.models:resnet18", "--steps", "1", "--warmup", "0",
+                 "--batch-size", "2", "--image-size", "32"]) == 0
+    assert "torchvision.models:resnet18, batch 2" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_without_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "fxsd.cli", "inspect",
+                             "fxsd.models:BasicBlock"], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fxsd: error: cannot build")
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_format_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "--format", "nosuchfmt"])
+    assert info.value.code == 2
+    assert "unknown table format 'nosuchfmt'" in capsys.readouterr().err
+
+
+def test_transform_refuses_options_it_would_ignore(capsys):
+    assert main(["bench", "--transform", "resnet18", "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "takes no MODEL, --steps" in err
+
+
+def test_vit_table_fits_a_100_column_terminal(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["inspect", "vit_b_16", "--rejected"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    assert "e.l.e11.mlp_gate" in out  # gate paths shortened from the left, indices kept
+    assert main(["inspect", "vit_b_16", "--rejected", "--wide"]) == 0
+    wide = capsys.readouterr().out
+    assert "encoder.layers.encoder_layer_11.mlp_gate" in wide
+    assert max(len(line) for line in wide.splitlines()) > 100
+
+
+def test_readme_example_is_real_output(monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"`fxsd inspect vit_b_16 --rejected` with `COLUMNS=100` prints[^`]*"
+                      r"```text\n(.*?)```", readme, re.S)
+    assert block, "README.md lost its fxsd inspect example"
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["inspect", "vit_b_16", "--rejected"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    shown = [line for line in block.group(1).splitlines() if line and line != "..."]
+    assert shown and all(line in out for line in shown), [
+        line for line in shown if line not in out]
