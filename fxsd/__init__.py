@@ -75,7 +75,7 @@ _EXPORTS = {
     "compile": "fxsd.compiling",
     "apply_stochastic_depth": "fxsd.composer",
 }
-# Submodules reachable as attributes: fxsd.bench.run(...), fxsd.models.cifar_resnet(...).
+# Submodules listed in __all__ (every submodule is reachable as an attribute: fxsd.owners...).
 _SUBMODULES = ("bench", "models")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
@@ -84,10 +84,11 @@ __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"fxsd.{name}")
-    else:
-        raise AttributeError(f"module 'fxsd' has no attribute {name!r}")
+    else:  # a submodule: fxsd.bench, fxsd.models, fxsd.owners...
+        try:
+            value = importlib.import_module(f"fxsd.{name}")
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'fxsd' has no attribute {name!r}") from None
     globals()[name] = value
     return value
 

@@ -9,7 +9,7 @@ too splits it into one small graph per gate whose fixed cost outweighs what comp
 each of train and eval, independent of the number of steps; changing drop rates (warmup) never
 recompiles, because only the eager gate reads the rate.
 
-``torch.compile(gm)`` also works on a gated model — correct, with live decisions and a bounded
+``torch.compile(model)`` also works on a gated model — correct, with live decisions and a bounded
 number of graphs — but it compiles the trunk segments and leaves the branches eager.
 
 Convolutional nets: give the model and its inputs ``torch.channels_last``, as usual for compiled
@@ -20,9 +20,9 @@ layout switch was the compiled baseline's whole gain, and channels-last took CIF
 compiled efficiency at drop rate 0.5 from 0.26 to 0.66 (linear) and from 0.79 to 0.87 (uniform).
 
 >>> import torch, torchvision, fxsd
->>> gm = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2)
->>> gm = gm.to(memory_format=torch.channels_last)  # conv nets; inputs too
->>> gm = fxsd.compile(gm)  # doctest: +SKIP
+>>> model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2)
+>>> model = model.to(memory_format=torch.channels_last)  # conv nets; inputs too
+>>> model = fxsd.compile(model)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from fxsd.training import _gates_or_error
 __all__ = ["compile"]
 
 
-def compile(gm: nn.Module, **kwargs: Any) -> nn.Module:  # noqa: A001 - mirrors torch.compile
-    """Compile every branch of ``gm`` with ``torch.compile(**kwargs)``; return ``gm``.
+def compile(model: nn.Module, **kwargs: Any) -> nn.Module:  # noqa: A001 - mirrors torch.compile
+    """Compile every branch of ``model`` with ``torch.compile(**kwargs)``; return ``model``.
 
     Compiled branches live on their gates (``gate.compiled_branch``), outside the module tree:
     ``state_dict`` is unchanged, and ``deepcopy`` and pickling leave them out (compile again).
     """
-    for gate in _gates_or_error(gm):
+    for gate in _gates_or_error(model):
         gate.__dict__["compiled_branch"] = torch.compile(gate.branch, **kwargs)
-    return gm
+    return model

@@ -514,3 +514,27 @@ class RootReadsTraining(nn.Module):
 def test_root_reading_training_warns():
     with pytest.warns(fxsd.TrainingDependenceWarning, match="depends on self.training"):
         fxsd.stochastic_depth(RootReadsTraining().train(), 0.1)
+
+
+def test_every_error_is_an_fxsd_error():
+    with pytest.raises(fxsd.InvalidArgumentError, match="no fxsd gates"):
+        fxsd.strip(torchvision.models.resnet18())
+    model = fxsd.stochastic_depth(Net(), 0.2)
+    with pytest.raises(fxsd.InvalidArgumentError, match="fxsd.get_rng_state"):
+        fxsd.set_rng_state(model, {})
+    with pytest.raises(fxsd.InvalidTypeError):
+        fxsd.get_record("model")
+    with pytest.raises(fxsd.InvalidArgumentError, match="not a gated module"):
+        fxsd.show(model, "nowhere")
+
+
+def test_show_prints_each_branch_under_its_gate():
+    model = fxsd.stochastic_depth(torchvision.models.vit_b_16(image_size=32), 0.1)
+    text = fxsd.show(model, "encoder.layers.encoder_layer_0")
+    lines = text.splitlines()
+    assert lines[0] == "# encoder.layers.encoder_layer_0 (EncoderBlock), rewritten by fxsd"
+    gate = next(i for i, ln in enumerate(lines)
+                if ln.startswith("    # encoder.layers.encoder_layer_0.self_attention_gate"))
+    assert "self_attention = self.self_attention(ln_1, ln_1, ln_1" in "\n".join(lines[gate:])
+    assert all(ln.startswith("    ") for ln in lines[gate:] if ln)
+    assert len(fxsd.show(model).split("\n\n# ")) == 12  # one section per gated block

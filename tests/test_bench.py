@@ -210,3 +210,52 @@ def test_no_host_device_sync_in_gated_cuda_step():
         torch.cuda.set_sync_debug_mode("default")
     result = bench.run(model="cifar_resnet20", steps=2, warmup=1, device="cuda", batch_size=8)
     assert result.sync_check.startswith("passed")
+
+
+def test_noise_warnings_flag_effects_within_the_baselines_spread():
+    cfg = bench.BenchConfig()
+    quiet = bench.BenchRow("baseline", None, [1.00, 1.01, 0.99, 1.00])
+    noisy = bench.BenchRow("baseline", None, [0.6, 1.4, 0.7, 1.3])
+    for base, expect_noise in ((quiet, False), (noisy, True)):
+        rows = [base, bench.BenchRow("fxsd", 0.5, [0.9] * 4, limit=0.1),
+                bench.BenchRow("limit", 0.5, [0.9], limit=0.1)]
+        warnings = bench.noise_warnings(bench.BenchResult(cfg, rows, {}, {}))
+        assert any("smaller than the baseline's own spread" in w for w in warnings) == expect_noise
+    # an efficiency of 3 cannot be real
+    rows = [quiet, bench.BenchRow("fxsd", 0.5, [0.7] * 4, limit=0.1)]
+    warnings = bench.noise_warnings(bench.BenchResult(cfg, rows, {}, {}))
+    assert any("efficiency 3.00 is outside [0, 1.1]" in w for w in warnings)
+    assert warnings[-1].startswith("the machine was likely busy")
+    assert "IQR ms" in bench.HEADERS and rows[0].spread == pytest.approx(0.005)
+
+
+def test_interpolated_branch_cost_between_measured_row_counts():
+    curve = {0: 0.0, 4: 2.0, 16: 5.0}
+    assert bench._interpolate(curve, 4) == 2.0
+    assert bench._interpolate(curve, 10) == pytest.approx(3.5)
+    assert bench._interpolate(curve, 2) == pytest.approx(1.0)
+
+
+def test_sample_mode_limit_uses_the_row_counts_that_ran():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                            hidden_dim=32, mlp_dim=64, num_classes=10)
+    gated = fxsd.stochastic_depth(vit, 0.5, distribution="uniform", mode="sample", seed=0)
+    x = torch.randn(8, 3, 32, 32)
+    cfg = bench.BenchConfig(branch_reps=1)
+    curves = bench.row_times(gated, x, cfg, {name: {3, 5} for name in fxsd.named_gates(gated)})
+    assert all(set(c) == {0, 3, 5, 8} for c in curves.values())
+    assert all(c[8] > 0 and c[3] > 0 for c in curves.values())
+
+
+def test_progress_reports_on_stderr(monkeypatch, capsys):
+    report = bench._Progress(enabled=True)
+    report.tqdm = None  # plain lines without the progress extra
+    assert list(report.steps("timing", 20)) == list(range(20))
+    err = capsys.readouterr().err
+    assert "[fxsd bench] timing: 0/20" in err and "[fxsd bench] timing: 20/20" in err
+    quiet = bench._Progress(enabled=False)
+    assert list(quiet.steps("timing", 3)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
