@@ -14,8 +14,10 @@ The public surface:
   inside the blocks that own the joins (the model keeps its class and structure);
 * :func:`table` — the sites (or a transformed model's gates) as a printable table;
   :func:`get_record` — what fxsd recorded about a transformed model;
-* :func:`set_drop_rate`, :class:`DropWarmup`, :func:`get_rng_state`/:func:`set_rng_state` —
-  training-loop helpers; :func:`apply_stochastic_depth` — Composer's functional API;
+* :func:`set_drop_rate`, :func:`get_rng_state`/:func:`set_rng_state` — training-loop helpers;
+  :class:`DropSchedule`, :class:`DropWarmup`, :func:`progressive_layer_drop` — rates over
+  training time (:mod:`fxsd.callbacks` steps them in Lightning and the Hugging Face Trainer);
+  :func:`apply_stochastic_depth` — Composer's functional API;
 * :func:`compile` — ``torch.compile`` with live decisions; :func:`strip` — a gate-free eval graph
   for deployment and ``torch.export``;
 * :func:`show` — a gated model's code, each branch under its gate;
@@ -38,7 +40,10 @@ _EXPORTS = {
     "DropPathAction": "fxsd.gate",
     "DropSampler": "fxsd.gate",
     "GateInfo": "fxsd.gate",
-    "DropWarmup": "fxsd.training",
+    "DropWarmup": "fxsd.schedulers",
+    "DropSchedule": "fxsd.schedulers",
+    "ProgressiveLayerDrop": "fxsd.schedulers",
+    "progressive_layer_drop": "fxsd.schedulers",
     "gates": "fxsd.training",
     "named_gates": "fxsd.training",
     "get_drop_rate": "fxsd.training",
@@ -71,6 +76,7 @@ _EXPORTS = {
     "show": "fxsd.listing",
     "table": "fxsd.tables",
     "TrainingDependenceWarning": "fxsd.tracing",
+    "FrozenDropoutWarning": "fxsd.tracing",
     "trace": "fxsd.tracing",
     "compile": "fxsd.compiling",
     "apply_stochastic_depth": "fxsd.composer",
@@ -129,11 +135,16 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         analyze_residuals,
         find_residuals,
     )
+    from fxsd.schedulers import (
+        DropSchedule,
+        DropWarmup,
+        ProgressiveLayerDrop,
+        progressive_layer_drop,
+    )
     from fxsd.schedules import site_rates
     from fxsd.tables import table
-    from fxsd.tracing import TrainingDependenceWarning, trace
+    from fxsd.tracing import FrozenDropoutWarning, TrainingDependenceWarning, trace
     from fxsd.training import (
-        DropWarmup,
         gates,
         get_drop_rate,
         get_rng_state,

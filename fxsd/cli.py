@@ -16,7 +16,8 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 DEFAULT_MODEL = "resnet50"
-DISTRIBUTIONS = ("linear", "linspace", "uniform")  # fxsd.schedules.DISTRIBUTIONS, without torch
+# fxsd.schedules.DISTRIBUTIONS, without importing torch
+DISTRIBUTIONS = ("linear", "linspace", "uniform", "exponential")
 MODEL_HELP = ("torchvision model name, cifar_resnet<depth> (e.g. cifar_resnet110) or "
               f"package.module:callable (default: {DEFAULT_MODEL})")
 

@@ -25,7 +25,8 @@ from fxsd.errors import InvalidArgumentError
 from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
 from fxsd.record import get_record
 from fxsd.residuals import ResidualSite
-from fxsd.training import DropWarmup, gates
+from fxsd.schedulers import DropWarmup
+from fxsd.training import gates
 
 __all__ = ["apply_stochastic_depth"]
 

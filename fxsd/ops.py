@@ -12,6 +12,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 __all__ = [
+    "is_weighted",
+    "is_nonlinear",
     "add_kind",
     "add_operands",
     "data_inputs",
@@ -153,3 +155,66 @@ def depends_on_input(node: Node) -> bool:
                 seen.add(a)
                 stack.append(a)
     return False
+
+
+# Ops whose result is a learned transformation when one operand is a parameter.
+_WEIGHTED_FUNCTIONS = frozenset({
+    "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "matmul", "mm", "bmm", "einsum", "addmm", "baddbmm", "embedding",
+    "layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm", "prelu", "__matmul__",
+})
+_NONLINEAR = frozenset({
+    "relu", "relu_", "relu6", "gelu", "silu", "silu_", "tanh", "sigmoid", "hardswish",
+    "hardsigmoid", "leaky_relu", "elu", "selu", "celu", "mish", "softmax", "log_softmax", "glu",
+    "softplus", "hardtanh", "prelu", "rrelu", "logsigmoid", "tanhshrink", "softsign",
+})
+
+
+def _is_parameter_value(node: Any, root: Any) -> bool:
+    """Whether ``node`` is a parameter, or computed from parameters alone (a view of one)."""
+    if not isinstance(node, Node) or depends_on_input(node):
+        return False
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "get_attr":
+            obj: Any = root
+            try:
+                for atom in str(n.target).split("."):
+                    obj = getattr(obj, atom)
+            except AttributeError:
+                continue
+            if isinstance(obj, torch.nn.Parameter):
+                return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
+def is_weighted(node: Node, root: Any) -> bool:
+    """Whether ``node`` applies learned weights: a call of a module holding parameters (a
+    convolution, a linear layer, an attention module, a norm), or a convolution, linear map,
+    matmul or norm function one of whose operands is a parameter."""
+    if node.op == "call_module":
+        try:
+            module = root.get_submodule(str(node.target))
+        except AttributeError:
+            return False
+        return next(module.parameters(), None) is not None
+    if node.op in ("call_function", "call_method") and _target_name(node) in _WEIGHTED_FUNCTIONS:
+        operands = [*node.args, *node.kwargs.values()]
+        return any(_is_parameter_value(a, root) for a in operands)
+    return False
+
+
+def is_nonlinear(node: Node, root: Any) -> bool:
+    """Whether ``node`` is an elementwise nonlinearity (an activation function or module)."""
+    if node.op == "call_module":
+        try:
+            module = root.get_submodule(str(node.target))
+        except AttributeError:
+            return False
+        return type(module).__module__ == "torch.nn.modules.activation"
+    return node.op in ("call_function", "call_method") and _target_name(node) in _NONLINEAR

@@ -49,8 +49,9 @@ class Owner:
     """A module fxsd rewrites as a gated GraphModule.
 
     Attributes:
-        call: index of its call in the trace's :class:`~fxsd.calls.CallTree` (``None``: the root).
-        path: its qualified name (``""``: the root).
+        call: index of its call in the trace's :class:`~fxsd.calls.CallTree` (``None``: the
+            module the graph traced, the model itself or, for a module traced on its own, it).
+        path: its qualified name in the model (``""``: the root).
         sites: the residual sites it gates, in execution order.
         gate_names: the attribute name of each site's gate on the rewritten module.
         inline: calls under it whose nodes are copied into its graph instead of kept as calls.
@@ -78,6 +79,10 @@ def plan_owners(analysis: ResidualAnalysis,
         >>> owners[0].path, owners[0].gate_names
         ('encoder.layers.encoder_layer_0', ('self_attention_gate', 'mlp_gate'))
     """
+    if analysis.units:  # modules traced one by one: plan each
+        chosen = None if sites is None else {id(s) for s in sites}
+        return [owner for unit in analysis.units for owner in plan_owners(
+            unit, None if chosen is None else [s for s in unit.sites if id(s) in chosen])]
     sites = list(analysis.sites if sites is None else sites)
     if not sites:
         return []
@@ -204,8 +209,9 @@ class _Planner:
     # -- names -------------------------------------------------------------------------------
     def _owner(self, index: int | None, sites: list[ResidualSite],
                inline: frozenset[int]) -> Owner:
-        path = "" if index is None else self.tree.calls[index].path
-        module = self.gm if index is None else self.tree.calls[index].module
+        root = self.analysis.path  # the module this graph traced: the model, or one module
+        path = root if index is None else self.tree.calls[index].path
+        module = self.gm.get_submodule(root) if index is None else self.tree.calls[index].module
         names = self.gate_names(module, path, sites)
         return Owner(index, path, tuple(sites), tuple(names), inline)
 

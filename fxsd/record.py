@@ -55,6 +55,9 @@ class FxsdRecord:
         warmup: the :class:`~fxsd.DropWarmup` that :func:`fxsd.apply_stochastic_depth` created
             for ``drop_warmup``, if any.
         stripped: the modules holding this record were made by :func:`fxsd.strip` (no gates).
+        traced: when modules were traced one by one (by example, or timm's not-traceable
+            modules on their own), their paths.
+        untraced: ``(path, class name, why)`` of the modules that could not be traced.
     """
 
     drop_rate: float = 0.0
@@ -66,6 +69,8 @@ class FxsdRecord:
     total_flops: int | None = None
     warmup: Any = field(default=None, repr=False)
     stripped: bool = False
+    traced: tuple[str, ...] = ()
+    untraced: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ from fxsd.ops import (
     depends_on_input,
     is_inplace,
     is_metadata_read,
+    is_nonlinear,
     is_view,
+    is_weighted,
     mutated_operand,
 )
 from fxsd.profile import NodeProfile, profile_nodes
@@ -79,6 +81,8 @@ class RejectReason(str, Enum):
     NO_CHEAP_SKIP = "no skip path"
     ESCAPING_VALUE = "branch value escapes"
     MUTATION = "in-place mutation"
+    NO_WEIGHTS = "branch holds no weights"
+    PARALLEL_PATHS = "parallel paths"
 
 
 @dataclass(frozen=True)
@@ -158,15 +162,27 @@ class ResidualAnalysis:
         profiles: each node's shape and FLOPs, when example inputs were given.
         calls: the module calls the trace went through (``None`` for a ``GraphModule`` input,
             which is not traced again).
+        path: the module this analysis traced (``""``: the model itself).
+        units: when modules were traced one by one (by example, or a module timm marks as not
+            traceable traced on its own), each one's analysis; ``sites`` and ``rejected`` then
+            gather theirs, and ``graph_module`` is the root's graph if the root was traced.
+        untraced: ``(path, class name, why)`` of each module that could not be traced.
     """
 
-    graph_module: GraphModule
+    graph_module: GraphModule | None
     sites: list[ResidualSite]
     rejected: list[RejectedAdd]
     num_levels: int
     total_flops: int | None = None
     profiles: dict[Node, NodeProfile] | None = field(default=None, repr=False)
     calls: CallTree | None = field(default=None, repr=False)
+    path: str = ""
+    units: list[ResidualAnalysis] = field(default_factory=list, repr=False)
+    untraced: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def parts(self) -> list[ResidualAnalysis]:
+        """The analyses of single graphs this one is made of (itself, or its units)."""
+        return self.units or [self]
 
 
 @dataclass(frozen=True)
@@ -181,6 +197,8 @@ def find_residuals(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
+    tracing: str = "auto",
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
 ) -> list[ResidualSite]:
@@ -192,8 +210,15 @@ def find_residuals(
         model: an ``nn.Module`` or an already traced ``torch.fx.GraphModule``. Never modified.
         example_inputs: positional inputs of one forward call. Optional; with them fxsd also knows
             shapes (broadcasting adds are rejected) and FLOPs (shown in tables). Only their shapes
-            and dtypes are used: the model is run on fake tensors.
-        leaf_modules: module classes or qualified names not to trace through.
+            and dtypes are used: the model is run on fake tensors. When the model cannot be
+            traced whole, they (and ``example_kwargs``) are what it is traced by example with.
+        example_kwargs: keyword inputs of that call (``input_ids=..., attention_mask=...``).
+        tracing: ``"auto"`` (trace the whole model; if that fails and example inputs are given,
+            trace by example), ``"symbolic"`` (whole model only) or ``"example"`` (always by
+            example: run the model once, trace the largest traceable modules along their
+            recorded calls; see docs/design.md).
+        leaf_modules: module classes, qualified names or module objects not to trace through
+            (added to timm's own not-traceable registry, honoured when timm is installed).
         concrete_args: passed to the tracer.
 
     Example:
@@ -203,14 +228,20 @@ def find_residuals(
         (16, 'layer1.0', 'projection')
     """
     return analyze_residuals(
-        model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
+        model, example_inputs, example_kwargs=example_kwargs, tracing=tracing,
+        leaf_modules=leaf_modules, concrete_args=concrete_args,
     ).sites
+
+
+TRACINGS = ("auto", "symbolic", "example")
 
 
 def analyze_residuals(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
+    tracing: str = "auto",
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
 ) -> ResidualAnalysis:
@@ -224,21 +255,65 @@ def analyze_residuals(
         >>> len(analysis.sites), analysis.rejected[0].reason.value
         (24, 'constant operand')
     """
-    gm, calls = trace_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    from fxsd.errors import InvalidArgumentError, InvalidTypeError, TraceError
+    from fxsd.units import analyze_by_example, analyze_nested, registry
+
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"expected an nn.Module to analyse, got {type(model).__name__}")
+    if tracing not in TRACINGS:
+        raise InvalidArgumentError(f"unknown tracing {tracing!r}: use one of {TRACINGS}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    leaves, autowrap = registry(model, leaf_modules)
+    examples = example_inputs is not None or example_kwargs is not None
+    if tracing == "example":
+        if not examples:
+            raise InvalidArgumentError("tracing='example' needs example_inputs= or "
+                                       "example_kwargs= (the inputs of one forward call)")
+        return analyze_by_example(model, tuple(example_inputs or ()), dict(example_kwargs or {}),
+                                  leaves, autowrap)
+    try:
+        gm, calls = trace_calls(model, leaf_modules=leaves, concrete_args=concrete_args,
+                                autowrap=autowrap)
+    except TraceError as exc:
+        if tracing == "symbolic" or not examples:
+            if not exc.module_path:
+                exc.args = (exc.args[0] + " Or give example_inputs= / example_kwargs= (one "
+                            "forward call's inputs): fxsd then traces the model's modules by "
+                            "example, as for Hugging Face models.",)
+            raise
+        return analyze_by_example(model, tuple(example_inputs or ()), dict(example_kwargs or {}),
+                                  leaves, autowrap)
     profiles = None
-    if example_inputs is not None:
-        if isinstance(example_inputs, torch.Tensor):
-            example_inputs = (example_inputs,)
+    if example_inputs is not None and example_kwargs is None:
         profiles = profile_nodes(gm, tuple(example_inputs))
-    return _Analyzer(gm, profiles, calls).run()
+    return analyze_nested(model, gm, calls, profiles, leaves, autowrap,
+                          (tuple(example_inputs or ()), dict(example_kwargs or {}))
+                          if examples else None)
+
+
+def analyze_graph(gm: GraphModule, calls: CallTree | None,
+                  profiles: dict[Node, NodeProfile] | None = None, path: str = "",
+                  weights: dict[Node, int] | None = None
+                  ) -> tuple[ResidualAnalysis, dict[Node, int]]:
+    """The analysis of one traced graph (of the module at ``path``).
+
+    ``weights``: nodes that stand for a number of residual levels of their own (calls of modules
+    analysed separately); returns the analysis and, for each of those nodes, the depth before it.
+    """
+    analyzer = _Analyzer(gm, profiles, calls, path)
+    return analyzer.run(weights or {}), analyzer.offsets
 
 
 class _Analyzer:
     def __init__(self, gm: GraphModule, profiles: dict[Node, NodeProfile] | None,
-                 calls: CallTree | None) -> None:
+                 calls: CallTree | None, path: str = "") -> None:
         self.gm = gm
         self.profiles = profiles
         self.calls = calls
+        self.root_path = path
+        self.offsets: dict[Node, int] = {}
+        self.root_scope = ((path, type(gm.get_submodule(path)).__name__),) if path else ()
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         # ancestors-or-self of each node, as a bitset over node positions
@@ -261,7 +336,7 @@ class _Analyzer:
     def scope(self, node: Node, branch: Sequence[Node] = ()) -> tuple[tuple[str, str], ...]:
         """(path, class name) of the modules whose forwards are running at ``node``."""
         if self.calls is not None:
-            return self.calls.scope(node)
+            return self.root_scope + self.calls.scope(node)
         return stack_scope(node, branch, self.has_stacks)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -292,7 +367,7 @@ class _Analyzer:
                 sum(1 for n in nodes if not _is_free(n)))
 
     # -- classification --------------------------------------------------------------------
-    def run(self) -> ResidualAnalysis:
+    def run(self, weights: dict[Node, int]) -> ResidualAnalysis:
         accepted: list[dict[str, Any]] = []
         rejected: list[RejectedAdd] = []
         for node in self.nodes:
@@ -304,11 +379,13 @@ class _Analyzer:
                 rejected.append(verdict)
             else:
                 accepted.append(verdict)
-        depths = self.depths({d["add"] for d in accepted})
+        depths = self.depths({d["add"] for d in accepted}, weights)
         sites = [ResidualSite(depth=depths[d["add"]], **d) for d in accepted]
         total = sum(p.flops for p in self.profiles.values()) if self.profiles else None
-        return ResidualAnalysis(self.gm, sites, rejected, max(depths.values(), default=0),
-                                total, self.profiles, self.calls)
+        levels = max([*depths.values(), *(self.offsets[n] + w for n, w in weights.items()
+                                          if n in self.offsets)], default=0)
+        return ResidualAnalysis(self.gm, sites, rejected, levels, total, self.profiles,
+                                self.calls, self.root_path)
 
     def reject(self, node: Node, kind: str, reason: RejectReason, detail: str) -> RejectedAdd:
         scope = self.scope(node)
@@ -372,6 +449,24 @@ class _Analyzer:
         if isinstance(branch, tuple):
             reason, detail = branch
             return self.reject(node, kind, reason, detail)
+        weighted = sum(is_weighted(n, self.gm) for n in branch.nodes)
+        if not weighted:
+            return self.reject(
+                node, kind, RejectReason.NO_WEIGHTS,
+                f"the branch '{branch.nodes[0].name}' … '{out.name}' applies no learned weights "
+                "(no convolution, linear layer, matmul with a parameter or module with "
+                "parameters): a parameter-free x + f(x), such as a rotary embedding, a "
+                "polynomial activation or a normalisation, is not a residual block")
+        if skip_kind is SkipKind.PROJECTION:
+            skip_weighted = sum(is_weighted(n, self.gm) for n in skip_path)
+            nonlinear = any(is_nonlinear(n, self.gm) for n in branch.nodes)
+            if not (skip_weighted < weighted or (
+                    nonlinear and not any(is_nonlinear(n, self.gm) for n in skip_path))):
+                return self.reject(
+                    node, kind, RejectReason.PARALLEL_PATHS,
+                    f"'{skip.name}' is not a shortcut: it applies as many learned weights as "
+                    f"'{out.name}' ({skip_weighted} and {weighted}) and no less nonlinearity, "
+                    "so the add joins parallel paths (RepVGG-style), not a skip and a branch")
         side = tuple(n for n in branch.inputs if n.op != "get_attr")
         params = tuple(n for n in branch.inputs if n.op == "get_attr")
         scope = self.scope(node, branch.nodes)
@@ -385,12 +480,16 @@ class _Analyzer:
             num_params=_param_count(self.gm, (*branch.nodes, *params)), flops=flops,
         )
 
-    def depths(self, site_adds: set[Node]) -> dict[Node, int]:
-        """Depth of each site: 1 + the most sites on any path from the inputs to its add."""
+    def depths(self, site_adds: set[Node], weights: dict[Node, int]) -> dict[Node, int]:
+        """Depth of each site: 1 + the most sites on any path from the inputs to its add (a node
+        in ``weights`` counts as that many levels; the depth before it goes to ``offsets``)."""
         best: dict[Node, int] = {}
         depths: dict[Node, int] = {}
         for n in self.nodes:
             d = max((best[a] for a in n.all_input_nodes), default=0)
+            if n in weights:
+                self.offsets[n] = d
+                d += weights[n]
             if n in site_adds:
                 d += 1
                 depths[n] = d
@@ -452,21 +551,28 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
 
     * unused side results of branch nodes (the attention weights a ``MultiheadAttention`` returns
       next to its output), which would otherwise hold on to a value inside the branch;
+    * modules only the branch reads as values (:func:`fxsd.tracing.if_training` reads their
+      ``training`` flag);
     * outside values that only the branch reads and that are computed from parameters and tensor
       metadata alone (a relative position bias gathered from its table, ``x.shape[0]`` for a
       reshape): computing them inside the gate means a dropped branch skips them too, and a
       branch run on a subset of rows reads its own batch size.
     """
+    unused: dict[Node, bool] = {}
     changed = True
     while changed:
         changed = False
         for n in list(nodes):
             for u in n.users:
-                if u not in nodes and u is not add and not u.users and not is_inplace(u, gm) \
-                        and u.op != "output":
-                    nodes.add(u)
+                if u not in nodes and u is not add and _is_dead(u, gm, unused):
+                    nodes.update(_subtree(u))
                     changed = True
             for a in n.all_input_nodes:
+                if a.op == "get_attr" and a not in nodes and all(u in nodes for u in a.users) \
+                        and is_module(gm, str(a.target)):
+                    nodes.add(a)  # a module whose flag the branch reads (``if_training``)
+                    changed = True
+                    continue
                 if a in nodes or a is fork or a.op in ("placeholder", "get_attr"):
                     continue
                 if is_inplace(a, gm) or depends_on_input(a):
@@ -477,6 +583,45 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
                     nodes.add(a)
                     nodes.update(dead)
                     changed = True
+
+
+def _is_dead(node: Node, gm: Any, memo: dict[Node, bool], limit: int = 64) -> bool:
+    """Whether ``node``'s value is never used: no users, or only users whose values are never
+    used (``x.size()`` followed by an unused ``[0]``), and no in-place effect on the way.
+
+    Dead subgraphs are small; one of more than ``limit`` nodes is taken as live."""
+    if node in memo:
+        return memo[node]
+    seen: list[Node] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in memo:
+            if not memo[n]:
+                break
+            continue
+        if n.op in ("output", "placeholder") or is_inplace(n, gm) or _is_impure(n) \
+                or len(seen) >= limit:
+            memo[n] = False
+            break
+        seen.append(n)
+        stack.extend(u for u in n.users if u not in seen)
+    else:
+        for n in seen:
+            memo[n] = True
+        return True
+    memo[node] = False
+    return False
+
+
+def _subtree(node: Node) -> set[Node]:
+    found, stack = {node}, [node]
+    while stack:
+        for u in stack.pop().users:
+            if u not in found:
+                found.add(u)
+                stack.append(u)
+    return found
 
 
 def _mutation_problem(
@@ -546,6 +691,20 @@ def _param_count(gm: GraphModule, nodes: Iterable[Node]) -> int:
             if isinstance(value, nn.Parameter):
                 seen[id(value)] = value.numel()
     return sum(seen.values())
+
+
+def _is_impure(node: Node) -> bool:
+    try:
+        return node.is_impure()
+    except AssertionError:  # a graph without its module (a block being cut out): be careful
+        return node.op == "call_module"
+
+
+def is_module(gm: Any, target: str) -> bool:
+    try:
+        return isinstance(gm.get_submodule(target), nn.Module)
+    except AttributeError:
+        return False
 
 
 def _get_attr(gm: GraphModule, target: str) -> Any:

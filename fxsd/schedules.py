@@ -4,7 +4,11 @@
   Composer's ``drop_distribution="linear"``): the last site drops at ``drop_rate``;
 * ``"linspace"`` — ``drop_rate * (l - 1) / (L - 1)``: the first site never drops, the last drops at
   ``drop_rate`` (timm's ``linspace(0, rate, depth)``, torchvision's ConvNeXt/Swin rule);
-* ``"uniform"`` — every site gets ``drop_rate``;
+* ``"uniform"`` — every site gets ``drop_rate`` (Hugging Face's ``config.layerdrop``, fairseq's
+  LayerDrop);
+* ``"exponential"`` — ``drop_rate * (exp((l - 1) * ln 2 / (L - 1)) - 1)``: rates rise
+  exponentially with depth from 0 at the first site to ``drop_rate`` at the last (LayerSkip,
+  Elhoushi et al. 2024, with ``drop_rate`` as their ``p_max`` and their ``l = 0 … L - 1``);
 * a sequence — one rate per site, in execution order (``drop_rate`` is then ignored): a list or
   tuple, or a 1-D tensor or NumPy array (timm's ``torch.linspace(0, 0.2, depth)``);
 * a callable ``(depth, L) -> rate`` — returns the rate for depth ``l`` of ``L``.
@@ -22,7 +26,7 @@ from fxsd.errors import InvalidArgumentError, InvalidTypeError
 __all__ = ["Distribution", "DISTRIBUTIONS", "check_rate", "site_rates"]
 
 Distribution = Union[str, Sequence[float], Callable[[int, int], float], Any]
-DISTRIBUTIONS = ("linear", "linspace", "uniform")
+DISTRIBUTIONS = ("linear", "linspace", "uniform", "exponential")
 
 
 def check_rate(rate: object, what: str = "drop_rate") -> float:
@@ -51,6 +55,11 @@ def site_rates(drop_rate: float, distribution: Distribution, depths: Sequence[in
             return [rate * (d - 1) / (num_levels - 1) if num_levels > 1 else 0.0 for d in depths]
         if distribution == "uniform":
             return [rate for _ in depths]
+        if distribution == "exponential":
+            if num_levels < 2:
+                return [0.0 for _ in depths]
+            return [rate * (math.exp((d - 1) * math.log(2) / (num_levels - 1)) - 1)
+                    for d in depths]
         raise InvalidArgumentError(
             f"unknown distribution {distribution!r}: use one of {DISTRIBUTIONS}, a sequence of "
             "per-site rates, or a callable (depth, L) -> rate"

@@ -45,6 +45,8 @@ class _Report:
     rows: list[SiteRow]
     rejected: list[RejectedRecord]
     total_flops: int | None
+    traced: tuple[str, ...] = ()  # modules traced one by one (empty: the model, whole)
+    untraced: tuple[tuple[str, str, str], ...] = ()
 
 
 def _rejected_records(rejected: Sequence[RejectedAdd]) -> list[RejectedRecord]:
@@ -64,7 +66,8 @@ def _report(
             rows = [SiteRow(g.info, g.drop_rate,
                             g.mode if g.mode == "block" else f"{g.mode}/{g.sample_impl}",
                             g.scale, g.note) for g in gates]
-            return _Report(rows, list(record.rejected), record.total_flops)
+            return _Report(rows, list(record.rejected), record.total_flops, record.traced,
+                           record.untraced)
         source = analyze_residuals(source, example_inputs)
     if isinstance(source, ResidualAnalysis):
         sites, levels = source.sites, source.num_levels
@@ -84,6 +87,9 @@ def _report(
         rates = list(site_rates(drop_rate, distribution, [s.depth for s in sites], levels))
     rows = [SiteRow(GateInfo.from_site(s, levels, names.get(id(s), "")), r)
             for s, r in zip(sites, rates)]
+    if isinstance(source, ResidualAnalysis) and (source.untraced or len(source.units) > 1):
+        return _Report(rows, rejected, total, tuple(u.path for u in source.units),
+                       tuple(source.untraced))
     return _Report(rows, rejected, total)
 
 
@@ -162,6 +168,8 @@ def table(
     shrink = [("branch", _branch), ("side inputs", _end), ("note", _end), (EMPTY, _end),
               ("gate", _path)]
     text = fit_table(body, headers, tablefmt, limit, shrink)
+    if report.traced or report.untraced:
+        text += "\n\n" + _units(report, tablefmt, limit)
     if rejected:
         rows = [[r.add, r.add_kind, r.module_path, r.reason.value, r.detail]
                 for r in report.rejected]
@@ -169,6 +177,19 @@ def table(
             fit_table(rows, REJECTED_HEADERS, tablefmt, limit,
                       [("detail", _end), (EMPTY, _end), ("module", _path)]) if rows
             else "(none)")
+    return text
+
+
+def _units(report: _Report, tablefmt: str, width: int) -> str:
+    """Which modules were traced one by one, and which could not be traced and why."""
+    traced = ", ".join(path or "<root>" for path in report.traced) or "(none)"
+    text = textwrap.fill(f"traced one module at a time: {traced}", width or 10**6,
+                         subsequent_indent="  ")
+    if report.untraced:
+        rows = [[path, cls, why] for path, cls, why in report.untraced]
+        text += ("\n\nnot traced (a join inside is not gated unless a module within it was "
+                 "traced):\n" + fit_table(rows, ["module", "class", "why"], tablefmt, width,
+                                          [("why", _end), ("module", _path)]))
     return text
 
 

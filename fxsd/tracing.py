@@ -13,9 +13,12 @@ model itself is never modified) and prepares its graph for analysis:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
@@ -23,13 +26,15 @@ from fxsd.calls import CallTree, ModuleCall, calls_of
 from fxsd.distributed import check_not_wrapped
 from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph
+from fxsd.hf import opaque_attention_kernels
 from fxsd.passes.explicit_inplace import make_inplace_explicit
 from fxsd.passes.live_drop_path import make_drop_paths_live
 from fxsd.record import FxsdRecord, NodeRecord
 
-__all__ = ["trace", "trace_calls", "is_drop_path", "FxsdTracer", "TrainingDependenceWarning"]
+__all__ = ["trace", "trace_calls", "is_drop_path", "if_training", "FxsdTracer",
+           "TrainingDependenceWarning", "FrozenDropoutWarning"]
 
-LeafSpec = type | str
+LeafSpec = type | str | nn.Module
 
 
 def is_drop_path(module: nn.Module) -> bool:
@@ -66,21 +71,32 @@ class FxsdTracer(fx.Tracer):
     Activation-checkpoint wrappers (``CheckpointWrapper``) are traced as the module they wrap.
 
     Args:
-        leaf_modules: module classes, or qualified module names (``"encoder.layers.0.attn"``), to
-            keep as single ``call_module`` nodes instead of tracing through them.
+        leaf_modules: module classes, qualified module names (``"encoder.layers.0.attn"``) or
+            module objects to keep as single ``call_module`` nodes instead of tracing through
+            them.
+        prefix: the traced module's qualified name in its model (``"model.layers.0."``, with the
+            dot), when a module is traced on its own: module and attribute targets, and the
+            recorded calls' paths, are then qualified in the whole model.
+        autowrap: more functions to record as single calls (timm's not-traceable functions).
     """
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec] = ()) -> None:
-        super().__init__(autowrap_functions=(_functional_drop_path(),))
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = (), *, prefix: str = "",
+                 autowrap: Iterable[Any] = ()) -> None:
+        super().__init__(autowrap_functions=(_functional_drop_path(), *autowrap))
         leaves = list(leaf_modules)
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._leaf_names = {x for x in leaves if isinstance(x, str)}
+        self._leaf_objects = {id(x) for x in leaves if isinstance(x, nn.Module)}
+        self.prefix = prefix
         self.scope_stack: list[tuple[str, str]] = []
         self.calls: list[ModuleCall] = []
         self._running: list[int] = []
 
+    def path_of_module(self, mod: nn.Module) -> str:
+        return self.prefix + super().path_of_module(mod)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names:
+        if module_qualified_name in self._leaf_names or id(m) in self._leaf_objects:
             return True
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
@@ -104,12 +120,16 @@ class FxsdTracer(fx.Tracer):
 
         ops.stochastic_depth = stochastic_depth
         try:
-            return super().trace(root, concrete_args)
+            with opaque_attention_kernels(self):
+                return super().trace(root, concrete_args)
         finally:
             ops.stochastic_depth = original
 
-    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
-        node = super().create_node(*args, **kwargs)
+    def create_node(self, kind: str, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        if kind == "get_attr" and self.prefix and not str(target).startswith("_tensor_constant"):
+            # a parameter of the traced module (or the module itself), in its model
+            target = (self.prefix + str(target)).rstrip(".")
+        node = super().create_node(kind, target, *args, **kwargs)
         node.meta["fxsd"] = NodeRecord(tuple(self._running))
         return node
 
@@ -150,7 +170,8 @@ def _checkpoint_wrapped(module: nn.Module) -> nn.Module | None:
 def _validate_leaves(leaf_modules: Iterable[LeafSpec] | None) -> list[LeafSpec]:
     leaves = list(leaf_modules or ())
     for leaf in leaves:
-        ok = isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))
+        ok = isinstance(leaf, (str, nn.Module)) or (isinstance(leaf, type)
+                                                    and issubclass(leaf, nn.Module))
         if not ok:
             raise InvalidTypeError(
                 f"leaf_modules entries must be nn.Module subclasses or qualified module names, "
@@ -195,20 +216,44 @@ def trace_calls(
     *,
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    path: str = "",
+    example: Any = None,
+    fix_flags: bool = False,
+    free_nones: Iterable[str] = (),
+    autowrap: Iterable[Any] = (),
 ) -> tuple[FxsdGraphModule, CallTree | None]:
     """:func:`trace`, plus the module calls the tracer went through (``None`` for a
-    ``GraphModule`` input, whose graph is copied, not traced)."""
+    ``GraphModule`` input, whose graph is copied, not traced).
+
+    With ``path``, only that module of ``model`` is traced (its targets qualified in ``model``);
+    with ``example`` (a :class:`~fxsd.by_example.RecordedCall`), by example, with its bool
+    arguments and the conditions of its control flow fixed to the example's if ``fix_flags``,
+    and the ``None`` arguments named in ``free_nones`` left as inputs. The result runs that
+    module's forward over ``model``'s tree.
+    """
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"expected an nn.Module to trace, got {type(model).__name__}")
     leaves = _validate_leaves(leaf_modules)
     check_not_wrapped(model)
     calls: list[ModuleCall] | None = None
-    if isinstance(model, fx.GraphModule):
-        graph = copy_graph(model.graph)
+    module = model.get_submodule(path) if path else model
+    if isinstance(module, fx.GraphModule) and not path:
+        graph = copy_graph(module.graph)
         extras: dict[str, Any] = {}
         live: list[str] = []
+        _warn_frozen_dropout(graph, type(module).__name__)
     else:
-        graph, extras, live, calls = _trace_training_aware(model, leaves, concrete_args)
+        def make_tracer(leaves: Sequence[LeafSpec]) -> FxsdTracer:
+            prefix = path + "." if path else ""
+            if example is None:
+                return FxsdTracer(leaves, prefix=prefix, autowrap=autowrap)
+            from fxsd.by_example import ExampleTracer
+
+            return ExampleTracer(example, model, leaves, prefix=prefix, autowrap=autowrap,
+                                 fix_flags=fix_flags, free_nones=tuple(free_nones))
+
+        graph, extras, live, calls = _trace_training_aware(module, leaves, concrete_args,
+                                                           make_tracer)
     gm = module_from_graph(model, graph, extras, keep_class=False)
     gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live))
     make_drop_paths_live(gm)
@@ -216,37 +261,82 @@ def trace_calls(
     return gm, None if calls is None else CallTree(calls, gm.graph)
 
 
+class FrozenDropoutWarning(UserWarning):
+    """A ``GraphModule`` given to fxsd calls dropout with a constant training flag or rate."""
+
+
+def _warn_frozen_dropout(graph: fx.Graph, name: str) -> None:
+    """Warn about dropout whose mode was fixed by whoever traced the graph (a tracer that
+    evaluated ``self.training``): fxsd copies such a graph and cannot make it live again."""
+    frozen = []
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in _DROPOUTS:
+            flag = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+            if not isinstance(flag, fx.Node):
+                frozen.append(f"{n.name} (training={flag!r})")
+        elif n.target is F.scaled_dot_product_attention:
+            p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+            if not isinstance(p, fx.Node) and p == 0.0:
+                frozen.append(f"{n.name} (dropout_p=0.0)")
+    if frozen:
+        warnings.warn(
+            f"the GraphModule {name} was traced with dropout fixed to constants: "
+            f"{', '.join(frozen[:6])}{' …' if len(frozen) > 6 else ''}. fxsd keeps its graph "
+            "as given, so that dropout does not follow .train()/.eval() (a tracer that read "
+            "self.training froze it). Give fxsd the model itself instead (for Hugging Face "
+            "models with example_kwargs=), or ignore this if the model has no dropout there.",
+            FrozenDropoutWarning, stacklevel=4)
+
+
+_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+             F.feature_alpha_dropout)
+
+
 class TrainingDependenceWarning(UserWarning):
     """Traced code of the root module depends on ``self.training``; it keeps the traced mode."""
 
 
 def _trace_training_aware(
-    model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None
+    model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None,
+    make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer] = FxsdTracer,
 ) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall]]:
-    """Trace, and keep as leaves the modules whose traced code depends on ``self.training``.
+    """Trace so that code reading ``self.training`` keeps following ``.train()``/``.eval()``.
 
     Tracing evaluates ``if self.training`` and ``dropout_p=p if self.training else 0.0`` once, so
     the graph would keep the mode the model had when traced (attention dropout in timm,
-    Hugging Face and torchvision's Swin is written like this). fxsd traces a second time with every
-    module's flag flipped, compares the two graphs module by module, and re-traces with the
-    modules that differ kept as leaves, which read their flag at run time.
+    Hugging Face and torchvision's Swin is written like this). fxsd traces a second time with
+    every module's flag flipped and compares the two graphs module by module:
+
+    * where a module's ops differ only in constant arguments (``dropout_p``), the constant becomes
+      ``if_training(module, train_value, eval_value)``, read at run time;
+    * a module whose ops differ otherwise (``if self.training: x = f(x)``) is re-traced as a
+      leaf, which reads its flag at run time; those are listed in ``live_leaves``.
     """
     leaves = list(leaves)
     live: list[str] = []
+    prefix = make_tracer(leaves).prefix.rstrip(".")
     for _ in range(8):
-        graph, extras, calls = _symbolic_trace(model, leaves, concrete_args)
+        graph, extras, calls = _symbolic_trace(model, make_tracer(leaves), concrete_args)
         modes = [(m, m.training) for m in model.modules()]
         try:
             for m, mode in modes:
                 m.training = not mode
-            flipped, _, flipped_calls = _symbolic_trace(model, leaves, concrete_args)
+            flipped, _, flipped_calls = _symbolic_trace(model, make_tracer(leaves),
+                                                        concrete_args)
         finally:
             for m, mode in modes:
                 m.training = mode
-        differing = _scopes_that_differ((graph, calls), (flipped, flipped_calls))
+        a, b = _scope_signatures(graph, calls), _scope_signatures(flipped, flipped_calls)
+        differing = {p for p in a.keys() | b.keys() if a.get(p) != b.get(p)}
         if not differing:
             break
-        if "" in differing:
+        reshaped = {p for p in differing if _ops(a.get(p)) != _ops(b.get(p))}
+        if not reshaped and ("" not in differing or prefix) \
+                and _merge_modes(graph, flipped, calls, prefix, model.training):
+            break
+        if "" in differing and not prefix:
             warnings.warn(
                 f"the traced forward of {type(model).__name__} itself depends on self.training; "
                 f"the graph keeps the {'training' if model.training else 'eval'} behaviour it was "
@@ -255,15 +345,89 @@ def _trace_training_aware(
                 stacklevel=3,
             )
             break
-        leaves += sorted(differing)
-        live += sorted(differing)
+        kept = sorted((reshaped or differing) - {""})
+        if not kept:  # only the traced module's own code differs
+            break
+        leaves += kept
+        live += kept
     return graph, extras, live, calls
 
 
-def _scopes_that_differ(a: tuple[fx.Graph, list[ModuleCall]],
-                        b: tuple[fx.Graph, list[ModuleCall]]) -> set[str]:
-    sa, sb = _scope_signatures(*a), _scope_signatures(*b)
-    return {p for p in sa.keys() | sb.keys() if sa.get(p) != sb.get(p)}
+@torch.fx.wrap
+def if_training(module: nn.Module, train_value: Any, eval_value: Any) -> Any:
+    """``train_value`` if ``module`` is in training mode, else ``eval_value``: a constant that
+    ``module``'s code chose by ``self.training`` when it was traced."""
+    return train_value if module.training else eval_value
+
+
+def _ops(signature: list[Any] | None) -> list[Any] | None:
+    return None if signature is None else [(op, target) for op, target, _, _ in signature]
+
+
+def _merge_modes(graph: fx.Graph, flipped: fx.Graph, calls: list[ModuleCall], prefix: str,
+                 training: bool) -> bool:
+    """Replace each constant argument of ``graph`` that differs in ``flipped`` by an
+    :func:`if_training` of the module whose code chose it. ``False`` (``graph`` unchanged) when
+    the two graphs do not pair up node for node."""
+    nodes, others = list(graph.nodes), list(flipped.nodes)
+    if len(nodes) != len(others) or any(
+            x.op != y.op or x.target != y.target for x, y in zip(nodes, others)):
+        return False
+    pair = dict(zip(others, nodes))
+    edits: list[tuple[fx.Node, tuple, dict]] = []
+    for x, y in zip(nodes, others):
+        chain = calls_of(x)
+        owner = calls[chain[-1]].path if chain else prefix
+        diffs: list[Any] = []
+
+        def merged(u: Any, v: Any, owner: str = owner, diffs: list[Any] = diffs) -> Any:
+            if isinstance(u, fx.Node) or isinstance(v, fx.Node):
+                return u if isinstance(v, fx.Node) and pair.get(v) is u else _MISMATCH
+            if isinstance(u, slice) and isinstance(v, slice):
+                parts = merged((u.start, u.stop, u.step), (v.start, v.stop, v.step))
+                return _MISMATCH if parts is _MISMATCH else slice(*parts)
+            if isinstance(u, (tuple, list)) and type(u) is type(v) and len(u) == len(v):
+                parts = [merged(p, q) for p, q in zip(u, v)]
+                return _MISMATCH if any(p is _MISMATCH for p in parts) else type(u)(parts)
+            if isinstance(u, dict) and isinstance(v, dict) and u.keys() == v.keys():
+                parts = {k: merged(u[k], v[k]) for k in u}
+                return _MISMATCH if any(p is _MISMATCH for p in parts.values()) else parts
+            if type(u) is type(v) and (u is v or (not isinstance(u, torch.Tensor) and u == v)):
+                return u
+            diffs.append((u, v))
+            return _Choice(owner, *((u, v) if training else (v, u)))
+
+        args, kwargs = merged(x.args, y.args), merged(x.kwargs, y.kwargs)
+        if args is _MISMATCH or kwargs is _MISMATCH:
+            return False
+        if diffs:
+            if not owner:
+                return False
+            edits.append((x, args, kwargs))
+    for node, args, kwargs in edits:
+        with graph.inserting_before(node):
+            def choose(value: Any, node: fx.Node = node) -> Any:
+                if isinstance(value, _Choice):
+                    module = graph.get_attr(value.module)
+                    choice = graph.call_function(if_training, (module, value.train, value.eval))
+                    choice.meta["is_wrapped"] = True
+                    choice.meta["fxsd"] = node.meta.get("fxsd")
+                    return choice
+                return value
+
+            node.args = map_aggregate(args, choose)
+            node.kwargs = map_aggregate(kwargs, choose)
+    return True
+
+
+_MISMATCH = object()
+
+
+@dataclass(frozen=True)
+class _Choice:
+    module: str
+    train: Any
+    eval: Any
 
 
 def _scope_signatures(graph: fx.Graph, calls: list[ModuleCall]) -> dict[str, list[Any]]:
@@ -290,16 +454,16 @@ def _scope_signatures(graph: fx.Graph, calls: list[ModuleCall]) -> dict[str, lis
 
 
 def _symbolic_trace(
-    model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None
+    model: nn.Module, tracer: FxsdTracer, concrete_args: dict[str, Any] | None
 ) -> tuple[fx.Graph, dict[str, Any], list[ModuleCall]]:
-    tracer = FxsdTracer(leaves)
     # fx's tracer stores tensor constants (``_tensor_constant0``...) on the root it traces; take
     # them back off the user's model and hand them to the GraphModule instead.
     before = set(model.__dict__), set(model._buffers), set(model._parameters), set(model._modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
-        path, kind = tracer.scope_stack[-1] if tracer.scope_stack else ("", type(model).__name__)
+        path, kind = (tracer.scope_stack[-1] if tracer.scope_stack
+                      else (tracer.prefix.rstrip("."), type(model).__name__))
         where = f"module '{path}' ({kind})" if path else f"the root module ({kind})"
         hint = (
             f"Pass leaf_modules=[{kind}] (or leaf_modules=['{path}']) to keep it as one opaque "

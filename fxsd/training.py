@@ -1,12 +1,12 @@
-"""Training-loop helpers for a transformed model: rates, warmup and the drop RNG's state.
+"""Training-loop helpers for a transformed model: its gates, their rates and the drop RNG's state.
+
+Schedules that move the rates over training live in :mod:`fxsd.schedulers`.
 
 >>> import torchvision, fxsd
 >>> model = fxsd.stochastic_depth(torchvision.models.resnet50(), 0.2, seed=0)
->>> warmup = fxsd.DropWarmup(model, total_steps=1000, warmup=0.1)  # rates start at 0
->>> for step in range(3):
-...     warmup.step()  # after 100 steps every site is at its full rate
->>> round(fxsd.get_drop_rate(model), 4)
-0.006
+>>> fxsd.set_drop_rate(model, 0.1)
+>>> fxsd.get_drop_rate(model), len(fxsd.gates(model))
+(0.1, 16)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fxsd.gate import BranchGate, DropSampler
 from fxsd.record import get_record
 from fxsd.schedules import check_rate
 
-__all__ = ["gates", "named_gates", "set_drop_rate", "get_drop_rate", "DropWarmup", "get_rng_state",
+__all__ = ["gates", "named_gates", "set_drop_rate", "get_drop_rate", "get_rng_state",
            "set_rng_state"]
 
 
@@ -67,58 +67,6 @@ def get_drop_rate(model: nn.Module) -> float:
     """The model-wide rate last set by :func:`stochastic_depth` or :func:`set_drop_rate`."""
     _gates_or_error(model)
     return float(get_record(model).drop_rate)
-
-
-class DropWarmup:
-    """Ramp the drop rate from 0 to its full value over the first part of training.
-
-    Call :meth:`step` once per optimizer step, like a learning-rate scheduler. After
-    ``round(warmup * total_steps)`` steps the rate is exactly the full rate (the rate the model
-    had when the warmup was created) and stays there.
-
-    Args:
-        model: a model returned by :func:`fxsd.stochastic_depth`.
-        total_steps: the number of training steps.
-        warmup: the fraction of ``total_steps`` to ramp over (Composer's ``drop_warmup``).
-    """
-
-    def __init__(self, model: nn.Module, total_steps: int, warmup: float = 0.1) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise InvalidArgumentError(f"total_steps must be a positive int, got {total_steps!r}")
-        self.model = model
-        self.total_steps = total_steps
-        self.warmup = check_rate(warmup, "warmup")
-        self.target = get_drop_rate(model)
-        self.step_count = 0
-        self._apply()
-
-    @property
-    def warmup_steps(self) -> int:
-        return round(self.warmup * self.total_steps)
-
-    def rate(self) -> float:
-        """The rate at the current step."""
-        if self.step_count >= self.warmup_steps:
-            return self.target
-        return self.target * self.step_count / self.warmup_steps
-
-    def _apply(self) -> None:
-        set_drop_rate(self.model, self.rate())
-
-    def step(self) -> None:
-        self.step_count += 1
-        self._apply()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "target": self.target,
-                "total_steps": self.total_steps, "warmup": self.warmup}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
-        self.target = float(state["target"])
-        self.total_steps = int(state["total_steps"])
-        self.warmup = float(state["warmup"])
-        self._apply()
 
 
 def _sampler(model: nn.Module) -> DropSampler:

@@ -210,7 +210,7 @@ class _Extractor:
     def _target(self, path: str) -> str:
         """``path`` (qualified in the model) relative to the owner, or a new attribute for a
         stateless object that lives elsewhere."""
-        if self.owner.call is None:
+        if not self.owner.path:
             if _has_path(self.module, path):
                 return path
         elif path.startswith(self.prefix):

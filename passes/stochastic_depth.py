@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_aggregate
 
 from fxsd.distributed import rank
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
@@ -34,7 +35,13 @@ from fxsd.ops import depends_on_input, is_metadata_read, is_view, mutated_operan
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
 from fxsd.record import FxsdRecord, RejectedRecord
-from fxsd.residuals import ResidualAnalysis, ResidualSite, analyze_residuals, collect_branch
+from fxsd.residuals import (
+    ResidualAnalysis,
+    ResidualSite,
+    analyze_residuals,
+    collect_branch,
+    is_module,
+)
 from fxsd.rows import row_coupling
 from fxsd.schedules import DISTRIBUTIONS, Distribution, check_rate, site_rates
 from fxsd.tracing import LeafSpec, is_drop_path
@@ -83,6 +90,8 @@ def stochastic_depth(
     select: Callable[[ResidualSite], bool] | None = None,
     inplace: bool = False,
     example_inputs: Sequence[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    tracing: str = "auto",
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
 ) -> nn.Module:
@@ -116,6 +125,7 @@ def stochastic_depth(
             (``uniform``). Default: the model's own drop-path rates if it has drop paths, else 0.1.
         distribution: ``"linear"`` (depth ``l`` of ``L`` drops at ``drop_rate * l / L``),
             ``"linspace"`` (``drop_rate * (l - 1) / (L - 1)``, timm's and torchvision's rule),
+            ``"exponential"`` (LayerSkip's ``drop_rate * (2 ** ((l - 1) / (L - 1)) - 1)``),
             ``"uniform"``, a sequence of per-site rates in execution order (a list, tuple, 1-D
             tensor or NumPy array, such as timm's ``torch.linspace(0, 0.2, depth)``), or a
             callable ``(depth, L) -> rate``. Default ``"linear"``.
@@ -141,9 +151,16 @@ def stochastic_depth(
             :class:`~fxsd.ResidualSite`); depths ``1..L`` are then counted over those sites.
         inplace: gate ``model`` itself and return it (the owning modules are replaced in their
             parents) instead of a new model that shares everything it does not rewrite.
-        example_inputs: optional inputs of one forward call; lets the analysis check shapes
-            (broadcasting adds are never gated) and count FLOPs for :func:`fxsd.table`.
-        leaf_modules: module classes or qualified names not to trace through.
+        example_inputs: optional positional inputs of one forward call; lets the analysis check
+            shapes (broadcasting adds are never gated) and count FLOPs for :func:`fxsd.table`,
+            and is what a model that cannot be traced whole is traced by example with.
+        example_kwargs: keyword inputs of that call (``input_ids=..., attention_mask=...``).
+        tracing: ``"auto"`` (the whole model; by example when that fails and examples are
+            given), ``"symbolic"`` or ``"example"`` (see :func:`fxsd.analyze_residuals`). By
+            example, fxsd runs the model once and traces its largest traceable modules along
+            their recorded calls: Hugging Face transformers 5.x decoder and encoder layers.
+        leaf_modules: module classes, qualified names or module objects not to trace through
+            (added to timm's not-traceable registry when timm is installed).
         concrete_args: passed to the tracer.
 
     Raises:
@@ -183,14 +200,11 @@ def stochastic_depth(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InvalidTypeError(f"seed must be an int or None, got {seed!r}")
     analysis = analyze_residuals(
-        model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
+        model, example_inputs, example_kwargs=example_kwargs, tracing=tracing,
+        leaf_modules=leaf_modules, concrete_args=concrete_args,
     )
     if select is not None:
-        analysis.sites = [site for site in analysis.sites if select(site)]
-        distinct = sorted({site.depth for site in analysis.sites})
-        rank_of = {d: i + 1 for i, d in enumerate(distinct)}
-        analysis.sites = [replace(site, depth=rank_of[site.depth]) for site in analysis.sites]
-        analysis.num_levels = len(distinct)
+        _select(analysis, select)
     if not analysis.sites:
         warnings.warn(
             f"fxsd found no residual site to gate in {type(model).__name__} "
@@ -215,6 +229,17 @@ def stochastic_depth(
     return gate_residuals(analysis, specs, DropSampler(base, sync_ranks), model,
                           existing=existing, drop_rate=drop_rate, inplace=inplace,
                           explicit=explicit)
+
+
+def _select(analysis: ResidualAnalysis, keep: Callable[[ResidualSite], bool]) -> None:
+    """Keep only the sites ``keep`` selects, with depths ``1..L`` counted over them."""
+    chosen = [site for site in analysis.sites if keep(site)]
+    distinct = sorted({site.depth for site in chosen})
+    rank_of = {d: i + 1 for i, d in enumerate(distinct)}
+    renumbered = {id(site): replace(site, depth=rank_of[site.depth]) for site in chosen}
+    for part in {id(p): p for p in (analysis, *analysis.units)}.values():
+        part.sites = [renumbered[id(s)] for s in part.sites if id(s) in renumbered]
+    analysis.num_levels = len(distinct)
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -243,28 +268,40 @@ def gate_residuals(
     """
     specs = [s if isinstance(s, GateSpec) else GateSpec(float(s), 1.0, "block", "eval", None)
              for s in specs]
-    owners = plan_owners(analysis, analysis.sites)
-    _warn_inlined_hooks(analysis, owners)
-    if inplace and any(o.call is None for o in owners):
+    parts = analysis.parts()  # one graph, or the modules traced one by one
+    planned = [(part, owner) for part in parts for owner in plan_owners(part, part.sites)]
+    for part in parts:
+        _warn_inlined_hooks(part, [o for p, o in planned if p is part])
+    if inplace and any(not o.path for _, o in planned):
         raise InvalidArgumentError(
             f"the forward of {type(model).__name__} itself performs residual joins, so its root "
             "module must be rewritten, which cannot happen in place: use the returned model "
             "(inplace=False)")
-    whole = _WholeGraphFacts(analysis, existing, explicit)
-    if whole.adopting:  # the model-wide rate is its largest drop-path rate
-        drop_rate = max((r for r in whole.adopted_rates if r is not None), default=0.0)
+    facts = {id(part): _WholeGraphFacts(part, existing, explicit) for part in parts}
+    adopting = any(f.adopting for f in facts.values())
+    for f in facts.values():
+        f.adopting = adopting
+    if adopting:  # the model-wide rate is its largest drop-path rate
+        drop_rate = max((r for f in facts.values() for r in f.adopted_rates if r is not None),
+                        default=0.0)
     record = FxsdRecord(
         drop_rate=drop_rate, num_levels=analysis.num_levels,
-        live_leaves=analysis.graph_module.meta["fxsd"].live_leaves,
+        live_leaves=tuple(leaf for part in parts for leaf in
+                          part.graph_module.meta["fxsd"].live_leaves),
         rejected=tuple(RejectedRecord(r.name, r.add_kind, r.module_path or "<root>", r.reason,
                                       r.detail) for r in analysis.rejected),
-        total_flops=analysis.total_flops)
+        total_flops=analysis.total_flops,
+        traced=tuple(part.path for part in analysis.units),
+        untraced=tuple(analysis.untraced))
     spec_of = {id(site): spec for site, spec in zip(analysis.sites, specs)}
     tree = TreeEditor(model, in_place=inplace)
-    for owner in owners:  # deepest first: a rewritten parent holds its rewritten children
+    # Deepest first: a rewritten parent holds its rewritten children.
+    planned.sort(key=lambda po: -po[1].path.count(".") - bool(po[1].path))
+    for part, owner in planned:
         module = tree.locate(owner.path)[2]
-        tree.replace(owner.path, _gate_owner(analysis, owner, module, whole, spec_of, sampler,
-                                             record, existing))
+        tree.replace(owner.path, _gate_owner(part, owner, module, facts[id(part)], spec_of,
+                                             sampler, record, existing))
+    owners = [o for _, o in planned]
     position = {path: i for i, (path, _) in enumerate(model.named_modules())}
     rewritten = sorted(owners, key=lambda o: position[o.path])
     record.rewritten = tuple(o.path for o in rewritten)
@@ -349,6 +386,10 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
                 out = source
             node.replace_all_uses_with(source)
             graph.erase_node(node)
+        inside = {cut.env[n] for n in site.branch if n in cut.env}
+        released = _release_unused_outputs(graph, inside)
+        if released:
+            note = _join(note, f"returns None for unused {', '.join(released)}")
         branch = _collect(block, fork, out, add, order, site)
         impl = spec.sample_impl or "mask"
         if spec.mode == "sample":
@@ -368,7 +409,7 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
             sampler,
             identity=skip is fork,
             clone_on_drop=whole.clone_on_drop(site),
-            info=GateInfo.from_site(site, analysis.num_levels, owner.gate_path(i),
+            info=GateInfo.from_site(site, record.num_levels, owner.gate_path(i),
                                     fold_target(whole.gm, site)),
             mode=spec.mode,
             scale=spec.scale,
@@ -396,6 +437,28 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
     gated = module_from_graph(module, graph, cut.extra_attrs)
     gated.meta["fxsd"] = record
     return gated
+
+
+def _release_unused_outputs(graph: Graph, inside: set[Node]) -> list[str]:
+    """Return ``None`` from the module where it returns a value computed inside a branch.
+
+    The analysis only accepts a branch none of whose values is used outside it, so such a value
+    is unused wherever the module's result goes (the attention weights a Hugging Face attention
+    layer returns next to its output, which the model drops unless asked for attentions). A
+    skipped branch has no such value; the module returns ``None`` for it, also when the branch
+    runs, as Hugging Face's own layer drop does.
+    """
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    released: list[str] = []
+
+    def release(value: Any) -> Any:
+        if isinstance(value, Node) and value in inside:
+            released.append(value.name)
+            return None
+        return value
+
+    output.args = map_aggregate(output.args, release)
+    return released
 
 
 def _collect(block: Any, fork: Node, out: Node, add: Node, order: dict[Node, int],
@@ -489,8 +552,8 @@ def _branch_module(gm: Any, fork: Node, nodes: Sequence[Node], inputs: Sequence[
     for n in nodes:
         env[n] = graph.node_copy(n, env.__getitem__)
     graph.output(env[out])
-    attrs = {str(n.target): gm.get_submodule(str(n.target))
-             for n in graph.nodes if n.op == "call_module"}
+    attrs = {str(n.target): gm.get_submodule(str(n.target)) for n in graph.nodes
+             if n.op == "call_module" or (n.op == "get_attr" and is_module(gm, str(n.target)))}
     class_name = "".join(part.capitalize() for part in name.split("_")) or "Branch"
     return GraphModule(attrs, graph, class_name=class_name.removesuffix("Gate") + "Branch")
 

@@ -479,7 +479,9 @@ def test_modules_reading_training_stay_switchable(traced_in):
     model = SdpaBlock()
     getattr(model, traced_in)()
     gm = fxsd.stochastic_depth(model, 0.0)
-    assert fxsd.get_record(gm).live_leaves == ("attn",)
+    # the flag only chose a constant: traced through, the constant chosen at run time
+    assert fxsd.get_record(gm).live_leaves == ()
+    assert "if_training(attn, 0.5, 0.0)" in gm.residual_gate.branch.code.replace("self.", "")
     assert len(fxsd.gates(gm)) == 1
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=0, atol=0)
@@ -489,6 +491,29 @@ def test_modules_reading_training_stay_switchable(traced_in):
     b = model.train()(x)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, gm.eval()(x)), "training mode must apply attention dropout"
+
+
+class BranchingAttention(SdpaAttention):  # the flag steers which ops run
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.training:
+            q = torch.nn.functional.dropout(q, self.p)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_modules_branching_on_training_stay_leaves(traced_in):
+    model = SdpaBlock()
+    model.attn = BranchingAttention()
+    getattr(model, traced_in)()
+    gm = fxsd.stochastic_depth(model, 0.0)
+    assert fxsd.get_record(gm).live_leaves == ("attn",)
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=0, atol=0)
+    torch.manual_seed(0)
+    a = gm.train()(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, model.train()(x), rtol=0, atol=0)
 
 
 def test_swin_attention_dropout_follows_mode():

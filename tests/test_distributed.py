@@ -72,6 +72,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or os.name == "nt",
                                 reason="needs torch.distributed with gloo")
 
 
+@pytest.mark.slow
 def test_ddp_sync_ranks_same_decisions_identical_params(tmp_path):
     r0, r1 = _launch(tmp_path, sync=True)
     assert r0["error"] is None and r1["error"] is None
@@ -82,6 +83,7 @@ def test_ddp_sync_ranks_same_decisions_identical_params(tmp_path):
     assert r0["params"] == r1["params"], "DDP must keep parameters identical across ranks"
 
 
+@pytest.mark.slow
 def test_ddp_per_rank_streams_differ_and_train(tmp_path):
     r0, r1 = _launch(tmp_path, sync=False)
     assert r0["error"] is None and r1["error"] is None
@@ -90,6 +92,7 @@ def test_ddp_per_rank_streams_differ_and_train(tmp_path):
     torch.testing.assert_close(torch.tensor(r0["params"]), torch.tensor(r1["params"]))
 
 
+@pytest.mark.slow
 def test_ddp_without_find_unused_parameters_fails_as_documented(tmp_path):
     # One process is enough: DDP's reducer raises on the step after a branch was dropped. (With
     # several, the failed collective leaves gloo unable to shut down cleanly.)

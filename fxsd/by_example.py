@@ -1,0 +1,373 @@
+"""Tracing by example: a module's recorded call steers its trace.
+
+Plain ``torch.fx`` fails at the root of most Hugging Face transformers 5.x models: their
+``forward`` is wrapped by ``*args, **kwargs`` decorators, builds masks and caches with Python
+control flow on tensors, and iterates or indexes proxies. Their layers are plain code, though.
+So fxsd can run the model once on example inputs, record how each module is called
+(:func:`record_calls`), and trace modules on their own with :class:`ExampleTracer`, which
+
+* traces the module's undecorated ``forward`` (``inspect.unwrap``);
+* builds its inputs from the recorded call: a tensor becomes a placeholder; a tuple or dict of
+  tensors (Llama's ``position_embeddings``) a container of reads from one placeholder; a cache
+  or any other object an opaque placeholder (its methods become graph calls, so cache updates
+  stay live); a ``None``, bool, int, float or string a constant, guarded by
+  :func:`fxsd.guards.check_argument` in the generated code;
+* runs each recorded op on the example's values as it goes. Sizes stay symbolic (the graph
+  must serve other sequence lengths, a decode step), but a shape can be unpacked
+  (``(*input_shape, -1, d)``: its length, the rank, is the example's), and where Python control
+  flow reads a dtype (T5 branches on ``hidden_states.dtype``) or a bool argument, the trace is
+  repeated with those fixed to the example's, each checked by a guard;
+* qualifies module and attribute targets in the whole model (``model.layers.0.mlp``).
+
+Which modules to trace this way is decided by :func:`fxsd.residuals.analyze_residuals`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import operator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.node import map_aggregate
+
+from fxsd.guards import check_argument, is_guardable
+from fxsd.tracing import FxsdTracer, LeafSpec
+
+__all__ = ["RecordedCall", "record_calls", "ExampleTracer"]
+
+_MISSING = object()
+
+
+@dataclass(eq=False)
+class RecordedCall:
+    """The first call of one module during the example run.
+
+    Attributes:
+        module: the module.
+        path: its qualified name in the model.
+        args, kwargs: what it received (the objects themselves, not copies).
+        order: position of the call's start among all recorded calls.
+    """
+
+    module: nn.Module
+    path: str
+    args: tuple[Any, ...] = field(repr=False)
+    kwargs: dict[str, Any] = field(repr=False)
+    order: int = 0
+
+
+def record_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> dict[int, RecordedCall]:
+    """Run ``model(*args, **kwargs)`` once without gradients; return each module's first call,
+    by ``id(module)``. The model is run as it is (its train/eval mode) and is not changed."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    recorded: dict[int, RecordedCall] = {}
+
+    def pre_hook(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+        if id(module) not in recorded:  # objects as they were at the call (a cache fills up)
+            recorded[id(module)] = RecordedCall(
+                module, paths.get(id(module), ""), tuple(_copied(a) for a in call_args),
+                {k: _copied(v) for k, v in call_kwargs.items()}, len(recorded))
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return recorded
+
+
+class _ExampleProxy(fx.Proxy):
+    """A proxy that knows the example's value of its node: a shape's length is the rank, an
+    object's plain attributes (``cache.is_updated``) are graph values that can be indexed and
+    assigned to (cache bookkeeping stays live)."""
+
+    def _value(self) -> Any:
+        return getattr(self.tracer, "values", {}).get(self.node, _MISSING)
+
+    def __getattr__(self, name: str) -> Any:
+        value = self._value()
+        if _is_object(value) or isinstance(value, dict):
+            attr = getattr(value, name, _MISSING)
+            if attr is not _MISSING and not callable(attr):
+                return self.tracer.create_proxy("call_function", getattr, (self, name), {})
+        return super().__getattr__(name)
+
+    def __setitem__(self, key: Any, item: Any) -> None:
+        if isinstance(self._value(), torch.Tensor):
+            raise TypeError("'Proxy' object does not support item assignment")
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, item), {})
+
+    def __len__(self) -> int:
+        value = self._value()
+        if isinstance(value, (tuple, list)):  # a shape: its length is the rank
+            return len(value)
+        return super().__len__()
+
+
+class _ObjectProxy(_ExampleProxy):
+    """A proxy for an object that is neither a tensor nor a constant (a cache): it passes
+    ``isinstance`` checks as the example's class, so that ``isinstance(cache,
+    EncoderDecoderCache)`` takes the branch the example took, not silently the other one."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, cls: type) -> None:
+        super().__init__(node, tracer)
+        self._cls = cls
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return self._cls
+
+
+def _is_object(value: Any) -> bool:
+    return value is not _MISSING and not isinstance(
+        value, (torch.Tensor, tuple, list, dict, set, torch.Size)) and not is_guardable(value) \
+        and type(value).__module__ != "builtins"
+
+
+def _describe(node: Any, depth: int = 3) -> str:
+    """``node``'s value as an expression (for a guard's message)."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op in ("placeholder", "get_attr"):
+        return str(node.target).lstrip("*")
+    if depth == 0:
+        return node.name
+    args = [_describe(a, depth - 1) for a in node.args]
+    if node.op == "call_function" and node.target is getattr:
+        return f"{args[0]}.{node.args[1]}"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return f"{args[0]}[{args[1]}]"
+    symbol = _OPERATORS.get(node.target) if node.op == "call_function" else None
+    if symbol and len(args) == 2:
+        return f"{args[0]} {symbol} {args[1]}"
+    if node.op == "call_method" and args:
+        return f"{args[0]}.{node.target}({', '.join(args[1:])})"
+    return node.name
+
+
+_OPERATORS = {operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=",
+              operator.gt: ">", operator.ge: ">=", operator.and_: "&", operator.or_: "|",
+              operator.contains: "in"}
+
+
+class ExampleTracer(FxsdTracer):
+    """An :class:`~fxsd.tracing.FxsdTracer` that traces one module along its recorded call.
+
+    Args:
+        call: the module's recorded call.
+        model: the whole model (to run module calls on example values).
+        leaf_modules, prefix, autowrap: as for :class:`~fxsd.tracing.FxsdTracer`.
+        fix_flags: fix bool arguments to the example's, and let Python control flow read the
+            example's value of a condition that is not a tensor (``if x.dtype ==
+            torch.float16``, ``if cache.is_updated[i]``); each fixed value is checked by a
+            guard in the generated code. Without it, flags stay inputs (serving every value)
+            and such control flow fails to trace.
+        free_nones: names of the module's ``None`` arguments to keep as inputs instead of
+            constants. Only right when the module merely passes them on: ``x is None`` on an
+            input is silently false (see :func:`fxsd.units.trace_unit`, which checks).
+    """
+
+    def __init__(self, call: RecordedCall, model: nn.Module,
+                 leaf_modules: Iterable[LeafSpec] = (), *, prefix: str = "",
+                 autowrap: Iterable[Any] = (), fix_flags: bool = False,
+                 free_nones: Iterable[str] = ()) -> None:
+        super().__init__(leaf_modules, prefix=prefix, autowrap=autowrap)
+        self.call = call
+        self.model = model
+        self.fix_flags = fix_flags
+        self.free_nones = frozenset(free_nones)
+        self.values: dict[fx.Node, Any] = {}
+        self._guarded: set[str] = set()
+        self._next: Any = _MISSING  # the value of the proxy being made
+        self._evaluating = 0
+
+    @contextlib.contextmanager
+    def _evaluation(self) -> Iterator[None]:
+        # While an example value is computed, module calls and attribute reads (which the
+        # tracer intercepts) run as they would outside tracing.
+        self._evaluating += 1
+        try:
+            yield
+        finally:
+            self._evaluating -= 1
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if self._evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.values.get(obj.node, _MISSING)
+        if not self.fix_flags or value is _MISSING or isinstance(value, torch.Tensor):
+            return super().to_bool(obj)  # data-dependent control flow stays an error
+        self.guard(obj, bool(value), _describe(obj.node), condition=True)
+        return bool(value)
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        # ``(*x.shape[:-1], -1, d)``: a shape's length (the rank) is the example's; the sizes
+        # stay symbolic
+        value = self.values.get(obj.node, _MISSING)
+        if isinstance(value, (tuple, list)):
+            return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
+    def guard(self, proxy: fx.Proxy, expected: Any, name: str, condition: bool = False) -> None:
+        """Check at run time that ``proxy`` is ``expected`` (once per ``name``); a
+        ``condition`` is checked for its truth value."""
+        if name in self._guarded:
+            return
+        self._guarded.add(name)
+        value = self.create_proxy("call_function", bool, (proxy,), {}) if condition else proxy
+        guard = self.create_proxy("call_function", check_argument,
+                                  (value, expected, self.prefix.rstrip("."), name), {})
+        guard.node.meta["is_wrapped"] = True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        value, self._next = self._next, _MISSING
+        if _is_object(value):
+            return _ObjectProxy(node, self, type(value))
+        return _ExampleProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict,
+                     name: str | None = None, type_expr: Any = None,
+                     proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None
+                     ) -> fx.Proxy:
+        value = self._evaluate(kind, target, args, kwargs)
+        self._next = value
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        if value is not _MISSING:
+            self.values[proxy.node] = value
+        return proxy
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        """The op's result on the example's values (``_MISSING`` when unknown)."""
+        if kind not in ("call_function", "call_method", "call_module", "get_attr"):
+            return _MISSING
+        missing = False
+
+        def value(x: Any) -> Any:
+            nonlocal missing
+            if isinstance(x, fx.Proxy):
+                found = self.values.get(x.node, _MISSING)
+                missing = missing or found is _MISSING
+                return found
+            return x
+
+        real_args = map_aggregate(args, value)
+        real_kwargs = map_aggregate(kwargs, value)
+        if missing:
+            return _MISSING
+        try:
+            with torch.no_grad(), self._evaluation():
+                if kind == "call_function":
+                    return target(*real_args, **real_kwargs)
+                if kind == "call_method":
+                    return getattr(real_args[0], target)(*real_args[1:], **real_kwargs)
+                if kind == "call_module":
+                    return self.model.get_submodule(target)(*real_args, **real_kwargs)
+                obj: Any = self.root
+                for atom in filter(None, str(target).split(".")):  # "": the module itself
+                    obj = getattr(obj, atom)
+                return obj
+        except Exception:
+            return _MISSING
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool,
+                             concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        forward = inspect.unwrap(root_fn)
+        sig = inspect.signature(forward)
+        params = list(sig.parameters.values())[1:]  # without self
+        bound = inspect.Signature(params).bind(*self.call.args, **self.call.kwargs)
+        call_args: list[Any] = []
+        call_kwargs: dict[str, Any] = {}
+        for param in params:
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                rest = tuple(bound.arguments.get(param.name, ()))
+                holder = self._placeholder(f"*{param.name}", inspect.Parameter.empty, rest)
+                call_args.extend(self._inputs(holder[i], v, f"{param.name}[{i}]")
+                                 for i, v in enumerate(rest))
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                extra = dict(bound.arguments.get(param.name, {}))
+                holder = self._placeholder(f"**{param.name}", inspect.Parameter.empty, extra)
+                call_kwargs.update({k: self._inputs(holder[k], v, k) for k, v in extra.items()})
+            else:
+                given = bound.arguments.get(param.name, param.default)
+                holder = self._placeholder(param.name, param.default, given)
+                value = self._inputs(holder, given, param.name)
+                if param.kind is inspect.Parameter.KEYWORD_ONLY:
+                    call_kwargs[param.name] = value
+                else:
+                    call_args.append(value)
+        root = self.root
+
+        def run() -> Any:
+            return forward(root, *call_args, **call_kwargs)
+
+        return run, []
+
+    def _placeholder(self, name: str, default: Any, example: Any) -> fx.Proxy:
+        self._next = example
+        proxy = super().create_proxy("placeholder", name, (), {},
+                                     type_expr=None if default is inspect.Parameter.empty
+                                     else None)
+        if default is not inspect.Parameter.empty:
+            proxy.node.args = (default,)  # the generated signature keeps the default
+        self.values[proxy.node] = _copied(example)
+        return proxy
+
+    def _inputs(self, holder: fx.Proxy, example: Any, name: str | None) -> Any:
+        """What the traced forward receives for one argument (see the module docstring)."""
+        if isinstance(example, torch.Tensor):
+            return holder
+        if isinstance(example, (tuple, list, dict)) and _holds_tensors(example):
+            items = example.items() if isinstance(example, dict) else enumerate(example)
+            parts = {k: self._inputs(holder[k], v, None) for k, v in items}
+            if isinstance(example, dict):
+                return parts
+            return type(example)(parts[i] for i in range(len(example)))
+        if isinstance(example, bool) and not self.fix_flags:
+            return holder
+        if example is None and name in self.free_nones:
+            return holder
+        if is_guardable(example):
+            if name is not None:
+                self.guard(holder, example, name)
+            return example
+        return holder  # a cache or other object: opaque, its method calls become graph calls
+
+
+def _holds_tensors(value: Any) -> bool:
+    found = False
+
+    def visit(x: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(x, torch.Tensor)
+        return x
+
+    map_aggregate(value, visit)
+    return found
+
+
+def _copied(value: Any) -> Any:
+    """A copy of an example value that propagating ops through may change (a cache)."""
+    if isinstance(value, torch.Tensor) or is_guardable(value):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        return value

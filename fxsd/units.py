@@ -1,0 +1,339 @@
+"""Modules traced one by one: when a model cannot be traced whole, or a module must stay opaque.
+
+The analysis normally traces the whole model once. Two cases need more:
+
+* **timm's not-traceable modules.** timm registers the modules and functions that ``torch.fx``
+  cannot trace (``timm.layers.get_notrace_modules`` / ``get_notrace_functions``); fxsd honours
+  that registry whenever timm is installed, on top of ``leaf_modules``. Such a module is an
+  opaque call in the model's graph, but it may own residual joins itself (timm's
+  ``TinyVitBlock``): :func:`analyze_nested` traces each one on its own, by example (on the
+  example inputs given, else on a random input of the size the timm model declares in
+  ``pretrained_cfg["input_size"]``), and counts its joins as depth levels at its call.
+* **Models whose root cannot be traced** (every Hugging Face transformers 5.x model).
+  :func:`analyze_by_example` runs the model once on the example inputs, records each module's
+  call, and traces the largest traceable modules along their recorded calls
+  (:class:`~fxsd.by_example.ExampleTracer`), descending into a module's children only when the
+  module itself cannot be traced. A child whose tracing fails inside a traced module is kept as
+  an opaque call (and tried on its own). Core attention modules of Hugging Face models — those
+  whose ``forward`` dispatches through ``ALL_ATTENTION_FUNCTIONS`` — are always kept opaque:
+  traced through, they would freeze ``is_causal``, attention dropout and shapes. Modules that
+  could not be traced are reported with the reason.
+
+Depths: a module analysed on its own adds its levels at its call in its parent's graph; modules
+traced by example follow each other in the order they first ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx import GraphModule, Node
+
+from fxsd.by_example import RecordedCall, record_calls
+from fxsd.calls import CallTree
+from fxsd.errors import TraceError
+from fxsd.guards import check_argument, is_guardable
+from fxsd.hf import is_hf_attention
+from fxsd.profile import NodeProfile
+from fxsd.residuals import ResidualAnalysis, analyze_graph
+from fxsd.tracing import LeafSpec, _validate_leaves, is_drop_path, trace_calls
+
+__all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit"]
+
+_RETRIES = 32
+
+
+def registry(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None
+             ) -> tuple[list[LeafSpec], tuple[Any, ...]]:
+    """The leaves to trace ``model`` with (the user's, timm's registry, Hugging Face core
+    attention modules) and the functions to keep as single calls (timm's registry)."""
+    leaves: list[LeafSpec] = _validate_leaves(leaf_modules)
+    autowrap: tuple[Any, ...] = ()
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        pass
+    else:
+        leaves += list(get_notrace_modules())
+        autowrap = tuple(get_notrace_functions())
+    return leaves, autowrap
+
+
+def _notrace_types() -> tuple[type, ...]:
+    try:
+        from timm.layers import get_notrace_modules
+    except ImportError:
+        return ()
+    return tuple(get_notrace_modules())
+
+
+def _may_own_joins(module: nn.Module) -> bool:
+    """Whether an opaque call might hide residual joins worth tracing on its own."""
+    if is_drop_path(module) or is_hf_attention(module):
+        return False
+    if any(True for _ in module.children()):
+        return True  # torch.nn's containers and transformer layers included
+    # a module of its own may join with raw parameters; torch.nn's single layers never do
+    return not type(module).__module__.startswith(("torch.nn", "torch.ao.nn")) \
+        and any(True for _ in module.parameters())
+
+
+def analyze_nested(model: nn.Module, gm: GraphModule, calls: CallTree | None,
+                   profiles: dict[Node, NodeProfile] | None, leaves: list[LeafSpec],
+                   autowrap: tuple[Any, ...],
+                   examples: tuple[tuple, dict] | None) -> ResidualAnalysis:
+    """The analysis of the whole-model graph ``gm``, with each call of a timm not-traceable
+    module that may own joins traced and analysed on its own."""
+    notrace = _notrace_types()
+    nested = [n for n in gm.graph.nodes if n.op == "call_module" and notrace
+              and isinstance(gm.get_submodule(str(n.target)), notrace)
+              and _may_own_joins(gm.get_submodule(str(n.target)))]
+    if not nested:
+        return analyze_graph(gm, calls, profiles)[0]
+    examples = examples or _declared_example(model)
+    recorded = record_calls(model, *examples) if examples else {}
+    units: list[tuple[Node, ResidualAnalysis]] = []
+    untraced: list[tuple[str, str, str]] = []
+    done: set[int] = set()
+    for node in nested:
+        module = gm.get_submodule(str(node.target))
+        if id(module) in done:
+            continue
+        done.add(id(module))
+        try:
+            unit_gm, unit_calls = trace_unit(model, str(node.target),
+                                              recorded.get(id(module)), leaves, autowrap)
+        except TraceError as exc:
+            untraced.append((str(node.target), type(module).__name__, _reason(exc)))
+            continue
+        units.append((node, analyze_graph(unit_gm, unit_calls, None, str(node.target))[0]))
+    root, offsets = analyze_graph(gm, calls, profiles, "",
+                                  {node: unit.num_levels for node, unit in units})
+    shifted = [_shift(unit, offsets[node]) for node, unit in units]
+    return _combine([root, *shifted], untraced, root.num_levels)
+
+
+def _declared_example(model: nn.Module) -> tuple[tuple, dict] | None:
+    """An input of the size a timm model declares (``pretrained_cfg["input_size"]``), random."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not (isinstance(size, (tuple, list)) and all(isinstance(d, int) for d in size)):
+        return None
+    param = next(model.parameters(), None)
+    kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    return (torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(**kw),), {}
+
+
+def analyze_by_example(model: nn.Module, args: tuple, kwargs: dict, leaves: list[LeafSpec],
+                       autowrap: tuple[Any, ...]) -> ResidualAnalysis:
+    """The analysis of ``model`` traced module by module along one recorded forward call."""
+    recorded = record_calls(model, args, kwargs)
+    units: list[tuple[int, ResidualAnalysis]] = []
+    untraced: list[tuple[str, str, str]] = []
+
+    def visit(module: nn.Module, path: str) -> None:
+        call = recorded.get(id(module))
+        if call is None:  # never called itself (a ModuleList): its children may be
+            for name, child in module.named_children():
+                visit(child, f"{path}.{name}" if path else name)
+            return
+        if is_drop_path(module) or is_hf_attention(module) or not _may_own_joins(module):
+            return
+        try:
+            gm, calls = trace_unit(model, path, call, leaves, autowrap)
+        except TraceError as exc:
+            untraced.append((path or "<root>", type(module).__name__, _reason(exc)))
+            for name, child in module.named_children():
+                visit(child, f"{path}.{name}" if path else name)
+            return
+        drift = _drift(gm, calls, recorded)
+        if drift:
+            untraced.append((path or "<root>", type(module).__name__, drift))
+            for name, child in module.named_children():
+                visit(child, f"{path}.{name}" if path else name)
+            return
+        units.append((call.order, analyze_graph(gm, calls, None, path)[0]))
+        for node in gm.graph.nodes:  # opaque calls inside that may hold joins of their own
+            if node.op == "call_module":
+                inner = gm.get_submodule(str(node.target))
+                if _may_own_joins(inner) and id(inner) in recorded:
+                    visit(inner, str(node.target))
+
+    visit(model, "")
+    offset, parts = 0, []
+    for _, unit in sorted(units, key=lambda u: u[0]):
+        levels = unit.num_levels
+        parts.append(_shift(unit, offset))
+        offset += levels
+    return _combine(parts, untraced, offset)
+
+
+def trace_unit(model: nn.Module, path: str, call: RecordedCall | None,
+               leaves: list[LeafSpec], autowrap: tuple[Any, ...]
+               ) -> tuple[GraphModule, CallTree | None]:
+    """Trace the module at ``path`` on its own (by example when ``call`` is given).
+
+    A descendant whose tracing fails is kept as an opaque call, and the trace retried. By
+    example, bool arguments and dtypes stay symbolic unless Python control flow needs them
+    (then they are fixed to the example's, with guards). ``None`` arguments are traced both as
+    constants and as inputs: when the two graphs agree (the module only passes them on, as a
+    decoder layer passes an absent attention mask to its attention), they stay inputs, so the
+    block also takes a mask later; otherwise they are constants, with guards.
+    """
+    extra: list[nn.Module] = []
+    for _ in range(_RETRIES):
+        try:
+            return _trace_flags(model, path, call, [*leaves, *extra], autowrap)
+        except TraceError as exc:
+            inner = exc.module_path
+            inside = inner and inner != path and (not path or inner.startswith(path + "."))
+            if not inside:
+                raise
+            extra.append(model.get_submodule(inner))
+    raise TraceError(f"'{path or '<root>'}' still fails after keeping {_RETRIES} of its modules "
+                     "whole", path, type(model.get_submodule(path)).__name__)
+
+
+def _trace_flags(model: nn.Module, path: str, call: RecordedCall | None,
+                 leaves: list[LeafSpec], autowrap: tuple[Any, ...]
+                 ) -> tuple[GraphModule, CallTree | None]:
+    if call is None:
+        return trace_calls(model, leaf_modules=leaves, path=path, autowrap=autowrap)
+    fix = False
+    try:
+        traced = trace_calls(model, leaf_modules=leaves, path=path, example=call,
+                             autowrap=autowrap)
+    except TraceError:
+        fix = True  # control flow on a flag or a dtype
+        traced = trace_calls(model, leaf_modules=leaves, path=path, example=call,
+                             autowrap=autowrap, fix_flags=True)
+    nones = _none_guards(traced[0].graph)
+    if not nones:
+        return traced
+
+    def freed(names: Iterable[str]) -> tuple[GraphModule, CallTree | None] | None:
+        names = tuple(names)
+        try:
+            free = trace_calls(model, leaf_modules=leaves, path=path, example=call,
+                               autowrap=autowrap, fix_flags=fix, free_nones=names)
+        except TraceError:
+            return None
+        guards = {k: v for k, v in nones.items() if k in names}
+        return free if _same_but_nones(traced[0].graph, free[0].graph, guards) else None
+
+    best = freed(nones)
+    if best is None and len(nones) > 1:  # some are only passed on, others steer the code
+        names = [name for name in nones if freed([name]) is not None]
+        best = freed(names) if names else None
+    return best or traced
+
+
+def _none_guards(graph: fx.Graph) -> dict[str, fx.Node]:
+    """The guards of ``None`` arguments in ``graph``, by argument name."""
+    return {n.args[3]: n for n in graph.nodes
+            if n.op == "call_function" and n.target is check_argument and n.args[1] is None
+            and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"}
+
+
+def _same_but_nones(fixed: fx.Graph, free: fx.Graph, nones: dict[str, fx.Node]) -> bool:
+    """Whether ``free`` (``None`` arguments as inputs) computes what ``fixed`` does with those
+    arguments fixed to ``None``: the same nodes, with the inputs where ``fixed`` has ``None``."""
+    guards = set(nones.values())
+    holders = {g.args[0] for g in guards}
+    a = [n for n in fixed.nodes if n not in guards and n not in holders]
+    b = [n for n in free.nodes if not (n.op == "placeholder" and n.target in nones)]
+    if len(a) != len(b):
+        return False
+    pairs: dict[fx.Node, fx.Node] = {}
+    free_holders = {n for n in free.nodes if n.op == "placeholder" and n.target in nones}
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(y, fx.Node) and y in free_holders:
+            return x is None
+        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+            return isinstance(x, fx.Node) and pairs.get(x) is y
+        if isinstance(x, slice) and isinstance(y, slice):
+            return same((x.start, x.stop, x.step), (y.start, y.stop, y.step))
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return type(x) is type(y) and len(x) == len(y) and all(map(same, x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return type(x) is type(y) and (x is y or x == y)
+
+    for x, y in zip(a, b):
+        if x.op != y.op or x.target != y.target or not same(x.args, y.args) \
+                or not same(x.kwargs, y.kwargs):
+            return False
+        pairs[x] = y
+    return True
+
+
+def _drift(gm: GraphModule, calls: CallTree | None, recorded: dict[int, RecordedCall]
+           ) -> str | None:
+    """How the trace called a module differently from the example run, if it did.
+
+    Code can take another path while traced (Hugging Face skips creating its cache when
+    ``torch.fx`` is tracing); a module inside the trace then gets a constant where it really
+    gets an object. A graph cut from such a trace would be wrong, so the unit is not used.
+    """
+    seen: set[int] = set()
+    made: list[tuple[nn.Module, tuple, dict]] = [
+        (c.module, c.args, c.kwargs) for c in (calls.calls if calls else ())]
+    made += [(gm.get_submodule(str(n.target)), n.args, n.kwargs)
+             for n in gm.graph.nodes if n.op == "call_module"]
+    for module, args, kwargs in made:
+        real = recorded.get(id(module))
+        if real is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        given = [*zip(real.args, args), *((real.kwargs[k], v) for k, v in kwargs.items()
+                                          if k in real.kwargs)]
+        for example, traced in given:
+            if _matches(example, traced):
+                continue
+            return (f"traced, {real.path or '<root>'} got {traced!r} where the example run "
+                    f"passed {type(example).__name__} (code that checks for tracing)")
+    return None
+
+
+def _matches(example: Any, traced: Any) -> bool:
+    """Whether a traced argument can stand for what the example run passed."""
+    if isinstance(traced, Node) or traced is example:
+        return True
+    if isinstance(example, (tuple, list)) and isinstance(traced, (tuple, list)):
+        return len(example) == len(traced) and all(map(_matches, example, traced))
+    if isinstance(example, dict) and isinstance(traced, dict):
+        return example.keys() == traced.keys() and all(_matches(example[k], traced[k])
+                                                       for k in example)
+    return is_guardable(example) and type(traced) is type(example) and traced == example
+
+
+def _reason(exc: TraceError) -> str:
+    """The first line of a trace error, without fxsd's hint."""
+    text = str(exc).splitlines()[0]
+    return text.split(": ", 1)[1] if text.startswith("torch.fx could not trace") else text
+
+
+def _shift(unit: ResidualAnalysis, offset: int) -> ResidualAnalysis:
+    if offset:
+        unit.sites = [replace(s, depth=s.depth + offset) for s in unit.sites]
+        unit.num_levels += offset
+    return unit
+
+
+def _combine(parts: list[ResidualAnalysis], untraced: list[tuple[str, str, str]],
+             levels: int) -> ResidualAnalysis:
+    root = parts[0] if parts and parts[0].path == "" else None
+    return ResidualAnalysis(
+        graph_module=root.graph_module if root else None,
+        sites=[s for p in parts for s in p.sites],
+        rejected=[r for p in parts for r in p.rejected],
+        num_levels=max([levels, *(s.depth for p in parts for s in p.sites)], default=0),
+        total_flops=root.total_flops if root else None,
+        profiles=root.profiles if root else None,
+        calls=root.calls if root else None,
+        units=parts, untraced=untraced)
