@@ -8,8 +8,9 @@ framework's checkpoint.
 >>> import fxsd.callbacks  # imports without Lightning or transformers installed
 
 Both classes derive from the framework's callback class when the framework is installed
-(``lightning.pytorch.Callback`` — or ``pytorch_lightning.Callback`` —, ``transformers.TrainerCallback``),
-so importing this module imports those frameworks if they are there. Without them the classes
+(``lightning.pytorch.Callback``, else ``pytorch_lightning.Callback``;
+``transformers.TrainerCallback``), so importing this module imports those frameworks if they are
+there. Without them the classes
 still exist (deriving from ``object``), so code that names them imports everywhere.
 
 Under DDP a dropped branch's parameters get no gradient: Lightning needs

@@ -551,6 +551,8 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
 
     * unused side results of branch nodes (the attention weights a ``MultiheadAttention`` returns
       next to its output), which would otherwise hold on to a value inside the branch;
+    * shape reads of branch values that feed only the branch and checks
+      (``torch._assert(H % window == 0)`` in timm's window attention);
     * modules only the branch reads as values (:func:`fxsd.tracing.if_training` reads their
       ``training`` flag);
     * outside values that only the branch reads and that are computed from parameters and tensor
@@ -564,9 +566,16 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
         changed = False
         for n in list(nodes):
             for u in n.users:
-                if u not in nodes and u is not add and _is_dead(u, gm, unused):
+                if u in nodes or u is add:
+                    continue
+                if _is_dead(u, gm, unused):
                     nodes.update(_subtree(u))
                     changed = True
+                elif is_metadata_read(u):
+                    checks = _feeds_only(u, nodes, add, gm)
+                    if checks is not None:
+                        nodes.update(checks)
+                        changed = True
             for a in n.all_input_nodes:
                 if a.op == "get_attr" and a not in nodes and all(u in nodes for u in a.users) \
                         and is_module(gm, str(a.target)):
@@ -587,7 +596,8 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
 
 def _is_dead(node: Node, gm: Any, memo: dict[Node, bool], limit: int = 64) -> bool:
     """Whether ``node``'s value is never used: no users, or only users whose values are never
-    used (``x.size()`` followed by an unused ``[0]``), and no in-place effect on the way.
+    used (``x.size()`` followed by an unused ``[0]``, or only by a ``torch._assert``), and no
+    in-place effect on the way.
 
     Dead subgraphs are small; one of more than ``limit`` nodes is taken as live."""
     if node in memo:
@@ -600,8 +610,8 @@ def _is_dead(node: Node, gm: Any, memo: dict[Node, bool], limit: int = 64) -> bo
             if not memo[n]:
                 break
             continue
-        if n.op in ("output", "placeholder") or is_inplace(n, gm) or _is_impure(n) \
-                or len(seen) >= limit:
+        if n.op in ("output", "placeholder") or is_inplace(n, gm) \
+                or (_is_impure(n) and not _is_assertion(n)) or len(seen) >= limit:
             memo[n] = False
             break
         seen.append(n)
@@ -612,6 +622,23 @@ def _is_dead(node: Node, gm: Any, memo: dict[Node, bool], limit: int = 64) -> bo
         return True
     memo[node] = False
     return False
+
+
+def _feeds_only(node: Node, nodes: set[Node], add: Node, gm: Any, limit: int = 64
+                ) -> set[Node] | None:
+    """The nodes outside ``nodes`` that ``node`` feeds, if all of them only feed ``nodes`` or
+    end in checks (``torch._assert``) or nothing; else ``None``."""
+    found, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n is add or n.op in ("output", "placeholder") or is_inplace(n, gm) \
+                or (_is_impure(n) and not _is_assertion(n)) or len(found) > limit:
+            return None
+        for u in n.users:
+            if u not in nodes and u not in found:
+                found.add(u)
+                stack.append(u)
+    return found
 
 
 def _subtree(node: Node) -> set[Node]:
@@ -691,6 +718,16 @@ def _param_count(gm: GraphModule, nodes: Iterable[Node]) -> int:
             if isinstance(value, nn.Parameter):
                 seen[id(value)] = value.numel()
     return sum(seen.values())
+
+
+def _is_assertion(node: Node) -> bool:
+    """``torch._assert(cond, msg)`` and friends: checks with no effect on values (a check on a
+    branch value need not run when the branch is skipped)."""
+    return node.op == "call_function" and node.target in _ASSERTIONS
+
+
+_ASSERTIONS = tuple(f for f in (getattr(torch, "_assert", None), getattr(torch, "_check", None),
+                                getattr(torch, "_assert_async", None)) if f is not None)
 
 
 def _is_impure(node: Node) -> bool:

@@ -95,3 +95,22 @@ def test_documented_names_exist_in_a_fresh_interpreter():
             "    for atom in path.split('.')[1:]:\n        obj = getattr(obj, atom)\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_readme_demo_numbers_are_the_recorded_run():
+    import json
+    import statistics
+
+    root = Path(__file__).resolve().parents[1]
+    saved = json.loads((root / "docs" / "demo" / "demo.json").read_text())
+    readme = (root / "README.md").read_text()
+
+    def mean(variant, index):
+        return statistics.fmean(r["points"][-1][index] for r in saved["runs"]
+                                if r["variant"] == variant)
+
+    for variant in ("baseline", "fxsd"):
+        assert f"{100 * mean(variant, 1):.2f}%" in readme, variant
+        assert f"{mean(variant, 0):.1f} s" in readme, variant
+    assert f"{mean('fxsd', 0) / mean('baseline', 0):.2f}×" in readme
+    assert (root / "docs" / "demo" / "demo.png").exists()

@@ -237,3 +237,24 @@ def test_timm_not_traceable_registry(name, sites):
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
     with torch.no_grad():
         torch.testing.assert_close(gated.eval()(x), model(x), rtol=0, atol=0)
+
+
+class CheckedWindows(nn.Module):  # timm window attention: a shape check on a branch value
+    def __init__(self, dim=8):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        h = self.norm(x)
+        torch._assert(h.shape[1] % 2 == 0, "length must be even")
+        return x + self.fc(h.reshape(h.shape[0], h.shape[1] // 2, 2, -1)).flatten(1, 2)
+
+
+def test_shape_checks_on_a_branch_value_go_with_the_branch():
+    model = CheckedWindows()
+    sites, reasons, _ = _reasons(model)
+    assert sites == 1 and not reasons
+    gated = fxsd.stochastic_depth(model, 1.0, distribution="uniform", scale="none").train()
+    x = torch.randn(2, 6, 8)
+    torch.testing.assert_close(gated(x), x, rtol=0, atol=0)  # dropped: the check skipped too
+    torch.testing.assert_close(gated.eval()(x), model(x), rtol=0, atol=0)

@@ -37,7 +37,7 @@ def _rates(model):
 def test_exponential_distribution_is_layerskip():
     model = fxsd.stochastic_depth(Net(depth=6), 0.4, distribution="exponential")
     L = 6
-    expected = [0.4 * (math.exp(l * math.log(2) / (L - 1)) - 1) for l in range(L)]  # l = 0..L-1
+    expected = [0.4 * (math.exp(d * math.log(2) / (L - 1)) - 1) for d in range(L)]  # d = 0..L-1
     assert _rates(model) == pytest.approx(expected, abs=1e-12)
     assert _rates(model)[0] == 0.0 and _rates(model)[-1] == pytest.approx(0.4)
     one = fxsd.stochastic_depth(Net(depth=1), 0.4, distribution="exponential")
@@ -61,7 +61,7 @@ def test_exponential_with_a_time_curriculum():
     model = fxsd.stochastic_depth(Net(depth=4), 0.2, distribution="exponential")
     schedule = fxsd.DropSchedule(model, lambda t: min(1.0, t / 10))
     for step in range(15):
-        expected = [min(1.0, step / 10) * 0.2 * (2 ** (l / 3) - 1) for l in range(4)]
+        expected = [min(1.0, step / 10) * 0.2 * (2 ** (d / 3) - 1) for d in range(4)]
         assert _rates(model) == pytest.approx(expected, abs=1e-12), step
         schedule.step()
 
@@ -100,7 +100,7 @@ def test_progressive_layer_drop_formula(theta_bar, gamma, step):
         pld.step()
     theta = (1 - theta_bar) * math.exp(-gamma * step) + theta_bar
     L = 5
-    assert _rates(model) == pytest.approx([(l / L) * (1 - theta) for l in range(1, L + 1)])
+    assert _rates(model) == pytest.approx([(d / L) * (1 - theta) for d in range(1, L + 1)])
     assert pld.get_last_rate() == pytest.approx(1 - theta)
 
 
@@ -135,7 +135,8 @@ def test_callbacks_import_without_frameworks():
 
     code = ("import sys; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None; "
             "sys.modules['transformers'] = None; import fxsd.callbacks as c; "
-            "print(c.LightningCallback.__mro__[1].__name__, c.TransformersCallback.__mro__[1].__name__)")
+            "print(c.LightningCallback.__mro__[1].__name__, "
+            "c.TransformersCallback.__mro__[1].__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["object", "object"]
 
