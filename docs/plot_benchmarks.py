@@ -1,6 +1,6 @@
 """Plot step time against drop rate from ``fxsd bench --json`` files (needs matplotlib).
 
-    python docs/plot_benchmarks.py docs/bench/resnet50_linear.json -o docs/benchmarks.png
+    python docs/plot_benchmarks.py docs/bench/2026-11-26/resnet50_linear.json -o docs/benchmarks.png
 
 One panel per file: baseline, fxsd, mask drop path and the limit, in milliseconds per training step.
 """

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce the CPU numbers in docs/benchmarks.md (about 45 minutes on 2 cores), then the plot.
+# Results go to docs/bench/<today>/; on a noisy machine raise --steps (see docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=docs/bench
+out=docs/bench/$(date +%F)
 mkdir -p "$out"
 run() { local name=$1; shift; fxsd bench "$@" --json "$out/$name.json" | tee "$out/$name.txt"; }
 run resnet50_linear resnet50 --batch-size 16 --image-size 64 --steps 30 \

@@ -28,12 +28,13 @@ True
 from __future__ import annotations
 
 import operator
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 from fxsd.errors import GraphError
 from fxsd.ops import depends_on_input, is_view
@@ -124,16 +125,40 @@ def _parameter_factor(gm: GraphModule, node: Node) -> FoldTarget | None:
 
 def _only_use(gm: GraphModule, node: Node, path: str, is_parameter: bool) -> FoldTarget:
     """``path`` as the target, unless something else in the model uses it too."""
-    uses = 0
-    prefix = path + "."
-    for n in gm.graph.nodes:
-        if n.op in ("call_module", "get_attr"):
-            target = str(n.target)
-            if target == path or target.startswith(prefix) or path.startswith(target + "."):
-                uses += 1
+    exact, under = _target_uses(gm.graph)
+    atoms = path.split(".")
+    # nodes reading path or something inside it, plus nodes reading a module that holds it
+    uses = under.get(path, 0) + sum(exact.get(".".join(atoms[:i]), 0)
+                                    for i in range(1, len(atoms)))
     if uses != 1 or (not is_parameter and len(node.users) > 1 and not _is_attention(gm, node)):
         return FoldTarget(problem=f"'{path}' is used elsewhere in the model too")
     return FoldTarget(path, is_parameter)
+
+
+_USES: weakref.WeakKeyDictionary[Graph, tuple[int, dict[str, int], dict[str, int]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _target_uses(graph: Graph) -> tuple[dict[str, int], dict[str, int]]:
+    """For the module and attribute targets of ``graph``: how many nodes read each one
+    exactly, and how many read it or something inside it (counted once per graph: the fold
+    targets of all sites are looked up in the same whole-model graph)."""
+    size = len(graph.nodes)
+    cached = _USES.get(graph)
+    if cached is not None and cached[0] == size:
+        return cached[1], cached[2]
+    exact: dict[str, int] = {}
+    under: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            target = str(n.target)
+            exact[target] = exact.get(target, 0) + 1
+            atoms = target.split(".")
+            for i in range(1, len(atoms) + 1):
+                key = ".".join(atoms[:i])
+                under[key] = under.get(key, 0) + 1
+    _USES[graph] = (size, exact, under)
+    return exact, under
 
 
 def _is_attention(gm: GraphModule, node: Node) -> bool:
