@@ -36,12 +36,20 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from fxsd.guards import check_argument, is_guardable
+from fxsd.guards import check_argument, check_condition, is_guardable
 from fxsd.tracing import FxsdTracer, LeafSpec
 
 __all__ = ["RecordedCall", "record_calls", "ExampleTracer"]
 
 _MISSING = object()
+
+
+def set_item(container: Any, key: Any, value: Any) -> None:
+    """``container[key] = value`` on a non-tensor object (a cache's bookkeeping dict), as one
+    call in the generated code: plain torch.fx, re-tracing the code when a gated model is
+    unpickled, cannot assign into a proxy. (Not decorated with ``torch.fx.wrap``: that would
+    patch this module's global during every trace, and the graph would call the patch.)"""
+    container[key] = value
 
 
 @dataclass(eq=False)
@@ -102,9 +110,11 @@ class _ExampleProxy(fx.Proxy):
         return super().__getattr__(name)
 
     def __setitem__(self, key: Any, item: Any) -> None:
-        if isinstance(self._value(), torch.Tensor):
+        value = self._value()
+        if value is _MISSING or isinstance(value, torch.Tensor):  # tensors: as plain fx
             raise TypeError("'Proxy' object does not support item assignment")
-        self.tracer.create_proxy("call_function", operator.setitem, (self, key, item), {})
+        proxy = self.tracer.create_proxy("call_function", set_item, (self, key, item), {})
+        proxy.node.meta["is_wrapped"] = True  # re-traced (unpickled) as one call too
 
     def __len__(self) -> int:
         value = self._value()
@@ -231,9 +241,9 @@ class ExampleTracer(FxsdTracer):
         if name in self._guarded:
             return
         self._guarded.add(name)
-        value = self.create_proxy("call_function", bool, (proxy,), {}) if condition else proxy
-        guard = self.create_proxy("call_function", check_argument,
-                                  (value, expected, self.prefix.rstrip("."), name), {})
+        check = check_condition if condition else check_argument
+        guard = self.create_proxy("call_function", check,
+                                  (proxy, expected, self.prefix.rstrip("."), name), {})
         guard.node.meta["is_wrapped"] = True
 
     def proxy(self, node: fx.Node) -> fx.Proxy:

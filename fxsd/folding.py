@@ -11,7 +11,8 @@ walking back from the branch's output through ops that are linear in it at eval 
 * a product with a parameter-only value (a layer scale ``gamma * f(x)``): the factor goes into
   that parameter;
 
-— to a convolution, linear layer or affine norm (weight and bias are scaled), or a
+— to a convolution, linear layer or affine norm (weight and bias are scaled; also in functional
+form, ``F.linear`` / ``torch.addmm`` on one module's own weight and bias), or a
 ``MultiheadAttention`` (its ``out_proj``). A module or parameter used anywhere else in the model
 cannot take the factor. Sites that cannot be folded are listed in one :class:`FoldError`; nothing
 is ever folded partially.
@@ -37,8 +38,8 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxsd.errors import GraphError
-from fxsd.ops import depends_on_input, is_view
-from fxsd.residuals import ResidualSite
+from fxsd.ops import depends_on_input, is_metadata_read, is_view
+from fxsd.residuals import ResidualSite, is_module
 from fxsd.tracing import is_drop_path
 
 __all__ = ["FoldTarget", "FoldError", "fold_target", "plain_state_dict"]
@@ -51,6 +52,12 @@ _DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d
                       torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
                       torch.dropout, torch.nn.functional.alpha_dropout}
 _MULS = {operator.mul, torch.mul, torch.Tensor.mul}
+# functional forms of weighted ops (a module inlined by the trace, such as GPT-2's ``Conv1D``:
+# ``torch.addmm(self.bias, x, self.weight)``): where each takes its weight and bias
+_FUNCTIONAL_WEIGHTED = {
+    torch.addmm: (2, 0), torch.nn.functional.linear: (1, 2), torch.nn.functional.conv1d: (1, 2),
+    torch.nn.functional.conv2d: (1, 2), torch.nn.functional.conv3d: (1, 2),
+}
 
 
 class FoldError(GraphError):
@@ -95,6 +102,8 @@ def fold_target(gm: GraphModule, site: ResidualSite) -> FoldTarget:
         if _is_dropout(node) or is_view(node):  # identities at eval, and views: linear
             node = node.args[0]
             continue
+        if node.op == "call_function" and node.target in _FUNCTIONAL_WEIGHTED:
+            return _functional_target(gm, node)
         if node.target in _MULS or (node.op == "call_method" and node.target == "mul"):
             scaled = _parameter_factor(gm, node)
             if scaled is not None:
@@ -108,6 +117,30 @@ def _is_dropout(node: Node) -> bool:
         return False
     training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else None)
     return training is not True  # a dropout baked into training mode is not an identity
+
+
+def _functional_target(gm: GraphModule, node: Node) -> FoldTarget:
+    """``torch.addmm(bias, x, weight)``, ``F.linear(x, weight, bias)``, ...: fold into the
+    module owning both, when they are all of that module's parameters and used only here."""
+    weight_at, bias_at = _FUNCTIONAL_WEIGHTED[node.target]
+    reads = [a for i, a in enumerate(node.args) if i in (weight_at, bias_at)]
+    reads += [node.kwargs[k] for k in ("weight", "bias") if k in node.kwargs]
+    reads = [r for r in reads if r is not None]
+    paths = {str(r.target) for r in reads if isinstance(r, Node) and r.op == "get_attr"}
+    owner = next(iter(paths)).rpartition(".")[0] if paths else ""
+    if (len(paths) != len(reads) or {p.rpartition(".")[0] for p in paths} != {owner}
+            or paths != {f"{owner}.{name}" for name, _
+                         in gm.get_submodule(owner).named_parameters(recurse=False)}):
+        return FoldTarget(problem=f"its branch ends in '{node.name}' (call_function "
+                                  f"{getattr(node.target, '__name__', node.target)}) whose "
+                                  "weight and bias are not one module's own parameters")
+    exact, under = _target_uses(gm)
+    atoms = owner.split(".")
+    uses = under.get(owner, 0) + sum(exact.get(".".join(atoms[:i]), 0)
+                                     for i in range(1, len(atoms)))
+    if uses != len(paths) or len(node.users) > 1 or any(len(r.users) > 1 for r in reads):
+        return FoldTarget(problem=f"'{owner}' is used elsewhere in the model too")
+    return FoldTarget(owner, False)
 
 
 def _parameter_factor(gm: GraphModule, node: Node) -> FoldTarget | None:
@@ -125,7 +158,7 @@ def _parameter_factor(gm: GraphModule, node: Node) -> FoldTarget | None:
 
 def _only_use(gm: GraphModule, node: Node, path: str, is_parameter: bool) -> FoldTarget:
     """``path`` as the target, unless something else in the model uses it too."""
-    exact, under = _target_uses(gm.graph)
+    exact, under = _target_uses(gm)
     atoms = path.split(".")
     # nodes reading path or something inside it, plus nodes reading a module that holds it
     uses = under.get(path, 0) + sum(exact.get(".".join(atoms[:i]), 0)
@@ -139,10 +172,13 @@ _USES: weakref.WeakKeyDictionary[Graph, tuple[int, dict[str, int], dict[str, int
     weakref.WeakKeyDictionary()
 
 
-def _target_uses(graph: Graph) -> tuple[dict[str, int], dict[str, int]]:
-    """For the module and attribute targets of ``graph``: how many nodes read each one
+def _target_uses(gm: GraphModule) -> tuple[dict[str, int], dict[str, int]]:
+    """For the module and attribute targets of ``gm``'s graph: how many nodes read each one
     exactly, and how many read it or something inside it (counted once per graph: the fold
-    targets of all sites are looked up in the same whole-model graph)."""
+    targets of all sites are looked up in the same whole-model graph). A module read as a value
+    (handed to an attention kernel, or to ``if_training`` for its flag) is not a use of its
+    weights, nor is a read of a weight's dtype or shape (T5 casts to ``self.wo.weight.dtype``)."""
+    graph = gm.graph
     size = len(graph.nodes)
     cached = _USES.get(graph)
     if cached is not None and cached[0] == size:
@@ -150,7 +186,8 @@ def _target_uses(graph: Graph) -> tuple[dict[str, int], dict[str, int]]:
     exact: dict[str, int] = {}
     under: dict[str, int] = {}
     for n in graph.nodes:
-        if n.op in ("call_module", "get_attr"):
+        if n.op == "call_module" or (n.op == "get_attr" and not is_module(gm, str(n.target))
+                                     and not all(is_metadata_read(u) for u in n.users)):
             target = str(n.target)
             exact[target] = exact.get(target, 0) + 1
             atoms = target.split(".")

@@ -99,6 +99,12 @@ def _transplant(gm: GraphModule, cls: type, state: dict[str, Any] | None = None
     type(res).__name__ = type(gm).__name__
     res.__dict__.update({k: v for k, v in (gm.__dict__ if state is None else state).items()
                          if k != "_graph"})
+    for node in gm.graph.nodes:
+        # Re-tracing code that reads a submodule called ``self`` (Hugging Face's BertAttention
+        # has one) names that node ``self``, and the generated code's ``self = None`` would then
+        # clobber the module itself: torch.fx does not reserve the name.
+        if node.name == "self":
+            node._rename("self_module")
     res.graph = gm.graph
     return res
 

@@ -18,7 +18,7 @@ import torch.fx
 
 from fxsd.errors import GuardError
 
-__all__ = ["check_argument", "is_guardable", "is_literal"]
+__all__ = ["check_argument", "check_condition", "is_guardable", "is_literal"]
 
 _LITERALS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout,
              torch.memory_format, type(Ellipsis), slice)
@@ -52,3 +52,11 @@ def check_argument(value: Any, expected: Any, module: str, name: str) -> None:
         "Transform the model with example inputs that pass the values used in training "
         "(example_inputs=/example_kwargs=), or keep this module out of the rewrite "
         "(select=...)")
+
+
+@torch.fx.wrap
+def check_condition(value: Any, expected: bool, module: str, name: str) -> None:
+    """Raise unless ``bool(value)`` is the truth value the module was traced with (a branch
+    of Python control flow taken on a non-tensor value, such as ``if mask.dim() == 4``). One
+    call in the generated code: re-tracing it (unpickling) never asks a proxy for its truth."""
+    check_argument(bool(value), expected, module, name)

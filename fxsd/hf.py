@@ -71,7 +71,11 @@ def _opaque(kernel: Callable, tracer: fx.Tracer) -> Callable:
 
         map_aggregate((args, kwargs), visit)
         if proxies:
-            return tracer.create_proxy("call_function", kernel, args, kwargs)
+            proxy = tracer.create_proxy("call_function", kernel, args, kwargs)
+            # the generated code registers it with torch.fx.wrap, so that re-tracing the code
+            # (unpickling a gated model) keeps it one call too
+            proxy.node.meta["is_wrapped"] = True
+            return proxy
         return kernel(*args, **kwargs)
 
     return call

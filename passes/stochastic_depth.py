@@ -30,7 +30,7 @@ from fxsd.distributed import rank
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
 from fxsd.folding import fold_target
 from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropPathAction, DropSampler, GateInfo
-from fxsd.graph_module import TreeEditor, module_from_graph, shallow_copy
+from fxsd.graph_module import FxsdGraphModule, TreeEditor, module_from_graph, shallow_copy
 from fxsd.ops import depends_on_input, is_metadata_read, is_view, mutated_operand
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
@@ -555,7 +555,7 @@ def _branch_module(gm: Any, fork: Node, nodes: Sequence[Node], inputs: Sequence[
     attrs = {str(n.target): gm.get_submodule(str(n.target)) for n in graph.nodes
              if n.op == "call_module" or (n.op == "get_attr" and is_module(gm, str(n.target)))}
     class_name = "".join(part.capitalize() for part in name.split("_")) or "Branch"
-    return GraphModule(attrs, graph, class_name=class_name.removesuffix("Gate") + "Branch")
+    return FxsdGraphModule(attrs, graph, class_name=class_name.removesuffix("Gate") + "Branch")
 
 
 def _needs_clone(gm: GraphModule, add: Node, skip: Node, order: dict[Node, int]) -> bool:

@@ -112,3 +112,47 @@ def test_shared_weights_cannot_take_a_factor():
     gated = fxsd.stochastic_depth(Shared(), 0.4, distribution="uniform")
     with pytest.raises(fxsd.FoldError, match="used elsewhere"):
         fxsd.plain_state_dict(gated)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: its weight transposed, applied with ``torch.addmm``."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, n) / n**0.5)
+        self.bias = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.shape)
+
+
+class FunctionalBlock(nn.Module):
+    def __init__(self, n: int = 8, tie: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n, n)
+        self.proj = Conv1D(n)
+        self.out = tie if tie is not None else nn.Linear(n, n)
+
+    def forward(self, x):
+        x = x + self.proj(torch.relu(self.fc(x)))  # addmm on proj's weight and bias
+        return x + nn.functional.linear(torch.relu(x), self.out.weight, self.out.bias)
+
+
+def test_functional_weights_fold_into_their_module():
+    model = nn.Sequential(FunctionalBlock(), FunctionalBlock())
+    gated = fxsd.stochastic_depth(model, 0.4).eval()
+    plain = nn.Sequential(FunctionalBlock(), FunctionalBlock()).eval()
+    plain.load_state_dict(fxsd.plain_state_dict(gated))
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(plain(x), gated(x))
+    assert not torch.allclose(model.eval()(x), gated(x))  # the scales were real
+
+
+def test_functional_weights_used_twice_are_not_folded():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(FunctionalBlock(tie=shared), FunctionalBlock(tie=shared))
+    gated = fxsd.stochastic_depth(model, 0.4).eval()
+    with pytest.raises(fxsd.FoldError) as info:
+        fxsd.plain_state_dict(gated)
+    message = str(info.value)  # the tied 'out' layer takes no factor; both 'proj' layers would
+    assert message.count("'0.out' is used elsewhere") == 2 and "fc_gate" not in message

@@ -218,3 +218,35 @@ def test_tracing_example_explicitly():
     assert len(fxsd.gates(gated)) == 4
     with pytest.raises(fxsd.InvalidArgumentError, match="example_inputs= or example_kwargs="):
         fxsd.stochastic_depth(model, 0.1, tracing="example")
+
+
+def test_pickles_strips_and_folds(family, tmp_path):
+    import io
+
+    name, model, gated, inputs = family
+    with torch.no_grad():
+        expected = _tensors(gated.eval()(**inputs))
+    buffer = io.BytesIO()
+    torch.save(gated, buffer)  # re-traces each block's code: kernels and guards stay calls
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(model) and len(fxsd.gates(loaded)) == len(fxsd.gates(gated))
+    stripped = fxsd.strip(gated)
+    with torch.no_grad():
+        for other in (loaded.eval(), stripped.eval()):
+            got = _tensors(other(**inputs))
+            for key in expected:
+                assert torch.equal(got[key], expected[key]), (name, key)
+    fxsd.set_drop_rate(gated, 0.3)  # a real (1 - p) scale to fold into the weights
+    try:
+        with torch.no_grad():
+            scaled = _tensors(gated.eval()(**inputs))
+        plain = FAMILIES[name][0]()[0].eval()
+        plain.load_state_dict(fxsd.plain_state_dict(gated))
+        with torch.no_grad():
+            got = _tensors(plain(**inputs))
+    finally:
+        fxsd.set_drop_rate(gated, 0.0)
+    for key in expected:
+        assert not torch.allclose(scaled[key], expected[key]), (name, key)
+        torch.testing.assert_close(got[key], scaled[key])
