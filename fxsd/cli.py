@@ -9,6 +9,7 @@ runs, so ``fxsd --help`` answers at once. Errors print one line and exit with st
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -212,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"fxsd: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fxsd inspect | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

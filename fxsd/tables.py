@@ -23,7 +23,7 @@ from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite, analyze_
 from fxsd.schedules import Distribution, site_rates
 from fxsd.training import gates as all_gates
 
-__all__ = ["table", "summary", "SiteRow", "fit_table", "terminal_width", "EMPTY"]
+__all__ = ["table", "summary", "SiteRow", "fit_table", "terminal_width", "EMPTY", "LEAVE_OUT"]
 
 SITE_HEADERS = ["depth", "gate", "skip", "branch", "nodes", "params", "side inputs"]
 REJECTED_HEADERS = ["add", "kind", "module", "reason", "detail"]
@@ -165,8 +165,9 @@ def table(
             line.append(row.note or "-")
         body.append(line)
     limit = terminal_width() if width is None else width
-    shrink = [("branch", _branch), ("side inputs", _end), ("note", _end), (EMPTY, _end),
-              ("gate", _path)]
+    # the gate says which block a row is: it is cut last, after less telling columns go
+    shrink = [("branch", _branch), ("side inputs", _ends), ("note", _ends), (EMPTY, _ends),
+              ("gate", _paths), ("note", LEAVE_OUT), ("side inputs", LEAVE_OUT), ("gate", _ends)]
     text = fit_table(body, headers, tablefmt, limit, shrink)
     if report.traced or report.untraced:
         text += "\n\n" + _units(report, tablefmt, limit)
@@ -175,7 +176,8 @@ def table(
                 for r in report.rejected]
         text += "\n\nrejected adds:\n" + (
             fit_table(rows, REJECTED_HEADERS, tablefmt, limit,
-                      [("detail", _end), (EMPTY, _end), ("module", _path)]) if rows
+                      [("detail", _ends), (EMPTY, _ends), ("module", _paths),
+                       ("module", _ends)]) if rows
             else "(none)")
     return text
 
@@ -189,7 +191,8 @@ def _units(report: _Report, tablefmt: str, width: int) -> str:
         rows = [[path, cls, why] for path, cls, why in report.untraced]
         text += ("\n\nnot traced (a join inside is not gated unless a module within it was "
                  "traced):\n" + fit_table(rows, ["module", "class", "why"], tablefmt, width,
-                                          [("why", _end), ("module", _path)]))
+                                          [("why", _ends), ("module", _paths),
+                                           ("module", _ends)]))
     return text
 
 
@@ -202,45 +205,80 @@ def terminal_width() -> int:
 EMPTY = "<empty columns>"
 
 
+def LEAVE_OUT(cells: list[str], n: int) -> list[str]:  # noqa: N802 (a marker, used by name)
+    """In a ``shrink`` list of :func:`fit_table`: leave this column out (said under the table)."""
+    raise AssertionError("fit_table handles LEAVE_OUT itself")
+
+
 def fit_table(body: list[list[Any]], headers: list[str], tablefmt: str, width: int,
-              shrink: Sequence[tuple[str, Callable[[str, int], str]]]) -> str:
+              shrink: Sequence[tuple[str, Callable[[list[str], int], list[str]]]]) -> str:
     """``tabulate(body, headers)``, fitted into ``width`` characters (``0``: no limit).
 
     Works through ``shrink`` in order until no line is too long: each named column is shortened
-    (down to no less than 12 characters or its header) with its function; :data:`EMPTY` leaves
-    out the columns in which every cell is ``-``.
+    (down to no less than 12 characters or its header) by its function, which gets the column's
+    cells and the width to fit and returns the new cells; :func:`LEAVE_OUT` leaves the column out
+    (a line under the table says so) and :data:`EMPTY` the columns in which every cell is ``-``.
     """
 
     def render() -> str:
-        return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+        return compact_tabulate(body, headers, tablefmt)
+
+    def keep_only(keep: list[int]) -> None:
+        nonlocal body, headers
+        body = [[row[j] for j in keep] for row in body]
+        headers = [headers[j] for j in keep]
 
     text = render()
+    left_out: list[str] = []
     for column, cut in shrink if width > 0 else ():
         excess = _widest(text) - width
         if excess <= 0:
             break
         if column == EMPTY:
-            keep = [j for j in range(len(headers))
-                    if not body or any(str(row[j]) != "-" for row in body)]
-            body = [[row[j] for j in keep] for row in body]
-            headers = [headers[j] for j in keep]
+            keep_only([j for j in range(len(headers))
+                       if not body or any(str(row[j]) != "-" for row in body)])
+        elif column in headers and cut is LEAVE_OUT:
+            left_out.append(column)
+            keep_only([j for j in range(len(headers)) if headers[j] != column])
         elif column in headers:
             j = headers.index(column)
             longest = max((len(str(row[j])) for row in body), default=0)
             target = max(longest - excess, len(column), 12)
             if target >= longest:
                 continue
-            body = [[*row[:j], cut(str(row[j]), target), *row[j + 1:]] for row in body]
+            cells = cut([str(row[j]) for row in body], target)
+            body = [[*row[:j], cell, *row[j + 1:]] for row, cell in zip(body, cells)]
         text = render()
+    if left_out:
+        text += (f"\n({', '.join(left_out)} left out to fit {width} columns; "
+                 "--wide or width=0 shows every column)")
     return text
+
+
+def compact_tabulate(body: list[list[Any]], headers: list[str], tablefmt: str) -> str:
+    """``tabulate`` without the two spaces it adds to every header's width: a table of short
+    numbers under longer headers (``depth``, ``drop rate``) otherwise spends a dozen characters
+    of an 80-column terminal on nothing, and the gate paths get cut instead."""
+    import tabulate as tabulate_module
+
+    padding = tabulate_module.MIN_PADDING
+    tabulate_module.MIN_PADDING = 0
+    try:
+        return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    finally:
+        tabulate_module.MIN_PADDING = padding
 
 
 def _widest(text: str) -> int:
     return max((len(line) for line in text.splitlines()), default=0)
 
 
-def _branch(text: str, n: int) -> str:
+def _branch(cells: list[str], n: int) -> list[str]:
     """``first → last`` in at most ``n`` characters: each end shortened, the arrow kept."""
+    return [_one_branch(text, n) for text in cells]
+
+
+def _one_branch(text: str, n: int) -> str:
     if len(text) <= n or " → " not in text:
         return _end(text, n)
     first, last = text.split(" → ", 1)
@@ -249,22 +287,36 @@ def _branch(text: str, n: int) -> str:
     return f"{_end(first, a)} → {_end(last, room - a)}"
 
 
+def _ends(cells: list[str], n: int) -> list[str]:
+    return [_end(text, n) for text in cells]
+
+
 def _end(text: str, n: int) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
-def _path(text: str, n: int) -> str:
-    """A dotted path in at most ``n`` characters: from the left, atoms before the last are cut
-    to their initial and trailing number (``encoder.layers.encoder_layer_11.mlp_gate`` →
-    ``e.l.e11.mlp_gate``); if that is not enough the start is replaced by "…"."""
-    atoms = text.split(".")
-    for i in range(len(atoms) - 1):
-        if len(".".join(atoms)) <= n:
+def _paths(cells: list[str], n: int) -> list[str]:
+    """Dotted paths shortened towards ``n`` characters without losing which module they name:
+    from the left, atoms before the last are cut to their initial and trailing number
+    (``encoder.layers.encoder_layer_11.mlp_gate`` → ``e.l.e11.mlp_gate``), the same atoms in every
+    row so that rows stay comparable; then a gate's ``_gate`` suffix goes (the column says it).
+    Cells may stay longer than ``n``: cutting their end is a later, separate step."""
+    split = [text.split(".") for text in cells]
+
+    def fits() -> bool:
+        return all(len(".".join(atoms)) <= n for atoms in split)
+
+    for i in range(max((len(atoms) for atoms in split), default=1) - 1):
+        if fits():
             break
-        digits = atoms[i][len(atoms[i].rstrip("0123456789")):]
-        atoms[i] = atoms[i] if atoms[i].isdigit() else atoms[i][:1] + digits
-    short = ".".join(atoms)
-    return short if len(short) <= n else "…" + short[len(short) - n + 1:]
+        for atoms in split:
+            if i < len(atoms) - 1 and not atoms[i].isdigit():
+                digits = atoms[i][len(atoms[i].rstrip("0123456789")):]
+                atoms[i] = atoms[i][:1] + digits
+    if not fits():
+        for atoms in split:
+            atoms[-1] = atoms[-1].removesuffix("_gate") or atoms[-1]
+    return [".".join(atoms) for atoms in split]
 
 
 def summary(source: Any, *, drop_rate: float | None = None,

@@ -59,12 +59,19 @@ def test_transform_refuses_options_it_would_ignore(capsys):
     assert "takes no MODEL, --steps" in err
 
 
-def test_vit_table_fits_a_100_column_terminal(monkeypatch, capsys):
+def test_vit_table_fits_an_80_column_terminal(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["inspect", "vit_b_16", "--rejected"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    # gate paths shortened from the left (indices kept), then "_gate" goes, then the end is cut:
+    # which block a row is stays readable
+    assert "e.l.e11.mlp " in out and "e.l.e11.self_at…" in out
     monkeypatch.setenv("COLUMNS", "100")
     assert main(["inspect", "vit_b_16", "--rejected"]) == 0
     out = capsys.readouterr().out
-    assert max(len(line) for line in out.splitlines()) <= 100
-    assert "e.l.e11.mlp_gate" in out  # gate paths shortened from the left, indices kept
+    assert "e.l.e11.self_attention_gate" in out and "e.l.e11.mlp_gate" in out
+    assert "encoder_layer" not in out  # the same atoms shortened in every row
     assert main(["inspect", "vit_b_16", "--rejected", "--wide"]) == 0
     wide = capsys.readouterr().out
     assert "encoder.layers.encoder_layer_11.mlp_gate" in wide
@@ -73,10 +80,10 @@ def test_vit_table_fits_a_100_column_terminal(monkeypatch, capsys):
 
 def test_readme_example_is_real_output(monkeypatch, capsys):
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"`fxsd inspect vit_b_16 --rejected` with `COLUMNS=100` prints[^`]*"
+    block = re.search(r"`fxsd inspect vit_b_16 --rejected` with `COLUMNS=80` prints[^`]*"
                       r"```text\n(.*?)```", readme, re.S)
     assert block, "README.md lost its fxsd inspect example"
-    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setenv("COLUMNS", "80")
     assert main(["inspect", "vit_b_16", "--rejected"]) == 0
     out = capsys.readouterr().out.splitlines()
     shown = [line for line in block.group(1).splitlines() if line and line != "..."]
