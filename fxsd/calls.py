@@ -13,17 +13,50 @@ Nothing here changes a graph.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from torch.fx import Graph, Node
+from torch.fx import Graph, Node, Proxy
 from torch.fx.node import map_aggregate
 
 from fxsd.record import NodeRecord
 
-__all__ = ["ModuleCall", "CallTree", "calls_of", "node_leaves", "stack_scope"]
+__all__ = ["ModuleCall", "CallTree", "DictRecord", "as_nodes", "calls_of", "node_leaves",
+           "stack_scope"]
+
+
+@dataclass(frozen=True)
+class DictRecord:
+    """A returned dict that is also a dataclass (a Hugging Face ``ModelOutput``), with its
+    fields' values as nodes. torch.fx's own containers keep no type for it: a module rewritten
+    from its call would return a plain ``dict``, and its caller's ``outputs[0]`` would fail."""
+
+    cls: type
+    fields: dict[str, Any]
+
+
+def is_dict_record(value: Any) -> bool:
+    """Whether ``value`` is a dict that is also a dataclass instance (a ``ModelOutput``)."""
+    return isinstance(value, dict) and dataclasses.is_dataclass(value)
+
+
+def as_nodes(value: Any) -> Any:
+    """``value`` with each proxy replaced by its node; containers kept, a ``ModelOutput`` as a
+    :class:`DictRecord`."""
+    if isinstance(value, Proxy):
+        return value.node
+    if is_dict_record(value):
+        return DictRecord(type(value), {k: as_nodes(v) for k, v in value.items()})
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(as_nodes(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(as_nodes(v) for v in value)
+    if isinstance(value, dict):
+        return {k: as_nodes(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(eq=False)
@@ -59,6 +92,8 @@ def node_leaves(value: Any) -> list[Node]:
     def visit(x: Any) -> Any:
         if isinstance(x, Node):
             found.append(x)
+        elif isinstance(x, DictRecord):
+            map_aggregate(x.fields, visit)
         return x
 
     map_aggregate(value, visit)

@@ -13,20 +13,28 @@ subclass of both :class:`FxsdGraphModule` and the original class (``isinstance(b
 Bottleneck)`` still holds, the class's own methods still work, ``type(block).__name__`` is
 unchanged), whose ``forward`` is the generated code.
 
-Serialisation is torch.fx's own: the generated code is pickled, and loading re-traces it into a
-graph (``torch.fx.graph_module.reduce_graph_module``); fxsd only puts the whole tree and the class
-back afterwards. Nothing process-global is touched.
+Pickling keeps the graph itself: its nodes (op, name, target, arguments; not their ``meta``) are
+pickled with the module's state and rebuilt node for node on load, so a loaded block runs exactly
+the graph that was saved. (torch.fx's own ``__reduce__`` pickles the generated code and re-traces
+it on load, which evaluates every call made on no traced value: ``if_training(self.attn, 0.5,
+0.0)`` would come back as the constant of the mode the model was loaded in, and guards on
+non-tensor values could not be re-traced at all.) Only when a target cannot be pickled by
+reference does fxsd fall back to torch.fx's way. Nothing process-global is touched.
 """
 
 from __future__ import annotations
 
 import copy
+import pickle
 from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import Graph, GraphModule
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_aggregate, map_arg
 
 __all__ = ["FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "free_name",
            "module_from_graph", "shallow_copy"]
@@ -66,9 +74,57 @@ class FxsdGraphModule(GraphModule):
         return res
 
     def __reduce__(self) -> tuple[Any, ...]:
-        load, (body, import_block) = super().__reduce__()  # torch.fx's own: code, not graph
-        return (_load, (load, body, import_block, _source_class(type(self)),
-                        type(self).__name__))
+        source, name = _source_class(type(self)), type(self).__name__
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code")}
+        nodes = _pickled_nodes(self.graph)
+        if nodes is not None:
+            return (_load_graph, (state, nodes, self.graph._codegen, source, name))
+        # a target that cannot be pickled by reference: torch.fx's own way (the code is pickled
+        # and re-traced on load, which evaluates calls made on no traced value)
+        load, (body, import_block) = super().__reduce__()
+        return (_load, (load, body, import_block, source, name))
+
+
+@dataclass(frozen=True)
+class _NodeRef:
+    """A node in a pickled graph's arguments: the name of an earlier node."""
+
+    name: str
+
+
+def _pickled_nodes(graph: Graph) -> list[tuple[Any, ...]] | None:
+    """``graph`` as ``(op, name, target, args, kwargs, type)`` rows, or ``None`` when some target
+    or constant cannot be pickled. Node ``meta`` is left out (it may hold example values)."""
+    rows = []
+    for n in graph.nodes:
+        ref = partial(map_arg, fn=lambda a: _NodeRef(a.name))
+        rows.append((n.op, n.name, n.target, ref(n.args), ref(n.kwargs),
+                     n.type if isinstance(n.type, type) else None))
+    try:
+        pickle.dumps([row[2:5] for row in rows])
+    except Exception:  # noqa: BLE001 - any pickling failure means: use the other way
+        return None
+    return rows
+
+
+def _load_graph(state: dict[str, Any], rows: list[tuple[Any, ...]], codegen: Any,
+                source: type, name: str) -> FxsdGraphModule:
+    """Unpickle: the graph exactly as it was pickled, over the pickled tree, in its class."""
+    graph = Graph()
+    graph._codegen = codegen
+    env: dict[str, Node] = {}
+    for op, node_name, target, args, kwargs, type_expr in rows:
+        resolve = partial(map_aggregate, fn=lambda a: env[a.name] if isinstance(a, _NodeRef)
+                          else a)
+        node = graph.create_node(op, target, resolve(args), resolve(kwargs), name=node_name,
+                                 type_expr=type_expr)
+        env[node_name] = node
+    cls = block_class(source)
+    res = cls.__new__(cls)
+    type(res).__name__ = name
+    res.__dict__.update(state)
+    res.graph = graph
+    return res
 
 
 def _source_class(cls: type) -> type:

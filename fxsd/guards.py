@@ -38,6 +38,8 @@ def is_guardable(value: Any) -> bool:
     """Whether :func:`check_argument` can compare an argument against ``value``."""
     if isinstance(value, (tuple, list)):
         return all(is_guardable(v) for v in value)
+    if type(value) is dict:  # ``**kwargs`` of flags (``use_cache=True``)
+        return all(isinstance(k, str) and is_guardable(v) for k, v in value.items())
     return isinstance(value, _LITERALS) and not isinstance(value, slice)
 
 

@@ -36,7 +36,7 @@ from torch.fx import Node
 from fxsd.calls import CallTree, node_leaves
 from fxsd.guards import is_guardable, is_literal
 from fxsd.residuals import ResidualAnalysis, ResidualSite
-from fxsd.tracing import is_drop_path
+from fxsd.tracing import if_training, is_drop_path
 
 __all__ = ["Owner", "plan_owners", "ROOT"]
 
@@ -164,6 +164,8 @@ class _Planner:
                 if a.op == "get_attr":
                     paths.append(str(a.target))
             for path in paths:
+                if path == tree.calls[index].path and _reads_flag_only(n, path):
+                    continue  # its own ``self.training`` (the rewrite reads the flag itself)
                 if not path.startswith(prefix) and not _stateless(self.gm, path):
                     return False
         for child in tree.children(index):
@@ -336,3 +338,12 @@ def _get(obj: Any, target: str) -> Any:
     for atom in target.split("."):
         obj = getattr(obj, atom)
     return obj
+
+
+def _reads_flag_only(node: Node, path: str) -> bool:
+    """Whether ``node`` uses the module at ``path`` only for its training flag (a read of the
+    module itself that feeds nothing but :func:`~fxsd.tracing.if_training`)."""
+    read = node if node.op == "get_attr" else next(
+        (a for a in node.all_input_nodes if a.op == "get_attr" and str(a.target) == path), None)
+    return read is not None and bool(read.users) and all(u.target is if_training
+                                                         for u in read.users)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from fxsd.calls import CallTree, ModuleCall, calls_of
+from fxsd.calls import CallTree, ModuleCall, as_nodes, calls_of, is_dict_record
 from fxsd.distributed import check_not_wrapped
 from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph
@@ -125,6 +125,14 @@ class FxsdTracer(fx.Tracer):
         finally:
             ops.stochastic_depth = original
 
+    def create_arg(self, a: Any) -> Any:
+        if is_dict_record(a):
+            # a dict that is also a dataclass (a Hugging Face ``ModelOutput``): torch.fx would
+            # return a plain dict and lose its type, and ``outputs[0]`` or ``.logits`` with it
+            fields = {k: self.create_arg(v) for k, v in a.items()}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
+
     def create_node(self, kind: str, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         if kind == "get_attr" and self.prefix and not str(target).startswith("_tensor_constant"):
             # a parameter of the traced module (or the module itself), in its model
@@ -143,7 +151,7 @@ class FxsdTracer(fx.Tracer):
             self.scope_stack.pop()
             return out
         call = ModuleCall(len(self.calls), path, m, self._running[-1] if self._running else None,
-                          _as_nodes(args), _as_nodes(kwargs))
+                          as_nodes(args), as_nodes(kwargs))
         self.calls.append(call)
         self._running.append(call.index)
         # Trace the module's own forward, without its hooks: a hook must never see proxies, and
@@ -152,13 +160,9 @@ class FxsdTracer(fx.Tracer):
         wrapped = _checkpoint_wrapped(m)
         out = super().call_module(m, wrapped if wrapped is not None else m.forward, args, kwargs)
         self._running.pop()
-        call.output = _as_nodes(out)
+        call.output = as_nodes(out)
         self.scope_stack.pop()
         return out
-
-
-def _as_nodes(value: Any) -> Any:
-    return map_aggregate(value, lambda x: x.node if isinstance(x, fx.Proxy) else x)
 
 
 def _checkpoint_wrapped(module: nn.Module) -> nn.Module | None:
@@ -354,10 +358,12 @@ def _trace_training_aware(
 
 
 @torch.fx.wrap
-def if_training(module: nn.Module, train_value: Any, eval_value: Any) -> Any:
+def if_training(module: nn.Module | bool, train_value: Any, eval_value: Any) -> Any:
     """``train_value`` if ``module`` is in training mode, else ``eval_value``: a constant that
-    ``module``'s code chose by ``self.training`` when it was traced."""
-    return train_value if module.training else eval_value
+    ``module``'s code chose by ``self.training`` when it was traced. A rewritten module whose
+    own code chose it passes its own flag (``if_training(training, 0.1, 0.0)``)."""
+    training = module if isinstance(module, bool) else module.training
+    return train_value if training else eval_value
 
 
 def _ops(signature: list[Any] | None) -> list[Any] | None:

@@ -31,11 +31,13 @@ from torch import nn
 from torch.fx import Graph, Node
 from torch.fx.node import map_aggregate
 
+from fxsd.calls import DictRecord
 from fxsd.errors import GraphError
 from fxsd.graph_module import free_name
 from fxsd.guards import check_argument
 from fxsd.owners import Owner
 from fxsd.residuals import ResidualAnalysis
+from fxsd.tracing import if_training
 
 __all__ = ["ExtractedModule", "extract_module"]
 
@@ -111,7 +113,7 @@ class _Extractor:
             self.env[node] = self._copy(node)
         if self.owner.call is not None:
             output = self.tree.calls[self.owner.call].output
-            self.graph.output(map_aggregate(output, self._value))
+            self.graph.output(self._rebuild(output))
         self.graph.lint()
         return ExtractedModule(self.graph, self.env, self.module, self.extra)
 
@@ -168,11 +170,27 @@ class _Extractor:
                                       name=_name_for(target))
         self._bind_result(node, call.output, index)
 
+    def _rebuild(self, value: Any) -> Any:
+        """What a call returned, over this graph's nodes; a ``ModelOutput`` is constructed again
+        (``BaseModelOutput(last_hidden_state=...)`` in the code), keeping its type."""
+        if isinstance(value, DictRecord):
+            return self.graph.call_function(value.cls, (), {k: self._rebuild(v) for k, v
+                                                            in value.fields.items()})
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*(self._rebuild(v) for v in value))
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._rebuild(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._rebuild(v) for k, v in value.items()}
+        return self._value(value)
+
     def _bind_result(self, holder: Node, value: Any, index: int) -> None:
         if isinstance(value, Node):
             if self.tree.in_region(value, index):
                 self.env[value] = holder
             return
+        if isinstance(value, DictRecord):  # a ModelOutput: its fields by key
+            value = value.fields
         items = (enumerate(value) if isinstance(value, (tuple, list))
                  else value.items() if isinstance(value, dict) else ())
         for key, item in items:
@@ -185,7 +203,12 @@ class _Extractor:
         kwargs = map_aggregate(node.kwargs, self._value)
         target = node.target
         name = node.name
-        if node.op in ("call_module", "get_attr"):
+        if node.op == "get_attr" and self.owner.path and str(node.target) == self.owner.path \
+                and node.users and all(u.target is if_training for u in node.users):
+            # the owner's own ``self.training`` chose a constant (BART's decoder layer): the
+            # rewritten module reads its own flag
+            target, name = "training", "training"
+        elif node.op in ("call_module", "get_attr"):
             target = self._target(str(node.target))
             name = _name_for(target)
         elif self.prefix and name.startswith(self.prefix.replace(".", "_")):

@@ -554,6 +554,8 @@ def _branch_module(gm: Any, fork: Node, nodes: Sequence[Node], inputs: Sequence[
     graph.output(env[out])
     attrs = {str(n.target): gm.get_submodule(str(n.target)) for n in graph.nodes
              if n.op == "call_module" or (n.op == "get_attr" and is_module(gm, str(n.target)))}
+    if any(n.op == "get_attr" and n.target == "training" for n in graph.nodes):
+        attrs["training"] = gm.training  # the block's own flag: the branch's, as .train() sets
     class_name = "".join(part.capitalize() for part in name.split("_")) or "Branch"
     return FxsdGraphModule(attrs, graph, class_name=class_name.removesuffix("Gate") + "Branch")
 

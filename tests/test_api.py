@@ -479,9 +479,10 @@ def test_modules_reading_training_stay_switchable(traced_in):
     model = SdpaBlock()
     getattr(model, traced_in)()
     gm = fxsd.stochastic_depth(model, 0.0)
-    # the flag only chose a constant: traced through, the constant chosen at run time
+    # the flag only chose a constant: no leaf needed, and the attention runs as its own module
+    # (its code reads its own flag; its hooks fire)
     assert fxsd.get_record(gm).live_leaves == ()
-    assert "if_training(attn, 0.5, 0.0)" in gm.residual_gate.branch.code.replace("self.", "")
+    assert "self.attn(x)" in gm.residual_gate.branch.code
     assert len(fxsd.gates(gm)) == 1
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=0, atol=0)
@@ -491,6 +492,38 @@ def test_modules_reading_training_stay_switchable(traced_in):
     b = model.train()(x)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, gm.eval()(x)), "training mode must apply attention dropout"
+
+
+def _reloaded(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+class OwnDropoutBlock(nn.Module):  # the block's own flag: ``training=self.training``
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + torch.nn.functional.dropout(self.fc(x), 0.5, self.training)
+
+
+def test_blocks_reading_their_own_training_flag_are_rewritten_in_place():
+    model = nn.Sequential(OwnDropoutBlock(), OwnDropoutBlock()).train()
+    gated = fxsd.stochastic_depth(model, 0.0)
+    assert set(fxsd.named_gates(gated)) == {"0.residual_gate", "1.residual_gate"}
+    assert type(gated) is nn.Sequential  # the blocks own their joins; the root is untouched
+    assert "training = self.training" in gated[0].code
+    x = torch.randn(4, 8)
+    for m in (gated, _reloaded(gated)):
+        torch.testing.assert_close(m.eval()(x), model.eval()(x), rtol=0, atol=0)
+        torch.manual_seed(0)
+        a = m.train()(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(a, model.train()(x), rtol=0, atol=0)
+        assert not torch.allclose(a, m.eval()(x)), "training mode must apply the dropout"
 
 
 class BranchingAttention(SdpaAttention):  # the flag steers which ops run

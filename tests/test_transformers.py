@@ -52,6 +52,14 @@ def t5():
                                                    "decoder_input_ids": _ids(2, 5)}
 
 
+def bart():  # post-norm layers that read their own training flag; the root traces
+    config = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                           encoder_attention_heads=4, decoder_attention_heads=4,
+                           encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    return tf.BartForConditionalGeneration(config), {"input_ids": _ids(),
+                                                     "decoder_input_ids": _ids(2, 5)}
+
+
 def vit():
     config = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=2, num_attention_heads=4)
@@ -69,6 +77,8 @@ FAMILIES = {
     "t5": (t5, 7, {"encoder.block.1.layer.0.residual_gate", "decoder.block.1.layer.1.residual_gate",
                    "decoder.block.0.layer.2.residual_gate"}),
     "vit": (vit, 4, {"vit.layers.0.attention_gate", "vit.layers.0.mlp_gate"}),
+    "bart": (bart, 10, {"model.encoder.layers.0.self_attn_gate", "model.encoder.layers.1.fc1_gate",
+                        "model.decoder.layers.1.encoder_attn_gate"}),
 }
 
 
@@ -227,9 +237,10 @@ def test_pickles_strips_and_folds(family, tmp_path):
     with torch.no_grad():
         expected = _tensors(gated.eval()(**inputs))
     buffer = io.BytesIO()
-    torch.save(gated, buffer)  # re-traces each block's code: kernels and guards stay calls
+    torch.save(gated.train(), buffer)  # saved in training mode: dropout choices stay live
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
+    gated.eval()
     assert type(loaded) is type(model) and len(fxsd.gates(loaded)) == len(fxsd.gates(gated))
     stripped = fxsd.strip(gated)
     with torch.no_grad():
