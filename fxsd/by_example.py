@@ -36,7 +36,13 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from fxsd.guards import check_argument, check_condition, is_guardable
+from fxsd.guards import (
+    check_argument,
+    check_condition,
+    check_count,
+    check_keywords,
+    is_guardable,
+)
 from fxsd.tracing import FxsdTracer, LeafSpec
 
 __all__ = ["RecordedCall", "record_calls", "ExampleTracer"]
@@ -246,6 +252,12 @@ class ExampleTracer(FxsdTracer):
                                   (proxy, expected, self.prefix.rstrip("."), name), {})
         guard.node.meta["is_wrapped"] = True
 
+    def _check(self, check: Any, holder: fx.Proxy, expected: Any, name: str) -> None:
+        """A guard on how many arguments (or which keywords) ``*args`` (``**kwargs``) hold."""
+        guard = self.create_proxy("call_function", check,
+                                  (holder, expected, self.prefix.rstrip("."), name), {})
+        guard.node.meta["is_wrapped"] = True
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         value, self._next = self._next, _MISSING
         if _is_object(value):
@@ -309,11 +321,13 @@ class ExampleTracer(FxsdTracer):
             if param.kind is inspect.Parameter.VAR_POSITIONAL:
                 rest = tuple(bound.arguments.get(param.name, ()))
                 holder = self._placeholder(f"*{param.name}", inspect.Parameter.empty, rest)
+                self._check(check_count, holder, len(rest), f"*{param.name}")
                 call_args.extend(self._inputs(holder[i], v, f"{param.name}[{i}]")
                                  for i, v in enumerate(rest))
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
                 extra = dict(bound.arguments.get(param.name, {}))
                 holder = self._placeholder(f"**{param.name}", inspect.Parameter.empty, extra)
+                self._check(check_keywords, holder, tuple(extra), f"**{param.name}")
                 call_kwargs.update({k: self._inputs(holder[k], v, k) for k, v in extra.items()})
             else:
                 given = bound.arguments.get(param.name, param.default)

@@ -18,7 +18,8 @@ import torch.fx
 
 from fxsd.errors import GuardError
 
-__all__ = ["check_argument", "check_condition", "is_guardable", "is_literal"]
+__all__ = ["check_argument", "check_condition", "check_keywords", "check_count", "is_guardable",
+           "is_literal"]
 
 _LITERALS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout,
              torch.memory_format, type(Ellipsis), slice)
@@ -62,3 +63,29 @@ def check_condition(value: Any, expected: bool, module: str, name: str) -> None:
     of Python control flow taken on a non-tensor value, such as ``if mask.dim() == 4``). One
     call in the generated code: re-tracing it (unpickling) never asks a proxy for its truth."""
     check_argument(bool(value), expected, module, name)
+
+
+@torch.fx.wrap
+def check_keywords(value: dict[str, Any], expected: tuple[str, ...], module: str,
+                   name: str) -> None:
+    """Raise unless the ``**kwargs`` a module received hold exactly the keys it was traced with
+    (the graph reads each of them, and knows nothing of others)."""
+    if set(value) != set(expected):
+        raise GuardError(
+            f"'{module or '<root>'}' was rewritten by fxsd for {name} with the keys "
+            f"{sorted(expected)}, those it received when the model was traced, but it was called "
+            f"with {sorted(value)}. Transform the model with example inputs that pass the "
+            "keyword arguments used in training (example_kwargs=), or keep this module out of "
+            "the rewrite (select=...)")
+
+
+@torch.fx.wrap
+def check_count(value: tuple[Any, ...], expected: int, module: str, name: str) -> None:
+    """Raise unless the ``*args`` a module received are as many as it was traced with."""
+    if len(value) != expected:
+        raise GuardError(
+            f"'{module or '<root>'}' was rewritten by fxsd for {name} of {expected} values, as "
+            f"many as it received when the model was traced, but it was called with "
+            f"{len(value)}. Transform the model with example inputs that pass the arguments "
+            "used in training (example_inputs=), or keep this module out of the rewrite "
+            "(select=...)")

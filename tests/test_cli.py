@@ -70,6 +70,7 @@ def test_vit_table_fits_an_80_column_terminal(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "100")
     assert main(["inspect", "vit_b_16", "--rejected"]) == 0
     out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
     assert "e.l.e11.self_attention_gate" in out and "e.l.e11.mlp_gate" in out
     assert "encoder_layer" not in out  # the same atoms shortened in every row
     assert main(["inspect", "vit_b_16", "--rejected", "--wide"]) == 0

@@ -189,6 +189,20 @@ def test_generate_in_eval(name):
     assert torch.equal(gated.eval().generate(inputs["input_ids"], **kwargs), expected)
 
 
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoder_generate_refuses_clearly_and_the_plain_model_generates(name):
+    # generate() passes the layers keywords the example call did not: a guard says so (a
+    # GuardError, not a wrong answer); the trained weights generate in the plain model
+    model, gated, inputs = _transform(name)
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    with pytest.raises(fxsd.GuardError, match="was rewritten by fxsd for"):
+        gated.eval().generate(inputs["input_ids"], **kwargs)
+    plain = FAMILIES[name][0]()[0].eval()
+    plain.load_state_dict(fxsd.plain_state_dict(gated))
+    assert torch.equal(plain.generate(inputs["input_ids"], **kwargs),
+                       model.generate(inputs["input_ids"], **kwargs))  # rate 0: same weights
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_a_padding_mask_the_example_did_not_have(name):
     # traced on a batch without padding (the layers got no mask), called with one
