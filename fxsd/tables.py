@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,13 +126,13 @@ def table(
         tablefmt: any ``tabulate`` format (``"github"`` for Markdown).
         width: the longest a line may be: long cells are shortened with "…" (the branch column
             first, then side inputs, notes, gate names) until the table fits. ``None``: the
-            terminal's width (``shutil.get_terminal_size``, which reads ``$COLUMNS``); ``0``:
-            no limit.
+            terminal's width (``$COLUMNS``, else the terminal's; no limit when standard output
+            is not a terminal); ``0``: no limit.
 
     Example:
         >>> import torchvision, fxsd
         >>> print(fxsd.table(torchvision.models.resnet18(), width=0).splitlines()[2])
-              1  layer1.0.residual_gate  identity  conv1 → bn2         5  73.9k     -
+        1      layer1.0.residual_gate  identity    conv1 → bn2  5      74k     -
     """
     report = _report(source, drop_rate, distribution, example_inputs)
     headers = list(SITE_HEADERS)
@@ -197,7 +199,16 @@ def _units(report: _Report, tablefmt: str, width: int) -> str:
 
 
 def terminal_width() -> int:
-    """The terminal's width in characters (``$COLUMNS`` when set, 80 when unknown)."""
+    """The width tables are fitted to: ``$COLUMNS`` when set, else the terminal's width when
+    standard output is one, else ``0`` (no limit: a file, a pipe, a notebook or a log keeps
+    every name whole)."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    try:
+        if not os.isatty(sys.stdout.fileno()):
+            return 0
+    except (AttributeError, OSError, ValueError):  # replaced or closed streams (notebooks)
+        return 0
     return shutil.get_terminal_size((80, 24)).columns
 
 

@@ -90,3 +90,15 @@ def test_readme_example_is_real_output(monkeypatch, capsys):
     shown = [line for line in block.group(1).splitlines() if line and line != "..."]
     assert shown and all(line in out for line in shown), [
         line for line in shown if line not in out]
+
+
+def test_output_that_is_not_a_terminal_is_not_cut(monkeypatch, capsys):
+    from fxsd.tables import terminal_width
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert terminal_width() == 0  # captured: a pipe, as in `fxsd inspect > table.txt`
+    assert main(["inspect", "resnet50", "--no-flops"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.2.residual_gate" in out and "…" not in out
+    monkeypatch.setenv("COLUMNS", "60")
+    assert terminal_width() == 60
