@@ -410,11 +410,28 @@ def _merge_modes(graph: fx.Graph, flipped: fx.Graph, calls: list[ModuleCall], pr
             if not owner:
                 return False
             edits.append((x, args, kwargs))
+    # one read of each module whose flag is used, after the last placeholder (guards on
+    # arguments may sit between placeholders)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    reads: dict[str, fx.Node] = {}
+
+    def read(path: str) -> fx.Node:
+        if path not in reads:
+            anchor = list(reads.values())[-1] if reads else (
+                placeholders[-1] if placeholders else None)
+            if anchor is None:
+                with graph.inserting_before(next(iter(graph.nodes))):
+                    reads[path] = graph.get_attr(path)
+            else:
+                with graph.inserting_after(anchor):
+                    reads[path] = graph.get_attr(path)
+        return reads[path]
+
     for node, args, kwargs in edits:
         with graph.inserting_before(node):
             def choose(value: Any, node: fx.Node = node) -> Any:
                 if isinstance(value, _Choice):
-                    module = graph.get_attr(value.module)
+                    module = read(value.module)
                     choice = graph.call_function(if_training, (module, value.train, value.eval))
                     choice.meta["is_wrapped"] = True
                     choice.meta["fxsd"] = node.meta.get("fxsd")
