@@ -14,11 +14,11 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from fxsd.schedules import DISTRIBUTIONS  # imports no torch: `fxsd --help` stays quick
+
 __all__ = ["main"]
 
 DEFAULT_MODEL = "resnet50"
-# fxsd.schedules.DISTRIBUTIONS, without importing torch
-DISTRIBUTIONS = ("linear", "linspace", "uniform", "exponential")
 MODEL_HELP = ("torchvision model name, cifar_resnet<depth> (e.g. cifar_resnet110) or "
               f"package.module:callable (default: {DEFAULT_MODEL})")
 

@@ -57,12 +57,10 @@ class DropSchedule:
     def __init__(self, model: nn.Module, fn: Callable[[int], float]) -> None:
         if not callable(fn):
             raise InvalidTypeError(f"fn must be callable step -> factor, got {type(fn).__name__}")
-        _gates_or_error(model)
         self.model = model
         self.fn = fn
-        self.base_rate = get_drop_rate(model)
+        self.base_rate = get_drop_rate(model)  # raises when the model has no gates
         self.step_count = 0
-        self._last = self.base_rate
         self._apply()
 
     def rate(self) -> float:
@@ -148,6 +146,9 @@ class ProgressiveLayerDrop(DropSchedule):
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
             raise InvalidArgumentError(f"gamma must be a number >= 0, got {gamma!r}")
         self.gamma = float(gamma)
+        # site l of L drops at (l / L) * (1 - theta(t)), whatever rates it had before
+        for gate in _gates_or_error(model):
+            gate.rate_weight = gate.info.depth / gate.info.num_levels if gate.info else 1.0
         super().__init__(model, self.theta)
 
     def theta(self, step: int) -> float:
@@ -156,16 +157,6 @@ class ProgressiveLayerDrop(DropSchedule):
 
     def rate(self) -> float:
         return 1.0 - self.theta(self.step_count)
-
-    def _apply(self) -> None:
-        # site l of L drops at (l / L) * (1 - theta(t)), whatever rates it had before
-        self._last = self.rate()
-        gates = _gates_or_error(self.model)
-        for gate in gates:
-            gate.rate_weight = gate.info.depth / gate.info.num_levels if gate.info else 1.0
-            gate.drop_rate = min(1.0, self._last * gate.rate_weight)
-        for record in {id(g.record): g.record for g in gates if g.record is not None}.values():
-            record.drop_rate = self._last
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "theta_bar": self.theta_bar, "gamma": self.gamma}

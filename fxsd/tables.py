@@ -332,12 +332,11 @@ def _paths(cells: list[str], n: int) -> list[str]:
 
 def summary(source: Any, *, drop_rate: float | None = None,
             distribution: Distribution = "linear",
-            example_inputs: Sequence[Any] | None = None, width: int | None = 0) -> str:
+            example_inputs: Sequence[Any] | None = None) -> str:
     """One line: sites found, adds rejected, and the expected share of work dropped per step.
 
     The share weighs each site's drop rate by its branch's forward FLOPs when they are known
-    (example inputs given) and by its parameter count otherwise. ``width``: wrap to lines of at
-    most this many characters (``None``: the terminal's width; ``0``, the default: one line).
+    (example inputs given) and by its parameter count otherwise.
     """
     report = _report(source, drop_rate, distribution, example_inputs)
     rows = report.rows
@@ -354,5 +353,4 @@ def summary(source: Any, *, drop_rate: float | None = None,
                  f"{unit}")
         if by_flops and report.total_flops:
             text += f", {dropped / report.total_flops:.1%} of the model's forward FLOPs"
-    limit = terminal_width() if width is None else width
-    return textwrap.fill(text, limit, break_on_hyphens=False) if limit > 0 else text
+    return text
