@@ -494,7 +494,8 @@ def _run(cfg: BenchConfig, report: _Progress) -> BenchResult:
 
         def cost(name: str, k: float, times: dict[str, float] = times) -> float:
             """The (calibrated) time of ``name``'s branch on ``k`` rows."""
-            if name not in curves or curves[name][n] <= 0:
+            # proportional without a curve, or when the branch's rows are not the batch's
+            if name not in curves or curves[name].get(n, 0.0) <= 0:
                 return times[name] * k / n
             return times[name] * _interpolate(curves[name], k) / curves[name][n]
 
