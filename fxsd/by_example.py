@@ -36,6 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
+from fxsd.calls import any_leaf
 from fxsd.guards import (
     check_argument,
     check_condition,
@@ -230,7 +231,7 @@ class ExampleTracer(FxsdTracer):
         value = self.values.get(obj.node, _MISSING)
         if not self.fix_flags or value is _MISSING or isinstance(value, torch.Tensor):
             return super().to_bool(obj)  # data-dependent control flow stays an error
-        self.guard(obj, bool(value), _describe(obj.node), condition=True)
+        self.guard(obj, bool(value), _describe(obj.node), check=check_condition)
         return bool(value)
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
@@ -241,21 +242,16 @@ class ExampleTracer(FxsdTracer):
             return iter([obj[i] for i in range(len(value))])
         return super().iter(obj)
 
-    def guard(self, proxy: fx.Proxy, expected: Any, name: str, condition: bool = False) -> None:
-        """Check at run time that ``proxy`` is ``expected`` (once per ``name``); a
-        ``condition`` is checked for its truth value."""
+    def guard(self, proxy: fx.Proxy, expected: Any, name: str,
+              check: Callable[..., None] = check_argument) -> None:
+        """Check at run time, once per ``name``, that ``proxy`` is ``expected``
+        (:mod:`fxsd.guards`: ``check_condition`` for a truth value, ``check_count`` and
+        ``check_keywords`` for what ``*args`` and ``**kwargs`` hold)."""
         if name in self._guarded:
             return
         self._guarded.add(name)
-        check = check_condition if condition else check_argument
         guard = self.create_proxy("call_function", check,
                                   (proxy, expected, self.prefix.rstrip("."), name), {})
-        guard.node.meta["is_wrapped"] = True
-
-    def _check(self, check: Any, holder: fx.Proxy, expected: Any, name: str) -> None:
-        """A guard on how many arguments (or which keywords) ``*args`` (``**kwargs``) hold."""
-        guard = self.create_proxy("call_function", check,
-                                  (holder, expected, self.prefix.rstrip("."), name), {})
         guard.node.meta["is_wrapped"] = True
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -321,13 +317,13 @@ class ExampleTracer(FxsdTracer):
             if param.kind is inspect.Parameter.VAR_POSITIONAL:
                 rest = tuple(bound.arguments.get(param.name, ()))
                 holder = self._placeholder(f"*{param.name}", inspect.Parameter.empty, rest)
-                self._check(check_count, holder, len(rest), f"*{param.name}")
+                self.guard(holder, len(rest), f"*{param.name}", check=check_count)
                 call_args.extend(self._inputs(holder[i], v, f"{param.name}[{i}]")
                                  for i, v in enumerate(rest))
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
                 extra = dict(bound.arguments.get(param.name, {}))
                 holder = self._placeholder(f"**{param.name}", inspect.Parameter.empty, extra)
-                self._check(check_keywords, holder, tuple(extra), f"**{param.name}")
+                self.guard(holder, tuple(extra), f"**{param.name}", check=check_keywords)
                 call_kwargs.update({k: self._inputs(holder[k], v, k) for k, v in extra.items()})
             else:
                 given = bound.arguments.get(param.name, param.default)
@@ -346,9 +342,7 @@ class ExampleTracer(FxsdTracer):
 
     def _placeholder(self, name: str, default: Any, example: Any) -> fx.Proxy:
         self._next = example
-        proxy = super().create_proxy("placeholder", name, (), {},
-                                     type_expr=None if default is inspect.Parameter.empty
-                                     else None)
+        proxy = super().create_proxy("placeholder", name, (), {})
         if default is not inspect.Parameter.empty:
             proxy.node.args = (default,)  # the generated signature keeps the default
         self.values[proxy.node] = _copied(example)
@@ -358,7 +352,7 @@ class ExampleTracer(FxsdTracer):
         """What the traced forward receives for one argument (see the module docstring)."""
         if isinstance(example, torch.Tensor):
             return holder
-        if isinstance(example, (tuple, list, dict)) and _holds_tensors(example):
+        if isinstance(example, (tuple, list, dict)) and any_leaf(example, torch.Tensor):
             items = example.items() if isinstance(example, dict) else enumerate(example)
             parts = {k: self._inputs(holder[k], v, None) for k, v in items}
             if isinstance(example, dict):
@@ -373,18 +367,6 @@ class ExampleTracer(FxsdTracer):
                 self.guard(holder, example, name)
             return example
         return holder  # a cache or other object: opaque, its method calls become graph calls
-
-
-def _holds_tensors(value: Any) -> bool:
-    found = False
-
-    def visit(x: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(x, torch.Tensor)
-        return x
-
-    map_aggregate(value, visit)
-    return found
 
 
 def _copied(value: Any) -> Any:

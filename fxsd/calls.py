@@ -24,8 +24,8 @@ from torch.fx.node import map_aggregate
 
 from fxsd.record import NodeRecord
 
-__all__ = ["ModuleCall", "CallTree", "DictRecord", "as_nodes", "calls_of", "node_leaves",
-           "stack_scope"]
+__all__ = ["ModuleCall", "CallTree", "DictRecord", "any_leaf", "as_nodes", "calls_of", "leaves",
+           "node_leaves", "stack_scope"]
 
 
 @dataclass(frozen=True)
@@ -85,19 +85,30 @@ class ModuleCall:
         return type(self.module).__name__
 
 
-def node_leaves(value: Any) -> list[Node]:
-    """The graph nodes inside ``value`` (nested tuples, lists, dicts, slices), in order."""
-    found: list[Node] = []
+def leaves(value: Any) -> list[Any]:
+    """The leaves of ``value`` (nested tuples, lists, dicts, slices, :class:`DictRecord`), in
+    order."""
+    found: list[Any] = []
 
     def visit(x: Any) -> Any:
-        if isinstance(x, Node):
-            found.append(x)
-        elif isinstance(x, DictRecord):
+        if isinstance(x, DictRecord):
             map_aggregate(x.fields, visit)
+        else:
+            found.append(x)
         return x
 
     map_aggregate(value, visit)
     return found
+
+
+def any_leaf(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """Whether some leaf of ``value`` is an instance of ``kind``."""
+    return any(isinstance(x, kind) for x in leaves(value))
+
+
+def node_leaves(value: Any) -> list[Node]:
+    """The graph nodes inside ``value`` (nested tuples, lists, dicts, slices), in order."""
+    return [x for x in leaves(value) if isinstance(x, Node)]
 
 
 def calls_of(node: Node) -> tuple[int, ...]:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxsd.errors import GraphError
-from fxsd.ops import depends_on_input, is_metadata_read, is_view
+from fxsd.ops import depends_on_input, is_metadata_read, is_view, resolve_attr
 from fxsd.residuals import ResidualSite, is_module
 from fxsd.tracing import is_drop_path
 
@@ -134,11 +134,8 @@ def _functional_target(gm: GraphModule, node: Node) -> FoldTarget:
         return FoldTarget(problem=f"its branch ends in '{node.name}' (call_function "
                                   f"{getattr(node.target, '__name__', node.target)}) whose "
                                   "weight and bias are not one module's own parameters")
-    exact, under = _target_uses(gm)
-    atoms = owner.split(".")
-    uses = under.get(owner, 0) + sum(exact.get(".".join(atoms[:i]), 0)
-                                     for i in range(1, len(atoms)))
-    if uses != len(paths) or len(node.users) > 1 or any(len(r.users) > 1 for r in reads):
+    if _use_count(gm, owner) != len(paths) or len(node.users) > 1 \
+            or any(len(r.users) > 1 for r in reads):
         return FoldTarget(problem=f"'{owner}' is used elsewhere in the model too")
     return FoldTarget(owner, False)
 
@@ -151,25 +148,30 @@ def _parameter_factor(gm: GraphModule, node: Node) -> FoldTarget | None:
         param = factor
         while is_view(param) and isinstance(param.args[0], Node):
             param = param.args[0]
-        if param.op == "get_attr" and isinstance(_get(gm, str(param.target)), nn.Parameter):
+        if param.op == "get_attr" and isinstance(resolve_attr(gm, str(param.target)), nn.Parameter):
             return _only_use(gm, param, str(param.target), True)
     return None
 
 
 def _only_use(gm: GraphModule, node: Node, path: str, is_parameter: bool) -> FoldTarget:
     """``path`` as the target, unless something else in the model uses it too."""
-    exact, under = _target_uses(gm)
-    atoms = path.split(".")
     # nodes reading path or something inside it, plus nodes reading a module that holds it
-    uses = under.get(path, 0) + sum(exact.get(".".join(atoms[:i]), 0)
-                                    for i in range(1, len(atoms)))
-    if uses != 1 or (not is_parameter and len(node.users) > 1 and not _is_attention(gm, node)):
+    if _use_count(gm, path) != 1 or (not is_parameter and len(node.users) > 1
+                                     and not _is_attention(gm, node)):
         return FoldTarget(problem=f"'{path}' is used elsewhere in the model too")
     return FoldTarget(path, is_parameter)
 
 
 _USES: weakref.WeakKeyDictionary[Graph, tuple[int, dict[str, int], dict[str, int]]] = \
     weakref.WeakKeyDictionary()
+
+
+def _use_count(gm: GraphModule, path: str) -> int:
+    """How many nodes read ``path`` or something inside it, or a module that holds it."""
+    exact, under = _target_uses(gm)
+    atoms = path.split(".")
+    return under.get(path, 0) + sum(exact.get(".".join(atoms[:i]), 0)
+                                    for i in range(1, len(atoms)))
 
 
 def _target_uses(gm: GraphModule) -> tuple[dict[str, int], dict[str, int]]:
@@ -202,12 +204,6 @@ def _is_attention(gm: GraphModule, node: Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
                                                    nn.MultiheadAttention)
 
-
-def _get(gm: nn.Module, path: str) -> object:
-    obj: object = gm
-    for atom in path.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def plain_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:

@@ -96,8 +96,8 @@ def _pickled_nodes(graph: Graph) -> list[tuple[Any, ...]] | None:
     """``graph`` as ``(op, name, target, args, kwargs, type)`` rows, or ``None`` when some target
     or constant cannot be pickled. Node ``meta`` is left out (it may hold example values)."""
     rows = []
+    ref = partial(map_arg, fn=lambda a: _NodeRef(a.name))
     for n in graph.nodes:
-        ref = partial(map_arg, fn=lambda a: _NodeRef(a.name))
         rows.append((n.op, n.name, n.target, ref(n.args), ref(n.kwargs),
                      n.type if isinstance(n.type, type) else None))
     try:
@@ -294,9 +294,3 @@ class TreeEditor:
             parent._modules[name] = module
         self._copies.add(id(module))
 
-
-def _resolve(model: nn.Module, target: str) -> Any:
-    obj: Any = model
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import fx, nn
-from torch.fx.node import map_aggregate
+
+from fxsd.calls import any_leaf
 
 __all__ = ["is_hf_attention", "opaque_attention_kernels"]
 
@@ -62,15 +63,7 @@ def opaque_attention_kernels(tracer: fx.Tracer) -> Iterator[None]:
 def _opaque(kernel: Callable, tracer: fx.Tracer) -> Callable:
     @functools.wraps(kernel)
     def call(*args: Any, **kwargs: Any) -> Any:
-        proxies = False
-
-        def visit(x: Any) -> Any:
-            nonlocal proxies
-            proxies = proxies or isinstance(x, fx.Proxy)
-            return x
-
-        map_aggregate((args, kwargs), visit)
-        if proxies:
+        if any_leaf((args, kwargs), fx.Proxy):
             proxy = tracer.create_proxy("call_function", kernel, args, kwargs)
             # the generated code registers it with torch.fx.wrap, so that re-tracing the code
             # (unpickling a gated model) keeps it one call too

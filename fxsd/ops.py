@@ -12,6 +12,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 __all__ = [
+    "resolve_attr",
     "is_weighted",
     "is_nonlinear",
     "add_kind",
@@ -170,6 +171,14 @@ _NONLINEAR = frozenset({
 })
 
 
+def resolve_attr(root: Any, target: str) -> Any:
+    """The object at dotted ``target`` under ``root`` (``layer1.0.conv1.weight``)."""
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
 def _is_parameter_value(node: Any, root: Any) -> bool:
     """Whether ``node`` is a parameter, or computed from parameters alone (a view of one)."""
     if not isinstance(node, Node) or depends_on_input(node):
@@ -178,10 +187,8 @@ def _is_parameter_value(node: Any, root: Any) -> bool:
     while stack:
         n = stack.pop()
         if n.op == "get_attr":
-            obj: Any = root
             try:
-                for atom in str(n.target).split("."):
-                    obj = getattr(obj, atom)
+                obj = resolve_attr(root, str(n.target))
             except AttributeError:
                 continue
             if isinstance(obj, torch.nn.Parameter):

@@ -35,8 +35,9 @@ from torch.fx import Node
 
 from fxsd.calls import CallTree, node_leaves
 from fxsd.guards import is_guardable, is_literal
+from fxsd.ops import resolve_attr
 from fxsd.residuals import ResidualAnalysis, ResidualSite
-from fxsd.tracing import if_training, is_drop_path
+from fxsd.tracing import is_drop_path, reads_flag_only
 
 __all__ = ["Owner", "plan_owners", "ROOT"]
 
@@ -322,7 +323,7 @@ def _arguments(call: Any) -> list[tuple[str, Any]]:
 
 def _stateless(gm: nn.Module, target: str) -> bool:
     try:
-        obj = _get(gm, target)
+        obj = resolve_attr(gm, target)
     except AttributeError:
         return False
     if isinstance(obj, nn.Parameter):
@@ -334,16 +335,10 @@ def _stateless(gm: nn.Module, target: str) -> bool:
     return True
 
 
-def _get(obj: Any, target: str) -> Any:
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
-
 
 def _reads_flag_only(node: Node, path: str) -> bool:
-    """Whether ``node`` uses the module at ``path`` only for its training flag (a read of the
-    module itself that feeds nothing but :func:`~fxsd.tracing.if_training`)."""
+    """Whether ``node`` uses the module at ``path`` only for its training flag (it is, or
+    reads, a ``get_attr`` of that module that feeds nothing but ``if_training``)."""
     read = node if node.op == "get_attr" else next(
         (a for a in node.all_input_nodes if a.op == "get_attr" and str(a.target) == path), None)
-    return read is not None and bool(read.users) and all(u.target is if_training
-                                                         for u in read.users)
+    return read is not None and reads_flag_only(read)

@@ -41,6 +41,7 @@ from fxsd.ops import (
     is_view,
     is_weighted,
     mutated_operand,
+    resolve_attr,
 )
 from fxsd.profile import NodeProfile, profile_nodes
 from fxsd.tracing import LeafSpec, trace_calls
@@ -264,7 +265,7 @@ def analyze_residuals(
         raise InvalidArgumentError(f"unknown tracing {tracing!r}: use one of {TRACINGS}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    leaves, autowrap = registry(model, leaf_modules)
+    leaves, autowrap = registry(leaf_modules)
     examples = example_inputs is not None or example_kwargs is not None
     if tracing == "example":
         if not examples:
@@ -712,7 +713,7 @@ def _param_count(gm: GraphModule, nodes: Iterable[Node]) -> int:
                 seen[id(p)] = p.numel()
         elif n.op == "get_attr":
             try:
-                value = _get_attr(gm, str(n.target))
+                value = resolve_attr(gm, str(n.target))
             except AttributeError:
                 continue
             if isinstance(value, nn.Parameter):
@@ -743,9 +744,3 @@ def is_module(gm: Any, target: str) -> bool:
     except AttributeError:
         return False
 
-
-def _get_attr(gm: GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj

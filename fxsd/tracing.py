@@ -257,7 +257,7 @@ def trace_calls(
                                  fix_flags=fix_flags, free_nones=tuple(free_nones))
 
         graph, extras, live, calls = _trace_training_aware(module, leaves, concrete_args,
-                                                           make_tracer)
+                                                           make_tracer, path)
     gm = module_from_graph(model, graph, extras, keep_class=False)
     gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live))
     make_drop_paths_live(gm)
@@ -304,7 +304,7 @@ class TrainingDependenceWarning(UserWarning):
 
 def _trace_training_aware(
     model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None,
-    make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer] = FxsdTracer,
+    make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer] = FxsdTracer, prefix: str = "",
 ) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall]]:
     """Trace so that code reading ``self.training`` keeps following ``.train()``/``.eval()``.
 
@@ -317,10 +317,11 @@ def _trace_training_aware(
       ``if_training(module, train_value, eval_value)``, read at run time;
     * a module whose ops differ otherwise (``if self.training: x = f(x)``) is re-traced as a
       leaf, which reads its flag at run time; those are listed in ``live_leaves``.
+
+    ``prefix`` is the traced module's qualified name in its model (``""`` for the root).
     """
     leaves = list(leaves)
     live: list[str] = []
-    prefix = make_tracer(leaves).prefix.rstrip(".")
     for _ in range(8):
         graph, extras, calls = _symbolic_trace(model, make_tracer(leaves), concrete_args)
         modes = [(m, m.training) for m in model.modules()]
@@ -364,6 +365,12 @@ def if_training(module: nn.Module | bool, train_value: Any, eval_value: Any) -> 
     own code chose it passes its own flag (``if_training(training, 0.1, 0.0)``)."""
     training = module if isinstance(module, bool) else module.training
     return train_value if training else eval_value
+
+
+def reads_flag_only(read: fx.Node) -> bool:
+    """Whether ``read`` (a ``get_attr`` of a module) feeds nothing but :func:`if_training`:
+    the module is used for its training flag alone."""
+    return bool(read.users) and all(u.target is if_training for u in read.users)
 
 
 def _ops(signature: list[Any] | None) -> list[Any] | None:

@@ -47,20 +47,15 @@ __all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit"]
 _RETRIES = 32
 
 
-def registry(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None
-             ) -> tuple[list[LeafSpec], tuple[Any, ...]]:
-    """The leaves to trace ``model`` with (the user's, timm's registry, Hugging Face core
-    attention modules) and the functions to keep as single calls (timm's registry)."""
-    leaves: list[LeafSpec] = _validate_leaves(leaf_modules)
-    autowrap: tuple[Any, ...] = ()
+def registry(leaf_modules: Iterable[LeafSpec] | None) -> tuple[list[LeafSpec], tuple[Any, ...]]:
+    """The leaves to trace with (the user's and timm's registry) and the functions to keep as
+    single calls (timm's registry)."""
+    leaves: list[LeafSpec] = [*_validate_leaves(leaf_modules), *_notrace_types()]
     try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
+        from timm.layers import get_notrace_functions
     except ImportError:
-        pass
-    else:
-        leaves += list(get_notrace_modules())
-        autowrap = tuple(get_notrace_functions())
-    return leaves, autowrap
+        return leaves, ()
+    return leaves, tuple(get_notrace_functions())
 
 
 def _notrace_types() -> tuple[type, ...]:
@@ -135,32 +130,33 @@ def analyze_by_example(model: nn.Module, args: tuple, kwargs: dict, leaves: list
     units: list[tuple[int, ResidualAnalysis]] = []
     untraced: list[tuple[str, str, str]] = []
 
+    def descend(module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
     def visit(module: nn.Module, path: str) -> None:
         call = recorded.get(id(module))
         if call is None:  # never called itself (a ModuleList): its children may be
-            for name, child in module.named_children():
-                visit(child, f"{path}.{name}" if path else name)
+            descend(module, path)
             return
-        if is_drop_path(module) or is_hf_attention(module) or not _may_own_joins(module):
+        if not _may_own_joins(module):
             return
         try:
             gm, calls = trace_unit(model, path, call, leaves, autowrap)
         except TraceError as exc:
             untraced.append((path or "<root>", type(module).__name__, _reason(exc)))
-            for name, child in module.named_children():
-                visit(child, f"{path}.{name}" if path else name)
+            descend(module, path)
             return
         drift = _drift(gm, calls, recorded)
         if drift:
             untraced.append((path or "<root>", type(module).__name__, drift))
-            for name, child in module.named_children():
-                visit(child, f"{path}.{name}" if path else name)
+            descend(module, path)
             return
         units.append((call.order, analyze_graph(gm, calls, None, path)[0]))
         for node in gm.graph.nodes:  # opaque calls inside that may hold joins of their own
             if node.op == "call_module":
                 inner = gm.get_submodule(str(node.target))
-                if _may_own_joins(inner) and id(inner) in recorded:
+                if id(inner) in recorded:  # visit() skips those that cannot own joins
                     visit(inner, str(node.target))
 
     visit(model, "")
@@ -227,8 +223,12 @@ def _trace_flags(model: nn.Module, path: str, call: RecordedCall | None,
 
     best = freed(nones)
     if best is None and len(nones) > 1:  # some are only passed on, others steer the code
-        names = [name for name in nones if freed([name]) is not None]
-        best = freed(names) if names else None
+        singles = {name: freed([name]) for name in nones}
+        names = [name for name, free in singles.items() if free is not None]
+        if len(names) == 1:
+            best = singles[names[0]]
+        elif 1 < len(names) < len(nones):  # all of them together already failed
+            best = freed(names)
     return best or traced
 
 

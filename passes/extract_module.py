@@ -31,13 +31,14 @@ from torch import nn
 from torch.fx import Graph, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.calls import DictRecord
+from fxsd.calls import DictRecord, node_leaves
 from fxsd.errors import GraphError
 from fxsd.graph_module import free_name
 from fxsd.guards import check_argument
+from fxsd.ops import resolve_attr
 from fxsd.owners import Owner
 from fxsd.residuals import ResidualAnalysis
-from fxsd.tracing import if_training
+from fxsd.tracing import reads_flag_only
 
 __all__ = ["ExtractedModule", "extract_module"]
 
@@ -145,7 +146,7 @@ class _Extractor:
                  else value.items() if isinstance(value, dict) else ())
         found = False
         for key, item in items:
-            if _has_node(item):
+            if node_leaves(item):
                 part = self.graph.call_function(operator.getitem, (holder, key))
                 found = self._bind_value(part, item) or found
         return found
@@ -173,16 +174,12 @@ class _Extractor:
     def _rebuild(self, value: Any) -> Any:
         """What a call returned, over this graph's nodes; a ``ModelOutput`` is constructed again
         (``BaseModelOutput(last_hidden_state=...)`` in the code), keeping its type."""
-        if isinstance(value, DictRecord):
-            return self.graph.call_function(value.cls, (), {k: self._rebuild(v) for k, v
-                                                            in value.fields.items()})
-        if isinstance(value, tuple) and hasattr(value, "_fields"):
-            return type(value)(*(self._rebuild(v) for v in value))
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._rebuild(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self._rebuild(v) for k, v in value.items()}
-        return self._value(value)
+        def leaf(v: Any) -> Any:
+            if isinstance(v, DictRecord):
+                return self.graph.call_function(v.cls, (), dict(map_aggregate(v.fields, leaf)))
+            return self._value(v)
+
+        return map_aggregate(value, leaf)
 
     def _bind_result(self, holder: Node, value: Any, index: int) -> None:
         if isinstance(value, Node):
@@ -194,7 +191,7 @@ class _Extractor:
         items = (enumerate(value) if isinstance(value, (tuple, list))
                  else value.items() if isinstance(value, dict) else ())
         for key, item in items:
-            if _has_node(item):
+            if node_leaves(item):
                 self._bind_result(self.graph.call_function(operator.getitem, (holder, key)),
                                   item, index)
 
@@ -204,7 +201,7 @@ class _Extractor:
         target = node.target
         name = node.name
         if node.op == "get_attr" and self.owner.path and str(node.target) == self.owner.path \
-                and node.users and all(u.target is if_training for u in node.users):
+                and reads_flag_only(node):
             # the owner's own ``self.training`` chose a constant (BART's decoder layer): the
             # rewritten module reads its own flag
             target, name = "training", "training"
@@ -239,7 +236,7 @@ class _Extractor:
         elif path.startswith(self.prefix):
             return path[len(self.prefix):]
         if path not in self.rehomed:
-            obj = _get(self.source, path)
+            obj = resolve_attr(self.source, path)
             if isinstance(obj, nn.Parameter) or (
                     isinstance(obj, nn.Module) and next(obj.parameters(), None) is not None):
                 raise GraphError(f"'{self.owner.path or '<root>'}' uses '{path}', which holds "
@@ -259,27 +256,10 @@ def _name_for(target: str) -> str:
     return "self_1" if name == "self" else name
 
 
-def _has_node(value: Any) -> bool:
-    found = False
-
-    def visit(x: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(x, Node)
-        return x
-
-    map_aggregate(value, visit)
-    return found
-
-
 def _has_path(module: nn.Module, path: str) -> bool:
     try:
-        _get(module, path)
+        resolve_attr(module, path)
     except AttributeError:
         return False
     return True
 
-
-def _get(obj: Any, path: str) -> Any:
-    for atom in path.split("."):
-        obj = getattr(obj, atom)
-    return obj
