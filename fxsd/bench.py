@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tabulate import tabulate
 from torch import nn
 
 from fxsd.compiling import compile as compile_gated
@@ -51,6 +50,7 @@ from fxsd.passes.stochastic_depth import stochastic_depth
 from fxsd.record import get_record
 from fxsd.residuals import analyze_residuals
 from fxsd.schedules import check_rate, site_rates
+from fxsd.tables import EMPTY, LEAVE_OUT, _ends, fill, fit_table, terminal_width
 from fxsd.training import gates, named_gates
 
 __all__ = ["BenchConfig", "BenchRow", "BenchResult", "run", "format_table", "site_times",
@@ -628,8 +628,15 @@ def _machine(device: torch.device) -> dict[str, str]:
     return info
 
 
-def format_table(result: BenchResult, tablefmt: str = "simple") -> str:
-    """The benchmark as a table; ratio and saving use means (the random saving settles on them)."""
+def format_table(result: BenchResult, tablefmt: str = "simple", width: int | None = None) -> str:
+    """The benchmark as a table; ratio and saving use means (the random saving settles on them).
+
+    ``width``: the longest a line may be, as for :func:`fxsd.table`: columns that are all ``-``
+    (``peak MiB`` on a CPU), then ``median ms`` and ``ratio`` (the same as ``saving %``) are left
+    out, variant names shortened and ``peak MiB`` left out until the table fits, and the text
+    around it is wrapped. ``None``: the terminal's width (no limit when standard output is not a
+    terminal); ``0``: no limit.
+    """
     body = []
     for r in result.rows:
         base = result.base(r.group).mean
@@ -653,11 +660,22 @@ def format_table(result: BenchResult, tablefmt: str = "simple") -> str:
             f"{result.machine['threads']} threads"
             + (f"; compiled rows: torch.compile(backend={cfg.compile_backend!r}) vs compiled "
                "baseline" if cfg.compile else ""))
-    table = tabulate(body, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
-    text = f"{head}\n{table}\nsync check: {result.sync_check}"
-    if result.warnings:
-        text += "\n" + "\n".join(f"warning: {w}" for w in result.warnings)
-    return text
+    limit = terminal_width() if width is None else width
+    shrink = [(EMPTY, _ends), ("median ms", LEAVE_OUT), ("ratio", LEAVE_OUT),
+              ("variant", _short_variants), ("peak MiB", LEAVE_OUT), ("variant", _ends)]
+    table = fit_table(body, HEADERS, tablefmt, limit, shrink)
+    lines = [fill(f"sync check: {result.sync_check}", limit, indent="  ")]
+    lines += [fill(f"warning: {w}", limit, indent="  ") for w in result.warnings]
+    return "\n".join([fill(head, limit, indent="  "), table, *lines])
+
+
+def _short_variants(cells: list[str], n: int) -> list[str]:
+    """Variant names in fewer characters, each still telling what ran: ``every site dropped`` ->
+    ``all dropped``, ``compiled`` -> ``comp.``; :func:`_ends` then cuts what is still too long."""
+    short = [cell.replace("every site dropped", "all dropped") for cell in cells]
+    if any(len(cell) > n for cell in short):
+        short = [cell.replace("compiled ", "comp. ") for cell in short]
+    return short
 
 
 def transform_rows(block_counts: Sequence[int] = (250, 500, 1000),

@@ -10,8 +10,10 @@ So fxsd can run the model once on example inputs, record how each module is call
 * builds its inputs from the recorded call: a tensor becomes a placeholder; a tuple or dict of
   tensors (Llama's ``position_embeddings``) a container of reads from one placeholder; a cache
   or any other object an opaque placeholder (its methods become graph calls, so cache updates
-  stay live); a ``None``, bool, int, float or string a constant, guarded by
-  :func:`fxsd.guards.check_argument` in the generated code;
+  stay live), its class guarded by :func:`fxsd.guards.check_type`; a bool an input; a ``None``,
+  int, float or string a constant, guarded by :func:`fxsd.guards.check_argument` in the
+  generated code (a ``None`` that the module only passes on stays an input: see
+  :func:`fxsd.units.trace_unit`);
 * runs each recorded op on the example's values as it goes. Sizes stay symbolic (the graph
   must serve other sequence lengths, a decode step), but a shape can be unpacked
   (``(*input_shape, -1, d)``: its length, the rank, is the example's), and where Python control
@@ -42,7 +44,9 @@ from fxsd.guards import (
     check_condition,
     check_count,
     check_keywords,
+    check_type,
     is_guardable,
+    type_name,
 )
 from fxsd.tracing import FxsdTracer, LeafSpec
 
@@ -366,7 +370,11 @@ class ExampleTracer(FxsdTracer):
             if name is not None:
                 self.guard(holder, example, name)
             return example
-        return holder  # a cache or other object: opaque, its method calls become graph calls
+        # a cache or other object: opaque, its method calls become graph calls; the graph took
+        # the branches of its class (and of it being there at all: not None)
+        if name is not None:
+            self.guard(holder, type_name(example), name, check=check_type)
+        return holder
 
 
 def _copied(value: Any) -> Any:

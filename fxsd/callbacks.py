@@ -1,9 +1,9 @@
 """Drop-rate schedules in training frameworks: PyTorch Lightning and the Hugging Face Trainer.
 
 Each callback steps one :mod:`fxsd.schedulers` schedule once per *optimizer* step (it follows the
-framework's global step, so gradient accumulation is respected), logs the current model-wide rate
-as ``drop_rate``, and saves and restores the schedule and the gates' random stream with the
-framework's checkpoint.
+framework's global step, so gradient accumulation is respected), logs as ``drop_rate`` the
+model-wide rate the logged step trained with (not the rate set for the step after it), and saves
+and restores the schedule and the gates' random stream with the framework's checkpoint.
 
 >>> import fxsd.callbacks  # imports without Lightning or transformers installed
 
@@ -88,10 +88,10 @@ class LightningCallback(_LightningBase):  # type: ignore[misc, valid-type]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        trained = self.schedule.get_last_rate()  # the batch ran at it; catching up moves on
         _catch_up(self.schedule, trainer.global_step)
         if self.log_name:
-            pl_module.log(self.log_name, self.schedule.get_last_rate(), on_step=True,
-                          on_epoch=False, prog_bar=False)
+            pl_module.log(self.log_name, trained, on_step=True, on_epoch=False, prog_bar=False)
 
     def state_dict(self) -> dict[str, Any]:
         return _state(self.schedule)
@@ -124,14 +124,17 @@ class TransformersCallback(_TransformersBase):  # type: ignore[misc, valid-type]
         super().__init__()
         self.schedule = schedule
         self.log_name = log_name
+        self._trained: float | None = None  # the rate the last optimizer step trained with
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
         if state.global_step and os.path.exists(path):
             _load(self.schedule, torch.load(path, weights_only=True))
         _catch_up(self.schedule, state.global_step)
+        self._trained = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._trained = self.schedule.get_last_rate()  # on_log comes after the catching up
         _catch_up(self.schedule, state.global_step)  # called once per optimizer step
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -142,6 +145,7 @@ class TransformersCallback(_TransformersBase):  # type: ignore[misc, valid-type]
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> Any:
         if self.log_name and logs is not None:
-            logs[self.log_name] = self.schedule.get_last_rate()
+            trained = self._trained
+            logs[self.log_name] = self.schedule.get_last_rate() if trained is None else trained
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1][self.log_name] = logs[self.log_name]

@@ -1,17 +1,19 @@
-"""The ``fxsd`` command line: ``fxsd inspect`` and ``fxsd bench``.
+"""The ``fxsd`` command line (also ``python -m fxsd``): ``fxsd inspect``, ``fxsd bench`` and
+``fxsd demo``.
 
-MODEL, in every subcommand, is a torchvision model name (built with ``weights=None``: nothing is
-downloaded), ``cifar_resnet<depth>`` (the stochastic-depth paper's CIFAR network) or
-``package.module:callable`` returning an ``nn.Module``. torch is imported only once a command
-runs, so ``fxsd --help`` answers at once. Errors print one line and exit with status 2.
+MODEL, in ``inspect`` and ``bench``, is a torchvision model name (built with ``weights=None``:
+nothing is downloaded), ``cifar_resnet<depth>`` (the stochastic-depth paper's CIFAR network) or
+``package.module:callable`` returning an ``nn.Module`` (found from the current directory too).
+torch is imported only once a command runs, so ``fxsd --help`` answers at once. Errors print one
+line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-import textwrap
 from collections.abc import Sequence
 
 from fxsd.schedules import DISTRIBUTIONS  # imports no torch: `fxsd --help` stays quick
@@ -19,19 +21,18 @@ from fxsd.schedules import DISTRIBUTIONS  # imports no torch: `fxsd --help` stay
 __all__ = ["main"]
 
 DEFAULT_MODEL = "resnet50"
+DEFAULT_DEMO_OUT = "fxsd-demo"  # in the current directory, wherever fxsd is installed
 MODEL_HELP = ("torchvision model name, cifar_resnet<depth> (e.g. cifar_resnet110) or "
               f"package.module:callable (default: {DEFAULT_MODEL})")
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x)
-    except ValueError:
+    """``1,3,224,224`` -> ``(1, 3, 224, 224)``: positive ints and commas only, nothing skipped."""
+    if not re.fullmatch(r"\s*[0-9]+\s*(,\s*[0-9]+\s*)*", text) or any(
+            int(x) == 0 for x in text.split(",")):
         raise argparse.ArgumentTypeError(
-            f"expected a shape like 1,3,224,224, got {text!r}") from None
-    if not shape:
-        raise argparse.ArgumentTypeError("empty shape")
-    return shape
+            f"expected a comma-separated list of positive ints like 1,3,224,224, got {text!r}")
+    return tuple(int(x) for x in text.split(","))
 
 
 def _tablefmt(text: str) -> str:
@@ -97,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                             "takes no MODEL and none of the timing options")
     bench.add_argument("--format", type=_tablefmt, default="simple",
                        help="tabulate format (default: simple)")
+    bench.add_argument("--wide", action="store_true",
+                       help="do not fit the table to the terminal")
     demo = sub.add_parser(
         "demo", help="train baseline vs fxsd on scikit-learn's digits; write a plot and a table "
                      "(needs pip install 'fxsd[demo]')")
@@ -108,8 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="default: linear")
     demo.add_argument("--batch-size", type=int, default=64, help="default: 64")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
-    demo.add_argument("--out", default="docs/demo",
-                      help="folder for demo.png, demo.md, demo.json (default: docs/demo)")
+    demo.add_argument("--out", default=DEFAULT_DEMO_OUT,
+                      help="folder for demo.png, demo.md, demo.json, created if needed "
+                           f"(default: ./{DEFAULT_DEMO_OUT})")
     return parser
 
 
@@ -125,7 +129,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
     from fxsd.models import load_model
     from fxsd.residuals import analyze_residuals
-    from fxsd.tables import summary, table, terminal_width
+    from fxsd.tables import fill, summary, table, terminal_width
 
     model = load_model(args.model)
     shape = args.input_shape
@@ -139,7 +143,7 @@ def _inspect(args: argparse.Namespace) -> None:
     print()
     line = f"{args.model}: " + summary(analysis, drop_rate=args.drop_rate,
                                         distribution=args.distribution)
-    print(textwrap.fill(line, width, break_on_hyphens=False) if width else line)
+    print(fill(line, width))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -161,7 +165,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.drop_rate is not None:
         options["drop_rates"] = tuple(args.drop_rate)
     result = bench.run(**options)
-    print(bench.format_table(result, args.format))
+    print(bench.format_table(result, args.format, width=0 if args.wide else None))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=2)

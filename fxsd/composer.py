@@ -72,8 +72,9 @@ def apply_stochastic_depth(
         optimizers: accepted for compatibility and not needed: the gated model holds the same
             parameter objects, so optimizers built before keep working.
         total_steps: the number of training steps, for ``drop_warmup``.
-        seed, kwargs: passed to :func:`fxsd.stochastic_depth`. Composer's scaling is the paper's
-            (``scale="eval"``), the default.
+        seed, kwargs: passed to :func:`fxsd.stochastic_depth`. Scaling is Composer's, the
+            paper's (``scale="eval"``: branches × (1 − p) at inference), unless ``kwargs`` says
+            otherwise; load :func:`fxsd.plain_state_dict` into a plain model.
     """
     if target_layer_name in _METHODS and stochastic_method not in _METHODS:
         target_layer_name, stochastic_method = stochastic_method, target_layer_name
@@ -92,6 +93,7 @@ def apply_stochastic_depth(
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NoResidualSitesWarning)
+        kwargs.setdefault("scale", "eval")
         stochastic_depth(model, drop_rate, distribution=drop_distribution,
                          mode=stochastic_method, sync_ranks=use_same_gpu_seed, seed=seed,
                          select=select, inplace=True, **kwargs)

@@ -134,7 +134,7 @@ def _train(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, batch_
 
 def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
         drop_rate: float = 0.5, distribution: str = "linear", batch_size: int = 64,
-        threads: int | None = None, out_dir: str | Path | None = "docs/demo",
+        threads: int | None = None, out_dir: str | Path | None = "fxsd-demo",
         progress: bool = True) -> DemoResult:
     """Train baseline and fxsd ``cifar_resnet(depth)`` on the digits; write the picture and table.
 
@@ -142,7 +142,9 @@ def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
         epochs, seeds, depth, batch_size: the runs (``depth = 6n + 2``).
         drop_rate, distribution: fxsd's setting (the paper's 0.5, linear).
         threads: ``torch.set_num_threads`` for the runs (``None``: as it is).
-        out_dir: where ``demo.png``, ``demo.md`` and ``demo.json`` go (``None``: nowhere).
+        out_dir: where ``demo.png``, ``demo.md`` and ``demo.json`` go, created if needed
+            (relative paths from the current directory; ``None``: nowhere). The repository's
+            own ``docs/demo`` is written with ``out_dir="docs/demo"`` (``--out docs/demo``).
         progress: show progress on stderr: a tqdm bar on a terminal (when tqdm is installed),
             else one line per epoch.
     """

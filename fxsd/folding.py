@@ -18,7 +18,7 @@ cannot take the factor. Sites that cannot be folded are listed in one :class:`Fo
 is ever folded partially.
 
 >>> import torch, torchvision, fxsd
->>> gated = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2).eval()
+>>> gated = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2, scale="eval").eval()
 >>> plain = torchvision.models.resnet18().eval()
 >>> _ = plain.load_state_dict(fxsd.plain_state_dict(gated))
 >>> x = torch.randn(1, 3, 64, 64)
@@ -29,6 +29,7 @@ True
 from __future__ import annotations
 
 import operator
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ from fxsd.ops import depends_on_input, is_metadata_read, is_view, resolve_attr
 from fxsd.residuals import ResidualSite, is_module
 from fxsd.tracing import is_drop_path
 
-__all__ = ["FoldTarget", "FoldError", "fold_target", "plain_state_dict"]
+__all__ = ["FoldTarget", "FoldError", "EvalScaledWeightsWarning", "fold_target",
+           "plain_state_dict", "warn_on_save"]
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
              nn.GroupNorm)
@@ -210,7 +212,8 @@ def plain_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """A ``state_dict`` for the untransformed model that computes what ``model.eval()`` computes.
 
     ``plain.load_state_dict(fxsd.plain_state_dict(gated))`` is the deployment path for a model
-    trained with ``scale="eval"`` (the default): each factor ``1 - p`` is folded into the weights
+    trained with ``scale="eval"`` (Composer's and the paper's convention; not the default): each
+    factor ``1 - p`` is folded into the weights
     ending its branch (see the module docstring). Gates with ``scale="train"`` or ``"none"``, and
     rate 0, need nothing. ``model`` is not changed; the tensors that change are copies.
 
@@ -241,7 +244,9 @@ def plain_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
             "state_dict reproduces the gated model's eval outputs:\n  " + "\n  ".join(problems)
             + "\nTrain with scale='train' (the plain model then needs no folding), or deploy "
             "the gated model, or fxsd.strip(model) without fold_scale.")
-    state = OrderedDict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EvalScaledWeightsWarning)
+        state = OrderedDict(model.state_dict())
     for target, keep in factors.items():
         keys = [target.path] if target.is_parameter else [f"{target.path}.weight",
                                                           f"{target.path}.bias"]
@@ -258,3 +263,29 @@ def _state_key(state: dict[str, torch.Tensor], key: str) -> str | None:
         return key
     bare = key.replace("_checkpoint_wrapped_module.", "")
     return bare if bare in state else None
+
+
+class EvalScaledWeightsWarning(UserWarning):
+    """A ``state_dict`` was taken of a model whose gates scale branches at inference
+    (``scale="eval"``): a plain model loading it as it is computes other outputs."""
+
+
+def warn_on_save(model: nn.Module) -> None:
+    """Make every ``state_dict()`` of ``model`` (``save_pretrained``, ``push_to_hub``,
+    ``torch.save(model.state_dict())``, checkpoints) warn while a gate scales at inference."""
+    model.register_state_dict_pre_hook(_warn_eval_scaled)
+
+
+def _warn_eval_scaled(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    from fxsd.training import named_gates
+
+    scaled = [name for name, g in named_gates(module).items()
+              if g.scale == "eval" and g.drop_rate > 0]
+    if scaled:
+        warnings.warn(
+            f"{type(module).__name__} is gated by fxsd with scale='eval' ({len(scaled)} gates, "
+            f"e.g. '{scaled[0]}'): in eval it computes skip + (1 - p) * branch, the plain "
+            "model skip + branch. These weights resume training of the gated model as they are; "
+            "for the plain model (from_pretrained, timm, deployment) save "
+            "fxsd.plain_state_dict(model) instead, or train with scale='train'.",
+            EvalScaledWeightsWarning, stacklevel=3)

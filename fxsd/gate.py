@@ -201,7 +201,7 @@ class BranchGate(nn.Module):
         clone_on_drop: bool,
         info: GateInfo,
         mode: str = "block",
-        scale: str = "eval",
+        scale: str = "train",
         sample_impl: str = "mask",
         note: str = "",
         rate_weight: float = 1.0,

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import PythonCode
 from torch.fx.node import map_aggregate, map_arg
 
 __all__ = ["FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "free_name",
@@ -83,6 +84,31 @@ class FxsdGraphModule(GraphModule):
         # and re-traced on load, which evaluates calls made on no traced value)
         load, (body, import_block) = super().__reduce__()
         return (_load, (load, body, import_block, source, name))
+
+    def recompile(self) -> PythonCode:
+        """Generate ``forward`` from the graph, as :class:`~torch.fx.GraphModule` does, keeping
+        what the source class does to a subclass's ``forward`` (:func:`_rewrap_forward`)."""
+        cls = type(self)
+        if "_fxsd_wraps_forward" not in vars(cls):
+            # a class the source class's ``__init_subclass__`` gave a ``forward`` of its own at
+            # creation (``GraphModule.__new__``'s per-instance class is created empty)
+            cls._fxsd_wraps_forward = "forward" in vars(cls)
+        code = super().recompile()
+        if cls._fxsd_wraps_forward:
+            _rewrap_forward(cls)
+        return code
+
+
+def _rewrap_forward(cls: type) -> None:
+    """Run the ``__init_subclass__`` of ``cls``'s bases again, now on the generated ``forward``.
+
+    Some classes wrap ``forward`` in every subclass when the subclass is created: transformers'
+    ``GradientCheckpointingLayer`` (5.25) checkpoints a decoder layer this way. torch.fx assigns
+    ``cls.forward`` (the generated code) after the class exists, which replaces that wrapper; a
+    gated decoder layer would then never checkpoint. Running the hook again wraps the generated
+    code as it wrapped the source class's own ``forward``.
+    """
+    super(cls, cls).__init_subclass__()
 
 
 @dataclass(frozen=True)
@@ -256,33 +282,41 @@ def shallow_copy(module: nn.Module) -> nn.Module:
     return res
 
 
-class TreeEditor:
-    """Replace modules deep in a model, copying only the modules on the way to them.
+def copy_tree(model: nn.Module) -> nn.Module:
+    """A new object for every module of ``model`` (:func:`shallow_copy`), sharing parameters,
+    buffers and other attributes: setting a mode, a hook or a child on one tree never reaches
+    the other, while training one trains the other. A module that appears twice (a shared
+    layer) is copied once."""
+    copies: dict[int, nn.Module] = {}
 
-    ``TreeEditor(model)`` works on a shallow copy of ``model`` (``in_place=True``: on ``model``
-    itself); :meth:`locate` returns a module's parent in the result, shallow-copying each module
-    on the path the first time, and :meth:`replace` puts a new module in its place. Everything
-    not on such a path is shared with ``model``.
+    def copy_of(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:
+            copies[id(module)] = copied = shallow_copy(module)
+            for name, child in copied._modules.items():
+                if child is not None:
+                    copied._modules[name] = copy_of(child)
+        return copies[id(module)]
+
+    return copy_of(model)
+
+
+class TreeEditor:
+    """Replace modules deep in a model.
+
+    ``TreeEditor(model)`` works on :func:`copy_tree` of ``model`` (``in_place=True``: on
+    ``model`` itself); :meth:`locate` finds a module's parent in the result and :meth:`replace`
+    puts a new module in its place.
     """
 
     def __init__(self, model: nn.Module, in_place: bool = False) -> None:
-        self.in_place = in_place
-        self.root = model if in_place else shallow_copy(model)
-        self._copies = {id(self.root)}
+        self.root = model if in_place else copy_tree(model)
 
     def locate(self, path: str) -> tuple[nn.Module | None, str, nn.Module]:
         """(parent, attribute name, module) at ``path`` in the result (parent ``None``: root)."""
         if not path:
             return None, "", self.root
-        node = self.root
-        *parents, name = path.split(".")
-        for atom in parents:
-            child = node._modules[atom]
-            if not self.in_place and id(child) not in self._copies:
-                child = shallow_copy(child)
-                self._copies.add(id(child))
-                node._modules[atom] = child
-            node = child
+        parent, _, name = path.rpartition(".")
+        node = self.root.get_submodule(parent)
         return node, name, node._modules[name]
 
     def replace(self, path: str, module: nn.Module) -> None:
@@ -292,5 +326,4 @@ class TreeEditor:
             self.root = module
         else:
             parent._modules[name] = module
-        self._copies.add(id(module))
 

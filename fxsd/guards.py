@@ -7,7 +7,12 @@ graph is only right for those values. Each such argument gets one guard in the b
     check_argument(attn_mask, None, 'blocks.0', 'attn_mask')
 
 which raises :class:`~fxsd.errors.GuardError` when the block is later called with another value,
-instead of silently computing something else.
+instead of silently computing something else. The other kinds: :func:`check_keywords` (the keys
+of ``**kwargs``), :func:`check_count` (how many ``*args``), :func:`check_type` (the class of an
+object argument, such as a cache, that the graph calls methods on) and :func:`check_condition`
+(the truth of a Python condition the trace took). :func:`passes` says whether a guard holds
+without raising; a gated block uses it to pick the graph traced for the call it receives
+(:mod:`fxsd.variants`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import torch.fx
 
 from fxsd.errors import GuardError
 
-__all__ = ["check_argument", "check_condition", "check_keywords", "check_count", "is_guardable",
-           "is_literal"]
+__all__ = ["GUARDS", "check_argument", "check_condition", "check_keywords", "check_count",
+           "check_type", "is_guardable", "is_literal", "passes", "type_name"]
 
 _LITERALS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout,
              torch.memory_format, type(Ellipsis), slice)
@@ -89,3 +94,38 @@ def check_count(value: tuple[Any, ...], expected: int, module: str, name: str) -
             f"{len(value)}. Transform the model with example inputs that pass the arguments "
             "used in training (example_inputs=), or keep this module out of the rewrite "
             "(select=...)")
+
+
+def type_name(value: Any) -> str:
+    """The qualified name of ``value``'s class (``transformers.cache_utils.DynamicCache``)."""
+    cls = type(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@torch.fx.wrap
+def check_type(value: Any, expected: str, module: str, name: str) -> None:
+    """Raise unless ``value`` is of the class (by qualified name, :func:`type_name`) of the object
+    the module was traced with: the graph calls that object's methods (``cache.update``) and took
+    the branches its class took (``isinstance(cache, EncoderDecoderCache)``)."""
+    if type_name(value) == expected:
+        return
+    got = "None" if value is None else f"a {type_name(value)}"
+    raise GuardError(
+        f"'{module or '<root>'}' was rewritten by fxsd for {name} of class {expected}, the "
+        f"object it received when the model was traced, but it was called with {got}. "
+        "Transform the model with example inputs that pass the objects used in training "
+        "(example_inputs=/example_kwargs=), or keep this module out of the rewrite "
+        "(select=...)")
+
+
+#: The guard functions, by kind.
+GUARDS = (check_argument, check_condition, check_keywords, check_count, check_type)
+
+
+def passes(check: Any, value: Any, expected: Any) -> bool:
+    """Whether the guard ``check`` (one of :data:`GUARDS`) holds for ``value``."""
+    try:
+        check(value, expected, "", "")
+    except GuardError:
+        return False
+    return True

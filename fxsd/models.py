@@ -6,12 +6,17 @@ channels, and parameter-free shortcuts ("option A": stride-2 subsampling and zer
 channels), so ``cifar_resnet(110)`` has 54 residual blocks.
 
 :func:`load_model` builds a model from a spec: a torchvision model name (``weights=None``),
-``cifar_resnet<depth>`` or ``package.module:callable``.
+``cifar_resnet<depth>`` or ``package.module:callable`` (found from the current directory too, as
+``python -m`` finds modules).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -86,7 +91,8 @@ def load_model(spec: str, image_size: int | None = None) -> nn.Module:
     """Build the model ``spec`` names (random weights, nothing downloaded).
 
     ``spec`` is ``cifar_resnet<depth>`` (the paper's CIFAR network), a torchvision model name, or
-    ``package.module:callable`` returning an ``nn.Module``. torchvision ViTs are built for
+    ``package.module:callable`` returning an ``nn.Module`` (the module is looked for in the
+    current directory first, as ``python -m`` does). torchvision ViTs are built for
     ``image_size`` when given (they only accept the size they were built for).
 
     Raises:
@@ -95,18 +101,7 @@ def load_model(spec: str, image_size: int | None = None) -> nn.Module:
     if spec.startswith("cifar_resnet") and spec[len("cifar_resnet"):].isdigit():
         return cifar_resnet(int(spec[len("cifar_resnet"):]))
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise InvalidArgumentError(f"cannot load {spec!r}: {exc}") from exc
-        try:
-            model = factory()
-        except Exception as exc:
-            raise InvalidArgumentError(
-                f"cannot build {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc} "
-                "(package.module:callable must name a callable that takes no arguments)"
-            ) from exc
+        model = _call_factory(spec)
     else:
         import torchvision
 
@@ -121,3 +116,43 @@ def load_model(spec: str, image_size: int | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+@contextmanager
+def _current_directory_on_path() -> Iterator[None]:
+    """The current directory first on ``sys.path`` while a spec's module is imported and called.
+
+    ``python -m`` puts it there; the ``fxsd`` script does not, so ``fxsd inspect mymodels:make``
+    run next to ``mymodels.py`` would not find it. Removed again afterwards: loading a model
+    leaves the process's import path as it was.
+    """
+    cwd = os.getcwd()
+    if any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _call_factory(spec: str) -> object:
+    """Import ``package.module`` of ``spec`` (the current directory included) and call its
+    ``callable`` with no arguments."""
+    module_name, _, attr = spec.partition(":")
+    with _current_directory_on_path():
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise InvalidArgumentError(
+                f"cannot load {spec!r}: {exc} (package.module is looked for in the current "
+                "directory and on sys.path)") from exc
+        try:
+            return factory()
+        except Exception as exc:
+            raise InvalidArgumentError(
+                f"cannot build {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc} "
+                "(package.module:callable must name a callable that takes no arguments)"
+            ) from exc

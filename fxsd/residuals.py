@@ -43,6 +43,7 @@ from fxsd.ops import (
     mutated_operand,
     resolve_attr,
 )
+from fxsd.preserve import preserved
 from fxsd.profile import NodeProfile, profile_nodes
 from fxsd.tracing import LeafSpec, trace_calls
 
@@ -256,8 +257,7 @@ def analyze_residuals(
         >>> len(analysis.sites), analysis.rejected[0].reason.value
         (24, 'constant operand')
     """
-    from fxsd.errors import InvalidArgumentError, InvalidTypeError, TraceError
-    from fxsd.units import analyze_by_example, analyze_nested, registry
+    from fxsd.errors import InvalidArgumentError, InvalidTypeError
 
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"expected an nn.Module to analyse, got {type(model).__name__}")
@@ -265,14 +265,26 @@ def analyze_residuals(
         raise InvalidArgumentError(f"unknown tracing {tracing!r}: use one of {TRACINGS}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    with preserved(model):  # a run by example must not leave BatchNorm statistics or RNG moved
+        return _analyze(model, example_inputs, example_kwargs, tracing, leaf_modules,
+                        concrete_args)
+
+
+def _analyze(model: nn.Module, example_inputs: Sequence[Any] | None,
+             example_kwargs: dict[str, Any] | None, tracing: str,
+             leaf_modules: Iterable[LeafSpec] | None, concrete_args: dict[str, Any] | None
+             ) -> ResidualAnalysis:
+    from fxsd.errors import InvalidArgumentError, TraceError
+    from fxsd.units import analyze_by_example, analyze_nested, registry
+
     leaves, autowrap = registry(leaf_modules)
     examples = example_inputs is not None or example_kwargs is not None
+    args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     if tracing == "example":
         if not examples:
             raise InvalidArgumentError("tracing='example' needs example_inputs= or "
                                        "example_kwargs= (the inputs of one forward call)")
-        return analyze_by_example(model, tuple(example_inputs or ()), dict(example_kwargs or {}),
-                                  leaves, autowrap)
+        return analyze_by_example(model, args, kwargs, leaves, autowrap)
     try:
         gm, calls = trace_calls(model, leaf_modules=leaves, concrete_args=concrete_args,
                                 autowrap=autowrap)
@@ -283,14 +295,18 @@ def analyze_residuals(
                             "forward call's inputs): fxsd then traces the model's modules by "
                             "example, as for Hugging Face models.",)
             raise
-        return analyze_by_example(model, tuple(example_inputs or ()), dict(example_kwargs or {}),
-                                  leaves, autowrap)
+        analysis = analyze_by_example(model, args, kwargs, leaves, autowrap)
+        if not analysis.units:  # nothing traced by example either: say why the root failed
+            tried = "; ".join(f"{p} ({t}): {r}" for p, t, r in analysis.untraced[:3])
+            exc.args = (f"{exc.args[0]} Traced by example, no module of it could be traced "
+                        f"either ({tried}).",)
+            raise exc
+        return analysis
     profiles = None
     if example_inputs is not None and example_kwargs is None:
-        profiles = profile_nodes(gm, tuple(example_inputs))
+        profiles = profile_nodes(gm, args)
     return analyze_nested(model, gm, calls, profiles, leaves, autowrap,
-                          (tuple(example_inputs or ()), dict(example_kwargs or {}))
-                          if examples else None)
+                          (args, kwargs) if examples else None)
 
 
 def analyze_graph(gm: GraphModule, calls: CallTree | None,

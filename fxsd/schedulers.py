@@ -30,19 +30,24 @@ from typing import Any
 
 from torch import nn
 
-from fxsd.errors import InvalidArgumentError, InvalidTypeError
+from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
 from fxsd.schedules import check_rate
-from fxsd.training import _gates_or_error, get_drop_rate, set_drop_rate
+from fxsd.training import _gates_or_error, get_drop_rate, named_gates, set_drop_rate
 
 __all__ = ["DropSchedule", "DropWarmup", "ProgressiveLayerDrop", "progressive_layer_drop"]
+
+_ROUNDING = 1e-9  # base rate x factor may land a hair above 1 when it means 1
 
 
 class DropSchedule:
     """Scale a transformed model's drop rates by ``fn(step)`` at every step.
 
-    ``fn(step)`` returns a factor (clipped to ``[0, 1 / base rate]`` so no site exceeds 1);
-    every site's rate becomes its base rate times that factor, keeping the depth distribution.
-    Step 0 is applied at construction; call :meth:`step` once per optimizer step.
+    ``fn(step)`` returns a factor ``>= 0``; every site's rate becomes its base rate times that
+    factor, keeping the depth distribution. A factor that would take a site's rate (or the
+    model-wide rate) above 1 raises :class:`~fxsd.InvalidArgumentError` naming the step, the
+    factor and the site, and the schedule stays where it was: rates are never silently capped,
+    which would flatten the depth distribution. Step 0 is applied at construction; call
+    :meth:`step` once per optimizer step.
 
     Args:
         model: a model returned by :func:`fxsd.stochastic_depth`.
@@ -69,7 +74,21 @@ class DropSchedule:
         if math.isnan(factor) or factor < 0:
             raise InvalidArgumentError(f"fn({self.step_count}) returned {factor}: factors must "
                                        "be numbers >= 0")
-        return min(1.0, self.base_rate * factor)
+        self._check_factor(factor)
+        return min(1.0, self.base_rate * factor)  # min: only rounding can go past 1 here
+
+    def _check_factor(self, factor: float) -> None:
+        """Refuse a factor that takes any site's rate, or the model-wide rate, above 1."""
+        rate = self.base_rate * factor
+        found = [(rate * gate.rate_weight, f"site {name!r} would drop at")
+                 for name, gate in named_gates(self.model).items()]
+        found.append((rate, "the model-wide rate would be"))
+        highest, what = max(found, key=lambda item: item[0])  # the first site, on a tie
+        if highest > 1.0 + _ROUNDING:
+            raise InvalidArgumentError(
+                f"fn({self.step_count}) returned {factor:g}: {what} {highest:.4g} (base rate "
+                f"{self.base_rate:.4g} x {factor:g}), above 1; make fn's factors at most "
+                f"{factor / highest:.4g} for this model")
 
     def get_last_rate(self) -> float:
         """The model-wide rate the last step set (as ``get_last_lr`` for learning rates)."""
@@ -80,9 +99,13 @@ class DropSchedule:
         set_drop_rate(self.model, self._last)
 
     def step(self) -> None:
-        """Advance one step and set the rates for it."""
+        """Advance one step and set the rates for it (on an error, stay at the step before)."""
         self.step_count += 1
-        self._apply()
+        try:
+            self._apply()
+        except FxsdError:
+            self.step_count -= 1
+            raise
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's position (``fn`` itself is code, not state)."""

@@ -25,7 +25,8 @@ from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite, analyze_
 from fxsd.schedules import Distribution, site_rates
 from fxsd.training import gates as all_gates
 
-__all__ = ["table", "summary", "SiteRow", "fit_table", "terminal_width", "EMPTY", "LEAVE_OUT"]
+__all__ = ["table", "summary", "SiteRow", "fit_table", "fill", "terminal_width", "EMPTY",
+           "LEAVE_OUT"]
 
 SITE_HEADERS = ["depth", "gate", "skip", "branch", "nodes", "params", "side inputs"]
 REJECTED_HEADERS = ["add", "kind", "module", "reason", "detail"]
@@ -187,8 +188,7 @@ def table(
 def _units(report: _Report, tablefmt: str, width: int) -> str:
     """Which modules were traced one by one, and which could not be traced and why."""
     traced = ", ".join(path or "<root>" for path in report.traced) or "(none)"
-    text = textwrap.fill(f"traced one module at a time: {traced}", width or 10**6,
-                         subsequent_indent="  ")
+    text = fill(f"traced one module at a time: {traced}", width, indent="  ")
     if report.untraced:
         rows = [[path, cls, why] for path, cls, why in report.untraced]
         text += ("\n\nnot traced (a join inside is not gated unless a module within it was "
@@ -210,6 +210,14 @@ def terminal_width() -> int:
     except (AttributeError, OSError, ValueError):  # replaced or closed streams (notebooks)
         return 0
     return shutil.get_terminal_size((80, 24)).columns
+
+
+def fill(text: str, width: int, indent: str = "") -> str:
+    """``text`` wrapped to lines of at most ``width`` characters (``0``: left as it is), later
+    lines indented by ``indent``; hyphenated names (``--drop-rate``) are not broken."""
+    if not width:
+        return text
+    return textwrap.fill(text, width, subsequent_indent=indent, break_on_hyphens=False)
 
 
 #: In a ``shrink`` list of :func:`fit_table`: leave out the columns in which every cell is ``-``.
@@ -261,8 +269,8 @@ def fit_table(body: list[list[Any]], headers: list[str], tablefmt: str, width: i
             body = [[*row[:j], cell, *row[j + 1:]] for row, cell in zip(body, cells)]
         text = render()
     if left_out:
-        text += (f"\n({', '.join(left_out)} left out to fit {width} columns; "
-                 "--wide or width=0 shows every column)")
+        text += "\n" + fill(f"({', '.join(left_out)} left out to fit {width} columns; "
+                            "--wide or width=0 shows every column)", width)
     return text
 
 

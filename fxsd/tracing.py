@@ -142,7 +142,12 @@ class FxsdTracer(fx.Tracer):
         return node
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        path = self.path_of_module(m)
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            # Called but not a registered submodule (transformers' kernel wrappers sit in a plain
+            # dict): it has no path to call it by, so its forward is traced through, inline.
+            return m.forward(*args, **kwargs)
         # Remember which module is being traced, so that a failure can name it.
         # On failure the entry stays on the stack: the innermost one names the failing module.
         self.scope_stack.append((path, type(m).__name__))

@@ -69,8 +69,8 @@ def get_drop_rate(model: nn.Module) -> float:
     return float(get_record(model).drop_rate)
 
 
-def _sampler(model: nn.Module) -> DropSampler:
-    samplers = {id(g.sampler): g.sampler for g in _gates_or_error(model)}
+def _sampler(found: list[BranchGate]) -> DropSampler:
+    samplers = {id(g.sampler): g.sampler for g in found}
     if len(samplers) != 1:  # pragma: no cover - the pass gives all gates one sampler
         raise InvalidArgumentError("the model's gates do not share one DropSampler")
     return next(iter(samplers.values()))
@@ -79,11 +79,25 @@ def _sampler(model: nn.Module) -> DropSampler:
 def get_rng_state(model: nn.Module) -> dict[str, Any]:
     """The state of the model's drop decisions; save it with your checkpoint.
 
-    The state is not part of ``state_dict()`` (whose keys fxsd never changes).
+    The state is not part of ``state_dict()`` (whose keys fxsd never changes). It records the
+    model's number of gates (``"num_gates"``), which :func:`set_rng_state` checks.
     """
-    return _sampler(model).get_state()
+    found = _gates_or_error(model)
+    return {**_sampler(found).get_state(), "num_gates": len(found)}
 
 
 def set_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
-    """Restore :func:`get_rng_state`'s result: a resumed run continues the same drop sequence."""
-    _sampler(model).set_state(state)
+    """Restore :func:`get_rng_state`'s result: a resumed run continues the same drop sequence.
+
+    Raises:
+        InvalidArgumentError: ``state`` is not one :func:`get_rng_state` returned, or comes from
+            a model with another number of gates (its decisions would fall on other sites).
+    """
+    found = _gates_or_error(model)
+    if isinstance(state, dict) and "num_gates" in state:  # states saved before it: not checked
+        if state["num_gates"] != len(found):
+            raise InvalidArgumentError(
+                f"the RNG state comes from a model with {state['num_gates']} gates, but this "
+                f"model has {len(found)}: restore it into a model transformed the same way "
+                "(the same architecture and select=)")
+    _sampler(found).set_state(state)

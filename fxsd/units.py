@@ -40,7 +40,7 @@ from fxsd.guards import check_argument, is_guardable
 from fxsd.hf import is_hf_attention
 from fxsd.profile import NodeProfile
 from fxsd.residuals import ResidualAnalysis, analyze_graph
-from fxsd.tracing import LeafSpec, _validate_leaves, is_drop_path, trace_calls
+from fxsd.tracing import LeafSpec, _checkpoint_wrapped, _validate_leaves, is_drop_path, trace_calls
 
 __all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit"]
 
@@ -136,7 +136,11 @@ def analyze_by_example(model: nn.Module, args: tuple, kwargs: dict, leaves: list
 
     def visit(module: nn.Module, path: str) -> None:
         call = recorded.get(id(module))
-        if call is None:  # never called itself (a ModuleList): its children may be
+        if call is None or _checkpoint_wrapped(module) is not None:
+            # never called itself (a ModuleList): its children may be. A checkpoint wrapper
+            # stays in place around the module it wraps, which is traced (and gated) instead:
+            # rewritten, the wrapper's forward would be the generated code, which never
+            # checkpoints.
             descend(module, path)
             return
         if not _may_own_joins(module):

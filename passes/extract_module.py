@@ -8,7 +8,8 @@ block's call created in the whole-model graph:
 * one placeholder per parameter of the block's ``forward`` signature (defaults kept); a tensor the
   caller passed inside a tuple or dict (Llama's ``position_embeddings``) is read back with
   ``getitem``; a constant the block was traced with (``attn_mask=None``) gets a guard
-  (:func:`fxsd.guards.check_argument`);
+  (:func:`fxsd.guards.check_argument`), an object the trace guarded by class (a cache) keeps
+  that guard (:func:`fxsd.guards.check_type`);
 * the block's nodes, with module and attribute targets made relative to the block;
 * each module call the plan keeps whole (:class:`~fxsd.owners.Owner`) becomes one
   ``call_module`` node, its results read back where the caller used them;
@@ -34,7 +35,7 @@ from torch.fx.node import map_aggregate
 from fxsd.calls import DictRecord, node_leaves
 from fxsd.errors import GraphError
 from fxsd.graph_module import free_name
-from fxsd.guards import check_argument
+from fxsd.guards import check_argument, check_type
 from fxsd.ops import resolve_attr
 from fxsd.owners import Owner
 from fxsd.residuals import ResidualAnalysis
@@ -136,6 +137,18 @@ class _Extractor:
                 guard = self.graph.call_function(
                     check_argument, (ph, value, self.owner.path, name))
                 guard.meta["is_wrapped"] = True  # the generated code re-registers it with fx
+            elif isinstance(value, Node):
+                self._keep_type_guard(ph, value, name)
+
+    def _keep_type_guard(self, holder: Node, value: Node, name: str) -> None:
+        """Guard the class of an object argument as the trace guarded it where it came in (a
+        cache the owner calls methods on: ``None`` or another class must not reach the graph)."""
+        for user in value.users:
+            if user.op == "call_function" and user.target is check_type:
+                guard = self.graph.call_function(
+                    check_type, (holder, user.args[1], self.owner.path, name))
+                guard.meta["is_wrapped"] = True
+                return
 
     def _bind_value(self, holder: Node, value: Any) -> bool:
         """Map the nodes inside ``value`` to reads of ``holder``; False if it holds none."""

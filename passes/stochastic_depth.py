@@ -28,9 +28,9 @@ from torch.fx.node import map_aggregate
 
 from fxsd.distributed import rank
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
-from fxsd.folding import fold_target
+from fxsd.folding import fold_target, warn_on_save
 from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropPathAction, DropSampler, GateInfo
-from fxsd.graph_module import FxsdGraphModule, TreeEditor, module_from_graph, shallow_copy
+from fxsd.graph_module import FxsdGraphModule, TreeEditor, copy_tree, module_from_graph
 from fxsd.ops import depends_on_input, is_metadata_read, is_view, mutated_operand
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
@@ -66,7 +66,7 @@ class InlinedHooksWarning(UserWarning):
 class GateSpec:
     """How to gate one site (before any existing drop path is adopted).
 
-    ``mode``/``scale`` ``None``: an adopted drop path's own, else ``"block"``/``"eval"``.
+    ``mode``/``scale`` ``None``: an adopted drop path's own, else ``"block"``/``"train"``.
     """
 
     drop_rate: float
@@ -99,15 +99,18 @@ def stochastic_depth(
 
     In block mode each residual site draws once per training forward: with probability ``p_l`` its
     branch is skipped (neither its forward nor its backward runs; its parameters get no gradient)
-    and the site returns the skip; otherwise it returns ``skip + branch``. In eval every branch
-    runs, scaled by ``1 - p_l`` (``scale="eval"``). ``.train()`` and ``.eval()`` switch between the
-    two at any time.
+    and the site returns the skip; otherwise it returns ``skip + branch / (1 - p_l)``
+    (``scale="train"``, timm's and torchvision's convention), so in eval every branch runs
+    unscaled and the eval model *is* the plain model: its ``state_dict`` can be loaded into the
+    untransformed model as it is. ``.train()`` and ``.eval()`` switch between the two at any time.
 
     The result is ``model`` itself, structurally: the same class, attributes, methods and module
     tree, in which each module whose ``forward`` performs residual joins (a ``Bottleneck``, an
     ``EncoderBlock``) is replaced by a gated ``GraphModule`` that is still an instance of that
-    module's class. ``print(result.layer1[0].code)`` shows the block with its gate. Parameters and
-    untouched submodules are shared with ``model`` and ``state_dict`` keys are identical. When the
+    module's class. ``print(result.layer1[0].code)`` shows the block with its gate. Every module of
+    the result is a new object (so ``result.train()``, a hook or an attribute set on it never
+    reaches ``model``) over the same parameter and buffer tensors (no memory is copied; training
+    one trains the other), and ``state_dict`` keys are identical. When the
     root's own ``forward`` performs joins, the root is rewritten too (an instance of a subclass of
     ``type(model)``).
 
@@ -117,7 +120,7 @@ def stochastic_depth(
     without one keep rate 0. Given a ``drop_rate`` or a ``distribution``, fxsd's schedule sets
     every site's rate; the drop paths still become gates (nothing drops twice), their rates
     replaced. ``mode``/``scale`` work the same way: given, they apply everywhere; not given, an
-    adopted drop path keeps its own, and other sites use ``"block"``/``"eval"``.
+    adopted drop path keeps its own, and other sites use ``"block"``/``"train"``.
 
     Args:
         model: an ``nn.Module`` or an already traced ``GraphModule``.
@@ -131,9 +134,10 @@ def stochastic_depth(
             callable ``(depth, L) -> rate``. Default ``"linear"``.
         mode: ``"block"`` (one decision per site per forward, for the whole batch) or
             ``"sample"`` (one per example). Default ``"block"`` (or an adopted drop path's).
-        scale: ``"eval"`` (branch × (1 − p) at inference: the paper, Composer), ``"train"``
-            (kept branches ÷ (1 − p) in training, identity at inference: timm, torchvision) or
-            ``"none"``. Default ``"eval"`` (or an adopted drop path's).
+        scale: ``"train"`` (kept branches ÷ (1 − p) in training, identity at inference: timm,
+            torchvision, DINOv2; the default, or an adopted drop path's own), ``"eval"`` (branch
+            × (1 − p) at inference: the paper, Composer; its weights need
+            :func:`fxsd.plain_state_dict` before a plain model can use them) or ``"none"``.
         sample_impl: for ``mode="sample"``: ``"subset"`` (run the branch on the kept rows only;
             exact for branches that treat rows independently), ``"mask"`` (run it on every row and
             multiply by the row mask) or ``None``: subset where exact, else mask.
@@ -150,7 +154,7 @@ def stochastic_depth(
         select: gate only the sites for which ``select(site)`` is true (a
             :class:`~fxsd.ResidualSite`); depths ``1..L`` are then counted over those sites.
         inplace: gate ``model`` itself and return it (the owning modules are replaced in their
-            parents) instead of a new model that shares everything it does not rewrite.
+            parents) instead of a new module tree over the same tensors.
         example_inputs: optional positional inputs of one forward call; lets the analysis check
             shapes (broadcasting adds are never gated) and count FLOPs for :func:`fxsd.table`,
             and is what a model that cannot be traced whole is traced by example with.
@@ -213,7 +217,7 @@ def stochastic_depth(
             NoResidualSitesWarning,
             stacklevel=2,
         )
-        return model if inplace else shallow_copy(model)
+        return model if inplace else copy_tree(model)
     depths = [s.depth for s in analysis.sites]
     rates = site_rates(drop_rate, distribution, depths, analysis.num_levels)
     if drop_rate > 0:
@@ -266,7 +270,7 @@ def gate_residuals(
     with ``inplace=True``, else a copy of the modules on the paths from the root to the rewritten
     ones, sharing everything else.
     """
-    specs = [s if isinstance(s, GateSpec) else GateSpec(float(s), 1.0, "block", "eval", None)
+    specs = [s if isinstance(s, GateSpec) else GateSpec(float(s), 1.0, "block", "train", None)
              for s in specs]
     parts = analysis.parts()  # one graph, or the modules traced one by one
     planned = [(part, owner) for part in parts for owner in plan_owners(part, part.sites)]
@@ -306,6 +310,8 @@ def gate_residuals(
     rewritten = sorted(owners, key=lambda o: position[o.path])
     record.rewritten = tuple(o.path for o in rewritten)
     record.original_classes = tuple(type(_resolve(model, o.path)).__name__ for o in rewritten)
+    if any(g.scale == "eval" for g in gates(tree.root)):
+        warn_on_save(tree.root)
     return tree.root
 
 
@@ -378,7 +384,7 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
             # The model's own drop path stays and regularises this site: no second one on top.
             spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
             note += "; fxsd rate 0"
-        spec = replace(spec, mode=spec.mode or "block", scale=spec.scale or "eval")
+        spec = replace(spec, mode=spec.mode or "block", scale=spec.scale or "train")
         for drop in drops:  # the plan keeps drop-path calls in the owner's own graph
             node = cut.env[drop]
             source = node.all_input_nodes[0]

@@ -135,7 +135,7 @@ def test_run_builds_every_variant(small_result):
 
 
 def test_table_columns(small_result):
-    text = bench.format_table(small_result)
+    text = bench.format_table(small_result, width=0)
     header = text.splitlines()[1]
     for col in bench.HEADERS:
         assert col in header
@@ -144,6 +144,31 @@ def test_table_columns(small_result):
     data = small_result.to_dict()
     json.dumps(data)
     assert data["rows"][0]["ratio"] == 1.0
+
+
+def test_table_fits_an_80_column_terminal(monkeypatch, capsys):
+    # the widest table there is: compiled rows, peak memory measured, a noise warning
+    def row(variant, rate, group="eager", limit=None):
+        return bench.BenchRow(variant, rate, [0.10, 0.11, 0.12], 2**27, limit, group)
+
+    rows = [row("baseline", None), row("fxsd", 0.5, limit=0.2),
+            row("every site dropped", 1.0, limit=0.5), row("compiled baseline", None, "compiled"),
+            row("compiled every site dropped", 1.0, "compiled", 0.5)]
+    result = bench.BenchResult(
+        bench.BenchConfig(model="cifar_resnet110", compile=True), rows, {},
+        {"device": "cuda", "torch": torch.__version__, "threads": "2"}, "not run (CPU)",
+        ["fxsd at 0.5: its 1.0 ms difference from the baseline is smaller than the "
+         "baseline's own spread (3.0 ms IQR)"])
+    monkeypatch.setenv("COLUMNS", "80")
+    text = bench.format_table(result)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    header = next(line for line in text.splitlines() if line.startswith("variant"))
+    assert "mean ms" in header and "IQR ms" in header and "efficiency" in header
+    assert "median ms" not in header and "left out to fit 80 columns" in text
+    assert "comp. all dropped" in text  # shortened, still saying what ran
+    wide = bench.format_table(result, width=0)
+    assert "compiled every site dropped" in wide and "median ms" in wide and "peak MiB" in wide
+    assert max(len(line) for line in wide.splitlines()) > 100
 
 
 def test_variants_use_the_requested_rates_and_distribution():

@@ -102,3 +102,53 @@ def test_output_that_is_not_a_terminal_is_not_cut(monkeypatch, capsys):
     assert "layer4.2.residual_gate" in out and "…" not in out
     monkeypatch.setenv("COLUMNS", "60")
     assert terminal_width() == 60
+
+
+def test_a_callable_spec_is_found_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    # the `fxsd` script, unlike `python -m`, does not put the current directory on sys.path
+    (tmp_path / "fxsd_cwd_models.py").write_text(
+        "from torch import nn\n\n"
+        "class Block(nn.Linear):\n"
+        "    def forward(self, x):\n"
+        "        return x + super().forward(x)\n\n"
+        "def make():\n"
+        "    return nn.Sequential(Block(4, 4), Block(4, 4))\n")
+    path = [p for p in sys.path if p and Path(p).resolve() != tmp_path.resolve()]
+    monkeypatch.setattr(sys, "path", path)
+    monkeypatch.delitem(sys.modules, "fxsd_cwd_models", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "fxsd_cwd_models:make", "--no-flops", "--wide"]) == 0
+    assert "fxsd_cwd_models:make: 2 residual sites" in capsys.readouterr().out
+    assert sys.path == path  # the import path is left as it was
+    sys.modules.pop("fxsd_cwd_models")
+
+
+def test_python_m_fxsd_is_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "fxsd", "--help"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.startswith("usage: fxsd ")
+    assert all(command in result.stdout for command in ("inspect", "bench", "demo"))
+
+
+def test_demo_writes_to_the_current_directory_by_default():
+    from fxsd.cli import DEFAULT_DEMO_OUT, _parser
+
+    assert _parser().parse_args(["demo"]).out == DEFAULT_DEMO_OUT == "fxsd-demo"
+    readme = (ROOT / "README.md").read_text()
+    assert "[--out fxsd-demo]" in readme and "--out docs/demo" in readme
+
+
+@pytest.mark.parametrize("shape", ["1,3,x", "1,3,,224", "1x3x224x224", "1,0,8", "1,-3", "", "3,"])
+def test_input_shape_must_be_positive_ints(shape, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "cifar_resnet20", "--input-shape", shape])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --input-shape: expected a comma-separated list of positive ints" in err
+
+
+def test_input_shape_gives_the_example_input(monkeypatch):
+    from fxsd.cli import _parser
+
+    assert _parser().parse_args(["inspect", "--input-shape", "2, 3,16,16"]).input_shape == (
+        2, 3, 16, 16)

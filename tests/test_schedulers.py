@@ -129,6 +129,30 @@ def test_schedule_errors():
         schedule.step()
 
 
+def test_a_factor_past_rate_1_is_refused_not_capped():
+    model = fxsd.stochastic_depth(Net(), 0.4, distribution="uniform")
+    schedule = fxsd.DropSchedule(model, lambda t: 1.0 + t)
+    schedule.step()  # 0.4 x 2 = 0.8
+    with pytest.raises(fxsd.InvalidArgumentError,
+                       match=r"fn\(2\) returned 3: site 'blocks.0.residual_gate' would drop at 1.2 "
+                             r"\(base rate 0.4 x 3\), above 1; make fn's factors at most 2.5"):
+        schedule.step()
+    assert schedule.step_count == 1 and _rates(model) == pytest.approx([0.8] * 6)
+    # exactly 1, from a factor that rounds a hair past it, is a rate
+    linear = fxsd.stochastic_depth(Net(), 0.3)
+    assert fxsd.DropSchedule(linear, lambda t: 1 / 0.3).get_last_rate() == 1.0
+    assert _rates(linear)[-1] == 1.0
+
+
+def test_rng_state_of_a_model_with_other_gates_is_refused():
+    six, four = fxsd.stochastic_depth(Net(depth=6), 0.2), fxsd.stochastic_depth(Net(depth=4), 0.2)
+    state = fxsd.get_rng_state(six)
+    assert state["num_gates"] == 6
+    with pytest.raises(fxsd.InvalidArgumentError, match="model with 6 gates, but this model has 4"):
+        fxsd.set_rng_state(four, state)
+    fxsd.set_rng_state(fxsd.stochastic_depth(Net(depth=6), 0.5, seed=1), state)  # same sites
+
+
 def test_callbacks_import_without_frameworks():
     import subprocess
     import sys
@@ -169,10 +193,17 @@ def test_lightning_callback(tmp_path):
         def __init__(self, net):
             super().__init__()
             self.net = net
+            self.trained, self.logged = [], []  # per batch: the rate it ran at, the rate logged
 
         def training_step(self, batch, _):
             x, y = batch
+            self.trained.append(fxsd.get_drop_rate(self.net))
             return nn.functional.cross_entropy(self.net(x), y)
+
+        def log(self, name, value, *args, **kwargs):
+            if name == "drop_rate":
+                self.logged.append(value)
+            return super().log(name, value, *args, **kwargs)
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -188,13 +219,19 @@ def test_lightning_callback(tmp_path):
                              accelerator="cpu", logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False,
                              default_root_dir=tmp_path)
-        trainer.fit(Module(model), loader, ckpt_path=ckpt)
+        module = Module(model)
+        trainer.fit(module, loader, ckpt_path=ckpt)
+        trainer.module = module
         return trainer, schedule, model
 
     trainer, schedule, model = run(3)
     assert trainer.global_step == 3 and schedule.step_count == 3  # 6 batches, 3 optimizer steps
-    assert schedule.get_last_rate() == pytest.approx(0.4 * 3 / 5)
-    assert trainer.callback_metrics["drop_rate"].item() == pytest.approx(0.4 * 3 / 5)
+    assert schedule.get_last_rate() == pytest.approx(0.4 * 3 / 5)  # set for the next step
+    # each batch logs the rate it trained with: steps 0, 1, 2 of the warmup, two batches each
+    module = trainer.module
+    assert module.logged == pytest.approx(module.trained)
+    assert module.trained == pytest.approx([0.4 * s / 5 for s in (0, 0, 1, 1, 2, 2)])
+    assert trainer.callback_metrics["drop_rate"].item() == pytest.approx(0.4 * 2 / 5)
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
     saved_rng = fxsd.get_rng_state(model)
@@ -228,8 +265,11 @@ def test_transformers_callback(tmp_path):
             self.net = net
 
         def forward(self, x, labels=None):
+            trained.append(fxsd.get_drop_rate(self.net))
             logits = self.net(x)
             return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    trained = []  # the rate every forward ran at
 
     x, y = _data()
     data = [{"x": a, "labels": b} for a, b in zip(x, y)]
@@ -252,7 +292,10 @@ def test_transformers_callback(tmp_path):
     assert trainer.state.global_step == 4 and pld.step_count == 4
     assert pld.get_last_rate() == pytest.approx(0.5 - 0.5 * math.exp(-0.2 * 4))
     logged = [h["drop_rate"] for h in trainer.state.log_history if "drop_rate" in h]
-    assert logged[:4] == pytest.approx([0.5 - 0.5 * math.exp(-0.2 * s) for s in (1, 2, 3, 4)])
+    # step k is logged with the rate its two forwards (gradient accumulation) ran at
+    assert trained == pytest.approx([0.5 - 0.5 * math.exp(-0.2 * s) for s in (0, 0, 1, 1, 2, 2,
+                                                                               3, 3)])
+    assert logged[:4] == pytest.approx(trained[::2])
     saved = torch.load(tmp_path / "checkpoint-2" / STATE_FILE, weights_only=True)
     assert saved["schedule"]["step_count"] == 2
 

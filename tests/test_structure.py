@@ -41,13 +41,15 @@ def test_resnet50_keeps_its_class_tree_and_parameters():
     assert all(p is q for p, q in zip(model.parameters(), result.parameters()))
     assert list(result.state_dict()) == list(model.state_dict())
     assert _same_tree(model, result)
-    # Only the blocks were rewritten; everything else is the same object.
-    assert result.conv1 is model.conv1 and result.fc is model.fc
+    # Only the blocks were rewritten; every module is a new object holding the same tensors,
+    # so a mode or hook set on one model never reaches the other.
+    assert result.conv1 is not model.conv1 and result.conv1.weight is model.conv1.weight
+    assert type(result.fc) is nn.Linear and result.fc.bias is model.fc.bias
     for name, block in gated_blocks(result).items():
         original = model.get_submodule(name)
         assert isinstance(block, Bottleneck) and isinstance(block, torch.fx.GraphModule)
         assert type(block).__name__ == "Bottleneck" and block.stride == original.stride
-        assert block.conv1 is original.conv1
+        assert block.conv1 is not original.conv1 and block.conv1.weight is original.conv1.weight
     assert sorted(gated_blocks(result)) == sorted(
         n for n, m in model.named_modules() if isinstance(m, Bottleneck))
     # The model itself is untouched.
@@ -111,8 +113,8 @@ def test_block_hooks_fire():
     assert calls.count("before") == 1  # a hook the user had on the block came along
     assert calls.count("block") == 1 and calls.count("conv1") == 1
     calls.clear()
-    model(torch.randn(2, 3, 32, 32))  # the result's own hooks are not on the original block
-    assert calls == ["conv1", "before"]  # conv1 is shared: its hook is on the same module
+    model(torch.randn(2, 3, 32, 32))  # the result's own hooks are not on the original's modules
+    assert calls == ["before"]
 
 
 def test_dropped_block_hooks_show_the_skip():
@@ -162,7 +164,7 @@ def test_root_owning_joins_is_rewritten_and_keeps_its_class():
     assert type(result) is not SharedRoot and result.extra() == "still here"
     assert fxsd.get_record(result).rewritten == ("",)
     assert [g.info.depth for g in fxsd.gates(result)] == [1, 2, 3]
-    assert result.f is model.f
+    assert result.f is not model.f and result.f[0].weight is model.f[0].weight
     with pytest.raises(fxsd.InvalidArgumentError, match="cannot happen in place"):
         fxsd.stochastic_depth(model, 0.3, inplace=True)
     assert not fxsd.gates(model)
@@ -376,21 +378,27 @@ def test_no_residual_model_comes_back_unchanged():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.warns(fxsd.NoResidualSitesWarning):
         out = fxsd.stochastic_depth(model, 0.5)
-    assert type(out) is nn.Sequential and out is not model and out[0] is model[0]
+    assert type(out) is nn.Sequential and out is not model and out[0] is not model[0]
+    assert out[0].weight is model[0].weight
     with pytest.warns(fxsd.NoResidualSitesWarning):
         assert fxsd.stochastic_depth(model, 0.5, inplace=True) is model
 
 
-def test_only_the_paths_to_rewritten_blocks_are_copied():
-    # Only the modules on the paths to the rewritten blocks are new objects.
-    model = torchvision.models.resnet18()
+def test_modes_and_hooks_of_the_result_stay_its_own():
+    # Every module of the result is a new object over the same tensors: switching the result's
+    # mode, or hooking it, never reaches the model it was made from (and the other way round).
+    model = torchvision.models.resnet18().eval()
     result = fxsd.stochastic_depth(model, 0.1)
-    new = {id(m) for m in result.modules()} - {id(m) for m in model.modules()}
-    new_names = {n for n, m in result.named_modules() if id(m) in new}
-    gated = set(gated_blocks(result))
-    expected = {"", "layer1", "layer2", "layer3", "layer4"} | gated | {
-        f"{g}.residual_gate" for g in gated}
-    assert new_names == expected
+    assert not {id(m) for m in result.modules()} & {id(m) for m in model.modules()}
+    assert {n: p for n, p in result.named_parameters()}.keys() == dict(
+        model.named_parameters()).keys()
+    assert all(p is q for p, q in zip(model.parameters(), result.parameters()))
+    assert all(b is c for b, c in zip(model.buffers(), result.buffers()))
+    result.train()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    result.eval()
+    assert all(m.training for m in model.modules())
 
 
 class SelfOutput(nn.Module):  # BERT: the join happens here, its fork comes from outside

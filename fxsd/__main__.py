@@ -1,0 +1,11 @@
+"""``python -m fxsd``: the ``fxsd`` command line (:mod:`fxsd.cli`), for environments whose
+scripts folder is not on ``PATH``."""
+
+from __future__ import annotations
+
+import sys
+
+from fxsd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
