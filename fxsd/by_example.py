@@ -147,6 +147,15 @@ class _ObjectProxy(_ExampleProxy):
     def __class__(self) -> type:
         return self._cls
 
+    @property
+    def keys(self) -> Any:  # type: ignore[override]
+        # ``fx.Proxy.keys`` (for ``**proxy``) would shadow an object's own ``keys`` attribute:
+        # a cache layer's key tensor (``cache.layers[i].keys``) must be read, not called
+        attr = getattr(self._value(), "keys", _MISSING)
+        if attr is not _MISSING and not callable(attr):
+            return self.tracer.create_proxy("call_function", getattr, (self, "keys"), {})
+        return super().keys
+
 
 def _is_object(value: Any) -> bool:
     return value is not _MISSING and not isinstance(

@@ -24,7 +24,7 @@ from fxsd.errors import InvalidArgumentError
 __all__ = ["rank", "check_not_wrapped", "check_unsynced_sharding"]
 
 _WRAPPERS = ("FSDPModule", "FullyShardedDataParallel", "DistributedDataParallel",
-             "DataParallel")
+             "DataParallel", "OptimizedModule")
 
 
 def rank() -> int:
@@ -44,15 +44,21 @@ def _wrapper_kind(module: nn.Module) -> str | None:
 
 
 def check_not_wrapped(model: nn.Module) -> None:
-    """Raise when ``model`` or one of its modules is already sharded or wrapped for data parallel.
+    """Raise when ``model`` or one of its modules is already sharded, wrapped for data parallel
+    or compiled (``torch.compile``'s ``OptimizedModule``).
 
     Raises:
         InvalidArgumentError: names the first wrapped module and says to transform first.
     """
     for path, module in model.named_modules():
         kind = _wrapper_kind(module)
+        where = f"module '{path}'" if path else "the model"
+        if kind == "OptimizedModule":
+            raise InvalidArgumentError(
+                f"{where} is compiled by torch.compile (OptimizedModule): apply "
+                "fxsd.stochastic_depth to the module it compiles (its ._orig_mod) and compile the "
+                "result with fxsd.compile(model), which keeps the gates' decisions live")
         if kind is not None:
-            where = f"module '{path}'" if path else "the model"
             raise InvalidArgumentError(
                 f"{where} ({type(module).__name__}) is already wrapped by {kind}: apply "
                 "fxsd.stochastic_depth to the plain model first, then shard or wrap the result "

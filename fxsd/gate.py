@@ -1,6 +1,8 @@
 """The gate runtime: :class:`BranchGate` runs or skips one residual branch.
 
-A gated graph calls ``self.<block>_gate(skip, fork, *side_inputs)`` where the add used to be.
+A gated graph calls the gate where the add used to be: ``self.<name>_gate(x, *side_inputs)`` for
+an identity skip (the fork *is* the skip), ``self.<name>_gate(skip, fork, *side_inputs)`` for a
+projection skip (``self.residual_gate(downsample, x)`` in a ResNet ``Bottleneck``).
 
 * **block** mode draws one host-side number per training forward: a dropped branch returns the
   skip and its nodes never run, so neither their forward nor their backward costs anything.
@@ -299,6 +301,6 @@ class BranchGate(nn.Module):
                 f"drop_rate={self.drop_rate:.4g}, skip={i.skip_kind}")
         if self.mode != "block":
             text += f", mode={self.mode}/{self.sample_impl}"
-        if self.scale != "eval":
+        if self.scale != "train":
             text += f", scale={self.scale}"
         return text

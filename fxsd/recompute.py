@@ -25,7 +25,7 @@ import torch
 
 from fxsd.errors import GraphError
 
-__all__ = ["decide"]
+__all__ = ["decide", "checkpointing"]
 
 _LOG = "_fxsd_decisions"
 _CURSOR = "_fxsd_replay"
@@ -74,3 +74,20 @@ def decide(gate: torch.nn.Module, draw: Callable[[], Any]) -> Any:
                          "one; its decision cannot be replayed")
     cursors[graph_task] = position + 1
     return log[position][1]
+
+
+def checkpointing(module: torch.nn.Module) -> str | None:
+    """What checkpoints ``module``'s own call, described for a message, or ``None``.
+
+    torch's activation-checkpoint wrappers (``CheckpointWrapper``) checkpoint their call; a
+    transformers checkpointing layer (a class-level ``gradient_checkpointing`` flag, as
+    ``GradientCheckpointingLayer`` has) checkpoints its ``forward`` once
+    ``gradient_checkpointing_enable()`` sets the flag. Code copied out of such a module into
+    another module's graph runs without either.
+    """
+    if isinstance(module.__dict__.get("_modules", {}).get("_checkpoint_wrapped_module"),
+                  torch.nn.Module):
+        return "an activation-checkpoint wrapper"
+    if any("gradient_checkpointing" in vars(klass) for klass in type(module).__mro__):
+        return "a Hugging Face checkpointing layer"
+    return None

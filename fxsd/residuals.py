@@ -19,6 +19,7 @@ The analysis is pure: it traces its own copy of the model and never changes the 
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxsd.calls import CallTree, stack_scope
+from fxsd.distributed import check_not_wrapped
 from fxsd.ops import (
     add_kind,
     add_operands,
@@ -265,9 +267,31 @@ def analyze_residuals(
         raise InvalidArgumentError(f"unknown tracing {tracing!r}: use one of {TRACINGS}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    check_not_wrapped(model)
+    _check_examples(model, example_inputs, example_kwargs)
     with preserved(model):  # a run by example must not leave BatchNorm statistics or RNG moved
         return _analyze(model, example_inputs, example_kwargs, tracing, leaf_modules,
                         concrete_args)
+
+
+def _check_examples(model: nn.Module, args: Sequence[Any] | None,
+                    kwargs: dict[str, Any] | None) -> None:
+    """Refuse example inputs that the model's ``forward`` would not accept (a misspelt keyword is
+    otherwise ignored when the model traces whole)."""
+    from fxsd.errors import InvalidArgumentError
+
+    if (args is None and kwargs is None) or isinstance(model, GraphModule):
+        return
+    try:
+        signature = inspect.signature(inspect.unwrap(type(model).forward))
+    except (TypeError, ValueError):  # no signature to check against (a builtin, a C extension)
+        return
+    try:
+        signature.bind(model, *(args or ()), **(kwargs or {}))
+    except TypeError as exc:
+        raise InvalidArgumentError(
+            f"the example inputs do not fit {type(model).__name__}.forward{signature}: {exc}. "
+            "Pass example_inputs= / example_kwargs= as one call of the model would.") from None
 
 
 def _analyze(model: nn.Module, example_inputs: Sequence[Any] | None,

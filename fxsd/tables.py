@@ -143,7 +143,7 @@ def table(
         headers.append("FLOPs")
     if with_rates:
         headers.append("drop rate")
-    with_modes = any(r.mode not in (None, "block") or r.scale not in (None, "eval")
+    with_modes = any(r.mode not in (None, "block") or r.scale not in (None, "train")
                      for r in report.rows)
     with_notes = any(r.note for r in report.rows)
     if with_modes:

@@ -495,7 +495,11 @@ def _symbolic_trace(
     # them back off the user's model and hand them to the GraphModule instead.
     before = set(model.__dict__), set(model._buffers), set(model._parameters), set(model._modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        # Without gradients, as the example run: a module that checkpoints its forward only
+        # when they are enabled (transformers' checkpointing layers) is traced through its
+        # plain forward, not through torch.utils.checkpoint.
+        with torch.no_grad():
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
         path, kind = (tracer.scope_stack[-1] if tracer.scope_stack
                       else (tracer.prefix.rstrip("."), type(model).__name__))

@@ -14,10 +14,14 @@ The analysis normally traces the whole model once. Two cases need more:
   call, and traces the largest traceable modules along their recorded calls
   (:class:`~fxsd.by_example.ExampleTracer`), descending into a module's children only when the
   module itself cannot be traced. A child whose tracing fails inside a traced module is kept as
-  an opaque call (and tried on its own). Core attention modules of Hugging Face models — those
-  whose ``forward`` dispatches through ``ALL_ATTENTION_FUNCTIONS`` — are always kept opaque:
-  traced through, they would freeze ``is_causal``, attention dropout and shapes. Modules that
-  could not be traced are reported with the reason.
+  an opaque call (and tried on its own). Hugging Face attention modules are traced through;
+  only the attention kernel they dispatch to through ``ALL_ATTENTION_FUNCTIONS`` stays one call
+  (:mod:`fxsd.hf`), so ``is_causal``, attention dropout and shapes stay live. Modules that could
+  not be traced are reported with the reason.
+
+Both run the model (or a unit) once; :func:`fxsd.residuals.analyze_residuals` runs them under
+:func:`fxsd.preserve.preserved`, so BatchNorm statistics, flags and the RNGs come back as they
+were.
 
 Depths: a module analysed on its own adds its levels at its call in its parent's graph; modules
 traced by example follow each other in the order they first ran.

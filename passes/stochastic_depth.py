@@ -34,6 +34,7 @@ from fxsd.graph_module import FxsdGraphModule, TreeEditor, copy_tree, module_fro
 from fxsd.ops import depends_on_input, is_metadata_read, is_view, mutated_operand
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
+from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord, RejectedRecord
 from fxsd.residuals import (
     ResidualAnalysis,
@@ -46,6 +47,7 @@ from fxsd.rows import row_coupling
 from fxsd.schedules import DISTRIBUTIONS, Distribution, check_rate, site_rates
 from fxsd.tracing import LeafSpec, is_drop_path
 from fxsd.training import gates
+from fxsd.variants import allow_other_calls
 
 __all__ = ["stochastic_depth", "gate_residuals", "GateSpec", "InlinedHooksWarning",
            "NoResidualSitesWarning"]
@@ -58,8 +60,8 @@ class NoResidualSitesWarning(UserWarning):
 
 
 class InlinedHooksWarning(UserWarning):
-    """A module with hooks had to be inlined into the gated module that owns a join: its hooks
-    will not run any more."""
+    """A module with hooks, or one whose call is checkpointed, had to be inlined into the gated
+    module that owns a join: its hooks will not run any more, its call is not checkpointed."""
 
 
 @dataclass(frozen=True)
@@ -237,13 +239,23 @@ def stochastic_depth(
 
 def _select(analysis: ResidualAnalysis, keep: Callable[[ResidualSite], bool]) -> None:
     """Keep only the sites ``keep`` selects, with depths ``1..L`` counted over them."""
-    chosen = [site for site in analysis.sites if keep(site)]
+    chosen = [site for site in analysis.sites if _selected(keep, site)]
     distinct = sorted({site.depth for site in chosen})
     rank_of = {d: i + 1 for i, d in enumerate(distinct)}
     renumbered = {id(site): replace(site, depth=rank_of[site.depth]) for site in chosen}
     for part in {id(p): p for p in (analysis, *analysis.units)}.values():
         part.sites = [renumbered[id(s)] for s in part.sites if id(s) in renumbered]
     analysis.num_levels = len(distinct)
+
+
+def _selected(keep: Callable[[ResidualSite], bool], site: ResidualSite) -> bool:
+    answer = keep(site)
+    if not isinstance(answer, bool):
+        raise InvalidTypeError(
+            f"select must return True or False for each site; for '{site.name}' in "
+            f"'{site.module_path or '<root>'}' it returned {answer!r} "
+            f"({type(answer).__name__}). Return a bool, e.g. bool(...)")
+    return answer
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -327,6 +339,14 @@ def _warn_inlined_hooks(analysis: ResidualAnalysis, owners: Sequence[Owner]) -> 
                     f"of a residual join that '{owner.path or '<root>'}' gates, so its code is "
                     "copied into that module's graph and its hooks will not run. Register them "
                     f"on '{owner.path or '<root>'}' or on the modules it calls instead.",
+                    InlinedHooksWarning, stacklevel=4)
+            how = checkpointing(module)
+            if how is not None:
+                warnings.warn(
+                    f"'{call.path}' ({call.type_name}) is {how}, but its forward performs part "
+                    f"of a residual join that '{owner.path or '<root>'}' gates, so its code is "
+                    "copied into that module's graph and its call will not be checkpointed. "
+                    f"Checkpoint '{owner.path or '<root>'}' (or a module above it) instead.",
                     InlinedHooksWarning, stacklevel=4)
 
 
@@ -440,6 +460,7 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
         if not node.users and is_metadata_read(node):
             graph.erase_node(node)
     graph.lint()
+    allow_other_calls(graph, type(module))  # calls its guards refuse: it traces itself again
     gated = module_from_graph(module, graph, cut.extra_attrs)
     gated.meta["fxsd"] = record
     return gated

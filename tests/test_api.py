@@ -143,7 +143,7 @@ def test_save_load_whole_module(net):
 
 
 def test_to_float64(net):
-    gm = fxsd.stochastic_depth(net, 0.3, seed=0).to(torch.float64).eval()
+    gm = fxsd.stochastic_depth(net, 0.3, seed=0, scale="eval").to(torch.float64).eval()
     x = torch.randn(3, 8, dtype=torch.float64)
     out = gm(x)
     assert out.dtype == torch.float64
@@ -169,7 +169,7 @@ def _eval_reference(net: Net, x, rates):
 def test_eval_scaling_linear_and_uniform(net):
     x = torch.randn(3, 8)
     for dist, rates in (("linear", [0.4 * d / 4 for d in range(1, 5)]), ("uniform", [0.4] * 4)):
-        gm = fxsd.stochastic_depth(net, 0.4, distribution=dist).eval()
+        gm = fxsd.stochastic_depth(net, 0.4, distribution=dist, scale="eval").eval()
         assert [g.drop_rate for g in fxsd.gates(gm)] == pytest.approx(rates)
         torch.testing.assert_close(gm(x), _eval_reference(net, x, rates))
 
@@ -182,7 +182,7 @@ def test_custom_distributions(net):
 
 
 def test_train_eval_switch_at_run_time(net):
-    gm = fxsd.stochastic_depth(net, 1.0, distribution="uniform", seed=0)
+    gm = fxsd.stochastic_depth(net, 1.0, distribution="uniform", seed=0, scale="eval")
     x = torch.randn(3, 8)
     gm.train()
     torch.testing.assert_close(gm(x), x * 2 * 0.5)  # every branch dropped

@@ -1,6 +1,9 @@
-"""Activation checkpointing (``apply_activation_checkpointing``) on gated blocks, applied before or
-after the transform: kept blocks are recomputed in backward with the decision of their forward
-replayed, dropped blocks compute nothing, and gradients equal those without checkpointing."""
+"""Activation checkpointing on gated blocks, applied before or after the transform: kept blocks
+are recomputed in backward with the decision of their forward replayed, dropped blocks compute
+nothing, and gradients equal those without checkpointing. ``apply_activation_checkpointing`` on
+torchvision's ResNet-18 and on a Hugging Face Llama, Hugging Face's own checkpointing
+(``gradient_checkpointing_enable()``) on the Llama; reentrant checkpointing and a checkpointed
+module whose code must be copied into its parent's graph are refused loudly."""
 
 from __future__ import annotations
 
@@ -138,7 +141,8 @@ def test_reentrant_checkpointing_is_refused_clearly():
 
 
 def test_functional_checkpoint_of_a_gated_block():
-    block = fxsd.stochastic_depth(Mlp(), 0.5, distribution="uniform", seed=SEED).train()
+    block = fxsd.stochastic_depth(Mlp(), 0.5, distribution="uniform", seed=SEED,
+                                 scale="eval").train()  # kept: x + branch, unscaled
     x = torch.randn(4, 16, requires_grad=True)
     for _ in range(6):
         y = checkpoint(block, x, use_reentrant=False)
@@ -146,3 +150,147 @@ def test_functional_checkpoint_of_a_gated_block():
         (gate,) = fxsd.gates(block)
         expected = x if gate.dropped else x + block.fc(block.norm(x))
         torch.testing.assert_close(y, expected)
+
+
+def _unwrapped_keys(named: dict) -> dict:
+    return {_unwrapped(k): v for k, v in named.items()}
+
+
+# Hugging Face: a gated decoder layer is still a GradientCheckpointingLayer (transformers 5.25
+# checkpoints its forward through a wrapper its __init_subclass__ installs), and a
+# CheckpointWrapper applied before the transform stays around the layer it wraps.
+IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+LLAMA_SEED = 5
+
+
+def _llama() -> torch.nn.Module:
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64)
+    return tf.LlamaForCausalLM(config).train()
+
+
+def _gate_llama(model: torch.nn.Module) -> torch.nn.Module:
+    return fxsd.stochastic_depth(model, 0.5, distribution="uniform", seed=LLAMA_SEED,
+                                 example_kwargs={"input_ids": IDS}, scale="train").train()
+
+
+def _is_decoder_layer(module: torch.nn.Module) -> bool:
+    return type(module).__name__ == "LlamaDecoderLayer"
+
+
+def _hf_checkpointing(model: torch.nn.Module, reentrant: bool) -> None:
+    """Hugging Face's checkpointing, by its current name (``gradient_checkpointing_enable``, its
+    older name, is a deprecated alias of it in transformers 5.25)."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _checkpointed_llama(how: str, when: str, reentrant: bool = False) -> torch.nn.Module:
+    model = _llama()
+    if when == "after":
+        model = _gate_llama(model)
+    if how == "hf":
+        _hf_checkpointing(model, reentrant)
+    else:
+        apply_activation_checkpointing(model, check_fn=_is_decoder_layer)
+    return _gate_llama(model) if when == "before" else model
+
+
+def _llama_step(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, bool], dict]:
+    """The second of two training steps: MLP calls and MLP gate decisions by decoder layer, and
+    the gradients.
+
+    Calls are counted by forward *pre*-hooks: a recomputation stops as soon as it has rebuilt
+    what backward needs, inside the MLP (its last module), before a forward hook would fire. The
+    first step is left out: checkpointing calls the layers with ``cache=None``, which their
+    trace did not see, and a gated layer traces itself again on such a call (running its
+    modules once more)."""
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    layers = {_unwrapped(f"{n}.")[:-1]: m for n, m in model.named_modules()
+              if _is_decoder_layer(m)}
+    counts = dict.fromkeys(layers, 0)
+    handles = [layer.mlp.register_forward_pre_hook(
+        lambda mod, args, k=name: counts.__setitem__(k, counts[k] + 1))
+        for name, layer in layers.items()]
+    model.zero_grad(set_to_none=True)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    for h in handles:
+        h.remove()
+    gates = _unwrapped_keys(fxsd.named_gates(model))
+    dropped = {name: gates[f"{name}.mlp_gate"].dropped for name in layers}
+    return counts, dropped, _unwrapped_keys(grads(model))
+
+
+@functools.cache
+def _llama_reference() -> tuple[dict[str, int], dict[str, bool], dict]:
+    return _llama_step(_gate_llama(_llama()))
+
+
+@pytest.mark.parametrize("how", ["hf", "apply_activation_checkpointing"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_checkpointed_gated_llama_recomputes_kept_layers(how, when):
+    counts_ref, dropped, grads_ref = _llama_reference()
+    assert True in dropped.values() and False in dropped.values(), dropped
+    assert counts_ref == {k: 0 if d else 1 for k, d in dropped.items()}
+    model = _checkpointed_llama(how, when)
+    counts, replayed, got = _llama_step(model)
+    assert replayed == dropped
+    # forward + recomputation for a kept MLP, nothing at all for a dropped one
+    assert counts == {k: 0 if d else 2 for k, d in dropped.items()}
+    assert got.keys() == grads_ref.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], grads_ref[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_hf_reentrant_checkpointing_of_a_gated_llama_is_refused_clearly(when):
+    model = _checkpointed_llama("hf", when, reentrant=True)
+    loss = model(input_ids=IDS, labels=IDS).loss
+    with pytest.raises(fxsd.GraphError, match="use_reentrant=False"):
+        loss.backward()
+
+
+class _Output(torch.nn.Module):  # BERT's SelfOutput: its join's fork comes from outside it
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.norm = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+
+    def forward(self, hidden, input_tensor):
+        return self.norm(self.dense(hidden) + input_tensor)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self, self.output = _SelfAttention(), _Output()
+
+    def forward(self, x):
+        return self.output(self.self(x), x)
+
+
+def test_a_checkpointed_module_copied_into_its_parent_warns():
+    model = torch.nn.Sequential(_Attention(), _Attention())
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, _Output))
+    with pytest.warns(fxsd.InlinedHooksWarning) as record:
+        fxsd.stochastic_depth(model, 0.5, scale="train")
+    for i, warning in enumerate(record):
+        assert str(warning.message).startswith(
+            f"'{i}.output' (CheckpointWrapper) is an activation-checkpoint wrapper"), warning
+        assert str(warning.message).endswith(f"Checkpoint '{i}' (or a module above it) instead.")
+    assert len(record) == 2

@@ -16,6 +16,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import fxsd
 
+pytestmark = pytest.mark.filterwarnings("ignore::fxsd.folding.EvalScaledWeightsWarning")
 BACKEND = "aot_eager"  # dynamo + AOT autograd, without inductor's C++ build time on CI
 
 
@@ -113,8 +114,9 @@ def test_channels_last_stays_channels_last_through_compiled_branches():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
-    eager = fxsd.stochastic_depth(model, 0.5, distribution="uniform", seed=3).train()
-    gated = fxsd.stochastic_depth(model, 0.5, distribution="uniform", seed=3).train()
+    kw = dict(distribution="uniform", seed=3, scale="eval")  # outputs of the plain model's size
+    eager = fxsd.stochastic_depth(model, 0.5, **kw).train()
+    gated = fxsd.stochastic_depth(model, 0.5, **kw).train()
     compiled = fxsd.compile(gated, backend=BACKEND)
     layouts = []
     for gate in fxsd.gates(gated):
@@ -167,7 +169,7 @@ def test_strip_equals_gated_eval_and_exports(name):
     build, kwargs = STRIP_CASES[name]
     torch.manual_seed(0)
     model = build()
-    gm = fxsd.stochastic_depth(model, **kwargs).eval()
+    gm = fxsd.stochastic_depth(model, scale="eval", **kwargs).eval()
     plain = fxsd.strip(gm)
     assert not fxsd.gates(plain)
     assert not any(isinstance(m, fxsd.BranchGate) for m in plain.modules())
@@ -185,7 +187,7 @@ def test_strip_equals_gated_eval_and_exports(name):
 def test_strip_fold_scale_into_weights():
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
-    gm = fxsd.stochastic_depth(model, 0.3).eval()
+    gm = fxsd.stochastic_depth(model, 0.3, scale="eval").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fxsd.strip(gm, fold_scale=True)
     assert "alpha" not in _code(folded)  # every bn3 took its branch's factor

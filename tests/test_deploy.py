@@ -10,6 +10,9 @@ from torch import nn
 import fxsd
 from fxsd.models import cifar_resnet
 
+# Every model here is eval-scaled on purpose: its state_dict() warns, as it should.
+pytestmark = pytest.mark.filterwarnings("ignore::fxsd.folding.EvalScaledWeightsWarning")
+
 
 def _randomised(model: nn.Module) -> nn.Module:
     """Weights that torchvision initialises to (almost) zero made random, so every branch and
@@ -28,7 +31,7 @@ CASES = {
     "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32), {}, (2, 3, 32, 32),
                  "encoder.layers.encoder_layer_0.self_attention.out_proj"),
     # the model's own drop paths become eval-scaled gates: the factor goes into layer_scale
-    "convnext_tiny": (torchvision.models.convnext_tiny, {"scale": "eval"}, (1, 3, 32, 32),
+    "convnext_tiny": (torchvision.models.convnext_tiny, {}, (1, 3, 32, 32),
                       "features.1.0.layer_scale"),
 }
 
@@ -38,7 +41,7 @@ def test_plain_model_reproduces_the_gated_models_eval_outputs(name):
     build, kwargs, shape, first_target = CASES[name]
     torch.manual_seed(0)
     model = _randomised(build())
-    gated = fxsd.stochastic_depth(model, 0.5, **kwargs).eval()
+    gated = fxsd.stochastic_depth(model, 0.5, scale="eval", **kwargs).eval()
     assert fxsd.gates(gated)[0].info.fold.path == first_target
     before = {k: v.clone() for k, v in gated.state_dict().items()}
     state = fxsd.plain_state_dict(gated)
@@ -88,7 +91,7 @@ class Foldable(nn.Module):
 
 def test_unfoldable_sites_are_all_listed_and_nothing_is_folded():
     model = nn.Sequential(Foldable(), TanhBranch(), TanhBranch())
-    gated = fxsd.stochastic_depth(model, 0.3, distribution="uniform").eval()
+    gated = fxsd.stochastic_depth(model, 0.3, distribution="uniform", scale="eval").eval()
     with pytest.raises(fxsd.FoldError) as info:
         fxsd.plain_state_dict(gated)
     message = str(info.value)
@@ -109,7 +112,7 @@ def test_shared_weights_cannot_take_a_factor():
             x = x + self.fc(x)
             return x + self.fc(x)
 
-    gated = fxsd.stochastic_depth(Shared(), 0.4, distribution="uniform")
+    gated = fxsd.stochastic_depth(Shared(), 0.4, distribution="uniform", scale="eval")
     with pytest.raises(fxsd.FoldError, match="used elsewhere"):
         fxsd.plain_state_dict(gated)
 
@@ -140,7 +143,7 @@ class FunctionalBlock(nn.Module):
 
 def test_functional_weights_fold_into_their_module():
     model = nn.Sequential(FunctionalBlock(), FunctionalBlock())
-    gated = fxsd.stochastic_depth(model, 0.4).eval()
+    gated = fxsd.stochastic_depth(model, 0.4, scale="eval").eval()
     plain = nn.Sequential(FunctionalBlock(), FunctionalBlock()).eval()
     plain.load_state_dict(fxsd.plain_state_dict(gated))
     x = torch.randn(3, 5, 8)
@@ -151,7 +154,7 @@ def test_functional_weights_fold_into_their_module():
 def test_functional_weights_used_twice_are_not_folded():
     shared = nn.Linear(8, 8)
     model = nn.Sequential(FunctionalBlock(tie=shared), FunctionalBlock(tie=shared))
-    gated = fxsd.stochastic_depth(model, 0.4).eval()
+    gated = fxsd.stochastic_depth(model, 0.4, scale="eval").eval()
     with pytest.raises(fxsd.FoldError) as info:
         fxsd.plain_state_dict(gated)
     message = str(info.value)  # the tied 'out' layer takes no factor; both 'proj' layers would

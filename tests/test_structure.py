@@ -195,7 +195,7 @@ class Albert(nn.Module):  # one layer, applied at four depths
 
 def test_module_called_at_several_depths_keeps_one_gate_per_call():
     model = Albert().eval()
-    result = fxsd.stochastic_depth(model, 0.4)
+    result = fxsd.stochastic_depth(model, 0.4, scale="eval")
     gates = fxsd.gates(result)
     assert [g.info.depth for g in gates] == [1, 2, 3, 4]
     assert [g.drop_rate for g in gates] == pytest.approx([0.1, 0.2, 0.3, 0.4])
@@ -342,8 +342,16 @@ def test_block_traced_with_a_default_argument_guards_it():
     assert "check_argument(scale, 1.0, 'blocks.0', 'scale')" in block.code
     x = torch.randn(4, 8)
     torch.testing.assert_close(block(x, 1.0), model.blocks[0](x, 1.0), rtol=0, atol=0)
-    with pytest.raises(fxsd.GuardError, match=r"'blocks.0' was rewritten by fxsd for scale=1.0"):
-        block(x, 2.0)
+    # another value: the block traces itself again for it, gated by its own gate
+    torch.testing.assert_close(block(x, 2.0), model.blocks[0](x, 2.0), rtol=0, atol=0)
+    fxsd.set_drop_rate(result, 1.0)
+    torch.testing.assert_close(block.train()(x, 2.0), x, rtol=0, atol=0)  # dropped: the skip
+    assert block.residual_gate.dropped
+    block.eval()
+    for scale in range(3, 3 + fxsd.variants.MAX_VARIANTS - 1):  # one variant per value
+        block(x, float(scale))
+    with pytest.raises(fxsd.GuardError, match=r"'blocks.0' .* traced itself again for 8 other"):
+        block(x, 99.0)
 
 
 # -- strip at rate 1 ---------------------------------------------------------------------------
@@ -360,7 +368,7 @@ class ReluAfterJoin(nn.Module):
 
 
 def test_strip_at_rate_one_never_modifies_the_callers_input():
-    result = fxsd.stochastic_depth(ReluAfterJoin(), 1.0, distribution="uniform")
+    result = fxsd.stochastic_depth(ReluAfterJoin(), 1.0, distribution="uniform", scale="eval")
     assert fxsd.gates(result)[0].clone_on_drop
     plain = fxsd.strip(result)
     x = torch.randn(4, 8)

@@ -91,7 +91,7 @@ def test_subset_computes_only_kept_rows():
     model = LnMlp(1)
     gm = fxsd.stochastic_depth(model, 0.75, distribution="uniform", mode="sample", seed=0)
     rows_seen = []
-    h = model.blocks[0].fc1.register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[0]))
+    h = gm.blocks[0].fc1.register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[0]))
     gm.train()(torch.randn(40, 16))
     h.remove()
     (gate,) = fxsd.gates(gm)
@@ -115,7 +115,7 @@ def test_subset_equals_mask_on_vit():
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-3, atol=1e-5, msg=k)
     # The attention module sees only the kept rows.
     seen = []
-    attn = model.encoder.layers[0].self_attention
+    attn = subset.encoder.layers[0].self_attention
     h = attn.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
     subset(x)
     h.remove()
@@ -330,7 +330,7 @@ def test_mask_mode_computes_every_row_and_zeroes_the_dropped_ones():
     gm = fxsd.stochastic_depth(model, 0.5, distribution="uniform", mode="sample",
                                sample_impl="mask", scale="none").train()
     seen = []
-    handle = model.blocks[0].fc1.register_forward_hook(lambda m, a, o: seen.append(len(a[0])))
+    handle = gm.blocks[0].fc1.register_forward_hook(lambda m, a, o: seen.append(len(a[0])))
     x = torch.randn(8, 16)
     out = gm(x)
     handle.remove()
