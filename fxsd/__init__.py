@@ -22,8 +22,12 @@ The public surface:
   for deployment and ``torch.export``;
 * :func:`show` — a gated model's code, each branch under its gate;
 * :func:`plain_state_dict` — trained weights back to the plain model, eval scale folded in;
-* :func:`trace` — fxsd's tracer on its own;
-* :class:`FxsdError` and its subclasses — every error fxsd raises.
+* :class:`FxsdError` and its subclasses — every error fxsd raises; the warnings a user may
+  filter.
+
+Advanced names — the gate runtime (:mod:`fxsd.gate`), the records (:mod:`fxsd.record`), the
+analysis' types (:mod:`fxsd.residuals`), fxsd's tracer (:func:`fxsd.tracing.trace`), the
+decision step (:mod:`fxsd.plan`) — are imported from their modules (docs/api.md).
 """
 
 from __future__ import annotations
@@ -36,16 +40,10 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it. Attributes load on first use (PEP 562), so that
 # ``import fxsd`` — and ``fxsd --help`` — does not import torch until something needs it.
 _EXPORTS = {
-    "BranchGate": "fxsd.gate",
-    "DropPathAction": "fxsd.gate",
-    "DropSampler": "fxsd.gate",
-    "GateInfo": "fxsd.gate",
     "DropWarmup": "fxsd.schedulers",
     "DropSchedule": "fxsd.schedulers",
-    "ProgressiveLayerDrop": "fxsd.schedulers",
     "progressive_layer_drop": "fxsd.schedulers",
     "gates": "fxsd.training",
-    "named_gates": "fxsd.training",
     "get_drop_rate": "fxsd.training",
     "set_drop_rate": "fxsd.training",
     "get_rng_state": "fxsd.training",
@@ -57,34 +55,28 @@ _EXPORTS = {
     "InvalidTypeError": "fxsd.errors",
     "TraceError": "fxsd.errors",
     "FoldError": "fxsd.folding",
+    "EvalScaledWeightsWarning": "fxsd.folding",
     "plain_state_dict": "fxsd.folding",
-    "FxsdGraphModule": "fxsd.graph_module",
-    "FxsdRecord": "fxsd.record",
     "get_record": "fxsd.record",
     "InlinedHooksWarning": "fxsd.passes.stochastic_depth",
     "NoResidualSitesWarning": "fxsd.passes.stochastic_depth",
     "stochastic_depth": "fxsd.passes.stochastic_depth",
     "strip": "fxsd.passes.strip_gates",
-    "RejectedAdd": "fxsd.residuals",
-    "RejectReason": "fxsd.residuals",
-    "ResidualAnalysis": "fxsd.residuals",
     "ResidualSite": "fxsd.residuals",
-    "SkipKind": "fxsd.residuals",
-    "analyze_residuals": "fxsd.residuals",
-    "find_residuals": "fxsd.residuals",
-    "site_rates": "fxsd.schedules",
+    "analyze_residuals": "fxsd.analysis",
+    "find_residuals": "fxsd.analysis",
     "show": "fxsd.listing",
     "table": "fxsd.tables",
     "TrainingDependenceWarning": "fxsd.tracing",
     "FrozenDropoutWarning": "fxsd.tracing",
-    "trace": "fxsd.tracing",
     "compile": "fxsd.compiling",
     "apply_stochastic_depth": "fxsd.composer",
+    "expected_saving": "fxsd.budget",
 }
-# Submodules listed in __all__ (every submodule is reachable as an attribute: fxsd.owners...).
-_SUBMODULES = ("bench", "models")
-
-__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+# What a user calls. Everything else stays importable from its module (fxsd.gate.BranchGate,
+# fxsd.training.named_gates, ...; docs/api.md lists it as advanced), and every submodule is
+# reachable as an attribute (fxsd.bench, fxsd.models, fxsd.owners...).
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -104,7 +96,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
-    from fxsd import bench, models
+    from fxsd.analysis import analyze_residuals, find_residuals
+    from fxsd.budget import expected_saving
     from fxsd.compiling import compile  # noqa: A004
     from fxsd.composer import apply_stochastic_depth
     from fxsd.errors import (
@@ -115,9 +108,7 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         InvalidTypeError,
         TraceError,
     )
-    from fxsd.folding import FoldError, plain_state_dict
-    from fxsd.gate import BranchGate, DropPathAction, DropSampler, GateInfo
-    from fxsd.graph_module import FxsdGraphModule
+    from fxsd.folding import EvalScaledWeightsWarning, FoldError, plain_state_dict
     from fxsd.listing import show
     from fxsd.passes.stochastic_depth import (
         InlinedHooksWarning,
@@ -125,30 +116,9 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         stochastic_depth,
     )
     from fxsd.passes.strip_gates import strip
-    from fxsd.record import FxsdRecord, get_record
-    from fxsd.residuals import (
-        RejectedAdd,
-        RejectReason,
-        ResidualAnalysis,
-        ResidualSite,
-        SkipKind,
-        analyze_residuals,
-        find_residuals,
-    )
-    from fxsd.schedulers import (
-        DropSchedule,
-        DropWarmup,
-        ProgressiveLayerDrop,
-        progressive_layer_drop,
-    )
-    from fxsd.schedules import site_rates
+    from fxsd.record import get_record
+    from fxsd.residuals import ResidualSite
+    from fxsd.schedulers import DropSchedule, DropWarmup, progressive_layer_drop
     from fxsd.tables import table
-    from fxsd.tracing import FrozenDropoutWarning, TrainingDependenceWarning, trace
-    from fxsd.training import (
-        gates,
-        get_drop_rate,
-        get_rng_state,
-        named_gates,
-        set_drop_rate,
-        set_rng_state,
-    )
+    from fxsd.tracing import FrozenDropoutWarning, TrainingDependenceWarning
+    from fxsd.training import gates, get_drop_rate, get_rng_state, set_drop_rate, set_rng_state

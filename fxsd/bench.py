@@ -4,11 +4,17 @@ One run builds these variants of one model, all on the same machine and inputs:
 
 * ``baseline`` — the untransformed model;
 * ``fxsd p=0`` — the gated model that never drops (the gates' own overhead);
-* ``fxsd`` — the gated model at each requested rate (block mode);
+* ``fxsd`` — the gated model at each requested rate (and, in sample mode, ``fxsd (mask)``: the
+  same with ``sample_impl="mask"``);
 * ``mask drop path`` — the model with torchvision's ``StochasticDepth(p, "row")`` on every branch
   output at the same per-site rates (what users run today: the branch is computed anyway);
 * ``every site dropped`` — the gated model with every rate at 1;
 * ``limit`` — the step time perfect skipping would give at each rate.
+
+``compile=True`` adds ``compiled`` baseline, ``fxsd p=0``, ``fxsd`` and ``every site dropped``
+rows, compared with the compiled baseline. Each row is a :class:`Variant`, a
+:class:`VariantKind` with its rate and whether it is compiled: code tells rows apart by kind, and
+:attr:`Variant.label` is only the name that tables and JSON show.
 
 The limit comes from measured times, not FLOPs: the branches' total time is the baseline step
 minus the every-site-dropped step, and it is shared out between sites in proportion to each
@@ -28,6 +34,8 @@ an effect the table reports, or an efficiency lies outside [0, 1.1] — signs of
 from __future__ import annotations
 
 import copy
+import enum
+import math
 import platform
 import statistics
 import sys
@@ -35,12 +43,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxsd.analysis import analyze_residuals
 from fxsd.compiling import compile as compile_gated
 from fxsd.errors import InvalidArgumentError
 from fxsd.gate import BranchGate
@@ -48,14 +57,16 @@ from fxsd.models import load_model
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
 from fxsd.passes.stochastic_depth import stochastic_depth
 from fxsd.record import get_record
-from fxsd.residuals import analyze_residuals
-from fxsd.schedules import check_rate, site_rates
+from fxsd.distributions import check_rate, site_rates
 from fxsd.tables import EMPTY, LEAVE_OUT, _ends, fill, fit_table, terminal_width
 from fxsd.training import gates, named_gates
 
-__all__ = ["BenchConfig", "BenchRow", "BenchResult", "run", "format_table", "site_times",
-           "exclusive_times", "gate_ancestors", "limit_saving", "transform_rows",
-           "transform_times"]
+if TYPE_CHECKING:
+    from fxsd.residuals import ResidualAnalysis
+
+__all__ = ["BenchConfig", "Variant", "VariantKind", "BenchRow", "BenchResult", "run",
+           "format_table", "site_times", "exclusive_times", "gate_ancestors", "limit_saving",
+           "transform_rows", "transform_times"]
 
 HEADERS = ["variant", "drop rate", "mean ms", "median ms", "IQR ms", "ratio", "saving %",
            "limit %", "efficiency", "peak MiB"]
@@ -82,14 +93,79 @@ class BenchConfig:
     compile_backend: str = "inductor"
 
 
+class VariantKind(enum.Enum):
+    """What a row of the benchmark measures. The value is the row's name in tables and JSON."""
+
+    BASELINE = "baseline"  # the untransformed model
+    OVERHEAD = "fxsd p=0"  # the gated model that never drops: what the gates themselves cost
+    FXSD = "fxsd"  # the gated model at a requested rate
+    MASK_DROP_PATH = "mask drop path"  # torchvision's StochasticDepth on every branch output
+    ALL_DROPPED = "every site dropped"  # the gated model at rate 1: the branches' total time
+    LIMIT = "limit"  # not run: the step time perfect skipping would give
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the benchmark: its ``kind``, its drop ``rate`` (``None`` for the baseline),
+    whether it runs under ``torch.compile`` and, for an fxsd row in sample mode, whether it uses
+    ``sample_impl="mask"``.
+
+    >>> Variant(VariantKind.ALL_DROPPED, 1.0, compiled=True).label
+    'compiled every site dropped'
+    """
+
+    kind: VariantKind
+    rate: float | None = None
+    compiled: bool = False
+    mask_impl: bool = False
+
+    @property
+    def label(self) -> str:
+        """The row's name in tables and JSON: ``fxsd``, ``fxsd (mask)``, ``compiled limit``..."""
+        return self._label(self.kind.value, "compiled")
+
+    def short_label(self, short_compiled: bool) -> str:
+        """:attr:`label` for a narrow table, still saying what ran: ``all dropped`` for ``every
+        site dropped`` and, when ``short_compiled``, ``comp.`` for ``compiled``."""
+        name = "all dropped" if self.kind is VariantKind.ALL_DROPPED else self.kind.value
+        return self._label(name, "comp." if short_compiled else "compiled")
+
+    def _label(self, name: str, compiled: str) -> str:
+        name += " (mask)" if self.mask_impl else ""
+        return f"{compiled} {name}" if self.compiled else name
+
+    @property
+    def group(self) -> str:
+        """``"compiled"`` or ``"eager"``: a row compares with the baseline of its group."""
+        return "compiled" if self.compiled else "eager"
+
+
 @dataclass
 class BenchRow:
-    variant: str
-    drop_rate: float | None
+    """The measured step times (seconds) of one :class:`Variant`; a ``LIMIT`` row holds the one
+    step time that the limit gives."""
+
+    spec: Variant
     times: list[float] = field(repr=False)
     peak_bytes: int | None = None
     limit: float | None = None  # fraction of the baseline step perfect skipping would save
-    group: str = "eager"  # rows compare with the baseline of their group ("eager"/"compiled")
+
+    @property
+    def variant(self) -> str:
+        """The row's name in tables and JSON (:attr:`Variant.label`)."""
+        return self.spec.label
+
+    @property
+    def kind(self) -> VariantKind:
+        return self.spec.kind
+
+    @property
+    def drop_rate(self) -> float | None:
+        return self.spec.rate
+
+    @property
+    def group(self) -> str:
+        return self.spec.group
 
     @property
     def mean(self) -> float:
@@ -118,13 +194,15 @@ class BenchResult:
     warnings: list[str] = field(default_factory=list)
 
     def row(self, variant: str, drop_rate: float | None = None) -> BenchRow:
+        """The row named ``variant`` (its label, as tables show it), at ``drop_rate`` if given."""
         for r in self.rows:
             if r.variant == variant and (drop_rate is None or r.drop_rate == drop_rate):
                 return r
         raise KeyError((variant, drop_rate))
 
     def base(self, group: str) -> BenchRow:
-        return next(r for r in self.rows if r.group == group and r.variant.endswith("baseline"))
+        """The baseline row that the rows of ``group`` compare with."""
+        return next(r for r in self.rows if r.group == group and r.kind is VariantKind.BASELINE)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,20 +230,26 @@ def _loss(out: Any) -> torch.Tensor:
     return sum(t.float().mean() for t in leaves)
 
 
-class _Variant:
-    def __init__(self, name: str, rate: float | None, model: nn.Module, cfg: BenchConfig,
-                 group: str = "eager"):
-        self.row = BenchRow(name, rate, [], group=group)
+class _Runner:
+    """One variant's model in training, with its optimiser; :attr:`row` collects its times."""
+
+    def __init__(self, spec: Variant, model: nn.Module, cfg: BenchConfig):
+        self.row = BenchRow(spec, [])
         self.gates = gates(model)
         self.model = model.train()
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        if group == "compiled":
+        if spec.compiled:
             self.model = (compile_gated(model, backend=cfg.compile_backend) if self.gates
                           else torch.compile(model, backend=cfg.compile_backend))
         self.rows_run: list[list[int]] = []  # per step, per gate: rows perfect skipping computes
         self.cfg = cfg
 
+    @property
+    def spec(self) -> Variant:
+        return self.row.spec
+
     def step(self, x: torch.Tensor) -> None:
+        """One training step (forward, backward, optimiser), the gates' last decisions cleared."""
         for g in self.gates:
             g.dropped = None
             g.kept_rows = None
@@ -406,6 +490,29 @@ def run(
 
 
 def _run(cfg: BenchConfig, report: _Progress) -> BenchResult:
+    """Build the variants, warm them up, time them interleaved, then work out the limits."""
+    rates, device = _checked(cfg)
+    base, x = _model_and_input(cfg, device)
+    analysis = analyze_residuals(base)
+    if not analysis.sites:
+        raise InvalidArgumentError(f"{cfg.model} has no residual site to benchmark")
+    report.say(f"building the variants of {cfg.model} ({len(analysis.sites)} sites)")
+    runners = _variants(cfg, base, rates, analysis)
+    _warm_up(runners, x, cfg, report)
+    sync_check = "not run (CPU)"
+    if device.type == "cuda":
+        sync_check = _sync_check(_find(runners, VariantKind.FXSD), x)
+    _time_steps(runners, x, cfg, device, report)
+    report.say("timing each branch alone, for the limit")
+    branches = _measure_branches(runners, x, cfg, analysis)
+    rows, shares = _rows_with_limits(runners, branches, cfg, rates)
+    result = BenchResult(cfg, rows, shares, _machine(device), sync_check)
+    result.warnings = noise_warnings(result)
+    return result
+
+
+def _checked(cfg: BenchConfig) -> tuple[tuple[float, ...], torch.device]:
+    """The checked drop rates and device; ``cfg.amp`` becomes a torch dtype name."""
     rates = tuple(check_rate(r) for r in cfg.drop_rates)
     if cfg.steps < 1 or cfg.warmup < 0 or cfg.batch_size < 1:
         raise InvalidArgumentError("steps and batch_size must be positive, warmup non-negative")
@@ -418,24 +525,71 @@ def _run(cfg: BenchConfig, report: _Progress) -> BenchResult:
         raise InvalidArgumentError(f"unknown --amp {cfg.amp!r}: use bf16 or fp16")
     if cfg.amp:
         cfg.amp = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.amp, cfg.amp)
+    return rates, device
+
+
+def _model_and_input(cfg: BenchConfig, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+    """The model and a random input batch, seeded by ``cfg.seed``, on ``device``."""
     torch.manual_seed(cfg.seed)
     size = cfg.image_size or (32 if cfg.model.startswith("cifar") else 64)
     base = load_model(cfg.model, size)
     x = torch.randn(cfg.batch_size, 3, size, size)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    base = base.to(device, memory_format=memory_format)
-    x = x.to(device, memory_format=memory_format)
+    return base.to(device, memory_format=memory_format), x.to(device, memory_format=memory_format)
 
-    analysis = analyze_residuals(base)
-    if not analysis.sites:
-        raise InvalidArgumentError(f"{cfg.model} has no residual site to benchmark")
+
+def _variant_specs(cfg: BenchConfig, rates: Sequence[float]) -> list[Variant]:
+    """The variants one run times, in the table's order (the limit rows come after timing)."""
+    kind = VariantKind
+    eager = [Variant(kind.BASELINE), Variant(kind.OVERHEAD, 0.0)]
+    for r in rates:
+        eager.append(Variant(kind.FXSD, r))
+        if cfg.mode == "sample":
+            eager.append(Variant(kind.FXSD, r, mask_impl=True))
+    eager += [Variant(kind.MASK_DROP_PATH, r) for r in rates]
+    eager.append(Variant(kind.ALL_DROPPED, 1.0))
+    if not cfg.compile:
+        return eager
+    compiled = [Variant(kind.BASELINE, compiled=True), Variant(kind.OVERHEAD, 0.0, compiled=True),
+                *(Variant(kind.FXSD, r, compiled=True) for r in rates),
+                Variant(kind.ALL_DROPPED, 1.0, compiled=True)]
+    return eager + compiled
+
+
+def _variants(cfg: BenchConfig, base: nn.Module, rates: Sequence[float],
+              analysis: ResidualAnalysis) -> list[_Runner]:
+    """The variants one run times, each on its own copy of ``base``."""
     depths = [s.depth for s in analysis.sites]
-    report.say(f"building the variants of {cfg.model} ({len(analysis.sites)} sites)")
-    variants = _variants(cfg, base, rates, analysis)
 
-    for i in report.steps("warm-up" + (" (compiling)" if cfg.compile else ""), len(variants)):
-        v = variants[i]
-        if v.row.group == "compiled" and v.gates:
+    def gated(rate: float, distribution: str = cfg.distribution, **kw: Any) -> nn.Module:
+        return stochastic_depth(copy.deepcopy(base), rate, distribution=distribution,
+                                mode=cfg.mode, seed=cfg.seed, **kw)
+
+    def build(spec: Variant) -> nn.Module:
+        if spec.kind is VariantKind.BASELINE:
+            return copy.deepcopy(base)
+        if spec.kind is VariantKind.MASK_DROP_PATH:
+            per_site = site_rates(spec.rate, cfg.distribution, depths, analysis.num_levels)
+            return add_mask_drop_paths(analyze_residuals(copy.deepcopy(base)), per_site)
+        if spec.kind is VariantKind.ALL_DROPPED:
+            return gated(1.0, "uniform")
+        # OVERHEAD and FXSD: the gated model at the variant's rate
+        return gated(spec.rate, sample_impl="mask") if spec.mask_impl else gated(spec.rate)
+
+    return [_Runner(spec, build(spec), cfg) for spec in _variant_specs(cfg, rates)]
+
+
+def _find(runners: Sequence[_Runner], kind: VariantKind) -> _Runner:
+    """The first of ``runners`` of ``kind``."""
+    return next(v for v in runners if v.spec.kind is kind)
+
+
+def _warm_up(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
+             report: _Progress) -> None:
+    """``cfg.warmup`` untimed steps of each variant in turn."""
+    for i in report.steps("warm-up" + (" (compiling)" if cfg.compile else ""), len(runners)):
+        v = runners[i]
+        if v.spec.compiled and v.gates:
             # Compile every branch before timing: one step with every branch kept.
             rates_now = [g.drop_rate for g in v.gates]
             for g in v.gates:
@@ -445,12 +599,14 @@ def _run(cfg: BenchConfig, report: _Progress) -> BenchResult:
                 g.drop_rate = r
         for _ in range(cfg.warmup):
             v.step(x)
-    sync_check = "not run (CPU)"
-    if device.type == "cuda":
-        sync_check = _sync_check(variants[2], x)
 
-    for _ in report.steps(f"timing {len(variants)} variants, interleaved", cfg.steps):
-        for v in variants:
+
+def _time_steps(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
+                device: torch.device, report: _Progress) -> None:
+    """``cfg.steps`` timed steps of every variant, interleaved (one step of each in turn), into
+    each row's times, with the peak memory on CUDA and the rows each gate's branch computed."""
+    for _ in report.steps(f"timing {len(runners)} variants, interleaved", cfg.steps):
+        for v in runners:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
@@ -464,97 +620,125 @@ def _run(cfg: BenchConfig, report: _Progress) -> BenchResult:
             if v.gates:
                 v.rows_run.append(_rows_needed(v.gates, cfg.batch_size))
 
-    report.say("timing each branch alone, for the limit")
-    probe = variants[1].model
-    raw = site_times(probe, x, cfg)
+
+@dataclass
+class _Branches:
+    """The branches as the limit needs them, measured alone on the variant that never drops."""
+
+    names: list[str]  # the gates, in the model's order
+    isolated: dict[str, float]  # exclusive time of each branch alone (site_times)
+    chains: dict[str, list[str]]  # the gates whose branches hold each gate (gate_ancestors)
+    curves: dict[str, dict[int, float]]  # sample mode: time on k rows (row_times); else empty
+    depths: list[int]  # the sites' depths and levels, for their rates
+    levels: int
+
+
+def _measure_branches(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
+                      analysis: ResidualAnalysis) -> _Branches:
+    """Time each branch alone; in sample mode, also on every row count the timed steps ran."""
+    probe = _find(runners, VariantKind.OVERHEAD).model
+    isolated = site_times(probe, x, cfg)
     chains = gate_ancestors(probe, x, cfg)
     names = list(named_gates(probe))
-    n = cfg.batch_size
     counts: dict[str, set[int]] = {name: set() for name in names}
     if cfg.mode == "sample":
-        for v in variants:
+        for v in runners:
             for step in v.rows_run:
                 for name, k in zip(names, step):
                     counts[name].add(k)
     curves = row_times(probe, x, cfg, counts) if cfg.mode == "sample" else {}
+    return _Branches(names, isolated, chains, curves, [s.depth for s in analysis.sites],
+                     analysis.num_levels)
+
+
+@dataclass
+class _Limits:
+    """One group's (eager or compiled) limits. Its branch times are the isolated ones scaled to
+    add up to ``branch_total``, the measured baseline step minus the every-site-dropped step."""
+
+    cfg: BenchConfig
+    branches: _Branches
+    base_time: float
+    branch_total: float
+    times: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        isolated = self.branches.isolated
+        scale = self.branch_total / sum(isolated.values()) if sum(isolated.values()) else 0.0
+        self.times = {name: t * scale for name, t in isolated.items()}
+
+    @classmethod
+    def measured(cls, members: Sequence[_Runner], branches: _Branches,
+                 cfg: BenchConfig) -> _Limits:
+        """The limits of the group ``members``, from its baseline and every-site-dropped times."""
+        base_time = _find(members, VariantKind.BASELINE).row.mean
+        every = _find(members, VariantKind.ALL_DROPPED).row.mean
+        return cls(cfg, branches, base_time, max(base_time - every, 0.0))
+
+    def of(self, runner: _Runner) -> float | None:
+        """``runner``'s limit as a fraction of the baseline step (``None``: it has none)."""
+        kind = runner.spec.kind
+        if kind is VariantKind.FXSD:
+            return self.realised(runner) / self.base_time
+        if kind is VariantKind.MASK_DROP_PATH:
+            return self.expected(runner.spec.rate) / self.base_time
+        if kind is VariantKind.ALL_DROPPED:
+            return self.branch_total / self.base_time
+        return None
+
+    def limit_row(self, rate: float, compiled: bool) -> BenchRow:
+        """The ``limit`` row at ``rate``: the baseline step less the expected saving."""
+        saved = self.expected(rate)
+        return BenchRow(Variant(VariantKind.LIMIT, rate, compiled), [self.base_time - saved],
+                        limit=saved / self.base_time)
+
+    def cost(self, name: str, k: float) -> float:
+        """The (calibrated) time of ``name``'s branch on ``k`` rows."""
+        curves, n = self.branches.curves, self.cfg.batch_size
+        # proportional without a curve, or when the branch's rows are not the batch's
+        if name not in curves or curves[name].get(n, 0.0) <= 0:
+            return self.times[name] * k / n
+        return self.times[name] * _interpolate(curves[name], k) / curves[name][n]
+
+    def realised(self, runner: _Runner) -> float:
+        """Seconds per step that skipping exactly the work ``runner``'s steps dropped saves."""
+        order = list(named_gates(_gated(runner.model)))
+        saved = [sum(self.times[g] - self.cost(g, k) for g, k in zip(order, step))
+                 for step in runner.rows_run]
+        return statistics.fmean(saved)
+
+    def expected(self, rate: float) -> float:
+        """Expected seconds per step that perfect skipping at ``rate`` saves."""
+        b = self.branches
+        per_site = dict(zip(b.names, site_rates(rate, self.cfg.distribution, b.depths, b.levels)))
+        if self.cfg.mode == "sample":
+            # Each row is kept with probability 1 - p: the branch runs on Binomial(n, 1 - p) rows.
+            n = self.cfg.batch_size
+            return sum(
+                sum(math.comb(n, k) * (1 - p) ** k * p ** (n - k)
+                    * (self.times[g] - self.cost(g, k)) for k in range(n + 1))
+                for g, p in per_site.items())
+        return limit_saving(self.times, per_site, b.chains)
+
+
+def _rows_with_limits(runners: Sequence[_Runner], branches: _Branches, cfg: BenchConfig,
+                      rates: Sequence[float]) -> tuple[list[BenchRow], dict[str, float]]:
+    """Every row with its limit, each group's limit rows after its variants, and the eager
+    group's calibrated branch times (:attr:`BenchResult.site_times`)."""
     rows: list[BenchRow] = []
     shares: dict[str, float] = {}
-    for group in ("eager", "compiled"):
-        members = [v for v in variants if v.row.group == group]
+    for compiled in (False, True):
+        members = [v for v in runners if v.spec.compiled is compiled]
         if not members:
             continue
-        base_time = members[0].row.mean
-        every = next(v for v in members if v.row.variant.endswith("every site dropped"))
-        branch_total = max(base_time - every.row.mean, 0.0)
-        # The branches' measured total, shared out in proportion to their isolated times.
-        scale = branch_total / sum(raw.values()) if sum(raw.values()) else 0.0
-        times = {name: t * scale for name, t in raw.items()}
-        if group == "eager":
-            shares = times
-
-        def cost(name: str, k: float, times: dict[str, float] = times) -> float:
-            """The (calibrated) time of ``name``'s branch on ``k`` rows."""
-            # proportional without a curve, or when the branch's rows are not the batch's
-            if name not in curves or curves[name].get(n, 0.0) <= 0:
-                return times[name] * k / n
-            return times[name] * _interpolate(curves[name], k) / curves[name][n]
-
-        prefix = "compiled " if group == "compiled" else ""
+        limits = _Limits.measured(members, branches, cfg)
+        if not compiled:
+            shares = limits.times
         for v in members:
-            kind = v.row.variant.removeprefix(prefix)
-            if kind.startswith("fxsd") and kind != "fxsd p=0":
-                # Realised limit: what skipping exactly this run's dropped work would save.
-                order = list(named_gates(_gated(v.model)))
-                saved = [sum(times[g] - cost(g, k) for g, k in zip(order, step))
-                         for step in v.rows_run]
-                v.row.limit = statistics.fmean(saved) / base_time
-            elif kind == "mask drop path":
-                v.row.limit = _expected_limit(v.row.drop_rate, cfg, depths, analysis.num_levels,
-                                              names, times, chains, cost) / base_time
-            elif kind == "every site dropped":
-                v.row.limit = branch_total / base_time
+            v.row.limit = limits.of(v)
             rows.append(v.row)
-        for r in rates:
-            saved = _expected_limit(r, cfg, depths, analysis.num_levels, names, times, chains,
-                                    cost)
-            rows.append(BenchRow(f"{prefix}limit", r, [base_time - saved],
-                                 limit=saved / base_time, group=group))
-    result = BenchResult(cfg, rows, shares, _machine(device), sync_check)
-    result.warnings = noise_warnings(result)
-    return result
-
-
-def _variants(cfg: BenchConfig, base: nn.Module, rates: Sequence[float],
-              analysis: Any) -> list[_Variant]:
-    """The variants one run times, each on its own copy of ``base``."""
-    depths = [s.depth for s in analysis.sites]
-
-    def fresh() -> nn.Module:
-        return copy.deepcopy(base)
-
-    def gated(rate: float, distribution: str = cfg.distribution, **kw: Any) -> nn.Module:
-        return stochastic_depth(fresh(), rate, distribution=distribution, mode=cfg.mode,
-                                seed=cfg.seed, **kw)
-
-    variants = [_Variant("baseline", None, fresh(), cfg),
-                _Variant("fxsd p=0", 0.0, gated(0.0), cfg)]
-    for r in rates:
-        variants.append(_Variant("fxsd", r, gated(r), cfg))
-        if cfg.mode == "sample":
-            variants.append(_Variant("fxsd (mask)", r, gated(r, sample_impl="mask"), cfg))
-    for r in rates:
-        masked = add_mask_drop_paths(analyze_residuals(fresh()),
-                                     site_rates(r, cfg.distribution, depths, analysis.num_levels))
-        variants.append(_Variant("mask drop path", r, masked, cfg))
-    variants.append(_Variant("every site dropped", 1.0, gated(1.0, "uniform"), cfg))
-    if cfg.compile:
-        variants.append(_Variant("compiled baseline", None, fresh(), cfg, "compiled"))
-        variants.append(_Variant("compiled fxsd p=0", 0.0, gated(0.0), cfg, "compiled"))
-        for r in rates:
-            variants.append(_Variant("compiled fxsd", r, gated(r), cfg, "compiled"))
-        variants.append(_Variant("compiled every site dropped", 1.0, gated(1.0, "uniform"), cfg,
-                                 "compiled"))
-    return variants
+        rows += [limits.limit_row(r, compiled) for r in rates]
+    return rows, shares
 
 
 def noise_warnings(result: BenchResult) -> list[str]:
@@ -562,18 +746,17 @@ def noise_warnings(result: BenchResult) -> list[str]:
     baseline's own spread, or an efficiency outside [0, 1.1]."""
     found = []
     for r in result.rows:
-        kind = r.variant.removeprefix("compiled ")
-        if kind in ("baseline", "limit"):
+        if r.kind in (VariantKind.BASELINE, VariantKind.LIMIT):
             continue
         base = result.base(r.group)
         effect = abs(base.mean - r.mean)
-        if base.spread > effect and kind.startswith("fxsd") and kind != "fxsd p=0":
+        if base.spread > effect and r.kind is VariantKind.FXSD:
             found.append(f"{r.variant} at {r.drop_rate:g}: its {effect * 1e3:.1f} ms difference "
                          f"from the baseline is smaller than the baseline's own spread "
                          f"({base.spread * 1e3:.1f} ms IQR)")
-        if r.limit and kind != "every site dropped":
+        if r.limit and r.kind is VariantKind.FXSD:
             efficiency = (1.0 - r.mean / base.mean) / r.limit
-            if not 0.0 <= efficiency <= 1.1 and kind.startswith("fxsd"):
+            if not 0.0 <= efficiency <= 1.1:
                 found.append(f"{r.variant} at {r.drop_rate:g}: efficiency {efficiency:.2f} is "
                              "outside [0, 1.1]")
     if found:
@@ -585,23 +768,8 @@ def _gated(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # the module under torch.compile's wrapper
 
 
-def _expected_limit(rate: float, cfg: BenchConfig, depths: list[int], levels: int,
-                    names: list[str], times: dict[str, float], chains: dict[str, list[str]],
-                    cost: Callable[[str, float], float]) -> float:
-    per_site = dict(zip(names, site_rates(rate, cfg.distribution, depths, levels)))
-    if cfg.mode == "sample":
-        # Each row is kept with probability 1 - p: the branch runs on Binomial(n, 1 - p) rows.
-        from math import comb
-
-        n = cfg.batch_size
-        return sum(
-            sum(comb(n, k) * (1 - p) ** k * p ** (n - k) * (times[g] - cost(g, k))
-                for k in range(n + 1))
-            for g, p in per_site.items())
-    return limit_saving(times, per_site, chains)
-
-
-def _sync_check(variant: _Variant, x: torch.Tensor) -> str:
+def _sync_check(variant: _Runner, x: torch.Tensor) -> str:
+    """Three steps of ``variant`` with CUDA's sync debug mode raising on any host-device sync."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -637,22 +805,7 @@ def format_table(result: BenchResult, tablefmt: str = "simple", width: int | Non
     around it is wrapped. ``None``: the terminal's width (no limit when standard output is not a
     terminal); ``0``: no limit.
     """
-    body = []
-    for r in result.rows:
-        base = result.base(r.group).mean
-        saving = 1.0 - r.mean / base
-        limit = r.limit
-        kind = r.variant.removeprefix("compiled ")
-        eff = "-" if not limit or kind in ("baseline", "limit") else f"{saving / limit:.3f}"
-        if kind == "limit":
-            eff = "1.000"
-        body.append([
-            r.variant, "-" if r.drop_rate is None else f"{r.drop_rate:g}",
-            f"{r.mean * 1e3:.1f}", f"{r.median * 1e3:.1f}",
-            "-" if kind == "limit" else f"{r.spread * 1e3:.1f}", f"{r.mean / base:.3f}",
-            f"{saving * 100:+.1f}", "-" if limit is None else f"{limit * 100:.1f}", eff,
-            "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}",
-        ])
+    body = [_cells(r, result.base(r.group).mean) for r in result.rows]
     cfg = result.config
     head = (f"{cfg.model}, batch {cfg.batch_size}, {cfg.mode} mode, {cfg.distribution} rates, "
             f"{len(result.rows[0].times)} timed steps per variant (interleaved, after "
@@ -662,20 +815,45 @@ def format_table(result: BenchResult, tablefmt: str = "simple", width: int | Non
                "baseline" if cfg.compile else ""))
     limit = terminal_width() if width is None else width
     shrink = [(EMPTY, _ends), ("median ms", LEAVE_OUT), ("ratio", LEAVE_OUT),
-              ("variant", _short_variants), ("peak MiB", LEAVE_OUT), ("variant", _ends)]
+              ("variant", _short_variants(result.rows)), ("peak MiB", LEAVE_OUT),
+              ("variant", _ends)]
     table = fit_table(body, HEADERS, tablefmt, limit, shrink)
     lines = [fill(f"sync check: {result.sync_check}", limit, indent="  ")]
     lines += [fill(f"warning: {w}", limit, indent="  ") for w in result.warnings]
     return "\n".join([fill(head, limit, indent="  "), table, *lines])
 
 
-def _short_variants(cells: list[str], n: int) -> list[str]:
-    """Variant names in fewer characters, each still telling what ran: ``every site dropped`` ->
-    ``all dropped``, ``compiled`` -> ``comp.``; :func:`_ends` then cuts what is still too long."""
-    short = [cell.replace("every site dropped", "all dropped") for cell in cells]
-    if any(len(cell) > n for cell in short):
-        short = [cell.replace("compiled ", "comp. ") for cell in short]
-    return short
+def _cells(r: BenchRow, base: float) -> list[str]:
+    """``r``'s line of the table, against its group's baseline step time ``base``."""
+    saving = 1.0 - r.mean / base
+    if r.kind is VariantKind.LIMIT:
+        eff = "1.000"
+    elif not r.limit or r.kind is VariantKind.BASELINE:
+        eff = "-"
+    else:
+        eff = f"{saving / r.limit:.3f}"
+    return [
+        r.variant, "-" if r.drop_rate is None else f"{r.drop_rate:g}",
+        f"{r.mean * 1e3:.1f}", f"{r.median * 1e3:.1f}",
+        "-" if r.kind is VariantKind.LIMIT else f"{r.spread * 1e3:.1f}", f"{r.mean / base:.3f}",
+        f"{saving * 100:+.1f}", "-" if r.limit is None else f"{r.limit * 100:.1f}", eff,
+        "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}",
+    ]
+
+
+def _short_variants(rows: Sequence[BenchRow]) -> Callable[[list[str], int], list[str]]:
+    """The ``variant`` column's shortening for :func:`fit_table`: ``rows``' names in fewer
+    characters, each still telling what ran (:meth:`Variant.short_label`), ``compiled`` cut to
+    ``comp.`` only when that is still too long; ``_ends`` then cuts what is still too long."""
+
+    def shorten(cells: list[str], n: int) -> list[str]:
+        # the cells are the rows' labels, in order: fit_table has not cut this column yet
+        short = [r.spec.short_label(short_compiled=False) for r in rows]
+        if any(len(cell) > n for cell in short):
+            short = [r.spec.short_label(short_compiled=True) for r in rows]
+        return short
+
+    return shorten
 
 
 def transform_rows(block_counts: Sequence[int] = (250, 500, 1000),

@@ -21,13 +21,14 @@ So fxsd can run the model once on example inputs, record how each module is call
   repeated with those fixed to the example's, each checked by a guard;
 * qualifies module and attribute targets in the whole model (``model.layers.0.mlp``).
 
-Which modules to trace this way is decided by :func:`fxsd.residuals.analyze_residuals`.
+Which modules to trace this way is decided by :func:`fxsd.analysis.analyze_residuals`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import operator
 from collections.abc import Callable, Iterable, Iterator
@@ -48,9 +49,10 @@ from fxsd.guards import (
     is_guardable,
     type_name,
 )
-from fxsd.tracing import FxsdTracer, LeafSpec
+from fxsd.ops import resolve_attr
+from fxsd.tracing import FxsdTracer, LeafSpec, TracerFactory
 
-__all__ = ["RecordedCall", "record_calls", "ExampleTracer"]
+__all__ = ["RecordedCall", "record_calls", "ExampleTracer", "example_tracer"]
 
 _MISSING = object()
 
@@ -311,10 +313,7 @@ class ExampleTracer(FxsdTracer):
                     return getattr(real_args[0], target)(*real_args[1:], **real_kwargs)
                 if kind == "call_module":
                     return self.model.get_submodule(target)(*real_args, **real_kwargs)
-                obj: Any = self.root
-                for atom in filter(None, str(target).split(".")):  # "": the module itself
-                    obj = getattr(obj, atom)
-                return obj
+                return resolve_attr(self.root, str(target))
         except Exception:
             return _MISSING
 
@@ -384,6 +383,14 @@ class ExampleTracer(FxsdTracer):
         if name is not None:
             self.guard(holder, type_name(example), name, check=check_type)
         return holder
+
+
+def example_tracer(call: RecordedCall, model: nn.Module, *, autowrap: Iterable[Any] = (),
+                   fix_flags: bool = False, free_nones: Iterable[str] = ()) -> TracerFactory:
+    """The tracer factory :func:`fxsd.tracing.trace_calls` takes, for tracing the module of
+    ``call`` by example (arguments as for :class:`ExampleTracer`)."""
+    return functools.partial(ExampleTracer, call, model, autowrap=tuple(autowrap),
+                             fix_flags=fix_flags, free_nones=tuple(free_nones))
 
 
 def _copied(value: Any) -> Any:

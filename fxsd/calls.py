@@ -14,6 +14,7 @@ Nothing here changes a graph.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +25,8 @@ from torch.fx.node import map_aggregate
 
 from fxsd.record import NodeRecord
 
-__all__ = ["ModuleCall", "CallTree", "DictRecord", "any_leaf", "as_nodes", "calls_of", "leaves",
-           "node_leaves", "stack_scope"]
+__all__ = ["ModuleCall", "CallTree", "DictRecord", "any_leaf", "as_nodes", "bound_parameters",
+           "calls_of", "leaves", "node_leaves", "stack_scope"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,23 @@ class ModuleCall:
     @property
     def type_name(self) -> str:
         return type(self.module).__name__
+
+
+def bound_parameters(signature: inspect.Signature, args: Sequence[Any],
+                     kwargs: dict[str, Any]) -> list[tuple[inspect.Parameter, Any]]:
+    """Each parameter of ``signature`` with the value a call with ``args`` and ``kwargs`` gives
+    it: the value passed, else its default (``empty`` if it has none), ``()`` / ``{}`` for
+    ``*args`` / ``**kwargs`` given nothing. Raises ``TypeError`` when the call does not fit."""
+    bound = signature.bind(*args, **kwargs)
+    out: list[tuple[inspect.Parameter, Any]] = []
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            out.append((param, tuple(bound.arguments.get(name, ()))))
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.append((param, dict(bound.arguments.get(name, {}))))
+        else:
+            out.append((param, bound.arguments.get(name, param.default)))
+    return out
 
 
 def leaves(value: Any) -> list[Any]:

@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from fxsd.schedules import DISTRIBUTIONS  # imports no torch: `fxsd --help` stays quick
+from fxsd.distributions import DISTRIBUTIONS  # imports no torch: `fxsd --help` stays quick
 
 __all__ = ["main"]
 
@@ -45,11 +45,22 @@ def _tablefmt(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """``fxsd``'s arguments: a subcommand, then that subcommand's own."""
     parser = argparse.ArgumentParser(
         prog="fxsd", description="Stochastic depth for any residual network (torch.fx pass)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="show the residual sites of a model")
+    _inspect_arguments(sub.add_parser("inspect", help="show the residual sites of a model"))
+    _bench_arguments(sub.add_parser(
+        "bench", help="time training steps: baseline, fxsd, mask drop path and the limit"))
+    _demo_arguments(sub.add_parser(
+        "demo", help="train baseline vs fxsd on scikit-learn's digits; write a plot and a table "
+                     "(needs pip install 'fxsd[demo]')"))
+    return parser
+
+
+def _inspect_arguments(inspect: argparse.ArgumentParser) -> None:
+    """``fxsd inspect``'s arguments."""
     inspect.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     inspect.add_argument("--drop-rate", type=float, default=0.2,
                          help="largest drop rate (default: 0.2)")
@@ -66,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--wide", action="store_true",
                          help="do not shorten cells to fit the terminal")
 
-    bench = sub.add_parser(
-        "bench", help="time training steps: baseline, fxsd, mask drop path and the limit")
+
+def _bench_arguments(bench: argparse.ArgumentParser) -> None:
+    """``fxsd bench``'s arguments."""
     # Defaults are None so that --transform can refuse the options it does not use.
     bench.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     bench.add_argument("--drop-rate", type=float, nargs="+", default=None,
@@ -100,9 +112,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="tabulate format (default: simple)")
     bench.add_argument("--wide", action="store_true",
                        help="do not fit the table to the terminal")
-    demo = sub.add_parser(
-        "demo", help="train baseline vs fxsd on scikit-learn's digits; write a plot and a table "
-                     "(needs pip install 'fxsd[demo]')")
+
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
+    """``fxsd demo``'s arguments."""
     demo.add_argument("--epochs", type=int, default=12, help="default: 12")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
     demo.add_argument("--depth", type=int, default=56, help="CIFAR ResNet depth 6n+2 (default: 56)")
@@ -114,7 +127,6 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=DEFAULT_DEMO_OUT,
                       help="folder for demo.png, demo.md, demo.json, created if needed "
                            f"(default: ./{DEFAULT_DEMO_OUT})")
-    return parser
 
 
 _BENCH_OPTIONS = {"model": "MODEL", "drop_rate": "--drop-rate", "distribution": "--distribution",
@@ -127,8 +139,8 @@ _BENCH_OPTIONS = {"model": "MODEL", "drop_rate": "--drop-rate", "distribution": 
 def _inspect(args: argparse.Namespace) -> None:
     import torch
 
+    from fxsd.analysis import analyze_residuals
     from fxsd.models import load_model
-    from fxsd.residuals import analyze_residuals
     from fxsd.tables import fill, summary, table, terminal_width
 
     model = load_model(args.model)

@@ -1,7 +1,8 @@
 """``fxsd.compile``: torch.compile for gated models, with the drop decisions kept live.
 
-Each :class:`~fxsd.BranchGate` runs eagerly (its ``forward`` is ``torch.compiler.disable``-d): its
-host-side draw and the Python ``if`` that skips a branch run at every call instead of being frozen
+Each :class:`~fxsd.gate.BranchGate` runs eagerly (its ``forward`` is
+``torch.compiler.disable``-d): its host-side draw and the Python ``if`` that skips a branch run at
+every call instead of being frozen
 into a graph at trace time. :func:`compile` compiles every *branch* on its own and leaves the thin
 trunk between gates (the skips, the adds' neighbours) eager: measured on CPU, compiling the trunk
 too splits it into one small graph per gate whose fixed cost outweighs what compiling them gains

@@ -38,10 +38,17 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxsd.drop_paths import is_drop_path
 from fxsd.errors import GraphError
-from fxsd.ops import depends_on_input, is_metadata_read, is_view, resolve_attr
+from fxsd.ops import (
+    NOT_DROPOUT,
+    depends_on_input,
+    dropout_training,
+    is_metadata_read,
+    is_view,
+    resolve_attr,
+)
 from fxsd.residuals import ResidualSite, is_module
-from fxsd.tracing import is_drop_path
 
 __all__ = ["FoldTarget", "FoldError", "EvalScaledWeightsWarning", "fold_target",
            "plain_state_dict", "warn_on_save"]
@@ -50,9 +57,6 @@ _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm
              nn.GroupNorm)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
              nn.FeatureAlphaDropout, nn.Identity)
-_DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d,
-                      torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
-                      torch.dropout, torch.nn.functional.alpha_dropout}
 _MULS = {operator.mul, torch.mul, torch.Tensor.mul}
 # functional forms of weighted ops (a module inlined by the trace, such as GPT-2's ``Conv1D``:
 # ``torch.addmm(self.bias, x, self.weight)``): where each takes its weight and bias
@@ -115,10 +119,10 @@ def fold_target(gm: GraphModule, site: ResidualSite) -> FoldTarget:
 
 
 def _is_dropout(node: Node) -> bool:
-    if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
-        return False
-    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else None)
-    return training is not True  # a dropout baked into training mode is not an identity
+    """A functional dropout that is the identity at eval (a dropout fixed to training mode is
+    not)."""
+    training = dropout_training(node)
+    return training is not NOT_DROPOUT and training is not True
 
 
 def _functional_target(gm: GraphModule, node: Node) -> FoldTarget:

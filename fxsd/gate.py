@@ -22,14 +22,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from fxsd.distributed import check_unsynced_sharding, unsynced_sharding_generation
+from fxsd.partial_join import PartialJoin, partial_add, partial_join_of
 from fxsd.recompute import decide
+
+if TYPE_CHECKING:
+    from fxsd.folding import FoldTarget
+    from fxsd.record import FxsdRecord
+    from fxsd.residuals import ResidualSite
 
 __all__ = ["BranchGate", "DropPathAction", "DropSampler", "GateInfo", "MODES", "SCALES",
            "SAMPLE_IMPLS"]
@@ -141,10 +147,14 @@ class GateInfo:
     num_params: int
     side_inputs: tuple[str, ...]
     flops: int | None = None
-    fold: Any = None  # fxsd.folding.FoldTarget: where the eval scale folds into weights
+    fold: FoldTarget | None = None  # where the eval scale folds into weights
+    step_flops: int | None = None  # own forward + backward FLOPs per step (fxsd.budget)
+    enclosing: tuple[str, ...] = ()  # the gates whose branches hold this one, nearest first
+    part: PartialJoin | None = None  # a join into part of the branch output (fxsd.partial_join)
 
     @classmethod
-    def from_site(cls, site: Any, num_levels: int, name: str = "", fold: Any = None) -> GateInfo:
+    def from_site(cls, site: ResidualSite, num_levels: int, name: str = "",
+                  fold: FoldTarget | None = None) -> GateInfo:
         """Describe a :class:`~fxsd.ResidualSite` (by names, so it outlives the graph).
 
         Node names are given as the gated module's code spells them: without the prefix of the
@@ -163,7 +173,7 @@ class GateInfo:
             num_levels=num_levels, branch_first=local(site.branch[0]),
             branch_last=local(site.branch_output), branch_len=len(site.branch),
             num_params=site.num_params, side_inputs=tuple(local(n) for n in site.side_inputs),
-            flops=site.flops,
+            flops=site.flops, part=partial_join_of(site.add),
         )
 
 
@@ -208,7 +218,7 @@ class BranchGate(nn.Module):
         note: str = "",
         rate_weight: float = 1.0,
         drop_path: DropPathAction | None = None,
-        record: Any = None,
+        record: FxsdRecord | None = None,
     ) -> None:
         super().__init__()
         self.__dict__["branch"] = branch  # deliberately not a registered submodule
@@ -244,6 +254,8 @@ class BranchGate(nn.Module):
     @torch.compiler.disable
     def forward(self, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
         args = (skip, *inputs) if self.identity else inputs
+        if self.info.part is not None:
+            return self._partial(skip, args)
         p = self.drop_rate
         if not self.training:
             if self.scale != "eval" or p == 0.0:
@@ -295,6 +307,64 @@ class BranchGate(nn.Module):
             factor = factor.div_(keep)  # as torchvision's stochastic_depth computes its noise
         return out * factor.view((n,) + (1,) * (out.dim() - 1)) + skip
 
+    # -- a join into part of the branch output (fxsd.partial_join) ---------------------------
+    def _partial(self, skip: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
+        """The branch output (scaled as the gate scales; zeros where dropped) with the skip
+        added into its slice: what the model computes with a drop path in front of the
+        slices."""
+        p, part = self.drop_rate, self.info.part
+        keep = 1.0 - p
+        if not self.training:
+            if self.scale != "eval" or p == 0.0:
+                return partial_add(self._run(args), skip, *part)
+            out = self._run(args, keep) if keep > 0.0 else self._zeros(args)
+            return partial_add(out, skip, *part)
+        alpha = 1.0 / keep if self.scale == "train" and keep > 0.0 else 1.0
+        if self.mode == "sample":
+            return partial_add(self._partial_rows(args, alpha), skip, *part)
+        self.dropped = decide(self, self._draw_block)
+        out = self._zeros(args) if self.dropped else self._run(args, alpha)
+        return partial_add(out, skip, *part)
+
+    def _partial_rows(self, args: tuple[Any, ...], alpha: float) -> torch.Tensor:
+        """Sample mode: the branch output with dropped rows zero, kept rows scaled."""
+        fork = args[0]
+        n = fork.shape[0]
+        kept = decide(self, lambda: self._draw_rows(n))
+        self.kept_rows = kept
+        if self.sample_impl == "subset":
+            index = kept.nonzero().flatten()
+            if len(index) == n:
+                return self._run(args, alpha)
+            full = self._zeros(args)
+            if len(index) == 0:
+                return full
+            index = index.to(fork.device, non_blocking=True)
+            out = self.run_branch(fork.index_select(0, index), *args[1:])
+            return torch.index_add(full, 0, index, out, alpha=alpha)
+        out = self._run(args)
+        factor = kept.to(device=out.device, dtype=out.dtype, non_blocking=True)
+        if alpha != 1.0:
+            factor = factor.div_(1.0 - self.drop_rate)
+        return out * factor.view((n,) + (1,) * (out.dim() - 1))
+
+    def _run(self, args: tuple[Any, ...], alpha: float = 1.0) -> torch.Tensor:
+        """The branch's output times ``alpha``; its shape is remembered for a dropped call."""
+        out = self.run_branch(*args)
+        self.__dict__.setdefault("_shapes", {})[_shape_key(args)] = \
+            (out.shape, out.dtype, out.device)
+        return out if alpha == 1.0 else out * alpha
+
+    def _zeros(self, args: tuple[Any, ...]) -> torch.Tensor:
+        """Zeros shaped as the branch's output on ``args``: remembered from a run on inputs of
+        these shapes, else from an abstract run of the branch (fake tensors: nothing computed)."""
+        shapes = self.__dict__.setdefault("_shapes", {})
+        key = _shape_key(args)
+        if key not in shapes:
+            shapes[key] = _abstract_output(self.branch, args)
+        shape, dtype, device = shapes[key]
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     def extra_repr(self) -> str:
         i = self.info
         text = (f"'{i.name or i.module_path or '<root>'}', depth={i.depth}/{i.num_levels}, "
@@ -304,3 +374,41 @@ class BranchGate(nn.Module):
         if self.scale != "train":
             text += f", scale={self.scale}"
         return text
+
+
+def _shape_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a branch's output shape depends on: its inputs' shapes, dtypes and devices, other
+    inputs' values where they can be compared, and autocast."""
+    key: list[Any] = [torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((tuple(a.shape), a.dtype, a.device))
+        elif a is None or isinstance(a, (bool, int, float, str)):
+            key.append(a)
+        else:
+            key.append(id(a))
+    return tuple(key)
+
+
+def _abstract_output(branch: GraphModule, args: tuple[Any, ...]
+                     ) -> tuple[torch.Size, torch.dtype, torch.device]:
+    """The shape, dtype and device of ``branch``'s output on ``args``, from one run on fake
+    tensors with its modules in eval mode (nothing is computed, drawn or updated)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    modes = [(m, m.training) for m in branch.modules()]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        state = dict(branch.named_parameters(remove_duplicate=False))
+        state.update(branch.named_buffers(remove_duplicate=False))
+        fake = {k: mode.from_tensor(v) for k, v in state.items()}
+        inputs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        try:
+            for m, _ in modes:
+                m.training = False
+            with _reparametrize_module(branch, fake, tie_weights=True):
+                out = branch(*inputs)
+        finally:
+            for m, training in modes:
+                m.training = training
+    return out.shape, out.dtype, out.device

@@ -11,7 +11,9 @@ as ``symbolic_trace`` shares them), its hooks and its other attributes, and keep
 A gated block also keeps its class: :func:`module_from_graph` builds it as an instance of a
 subclass of both :class:`FxsdGraphModule` and the original class (``isinstance(block,
 Bottleneck)`` still holds, the class's own methods still work, ``type(block).__name__`` is
-unchanged), whose ``forward`` is the generated code.
+unchanged), whose ``forward`` is the generated code — wrapped as the source class wraps a
+subclass's ``forward`` when one is created (transformers' ``GradientCheckpointingLayer``
+checkpoints that way): :meth:`FxsdGraphModule.recompile` keeps that wrapper.
 
 Pickling keeps the graph itself: its nodes (op, name, target, arguments; not their ``meta``) are
 pickled with the module's state and rebuilt node for node on load, so a loaded block runs exactly
@@ -27,9 +29,10 @@ from __future__ import annotations
 import copy
 import pickle
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -37,8 +40,10 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import PythonCode
 from torch.fx.node import map_aggregate, map_arg
 
-__all__ = ["FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "free_name",
-           "module_from_graph", "shallow_copy"]
+__all__ = ["FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "copy_tree",
+           "deepest_first", "free_name", "module_from_graph", "node_name", "shallow_copy"]
+
+T = TypeVar("T")
 
 # Instance attributes GraphModule manages itself: never copied over from the source module.
 _GRAPH_MODULE_ATTRS = frozenset({
@@ -181,14 +186,18 @@ def _transplant(gm: GraphModule, cls: type, state: dict[str, Any] | None = None
     type(res).__name__ = type(gm).__name__
     res.__dict__.update({k: v for k, v in (gm.__dict__ if state is None else state).items()
                          if k != "_graph"})
-    for node in gm.graph.nodes:
-        # Re-tracing code that reads a submodule called ``self`` (Hugging Face's BertAttention
-        # has one) names that node ``self``, and the generated code's ``self = None`` would then
-        # clobber the module itself: torch.fx does not reserve the name.
-        if node.name == "self":
-            node._rename("self_module")
+    for node in gm.graph.nodes:  # re-tracing code that reads a submodule called ``self``
+        if node.name != node_name(node.name):
+            node._rename(node_name(node.name))
     res.graph = gm.graph
     return res
+
+
+def node_name(name: str) -> str:
+    """``name`` as a node may be called: never ``self``, which names the module itself in the
+    generated code (``self = None`` would clobber it; torch.fx does not reserve the name, and
+    Hugging Face's ``BertAttention`` has a child called ``self``)."""
+    return "self_1" if name == "self" else name
 
 
 def block_class(source: type) -> type[FxsdGraphModule]:
@@ -196,8 +205,9 @@ def block_class(source: type) -> type[FxsdGraphModule]:
 
     A subclass of :class:`FxsdGraphModule` and ``source`` (so ``isinstance`` checks, FSDP and
     activation-checkpointing policies by class, and the class's own methods keep working). Its
-    ``forward`` is the generated code. ``GraphModule`` sources, and classes that cannot be
-    combined with it, give plain :class:`FxsdGraphModule`.
+    ``forward`` is the generated code, inside whatever wrapper the source class's
+    ``__init_subclass__`` puts around a subclass's ``forward``. ``GraphModule`` sources, and
+    classes that cannot be combined with it, give plain :class:`FxsdGraphModule`.
     """
     if issubclass(source, GraphModule):
         return FxsdGraphModule
@@ -298,6 +308,13 @@ def copy_tree(model: nn.Module) -> nn.Module:
         return copies[id(module)]
 
     return copy_of(model)
+
+
+def deepest_first(items: Iterable[T], path: Callable[[T], str] = str) -> list[T]:
+    """``items`` (module paths, or things with one) ordered so that each module comes before
+    the modules that contain it — a rewritten parent is built over its rewritten children — and
+    the root (``""``) last; otherwise in their given order."""
+    return sorted(items, key=lambda item: -path(item).count(".") - bool(path(item)))
 
 
 class TreeEditor:

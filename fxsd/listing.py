@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 
 from fxsd.errors import InvalidArgumentError
 from fxsd.gate import BranchGate
-from fxsd.training import _gates_or_error
+from fxsd.training import _gates_or_error, gated_blocks
 
 __all__ = ["show"]
 
@@ -40,19 +40,15 @@ def show(model: nn.Module, path: str | None = None) -> str:
         InvalidArgumentError: ``model`` has no gates, or ``path`` names no gated module.
     """
     _gates_or_error(model)
-    blocks = _gated(model)
+    blocks = list(gated_blocks(model).items())
     if path is not None:
-        blocks = [(name, m) for name, m in blocks if name == path]
-        if not blocks:
+        chosen = [(name, m) for name, m in blocks if name == path]
+        if not chosen:
             raise InvalidArgumentError(
                 f"'{path}' is not a gated module of {type(model).__name__}; gated modules: "
-                f"{sorted({n for n, _ in _gated(model)})}")
+                f"{sorted(name for name, _ in blocks)}")
+        blocks = chosen
     return "\n\n".join(_block(name, block) for name, block in blocks)
-
-
-def _gated(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, GraphModule)
-            and any(isinstance(c, BranchGate) for c in m.children())]
 
 
 def _block(name: str, block: GraphModule) -> str:

@@ -6,12 +6,21 @@ These predicates look at one :class:`torch.fx.Node` at a time and never touch th
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+import torch.nn.functional as F
+from torch.fx import Graph, GraphModule, Node
+
+from fxsd.partial_join import partial_add
 
 __all__ = [
+    "dropout_training",
+    "zip_arguments",
+    "MISMATCH",
+    "NOT_DROPOUT",
+    "node_order",
     "resolve_attr",
     "is_weighted",
     "is_nonlinear",
@@ -32,6 +41,7 @@ _ADD_FUNCTIONS: dict[Any, str] = {
     torch.add: "torch.add",
     torch.Tensor.add: "Tensor.add",
     torch.Tensor.add_: "Tensor.add_",
+    partial_add: "partial add",  # torch.cat([x[:, :C] + s, x[:, C:]]): see fxsd.partial_join
 }
 _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
 
@@ -171,10 +181,53 @@ _NONLINEAR = frozenset({
 })
 
 
+# Functional dropouts, each with the default of its ``training`` argument (``train`` for
+# ``torch.dropout``, which has none).
+_DROPOUT_TRAINING = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
+                     F.alpha_dropout: False, F.feature_alpha_dropout: False, torch.dropout: None}
+NOT_DROPOUT = object()
+
+
+def dropout_training(node: Node) -> Any:
+    """The ``training`` argument a functional dropout call runs with — a constant or the node
+    computing it — or ``NOT_DROPOUT`` when ``node`` is no functional dropout."""
+    if node.op != "call_function" or node.target not in _DROPOUT_TRAINING:
+        return NOT_DROPOUT
+    keyword = "train" if node.target is torch.dropout else "training"
+    return node.kwargs.get(keyword, node.args[2] if len(node.args) > 2
+                           else _DROPOUT_TRAINING[node.target])
+
+
+MISMATCH = object()
+
+
+def zip_arguments(u: Any, v: Any, leaf: Callable[[Any, Any], Any]) -> Any:
+    """Walk two nodes' arguments together — slices, and tuples, lists and dicts of the same
+    shape — and rebuild them from ``leaf(x, y)`` at each pair of leaves (a pair that is not of
+    the same shape is a leaf pair too); ``MISMATCH`` when a leaf returns it. The one structural
+    comparison of two traces of a module."""
+    if isinstance(u, slice) and isinstance(v, slice):
+        parts = zip_arguments((u.start, u.stop, u.step), (v.start, v.stop, v.step), leaf)
+        return MISMATCH if parts is MISMATCH else slice(*parts)
+    if isinstance(u, (tuple, list)) and type(u) is type(v) and len(u) == len(v):
+        items = [zip_arguments(p, q, leaf) for p, q in zip(u, v)]
+        return MISMATCH if any(p is MISMATCH for p in items) else type(u)(items)
+    if isinstance(u, dict) and isinstance(v, dict) and u.keys() == v.keys():
+        entries = {k: zip_arguments(u[k], v[k], leaf) for k in u}
+        return MISMATCH if any(p is MISMATCH for p in entries.values()) else entries
+    return leaf(u, v)
+
+
+def node_order(graph: Graph) -> dict[Node, int]:
+    """Each node's position in ``graph`` (valid until the graph is edited)."""
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
 def resolve_attr(root: Any, target: str) -> Any:
-    """The object at dotted ``target`` under ``root`` (``layer1.0.conv1.weight``)."""
+    """The object at dotted ``target`` under ``root`` (``layer1.0.conv1.weight``; ``""`` is
+    ``root`` itself)."""
     obj = root
-    for atom in target.split("."):
+    for atom in filter(None, target.split(".")):
         obj = getattr(obj, atom)
     return obj
 

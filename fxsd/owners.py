@@ -25,19 +25,20 @@ Everything here is pure analysis: nothing is traced or changed.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import Node
 
-from fxsd.calls import CallTree, node_leaves
+from fxsd.calls import CallTree, ModuleCall, bound_parameters, leaves, node_leaves
+from fxsd.drop_paths import is_drop_path
 from fxsd.guards import is_guardable, is_literal
-from fxsd.ops import resolve_attr
+from fxsd.ops import node_order, resolve_attr
 from fxsd.residuals import ResidualAnalysis, ResidualSite
-from fxsd.tracing import is_drop_path, reads_flag_only
+from fxsd.tracing import reads_flag_only
 
 __all__ = ["Owner", "plan_owners", "ROOT"]
 
@@ -115,7 +116,7 @@ class _Planner:
             if not moved:
                 break
         owners = [self._owner(k, [sites[i] for i in v], inline[k]) for k, v in by_owner.items()]
-        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        order = self.analysis.order or node_order(self.gm.graph)
         owners.sort(key=lambda o: (-self.depth(o.call), order[o.sites[0].add]))
         return owners
 
@@ -146,7 +147,7 @@ class _Planner:
             tree = self.tree
             call = tree.calls[index]
             reads, escapes = tree.boundary(index)
-            constants = [v for v in _constant_leaves((call.args, call.kwargs))]
+            constants = [v for v in leaves((call.args, call.kwargs)) if not isinstance(v, Node)]
             ok = not reads and not escapes and all(is_literal(v) for v in constants)
             ok = ok and _binds(call) and self._owns_its_attributes(index)
             self._clean[index] = ok
@@ -277,48 +278,16 @@ def _free(module: nn.Module, base: str, taken: set[str]) -> str:
     return name
 
 
-def _constant_leaves(value: Any) -> list[Any]:
-    out: list[Any] = []
-
-    def visit(x: Any) -> None:
-        if isinstance(x, (tuple, list)):
-            for v in x:
-                visit(v)
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
-        elif not isinstance(x, Node):
-            out.append(x)
-
-    visit(value)
-    return out
-
-
-def _binds(call: Any) -> bool:
-    import inspect
-
+def _binds(call: ModuleCall) -> bool:
+    """Whether the call's arguments can become the placeholders (and guards) of a module cut
+    out of the trace: they fit its ``forward``, and each holds graph values or is guardable."""
     try:
-        inspect.signature(call.module.forward).bind(*call.args, **call.kwargs)
+        arguments = bound_parameters(inspect.signature(call.module.forward), call.args,
+                                     call.kwargs)
     except (TypeError, ValueError):
         return False
-    for _name, value in _arguments(call):
-        if not node_leaves(value) and not is_guardable(value):
-            return False
-    return True
-
-
-def _arguments(call: Any) -> list[tuple[str, Any]]:
-    import inspect
-
-    sig = inspect.signature(call.module.forward)
-    bound = sig.bind(*call.args, **call.kwargs)
-    out = []
-    for name, param in sig.parameters.items():
-        if name in bound.arguments:
-            out.append((name, bound.arguments[name]))
-        elif param.default is not inspect.Parameter.empty:
-            out.append((name, param.default))
-    return out
+    return all(value is inspect.Parameter.empty or node_leaves(value) or is_guardable(value)
+               for _, value in arguments)
 
 
 def _stateless(gm: nn.Module, target: str) -> bool:

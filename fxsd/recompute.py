@@ -9,10 +9,14 @@ checkpointed forward on the checkpoint's frame, and a recomputation of that fram
 in the same order (the recomputed forward runs the same gates in the same order, since it replays
 the same decisions).
 
-Non-reentrant checkpointing (``use_reentrant=False``, the default of ``checkpoint_wrapper``) is
-supported. Reentrant checkpointing hides which forward a recomputation replays; a gate that finds
-itself running inside backward without a checkpoint frame raises :class:`~fxsd.GraphError`
-instead of guessing.
+Non-reentrant checkpointing (``use_reentrant=False``: the default of ``checkpoint_wrapper`` and
+of Hugging Face's ``activation_checkpointing_enable()``) is supported. Reentrant checkpointing
+hides which forward a recomputation replays; a gate that finds itself running inside backward
+without a checkpoint frame raises :class:`~fxsd.GraphError` instead of guessing.
+
+:func:`checkpointing` says whether a module's own call is checkpointed, so that the rewrite can
+warn when it must copy such a module's code into another module's graph (where it would no
+longer be checkpointed).
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ def decide(gate: torch.nn.Module, draw: Callable[[], Any]) -> Any:
                 f"{gate!r} ran inside backward outside a recomputation fxsd can follow "
                 "(reentrant activation checkpointing, or a checkpoint nested in a recomputed "
                 "one): its decision could not be replayed. Use non-reentrant checkpointing "
-                "(use_reentrant=False; checkpoint_wrapper's default CheckpointImpl.NO_REENTRANT)")
+                "(use_reentrant=False; checkpoint_wrapper's default CheckpointImpl.NO_REENTRANT, "
+                "and Hugging Face's activation_checkpointing_enable() default)")
         return draw()
     frame, graph_task = where
     log = frame.__dict__.setdefault(_LOG, [])

@@ -5,7 +5,7 @@ object instead of loose ``meta`` keys:
 
 * :class:`FxsdRecord` describes one traced or transformed model. A transformed model's gates all
   share one record (``gate.record``), and every ``GraphModule`` fxsd builds for that model (the
-  gated blocks, the stripped blocks, the graphs :func:`fxsd.trace` returns) holds it as
+  gated blocks, the stripped blocks, the graphs :func:`fxsd.tracing.trace` returns) holds it as
   ``module.meta["fxsd"]``. :func:`fxsd.get_record` finds it from the model.
 * :class:`NodeRecord` is ``node.meta["fxsd"]`` on the nodes of a graph fxsd traced: the module
   calls that were running when the tracer created the node, which is how fxsd knows which module's
@@ -21,20 +21,13 @@ object instead of loose ``meta`` keys:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["FxsdRecord", "NodeRecord", "RejectedRecord", "get_record"]
+if TYPE_CHECKING:
+    from fxsd.residuals import RejectedAdd
+    from fxsd.schedulers import DropWarmup
 
-
-@dataclass(frozen=True)
-class RejectedRecord:
-    """An add the analysis rejected, by name (a :class:`~fxsd.RejectedAdd` without its node)."""
-
-    add: str
-    add_kind: str
-    module_path: str
-    reason: Any  # RejectReason (an enum; kept loose to avoid an import cycle)
-    detail: str
+__all__ = ["FxsdRecord", "NodeRecord", "get_record"]
 
 
 @dataclass
@@ -52,6 +45,10 @@ class FxsdRecord:
             ``self.training`` (they stay switchable by ``train()``/``eval()``).
         rejected: the adds the analysis did not take as residual joins, with the reasons.
         total_flops: forward FLOPs of the whole model, when example inputs were given.
+        step_flops: forward + backward FLOPs of one training step of the whole model on the
+            example inputs, every branch kept (:mod:`fxsd.budget`); each gate's own share is
+            ``gate.info.step_flops``. ``None`` without example inputs.
+        step_flops_error: why counting ``step_flops`` failed, when it did.
         warmup: the :class:`~fxsd.DropWarmup` that :func:`fxsd.apply_stochastic_depth` created
             for ``drop_warmup``, if any.
         stripped: the modules holding this record were made by :func:`fxsd.strip` (no gates).
@@ -65,9 +62,11 @@ class FxsdRecord:
     rewritten: tuple[str, ...] = ()
     original_classes: tuple[str, ...] = ()
     live_leaves: tuple[str, ...] = ()
-    rejected: tuple[RejectedRecord, ...] = ()
+    rejected: tuple[RejectedAdd, ...] = ()
     total_flops: int | None = None
-    warmup: Any = field(default=None, repr=False)
+    step_flops: int | None = None
+    step_flops_error: str | None = None
+    warmup: DropWarmup | None = field(default=None, repr=False)
     stripped: bool = False
     traced: tuple[str, ...] = ()
     untraced: tuple[tuple[str, str, str], ...] = ()
@@ -88,7 +87,7 @@ class NodeRecord:
 
 def get_record(model: Any) -> FxsdRecord:
     """The :class:`FxsdRecord` of a model :func:`fxsd.stochastic_depth`, :func:`fxsd.strip` or
-    :func:`fxsd.trace` returned (found on its gates or on its fxsd-built GraphModules).
+    :func:`fxsd.tracing.trace` returned (found on its gates or on its fxsd-built GraphModules).
 
     Raises:
         InvalidArgumentError: ``model`` holds nothing fxsd built.

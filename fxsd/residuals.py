@@ -1,4 +1,6 @@
-"""Find the residual joins of a traced model: ``find_residuals`` and ``analyze_residuals``.
+"""The per-graph classifier: which adds of one traced graph are residual joins, and why the others
+are not (:func:`analyze_graph`; the entry points that trace a model and call it are in
+:mod:`fxsd.analysis`).
 
 A *residual site* is an add whose one operand is a **skip** and whose other is a **branch**:
 
@@ -13,16 +15,14 @@ A *residual site* is an add whose one operand is a **skip** and whose other is a
 
 Every other add is *rejected* with a :class:`RejectReason` and a sentence saying why.
 
-The analysis is pure: it traces its own copy of the model and never changes the model or a
-``GraphModule`` passed in.
+The classifier only reads the graph it is given.
 """
 
 from __future__ import annotations
 
-import inspect
 import operator
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -31,7 +31,6 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxsd.calls import CallTree, stack_scope
-from fxsd.distributed import check_not_wrapped
 from fxsd.ops import (
     add_kind,
     add_operands,
@@ -43,11 +42,11 @@ from fxsd.ops import (
     is_view,
     is_weighted,
     mutated_operand,
+    node_order,
     resolve_attr,
 )
-from fxsd.preserve import preserved
-from fxsd.profile import NodeProfile, profile_nodes
-from fxsd.tracing import LeafSpec, trace_calls
+from fxsd.partial_join import partial_join_of
+from fxsd.profile import NodeProfile
 
 __all__ = [
     "SkipKind",
@@ -56,8 +55,6 @@ __all__ = [
     "RejectedAdd",
     "ResidualAnalysis",
     "Branch",
-    "find_residuals",
-    "analyze_residuals",
     "collect_branch",
 ]
 
@@ -140,9 +137,16 @@ class ResidualSite:
 
 @dataclass(frozen=True)
 class RejectedAdd:
-    """An add that is not a residual site, with the reason."""
+    """An add that is not a residual site, with the reason (kept by name, so that a transformed
+    model's :class:`~fxsd.record.FxsdRecord` can hold it without the analysed graph).
 
-    add: Node
+    Attributes:
+        add: the add node's name; ``add_kind``: how the add was written.
+        reason, detail: which rule rejected it, and a sentence saying why.
+        module_path: the module whose ``forward`` performs the add (``""``: the root).
+    """
+
+    add: str
     add_kind: str
     reason: RejectReason
     detail: str
@@ -150,7 +154,7 @@ class RejectedAdd:
 
     @property
     def name(self) -> str:
-        return self.add.name
+        return self.add
 
 
 @dataclass
@@ -171,6 +175,7 @@ class ResidualAnalysis:
             traceable traced on its own), each one's analysis; ``sites`` and ``rejected`` then
             gather theirs, and ``graph_module`` is the root's graph if the root was traced.
         untraced: ``(path, class name, why)`` of each module that could not be traced.
+        order: each node's position in ``graph_module``'s graph.
     """
 
     graph_module: GraphModule | None
@@ -183,6 +188,7 @@ class ResidualAnalysis:
     path: str = ""
     units: list[ResidualAnalysis] = field(default_factory=list, repr=False)
     untraced: list[tuple[str, str, str]] = field(default_factory=list)
+    order: dict[Node, int] = field(default_factory=dict, repr=False)
 
     def parts(self) -> list[ResidualAnalysis]:
         """The analyses of single graphs this one is made of (itself, or its units)."""
@@ -195,142 +201,6 @@ class Branch:
 
     nodes: tuple[Node, ...]
     inputs: tuple[Node, ...]
-
-
-def find_residuals(
-    model: nn.Module,
-    example_inputs: Sequence[Any] | None = None,
-    *,
-    example_kwargs: dict[str, Any] | None = None,
-    tracing: str = "auto",
-    leaf_modules: Iterable[LeafSpec] | None = None,
-    concrete_args: dict[str, Any] | None = None,
-) -> list[ResidualSite]:
-    """Return the residual sites of ``model``, in execution order.
-
-    The same analysis as :func:`analyze_residuals`, which also returns the rejected adds.
-
-    Args:
-        model: an ``nn.Module`` or an already traced ``torch.fx.GraphModule``. Never modified.
-        example_inputs: positional inputs of one forward call. Optional; with them fxsd also knows
-            shapes (broadcasting adds are rejected) and FLOPs (shown in tables). Only their shapes
-            and dtypes are used: the model is run on fake tensors. When the model cannot be
-            traced whole, they (and ``example_kwargs``) are what it is traced by example with.
-        example_kwargs: keyword inputs of that call (``input_ids=..., attention_mask=...``).
-        tracing: ``"auto"`` (trace the whole model; if that fails and example inputs are given,
-            trace by example), ``"symbolic"`` (whole model only) or ``"example"`` (always by
-            example: run the model once, trace the largest traceable modules along their
-            recorded calls; see docs/design.md).
-        leaf_modules: module classes, qualified names or module objects not to trace through
-            (added to timm's own not-traceable registry, honoured when timm is installed).
-        concrete_args: passed to the tracer.
-
-    Example:
-        >>> import torchvision, fxsd
-        >>> sites = fxsd.find_residuals(torchvision.models.resnet50())
-        >>> len(sites), sites[0].module_path, sites[0].skip_kind.value
-        (16, 'layer1.0', 'projection')
-    """
-    return analyze_residuals(
-        model, example_inputs, example_kwargs=example_kwargs, tracing=tracing,
-        leaf_modules=leaf_modules, concrete_args=concrete_args,
-    ).sites
-
-
-TRACINGS = ("auto", "symbolic", "example")
-
-
-def analyze_residuals(
-    model: nn.Module,
-    example_inputs: Sequence[Any] | None = None,
-    *,
-    example_kwargs: dict[str, Any] | None = None,
-    tracing: str = "auto",
-    leaf_modules: Iterable[LeafSpec] | None = None,
-    concrete_args: dict[str, Any] | None = None,
-) -> ResidualAnalysis:
-    """Trace ``model`` and classify every add in it as a residual site or a rejected add.
-
-    Arguments as for :func:`find_residuals`.
-
-    Example:
-        >>> import torchvision, fxsd
-        >>> analysis = fxsd.analyze_residuals(torchvision.models.vit_b_16())
-        >>> len(analysis.sites), analysis.rejected[0].reason.value
-        (24, 'constant operand')
-    """
-    from fxsd.errors import InvalidArgumentError, InvalidTypeError
-
-    if not isinstance(model, nn.Module):
-        raise InvalidTypeError(f"expected an nn.Module to analyse, got {type(model).__name__}")
-    if tracing not in TRACINGS:
-        raise InvalidArgumentError(f"unknown tracing {tracing!r}: use one of {TRACINGS}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    check_not_wrapped(model)
-    _check_examples(model, example_inputs, example_kwargs)
-    with preserved(model):  # a run by example must not leave BatchNorm statistics or RNG moved
-        return _analyze(model, example_inputs, example_kwargs, tracing, leaf_modules,
-                        concrete_args)
-
-
-def _check_examples(model: nn.Module, args: Sequence[Any] | None,
-                    kwargs: dict[str, Any] | None) -> None:
-    """Refuse example inputs that the model's ``forward`` would not accept (a misspelt keyword is
-    otherwise ignored when the model traces whole)."""
-    from fxsd.errors import InvalidArgumentError
-
-    if (args is None and kwargs is None) or isinstance(model, GraphModule):
-        return
-    try:
-        signature = inspect.signature(inspect.unwrap(type(model).forward))
-    except (TypeError, ValueError):  # no signature to check against (a builtin, a C extension)
-        return
-    try:
-        signature.bind(model, *(args or ()), **(kwargs or {}))
-    except TypeError as exc:
-        raise InvalidArgumentError(
-            f"the example inputs do not fit {type(model).__name__}.forward{signature}: {exc}. "
-            "Pass example_inputs= / example_kwargs= as one call of the model would.") from None
-
-
-def _analyze(model: nn.Module, example_inputs: Sequence[Any] | None,
-             example_kwargs: dict[str, Any] | None, tracing: str,
-             leaf_modules: Iterable[LeafSpec] | None, concrete_args: dict[str, Any] | None
-             ) -> ResidualAnalysis:
-    from fxsd.errors import InvalidArgumentError, TraceError
-    from fxsd.units import analyze_by_example, analyze_nested, registry
-
-    leaves, autowrap = registry(leaf_modules)
-    examples = example_inputs is not None or example_kwargs is not None
-    args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
-    if tracing == "example":
-        if not examples:
-            raise InvalidArgumentError("tracing='example' needs example_inputs= or "
-                                       "example_kwargs= (the inputs of one forward call)")
-        return analyze_by_example(model, args, kwargs, leaves, autowrap)
-    try:
-        gm, calls = trace_calls(model, leaf_modules=leaves, concrete_args=concrete_args,
-                                autowrap=autowrap)
-    except TraceError as exc:
-        if tracing == "symbolic" or not examples:
-            if not exc.module_path:
-                exc.args = (exc.args[0] + " Or give example_inputs= / example_kwargs= (one "
-                            "forward call's inputs): fxsd then traces the model's modules by "
-                            "example, as for Hugging Face models.",)
-            raise
-        analysis = analyze_by_example(model, args, kwargs, leaves, autowrap)
-        if not analysis.units:  # nothing traced by example either: say why the root failed
-            tried = "; ".join(f"{p} ({t}): {r}" for p, t, r in analysis.untraced[:3])
-            exc.args = (f"{exc.args[0]} Traced by example, no module of it could be traced "
-                        f"either ({tried}).",)
-            raise exc
-        return analysis
-    profiles = None
-    if example_inputs is not None and example_kwargs is None:
-        profiles = profile_nodes(gm, args)
-    return analyze_nested(model, gm, calls, profiles, leaves, autowrap,
-                          (args, kwargs) if examples else None)
 
 
 def analyze_graph(gm: GraphModule, calls: CallTree | None,
@@ -346,6 +216,14 @@ def analyze_graph(gm: GraphModule, calls: CallTree | None,
     return analyzer.run(weights or {}), analyzer.offsets
 
 
+class _Rejected(Exception):
+    """Raised by a check of :class:`_Analyzer` to reject an add, with the rule's reason."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
 class _Analyzer:
     def __init__(self, gm: GraphModule, profiles: dict[Node, NodeProfile] | None,
                  calls: CallTree | None, path: str = "") -> None:
@@ -356,7 +234,9 @@ class _Analyzer:
         self.offsets: dict[Node, int] = {}
         self.root_scope = ((path, type(gm.get_submodule(path)).__name__),) if path else ()
         self.nodes = list(gm.graph.nodes)
-        self.order = {n: i for i, n in enumerate(self.nodes)}
+        # the CallTree indexed this very graph when it was traced
+        self.order = calls.order if calls is not None and calls.graph is gm.graph \
+            else node_order(gm.graph)
         # ancestors-or-self of each node, as a bitset over node positions
         self.anc: dict[Node, int] = {}
         inputs_mask = 0
@@ -409,117 +289,152 @@ class _Analyzer:
 
     # -- classification --------------------------------------------------------------------
     def run(self, weights: dict[Node, int]) -> ResidualAnalysis:
-        accepted: list[dict[str, Any]] = []
+        accepted: list[ResidualSite] = []
         rejected: list[RejectedAdd] = []
         for node in self.nodes:
             kind = add_kind(node)
             if kind is None:
                 continue
             verdict = self.classify(node, kind)
-            if isinstance(verdict, RejectedAdd):
-                rejected.append(verdict)
-            else:
-                accepted.append(verdict)
-        depths = self.depths({d["add"] for d in accepted}, weights)
-        sites = [ResidualSite(depth=depths[d["add"]], **d) for d in accepted]
+            (rejected if isinstance(verdict, RejectedAdd) else accepted).append(verdict)
+        depths = self.depths({site.add for site in accepted}, weights)
+        sites = [replace(site, depth=depths[site.add]) for site in accepted]
         total = sum(p.flops for p in self.profiles.values()) if self.profiles else None
         levels = max([*depths.values(), *(self.offsets[n] + w for n, w in weights.items()
                                           if n in self.offsets)], default=0)
         return ResidualAnalysis(self.gm, sites, rejected, levels, total, self.profiles,
-                                self.calls, self.root_path)
+                                self.calls, self.root_path, order=self.order)
 
     def reject(self, node: Node, kind: str, reason: RejectReason, detail: str) -> RejectedAdd:
         scope = self.scope(node)
-        return RejectedAdd(node, kind, reason, detail, scope[-1][0] if scope else "")
+        return RejectedAdd(node.name, kind, reason, detail, scope[-1][0] if scope else "")
 
-    def classify(self, node: Node, kind: str) -> dict[str, Any] | RejectedAdd:
+    def classify(self, node: Node, kind: str) -> ResidualSite | RejectedAdd:
+        """The site ``node`` joins, or why it is not one: each check below rejects with the
+        :class:`RejectReason` of the rule it enforces (docs/design.md, "Detecting residual
+        sites", in this order)."""
+        try:
+            a, b = self.tensor_operands(node)
+            self.check_shapes(node, a, b)
+            fork = self.fork_of(a, b)
+            skip, out, skip_path = self.skip_of(fork, a, b)
+            branch = collect_branch(self.gm, fork, out, node, self.order)
+            if isinstance(branch, tuple):
+                raise _Rejected(*branch)
+            self.check_weights(skip, out, skip_path, branch)
+        except _Rejected as no:
+            return self.reject(node, kind, no.reason, no.detail)
+        scope = self.scope(node, branch.nodes)
+        path, mtype = scope[-1] if scope else ("", "")
+        params = tuple(n for n in branch.inputs if n.op == "get_attr")
+        return ResidualSite(
+            add=node, add_kind=kind, fork=fork, skip=skip,
+            skip_kind=SkipKind.PROJECTION if skip_path else SkipKind.IDENTITY,
+            skip_path=skip_path, branch_output=out, branch=branch.nodes,
+            side_inputs=tuple(n for n in branch.inputs if n.op != "get_attr"),
+            param_inputs=params, module_path=path, module_type=mtype, depth=0,
+            num_params=_param_count(self.gm, (*branch.nodes, *params)),
+            flops=(sum(self.profiles[n].flops for n in branch.nodes if n in self.profiles)
+                   if self.profiles else None),
+            scope=scope)
+
+    def tensor_operands(self, node: Node) -> tuple[Node, Node]:
+        """Checks 1-3: plain add arguments, two different tensors computed from an input."""
         try:
             a, b = add_operands(node)
         except ValueError as exc:
-            return self.reject(node, kind, RejectReason.UNSUPPORTED_ARGUMENTS, str(exc))
+            raise _Rejected(RejectReason.UNSUPPORTED_ARGUMENTS, str(exc)) from None
         extra = {k: v for k, v in node.kwargs.items() if k not in ("input", "other", "self")}
         if extra.get("alpha", 1) != 1 or extra.get("out") is not None:
-            return self.reject(node, kind, RejectReason.UNSUPPORTED_ARGUMENTS,
-                               f"add with {sorted(extra)} keyword arguments is not gated")
+            raise _Rejected(RejectReason.UNSUPPORTED_ARGUMENTS,
+                            f"add with {sorted(extra)} keyword arguments is not gated")
         for x in (a, b):
             if not isinstance(x, Node):
-                return self.reject(node, kind, RejectReason.SCALAR_OPERAND,
-                                   f"operand {x!r} is a Python value, not a tensor")
+                raise _Rejected(RejectReason.SCALAR_OPERAND,
+                                f"operand {x!r} is a Python value, not a tensor")
         if a is b:
-            return self.reject(node, kind, RejectReason.SAME_OPERAND,
-                               f"both operands are '{a.name}' (x + x has no skip)")
+            raise _Rejected(RejectReason.SAME_OPERAND,
+                            f"both operands are '{a.name}' (x + x has no skip)")
         for x in (a, b):
             if x in self.non_tensor:
-                return self.reject(node, kind, RejectReason.NON_TENSOR_OPERAND,
-                                   f"operand '{x.name}' is not a tensor")
+                raise _Rejected(RejectReason.NON_TENSOR_OPERAND,
+                                f"operand '{x.name}' is not a tensor")
             if not self.input_dependent(x):
-                return self.reject(node, kind, RejectReason.CONSTANT_OPERAND,
-                                   f"operand '{x.name}' depends on no model input's values (a "
-                                   "parameter, buffer or constant such as a position embedding "
-                                   "or bias, possibly expanded to the input's shape)")
-        if self.profiles is not None:
-            sa, sb, so = (self.profiles[x].shape if x in self.profiles else None
-                          for x in (a, b, node))
-            if None not in (sa, sb) and (sa != sb or so != sa):
-                return self.reject(node, kind, RejectReason.BROADCAST,
-                                   f"shapes {list(sa)} and {list(sb)} differ: one operand is "
-                                   "broadcast, so neither can stand in for the sum")
+                raise _Rejected(RejectReason.CONSTANT_OPERAND,
+                                f"operand '{x.name}' depends on no model input's values (a "
+                                "parameter, buffer or constant such as a position embedding "
+                                "or bias, possibly expanded to the input's shape)")
+        return a, b
+
+    def check_shapes(self, node: Node, a: Node, b: Node) -> None:
+        """Check 4: with shapes known, neither operand is broadcast (a skip added into part of
+        the branch output matches the slice it is added to)."""
+        if self.profiles is None:
+            return
+        sa, sb, so = (self.profiles[x].shape if x in self.profiles else None
+                      for x in (a, b, node))
+        part = partial_join_of(node)
+        if part is not None and None not in (sa, sb) and len(sa) == len(sb) > part[0]:
+            # a join into part of ``a``: ``b`` is as large as the slice it is added to
+            d, start, stop = part
+            size = sa[d]
+            if sb[d] == min(size if stop is None else stop, size) - min(start, size):
+                sb = sb[:d] + sa[d:d + 1] + sb[d + 1:]
+        if None not in (sa, sb) and (sa != sb or so != sa):
+            raise _Rejected(RejectReason.BROADCAST,
+                            f"shapes {list(sa)} and {list(sb)} differ: one operand is "
+                            "broadcast, so neither can stand in for the sum")
+
+    def fork_of(self, a: Node, b: Node) -> Node:
+        """Check 5: the latest common ancestor of the operands' values."""
         common = self.anc[a] & self.anc[b] & self.dependent_mask
         if not common:
-            return self.reject(node, kind, RejectReason.NO_COMMON_FORK,
-                               f"'{a.name}' and '{b.name}' share no ancestor "
-                               "(e.g. two separate model inputs)")
-        fork = self.nodes[common.bit_length() - 1]
+            raise _Rejected(RejectReason.NO_COMMON_FORK,
+                            f"'{a.name}' and '{b.name}' share no ancestor "
+                            "(e.g. two separate model inputs)")
+        return self.nodes[common.bit_length() - 1]
+
+    def skip_of(self, fork: Node, a: Node, b: Node) -> tuple[Node, Node, tuple[Node, ...]]:
+        """Check 6: ``(skip, branch output, projection path)``; the path is empty for an
+        identity skip."""
         if fork is a or fork is b:
-            skip, out = (a, b) if fork is a else (b, a)
-            skip_kind, skip_path = SkipKind.IDENTITY, ()
-        else:
-            paths = {x: self.path(fork, x) for x in (a, b)}
-            costs = {x: self.cost(paths[x]) for x in (a, b)}
-            skip, out = (a, b) if costs[a] < costs[b] else (b, a)
-            n_ops = sum(1 for n in paths[skip] if not _is_free(n))
-            if costs[skip] >= costs[out] or n_ops > MAX_PROJECTION_OPS or any(
-                add_kind(n) for n in paths[skip]
-            ):
-                return self.reject(
-                    node, kind, RejectReason.NO_CHEAP_SKIP,
-                    f"neither operand is the fork '{fork.name}' or a cheap projection of it "
-                    f"('{a.name}': {len(paths[a])} nodes, '{b.name}': {len(paths[b])} nodes)")
-            skip_kind, skip_path = SkipKind.PROJECTION, tuple(paths[skip])
-        branch = collect_branch(self.gm, fork, out, node, self.order)
-        if isinstance(branch, tuple):
-            reason, detail = branch
-            return self.reject(node, kind, reason, detail)
+            return (a, b, ()) if fork is a else (b, a, ())
+        paths = {x: self.path(fork, x) for x in (a, b)}
+        costs = {x: self.cost(paths[x]) for x in (a, b)}
+        skip, out = (a, b) if costs[a] < costs[b] else (b, a)
+        n_ops = sum(1 for n in paths[skip] if not _is_free(n))
+        if costs[skip] >= costs[out] or n_ops > MAX_PROJECTION_OPS or any(
+            add_kind(n) for n in paths[skip]
+        ):
+            raise _Rejected(
+                RejectReason.NO_CHEAP_SKIP,
+                f"neither operand is the fork '{fork.name}' or a cheap projection of it "
+                f"('{a.name}': {len(paths[a])} nodes, '{b.name}': {len(paths[b])} nodes)")
+        return skip, out, tuple(paths[skip])
+
+    def check_weights(self, skip: Node, out: Node, skip_path: tuple[Node, ...],
+                      branch: Branch) -> None:
+        """Check 8: a real residual block — the branch applies learned weights, and a
+        projection skip is shallower than the branch."""
         weighted = sum(is_weighted(n, self.gm) for n in branch.nodes)
         if not weighted:
-            return self.reject(
-                node, kind, RejectReason.NO_WEIGHTS,
+            raise _Rejected(
+                RejectReason.NO_WEIGHTS,
                 f"the branch '{branch.nodes[0].name}' … '{out.name}' applies no learned weights "
                 "(no convolution, linear layer, matmul with a parameter or module with "
                 "parameters): a parameter-free x + f(x), such as a rotary embedding, a "
                 "polynomial activation or a normalisation, is not a residual block")
-        if skip_kind is SkipKind.PROJECTION:
-            skip_weighted = sum(is_weighted(n, self.gm) for n in skip_path)
-            nonlinear = any(is_nonlinear(n, self.gm) for n in branch.nodes)
-            if not (skip_weighted < weighted or (
-                    nonlinear and not any(is_nonlinear(n, self.gm) for n in skip_path))):
-                return self.reject(
-                    node, kind, RejectReason.PARALLEL_PATHS,
-                    f"'{skip.name}' is not a shortcut: it applies as many learned weights as "
-                    f"'{out.name}' ({skip_weighted} and {weighted}) and no less nonlinearity, "
-                    "so the add joins parallel paths (RepVGG-style), not a skip and a branch")
-        side = tuple(n for n in branch.inputs if n.op != "get_attr")
-        params = tuple(n for n in branch.inputs if n.op == "get_attr")
-        scope = self.scope(node, branch.nodes)
-        path, mtype = scope[-1] if scope else ("", "")
-        flops = (sum(self.profiles[n].flops for n in branch.nodes if n in self.profiles)
-                 if self.profiles else None)
-        return dict(
-            add=node, add_kind=kind, fork=fork, skip=skip, skip_kind=skip_kind,
-            skip_path=skip_path, branch_output=out, branch=branch.nodes, side_inputs=side,
-            param_inputs=params, module_path=path, module_type=mtype, scope=scope,
-            num_params=_param_count(self.gm, (*branch.nodes, *params)), flops=flops,
-        )
+        if not skip_path:
+            return
+        skip_weighted = sum(is_weighted(n, self.gm) for n in skip_path)
+        nonlinear = any(is_nonlinear(n, self.gm) for n in branch.nodes)
+        if not (skip_weighted < weighted or (
+                nonlinear and not any(is_nonlinear(n, self.gm) for n in skip_path))):
+            raise _Rejected(
+                RejectReason.PARALLEL_PATHS,
+                f"'{skip.name}' is not a shortcut: it applies as many learned weights as "
+                f"'{out.name}' ({skip_weighted} and {weighted}) and no less nonlinearity, "
+                "so the add joins parallel paths (RepVGG-style), not a skip and a branch")
 
     def depths(self, site_adds: set[Node], weights: dict[Node, int]) -> dict[Node, int]:
         """Depth of each site: 1 + the most sites on any path from the inputs to its add (a node
@@ -548,7 +463,7 @@ def collect_branch(
     again by the rewrite (on a graph whose inner branches are already gated).
     """
     if order is None:
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        order = node_order(gm.graph)
     stop = order[add]
     # Everything computed from the fork before the add.
     region: set[Node] = set()
@@ -635,7 +550,12 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
                     changed = True
 
 
-def _is_dead(node: Node, gm: Any, memo: dict[Node, bool], limit: int = 64) -> bool:
+# Dead metadata chains and side computations are a few nodes (``h.size()[-1]``, an assert);
+# walks stop after this many, so a large live subgraph is never walked as if dead.
+MAX_SIDE_NODES = 64
+
+
+def _is_dead(node: Node, gm: Any, memo: dict[Node, bool], limit: int = MAX_SIDE_NODES) -> bool:
     """Whether ``node``'s value is never used: no users, or only users whose values are never
     used (``x.size()`` followed by an unused ``[0]``, or only by a ``torch._assert``), and no
     in-place effect on the way.
@@ -665,7 +585,7 @@ def _is_dead(node: Node, gm: Any, memo: dict[Node, bool], limit: int = 64) -> bo
     return False
 
 
-def _feeds_only(node: Node, nodes: set[Node], add: Node, gm: Any, limit: int = 64
+def _feeds_only(node: Node, nodes: set[Node], add: Node, gm: Any, limit: int = MAX_SIDE_NODES
                 ) -> set[Node] | None:
     """The nodes outside ``nodes`` that ``node`` feeds, if all of them only feed ``nodes`` or
     end in checks (``torch._assert``) or nothing; else ``None``."""

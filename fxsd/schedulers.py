@@ -11,7 +11,7 @@ A schedule owns the gates' rates of one transformed model and moves them once pe
 Each has ``step()``, ``get_last_rate()`` (the model-wide rate) and ``state_dict()`` /
 ``load_state_dict()`` (save it with your checkpoint; the framework callbacks in
 :mod:`fxsd.callbacks` do). Depth distributions (``"linear"``, ``"exponential"``, …) live in
-:mod:`fxsd.schedules`; a schedule scales whatever distribution the model was given.
+:mod:`fxsd.distributions`; a schedule scales whatever distribution the model was given.
 
 >>> import torchvision, fxsd
 >>> model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2)
@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
-from fxsd.schedules import check_rate
+from fxsd.distributions import check_rate
 from fxsd.training import _gates_or_error, get_drop_rate, named_gates, set_drop_rate
 
 __all__ = ["DropSchedule", "DropWarmup", "ProgressiveLayerDrop", "progressive_layer_drop"]

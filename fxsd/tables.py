@@ -17,12 +17,13 @@ from typing import Any
 from tabulate import tabulate
 from torch import nn
 
+from fxsd.analysis import analyze_residuals
 from fxsd.errors import InvalidTypeError
 from fxsd.gate import GateInfo
 from fxsd.owners import plan_owners
-from fxsd.record import RejectedRecord, get_record
-from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite, analyze_residuals
-from fxsd.schedules import Distribution, site_rates
+from fxsd.record import get_record
+from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite
+from fxsd.distributions import Distribution, site_rates
 from fxsd.training import gates as all_gates
 
 __all__ = ["table", "summary", "SiteRow", "fit_table", "fill", "terminal_width", "EMPTY",
@@ -46,15 +47,10 @@ class SiteRow:
 @dataclass(frozen=True)
 class _Report:
     rows: list[SiteRow]
-    rejected: list[RejectedRecord]
+    rejected: list[RejectedAdd]
     total_flops: int | None
     traced: tuple[str, ...] = ()  # modules traced one by one (empty: the model, whole)
     untraced: tuple[tuple[str, str, str], ...] = ()
-
-
-def _rejected_records(rejected: Sequence[RejectedAdd]) -> list[RejectedRecord]:
-    return [RejectedRecord(r.name, r.add_kind, r.module_path or "<root>", r.reason, r.detail)
-            for r in rejected]
 
 
 def _report(
@@ -74,7 +70,7 @@ def _report(
         source = analyze_residuals(source, example_inputs)
     if isinstance(source, ResidualAnalysis):
         sites, levels = source.sites, source.num_levels
-        rejected, total = _rejected_records(source.rejected), source.total_flops
+        rejected, total = list(source.rejected), source.total_flops
         names = {id(site): owner.gate_path(i) for owner in plan_owners(source)
                  for i, site in enumerate(owner.sites)}
     elif isinstance(source, Sequence) and all(isinstance(s, ResidualSite) for s in source):
@@ -120,7 +116,7 @@ def table(
     Args:
         source: a model (analysed on the spot, with the gate each site would get), a model
             returned by :func:`fxsd.stochastic_depth` (its gates and their rates), a
-            :class:`~fxsd.ResidualAnalysis`, or a list of :class:`~fxsd.ResidualSite`.
+            :class:`~fxsd.residuals.ResidualAnalysis`, or a list of :class:`~fxsd.ResidualSite`.
         drop_rate, distribution: show the rates these would give (untransformed sources).
         rejected: also list the adds that are not residual sites, with the reasons.
         example_inputs: for a model analysed on the spot: adds a FLOPs column.
@@ -175,7 +171,7 @@ def table(
     if report.traced or report.untraced:
         text += "\n\n" + _units(report, tablefmt, limit)
     if rejected:
-        rows = [[r.add, r.add_kind, r.module_path, r.reason.value, r.detail]
+        rows = [[r.add, r.add_kind, r.module_path or "<root>", r.reason.value, r.detail]
                 for r in report.rejected]
         text += "\n\nrejected adds:\n" + (
             fit_table(rows, REJECTED_HEADERS, tablefmt, limit,

@@ -7,11 +7,14 @@ model itself is never modified) and prepares its graph for analysis:
   and calls of the ``torch.fx.wrap``-ped function ``torchvision.ops.stochastic_depth`` become
   ``StochasticDepth`` modules, so that they still read ``self.training`` at run time instead of
   having the flag baked into the graph as a constant;
-* in-place ops get explicit results (see :mod:`fxsd.passes.explicit_inplace`).
+* in-place ops get explicit results (see :mod:`fxsd.passes.explicit_inplace`);
+* a join into part of a tensor (``torch.cat([x[:, :C] + s, x[:, C:]])``) becomes one
+  :func:`~fxsd.partial_join.partial_add` call (see :mod:`fxsd.passes.partial_join`).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,35 +27,26 @@ from torch.fx.node import map_aggregate
 
 from fxsd.calls import CallTree, ModuleCall, as_nodes, calls_of, is_dict_record
 from fxsd.distributed import check_not_wrapped
+from fxsd.drop_paths import is_drop_path
 from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph
 from fxsd.hf import opaque_attention_kernels
+from fxsd.ops import MISMATCH, NOT_DROPOUT, dropout_training, zip_arguments
 from fxsd.passes.explicit_inplace import make_inplace_explicit
 from fxsd.passes.live_drop_path import make_drop_paths_live
+from fxsd.passes.partial_join import make_partial_joins_explicit
 from fxsd.record import FxsdRecord, NodeRecord
 
-__all__ = ["trace", "trace_calls", "is_drop_path", "if_training", "FxsdTracer",
+__all__ = ["trace", "trace_calls", "if_training", "FxsdTracer",
            "TrainingDependenceWarning", "FrozenDropoutWarning"]
 
 LeafSpec = type | str | nn.Module
-
-
-def is_drop_path(module: nn.Module) -> bool:
-    """Whether ``module`` is a drop-path module: torchvision ``StochasticDepth`` or timm-like.
-
-    timm's ``DropPath`` (and the many copies of it in other code bases) is recognised by shape: a
-    parameter-free module with a ``drop_prob`` attribute, or any class named ``DropPath``.
-    """
-    try:
-        from torchvision.ops import StochasticDepth
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        StochasticDepth = ()  # type: ignore[assignment]
-    if isinstance(module, StochasticDepth):
-        return True
-    if type(module).__name__ in ("DropPath", "DropPath2d", "StochasticDepth"):
-        return True
-    has_rate = hasattr(module, "drop_prob") or hasattr(module, "drop_path_prob")
-    return has_rate and next(module.parameters(recurse=True), None) is None
+# Each round of the training-aware trace that does not converge makes at least one more module a
+# live leaf and costs two full traces; a bound keeps a pathological model from looping.
+MAX_MODE_ROUNDS = 8
+TracerFactory = Callable[..., "FxsdTracer"]
+"""Builds the tracer of one trace: called with the leaves and ``prefix=`` (the traced module's
+qualified name with a dot)."""
 
 
 def _functional_drop_path() -> Any:
@@ -213,7 +207,7 @@ def trace(
 
     Example:
         >>> import torchvision, fxsd
-        >>> gm = fxsd.trace(torchvision.models.resnet18())
+        >>> gm = fxsd.tracing.trace(torchvision.models.resnet18())
         >>> gm.state_dict().keys() == torchvision.models.resnet18().state_dict().keys()
         True
     """
@@ -226,19 +220,16 @@ def trace_calls(
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
     path: str = "",
-    example: Any = None,
-    fix_flags: bool = False,
-    free_nones: Iterable[str] = (),
+    tracer: TracerFactory | None = None,
     autowrap: Iterable[Any] = (),
 ) -> tuple[FxsdGraphModule, CallTree | None]:
     """:func:`trace`, plus the module calls the tracer went through (``None`` for a
     ``GraphModule`` input, whose graph is copied, not traced).
 
     With ``path``, only that module of ``model`` is traced (its targets qualified in ``model``);
-    with ``example`` (a :class:`~fxsd.by_example.RecordedCall`), by example, with its bool
-    arguments and the conditions of its control flow fixed to the example's if ``fix_flags``,
-    and the ``None`` arguments named in ``free_nones`` left as inputs. The result runs that
-    module's forward over ``model``'s tree.
+    the result runs that module's forward over ``model``'s tree. ``tracer`` builds the tracer
+    for each trace (:class:`FxsdTracer` with ``autowrap`` by default; tracing by example passes
+    :func:`fxsd.by_example.example_tracer`).
     """
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"expected an nn.Module to trace, got {type(model).__name__}")
@@ -252,14 +243,10 @@ def trace_calls(
         live: list[str] = []
         _warn_frozen_dropout(graph, type(module).__name__)
     else:
-        def make_tracer(leaves: Sequence[LeafSpec]) -> FxsdTracer:
-            prefix = path + "." if path else ""
-            if example is None:
-                return FxsdTracer(leaves, prefix=prefix, autowrap=autowrap)
-            from fxsd.by_example import ExampleTracer
+        factory = tracer or functools.partial(FxsdTracer, autowrap=tuple(autowrap))
 
-            return ExampleTracer(example, model, leaves, prefix=prefix, autowrap=autowrap,
-                                 fix_flags=fix_flags, free_nones=tuple(free_nones))
+        def make_tracer(leaves: Sequence[LeafSpec]) -> FxsdTracer:
+            return factory(leaves, prefix=path + "." if path else "")
 
         graph, extras, live, calls = _trace_training_aware(module, leaves, concrete_args,
                                                            make_tracer, path)
@@ -267,6 +254,7 @@ def trace_calls(
     gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live))
     make_drop_paths_live(gm)
     make_inplace_explicit(gm)
+    make_partial_joins_explicit(gm)
     return gm, None if calls is None else CallTree(calls, gm.graph)
 
 
@@ -281,8 +269,8 @@ def _warn_frozen_dropout(graph: fx.Graph, name: str) -> None:
     for n in graph.nodes:
         if n.op != "call_function":
             continue
-        if n.target in _DROPOUTS:
-            flag = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+        flag = dropout_training(n)
+        if flag is not NOT_DROPOUT:
             if not isinstance(flag, fx.Node):
                 frozen.append(f"{n.name} (training={flag!r})")
         elif n.target is F.scaled_dot_product_attention:
@@ -297,10 +285,6 @@ def _warn_frozen_dropout(graph: fx.Graph, name: str) -> None:
             "self.training froze it). Give fxsd the model itself instead (for Hugging Face "
             "models with example_kwargs=), or ignore this if the model has no dropout there.",
             FrozenDropoutWarning, stacklevel=4)
-
-
-_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-             F.feature_alpha_dropout)
 
 
 class TrainingDependenceWarning(UserWarning):
@@ -327,7 +311,7 @@ def _trace_training_aware(
     """
     leaves = list(leaves)
     live: list[str] = []
-    for _ in range(8):
+    for _ in range(MAX_MODE_ROUNDS):
         graph, extras, calls = _symbolic_trace(model, make_tracer(leaves), concrete_args)
         modes = [(m, m.training) for m in model.modules()]
         try:
@@ -387,64 +371,16 @@ def _merge_modes(graph: fx.Graph, flipped: fx.Graph, calls: list[ModuleCall], pr
     """Replace each constant argument of ``graph`` that differs in ``flipped`` by an
     :func:`if_training` of the module whose code chose it. ``False`` (``graph`` unchanged) when
     the two graphs do not pair up node for node."""
-    nodes, others = list(graph.nodes), list(flipped.nodes)
-    if len(nodes) != len(others) or any(
-            x.op != y.op or x.target != y.target for x, y in zip(nodes, others)):
+    edits = _mode_edits(graph, flipped, calls, prefix, training)
+    if edits is None:
         return False
-    pair = dict(zip(others, nodes))
-    edits: list[tuple[fx.Node, tuple, dict]] = []
-    for x, y in zip(nodes, others):
-        chain = calls_of(x)
-        owner = calls[chain[-1]].path if chain else prefix
-        diffs: list[Any] = []
-
-        def merged(u: Any, v: Any, owner: str = owner, diffs: list[Any] = diffs) -> Any:
-            if isinstance(u, fx.Node) or isinstance(v, fx.Node):
-                return u if isinstance(v, fx.Node) and pair.get(v) is u else _MISMATCH
-            if isinstance(u, slice) and isinstance(v, slice):
-                parts = merged((u.start, u.stop, u.step), (v.start, v.stop, v.step))
-                return _MISMATCH if parts is _MISMATCH else slice(*parts)
-            if isinstance(u, (tuple, list)) and type(u) is type(v) and len(u) == len(v):
-                parts = [merged(p, q) for p, q in zip(u, v)]
-                return _MISMATCH if any(p is _MISMATCH for p in parts) else type(u)(parts)
-            if isinstance(u, dict) and isinstance(v, dict) and u.keys() == v.keys():
-                parts = {k: merged(u[k], v[k]) for k in u}
-                return _MISMATCH if any(p is _MISMATCH for p in parts.values()) else parts
-            if type(u) is type(v) and (u is v or (not isinstance(u, torch.Tensor) and u == v)):
-                return u
-            diffs.append((u, v))
-            return _Choice(owner, *((u, v) if training else (v, u)))
-
-        args, kwargs = merged(x.args, y.args), merged(x.kwargs, y.kwargs)
-        if args is _MISMATCH or kwargs is _MISMATCH:
-            return False
-        if diffs:
-            if not owner:
-                return False
-            edits.append((x, args, kwargs))
-    # one read of each module whose flag is used, after the last placeholder (guards on
-    # arguments may sit between placeholders)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    reads: dict[str, fx.Node] = {}
-
-    def read(path: str) -> fx.Node:
-        if path not in reads:
-            anchor = list(reads.values())[-1] if reads else (
-                placeholders[-1] if placeholders else None)
-            if anchor is None:
-                with graph.inserting_before(next(iter(graph.nodes))):
-                    reads[path] = graph.get_attr(path)
-            else:
-                with graph.inserting_after(anchor):
-                    reads[path] = graph.get_attr(path)
-        return reads[path]
-
+    reads = _FlagReads(graph)
     for node, args, kwargs in edits:
         with graph.inserting_before(node):
             def choose(value: Any, node: fx.Node = node) -> Any:
                 if isinstance(value, _Choice):
-                    module = read(value.module)
-                    choice = graph.call_function(if_training, (module, value.train, value.eval))
+                    choice = graph.call_function(
+                        if_training, (reads.of(value.module), value.train, value.eval))
                     choice.meta["is_wrapped"] = True
                     choice.meta["fxsd"] = node.meta.get("fxsd")
                     return choice
@@ -455,7 +391,65 @@ def _merge_modes(graph: fx.Graph, flipped: fx.Graph, calls: list[ModuleCall], pr
     return True
 
 
-_MISMATCH = object()
+def _mode_edits(graph: fx.Graph, flipped: fx.Graph, calls: list[ModuleCall], prefix: str,
+                training: bool) -> list[tuple[fx.Node, Any, Any]] | None:
+    """Each node of ``graph`` whose constant arguments differ in ``flipped``, with its arguments
+    where those constants are :class:`_Choice` s; ``None`` when the graphs do not pair up."""
+    nodes, others = list(graph.nodes), list(flipped.nodes)
+    if len(nodes) != len(others) or any(
+            x.op != y.op or x.target != y.target for x, y in zip(nodes, others)):
+        return None
+    pair = dict(zip(others, nodes))
+    edits: list[tuple[fx.Node, Any, Any]] = []
+    for x, y in zip(nodes, others):
+        chain = calls_of(x)
+        owner = calls[chain[-1]].path if chain else prefix
+        diffs: list[Any] = []
+        args = _merged(x.args, y.args, pair, owner, training, diffs)
+        kwargs = _merged(x.kwargs, y.kwargs, pair, owner, training, diffs)
+        if args is MISMATCH or kwargs is MISMATCH:
+            return None
+        if diffs:
+            if not owner:
+                return None
+            edits.append((x, args, kwargs))
+    return edits
+
+
+def _merged(u: Any, v: Any, pair: dict[fx.Node, fx.Node], owner: str, training: bool,
+            diffs: list[Any]) -> Any:
+    """One argument of a node in the two modes: the same, a :class:`_Choice` between two
+    constants (recorded in ``diffs``), or ``MISMATCH``."""
+    def leaf(x: Any, y: Any) -> Any:
+        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+            return x if isinstance(y, fx.Node) and pair.get(y) is x else MISMATCH
+        if type(x) is type(y) and (x is y or (not isinstance(x, torch.Tensor) and x == y)):
+            return x
+        diffs.append((x, y))
+        return _Choice(owner, *((x, y) if training else (y, x)))
+
+    return zip_arguments(u, v, leaf)
+
+
+class _FlagReads:
+    """One ``get_attr`` read of each module whose flag a graph uses, after its last placeholder
+    (guards on arguments may sit between placeholders)."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self.anchor = placeholders[-1] if placeholders else None
+        self.reads: dict[str, fx.Node] = {}
+
+    def of(self, path: str) -> fx.Node:
+        if path not in self.reads:
+            if self.anchor is None:
+                with self.graph.inserting_before(next(iter(self.graph.nodes))):
+                    self.reads[path] = self.anchor = self.graph.get_attr(path)
+            else:
+                with self.graph.inserting_after(self.anchor):
+                    self.reads[path] = self.anchor = self.graph.get_attr(path)
+        return self.reads[path]
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,26 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.fx import GraphModule
 
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.gate import BranchGate, DropSampler
 from fxsd.record import get_record
-from fxsd.schedules import check_rate
+from fxsd.distributions import check_rate
 
-__all__ = ["gates", "named_gates", "set_drop_rate", "get_drop_rate", "get_rng_state",
-           "set_rng_state"]
+__all__ = ["gates", "named_gates", "gated_blocks", "set_drop_rate", "get_drop_rate",
+           "get_rng_state", "set_rng_state"]
 
 
 def named_gates(model: nn.Module) -> dict[str, BranchGate]:
     """The gates of a transformed model by qualified name, in module order (``named_modules``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, BranchGate)}
+
+
+def gated_blocks(model: nn.Module) -> dict[str, GraphModule]:
+    """The modules fxsd rewrote around gates (those holding a gate), by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, GraphModule)
+            and any(isinstance(c, BranchGate) for c in m.children())}
 
 
 def gates(model: nn.Module) -> list[BranchGate]:

@@ -17,9 +17,11 @@ The analysis normally traces the whole model once. Two cases need more:
   an opaque call (and tried on its own). Hugging Face attention modules are traced through;
   only the attention kernel they dispatch to through ``ALL_ATTENTION_FUNCTIONS`` stays one call
   (:mod:`fxsd.hf`), so ``is_causal``, attention dropout and shapes stay live. Modules that could
-  not be traced are reported with the reason.
+  not be traced are reported with the reason. An activation-checkpoint wrapper is never a unit
+  itself: the module it wraps is, so the wrapper stays around the gated module and checkpoints
+  it.
 
-Both run the model (or a unit) once; :func:`fxsd.residuals.analyze_residuals` runs them under
+Both run the model (or a unit) once; :func:`fxsd.analysis.analyze_residuals` runs them under
 :func:`fxsd.preserve.preserved`, so BatchNorm statistics, flags and the RNGs come back as they
 were.
 
@@ -37,17 +39,21 @@ import torch
 from torch import fx, nn
 from torch.fx import GraphModule, Node
 
-from fxsd.by_example import RecordedCall, record_calls
+from fxsd.by_example import RecordedCall, example_tracer, record_calls
 from fxsd.calls import CallTree
+from fxsd.drop_paths import is_drop_path
 from fxsd.errors import TraceError
 from fxsd.guards import check_argument, is_guardable
 from fxsd.hf import is_hf_attention
+from fxsd.ops import MISMATCH, zip_arguments
 from fxsd.profile import NodeProfile
 from fxsd.residuals import ResidualAnalysis, analyze_graph
-from fxsd.tracing import LeafSpec, _checkpoint_wrapped, _validate_leaves, is_drop_path, trace_calls
+from fxsd.tracing import LeafSpec, _checkpoint_wrapped, _validate_leaves, trace_calls
 
 __all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit"]
 
+# Each failed trace of a unit keeps one more inner module whole and traces again; past this many
+# the unit is reported as not traced and its children are tried instead.
 _RETRIES = 32
 
 
@@ -209,12 +215,12 @@ def _trace_flags(model: nn.Module, path: str, call: RecordedCall | None,
         return trace_calls(model, leaf_modules=leaves, path=path, autowrap=autowrap)
     fix = False
     try:
-        traced = trace_calls(model, leaf_modules=leaves, path=path, example=call,
-                             autowrap=autowrap)
+        traced = trace_calls(model, leaf_modules=leaves, path=path,
+                             tracer=example_tracer(call, model, autowrap=autowrap))
     except TraceError:
         fix = True  # control flow on a flag or a dtype
-        traced = trace_calls(model, leaf_modules=leaves, path=path, example=call,
-                             autowrap=autowrap, fix_flags=True)
+        traced = trace_calls(model, leaf_modules=leaves, path=path, tracer=example_tracer(
+            call, model, autowrap=autowrap, fix_flags=True))
     nones = _none_guards(traced[0].graph)
     if not nones:
         return traced
@@ -222,8 +228,8 @@ def _trace_flags(model: nn.Module, path: str, call: RecordedCall | None,
     def freed(names: Iterable[str]) -> tuple[GraphModule, CallTree | None] | None:
         names = tuple(names)
         try:
-            free = trace_calls(model, leaf_modules=leaves, path=path, example=call,
-                               autowrap=autowrap, fix_flags=fix, free_nones=names)
+            free = trace_calls(model, leaf_modules=leaves, path=path, tracer=example_tracer(
+                call, model, autowrap=autowrap, fix_flags=fix, free_nones=names))
         except TraceError:
             return None
         guards = {k: v for k, v in nones.items() if k in names}
@@ -259,18 +265,15 @@ def _same_but_nones(fixed: fx.Graph, free: fx.Graph, nones: dict[str, fx.Node]) 
     pairs: dict[fx.Node, fx.Node] = {}
     free_holders = {n for n in free.nodes if n.op == "placeholder" and n.target in nones}
 
-    def same(x: Any, y: Any) -> bool:
+    def leaf(x: Any, y: Any) -> Any:
         if isinstance(y, fx.Node) and y in free_holders:
-            return x is None
+            return x if x is None else MISMATCH
         if isinstance(x, fx.Node) or isinstance(y, fx.Node):
-            return isinstance(x, fx.Node) and pairs.get(x) is y
-        if isinstance(x, slice) and isinstance(y, slice):
-            return same((x.start, x.stop, x.step), (y.start, y.stop, y.step))
-        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
-            return type(x) is type(y) and len(x) == len(y) and all(map(same, x, y))
-        if isinstance(x, dict) and isinstance(y, dict):
-            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-        return type(x) is type(y) and (x is y or x == y)
+            return x if isinstance(x, fx.Node) and pairs.get(x) is y else MISMATCH
+        return x if type(x) is type(y) and (x is y or x == y) else MISMATCH
+
+    def same(x: Any, y: Any) -> bool:
+        return zip_arguments(x, y, leaf) is not MISMATCH
 
     for x, y in zip(a, b):
         if x.op != y.op or x.target != y.target or not same(x.args, y.args) \
@@ -344,4 +347,4 @@ def _combine(parts: list[ResidualAnalysis], untraced: list[tuple[str, str, str]]
         total_flops=root.total_flops if root else None,
         profiles=root.profiles if root else None,
         calls=root.calls if root else None,
-        units=parts, untraced=untraced)
+        units=parts, untraced=untraced, order=root.order if root else {})

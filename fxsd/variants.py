@@ -51,6 +51,7 @@ from torch.fx import Graph, Node
 from torch.fx.graph import CodeGen
 
 from fxsd.calls import any_leaf
+from fxsd.drop_paths import is_drop_path
 from fxsd.errors import FxsdError, GuardError
 from fxsd.gate import BranchGate, DropPathAction
 from fxsd.graph_module import (
@@ -70,7 +71,7 @@ __all__ = ["MAX_VARIANTS", "CallSignatureCodeGen", "GateView", "allow_other_call
 MAX_VARIANTS = 8
 
 _TABLE = "_fxsd_variants"
-_AT = "block"  # the name a block is traced again under
+_AT = "root"  # the name the model's root module is traced again under
 
 _PURE_FUNCTIONS = frozenset({
     getattr, operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
@@ -195,18 +196,19 @@ class _Variants:
             if check.refusal(module, values) is None:
                 module.training = block.training
                 return module.forward
-        path = _path(block) or "<root>"
+        path = _path(block)
         if len(self.variants) >= MAX_VARIANTS:
             raise GuardError(
-                f"'{path}' was rewritten by fxsd and has traced itself again for "
+                f"'{path or '<root>'}' was rewritten by fxsd and has traced itself again for "
                 f"{MAX_VARIANTS} other calls already; this call differs again ({refused}). "
                 "Calls that vary this much cannot each get a graph: pass that argument as a "
                 "tensor, or keep this module out of the rewrite (select=...)")
         module = _trace_again(block, values, path, refused)
         check = _Precheck.of(module.graph)
         if check.refusal(module, values) is not None:
-            raise GuardError(f"'{path}' was traced again by fxsd for a call its trace did not "
-                             f"see ({refused}), but the new graph's guards refuse that call too")
+            raise GuardError(f"'{path or '<root>'}' was traced again by fxsd for a call its "
+                             f"trace did not see ({refused}), but the new graph's guards refuse "
+                             "that call too")
         self.variants.append((module, check))
         return module.forward
 
@@ -349,29 +351,40 @@ def _trace_again(block: nn.Module, values: tuple[Any, ...], path: str,
     from fxsd.by_example import record_calls
     from fxsd.units import _drift, registry, trace_unit
 
+    shown = path or "<root>"
     view = _plain_view(block)
     args, kwargs = _call(_placeholders(block.graph), values)
-    args, kwargs = _copied((args, kwargs), path)
+    args, kwargs = _copied((args, kwargs), shown)
     leaves, autowrap = registry(None)
     try:
         with _quietly(view):
             recorded = record_calls(view, args, kwargs)
-            # traced as a child of a holder, as the block was traced in its model: code that
-            # reads the block's own ``training`` flag then stays switchable
-            holder = nn.Module()
-            holder._modules[_AT] = view
-            gm, calls = trace_unit(holder, _AT, recorded[id(view)],
+            at = path or _AT
+            gm, calls = trace_unit(_holder(at, view), at, recorded[id(view)],
                                    [*_kept_whole(block), *leaves], autowrap)
             drift = _drift(gm, calls, recorded)
             if drift is None:
-                cut = _gate_again(block, view, gm, calls, path)
+                cut = _gate_again(block, view, gm, calls, at)
     except FxsdError as exc:
-        raise GuardError(f"'{path}' was rewritten by fxsd for other calls than this one "
+        raise GuardError(f"'{shown}' was rewritten by fxsd for other calls than this one "
                          f"({refused}), and tracing it again on this call failed: {exc}") from exc
     if drift is not None:
-        raise GuardError(f"'{path}' was rewritten by fxsd for other calls than this one "
+        raise GuardError(f"'{shown}' was rewritten by fxsd for other calls than this one "
                          f"({refused}), and its trace on this call is not what it runs: {drift}")
     return _variant_module(block, view, cut)
+
+
+def _holder(path: str, view: nn.Module) -> nn.Module:
+    """Plain modules holding ``view`` at ``path``: the block is traced again where it was
+    traced in its model, so its node names and messages are the same, and code that reads its
+    own ``training`` flag stays switchable (as for any module traced under a prefix)."""
+    *parents, name = path.split(".")
+    root = node = nn.Module()
+    for atom in parents:
+        node._modules[atom] = nn.Module()
+        node = node._modules[atom]
+    node._modules[name] = view
+    return root
 
 
 def _call(names: Sequence[str], values: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -481,12 +494,12 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
     from fxsd.residuals import analyze_graph
 
     released = _release_like(gm.graph, block.graph)
-    analysis = analyze_graph(gm, calls, None, _AT)[0]
+    analysis = analyze_graph(gm, calls, None, path)[0]
     owners = plan_owners(analysis)
-    inner = sorted(o.path.removeprefix(_AT + ".") for o in owners if o.path != _AT)
+    inner = sorted(o.path for o in owners if o.path != path)
     if inner:
-        raise GuardError(f"traced again on this call, joins of '{path}' belong to modules "
-                         f"inside it ({', '.join(inner)})")
+        raise GuardError(f"traced again on this call, its joins belong to modules inside it "
+                         f"({', '.join(inner)})")
     gates = {k: m for k, m in block._modules.items() if isinstance(m, BranchGate)}
     found: set[str] = set()
     cut = None
@@ -511,39 +524,31 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
 
 def _gate_site(cut: Any, analysis: Any, site: Any, gate: BranchGate, name: str,
                order: dict[Node, int], rewritten: dict[Node, Node]) -> None:
-    """Replace ``site``'s add in ``cut`` by a call of ``gate`` running the new branch."""
+    """Replace ``site``'s add in ``cut`` by a call of ``gate`` running the new branch (as the
+    rewrite does, :mod:`fxsd.passes.stochastic_depth`, with the gate's own settings)."""
     from fxsd.passes.stochastic_depth import (
         _branch_module,
         _collect,
-        _drop_paths,
         _release_unused_outputs,
+        _remove_drop_paths,
+        _replace_with_gate,
     )
 
-    graph = cut.graph
     fork, skip, out, add = (rewritten.get(cut.env[n], cut.env[n])
                             for n in (site.fork, site.skip, site.branch_output, site.add))
     if gate.identity != (skip is fork):
         raise GuardError(f"traced again on this call, the skip of {name} is another one")
     if gate.drop_path in (DropPathAction.ADOPTED, DropPathAction.REPLACED):
-        for drop in _drop_paths(analysis.graph_module, site.branch):
-            node = cut.env[drop]
-            if node is out:
-                out = node.all_input_nodes[0]
-            node.replace_all_uses_with(node.all_input_nodes[0])
-            graph.erase_node(node)
-    _release_unused_outputs(graph, {cut.env[n] for n in site.branch if n in cut.env})
+        gm = analysis.graph_module
+        drops = [cut.env[n] for n in site.branch if n.op == "call_module"
+                 and is_drop_path(gm.get_submodule(str(n.target)))]
+        out = _remove_drop_paths(cut.graph, drops, out)
+    _release_unused_outputs(cut.graph, {cut.env[n] for n in site.branch if n in cut.env})
     branch = _collect(cut, fork, out, add, order, site)
     cut.extra_attrs[name] = GateView(
         gate, _branch_module(cut, fork, branch.nodes, branch.inputs, out, name))
     args = (fork, *branch.inputs) if skip is fork else (skip, fork, *branch.inputs)
-    with graph.inserting_before(add):
-        call = graph.call_module(name, args)
-    order[call] = order[add]
-    add.replace_all_uses_with(call)
-    graph.erase_node(add)
-    for node in reversed(branch.nodes):
-        graph.erase_node(node)
-    rewritten[add] = call
+    rewritten[add] = _replace_with_gate(cut.graph, add, name, args, branch.nodes, order)
 
 
 def _output_pairs(new: Any, own: Any, found: list[tuple[Node, Any, Any]]) -> None:

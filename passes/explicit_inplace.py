@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from fxsd.ops import mutated_operand
+from fxsd.ops import mutated_operand, node_order
 
 __all__ = ["make_inplace_explicit"]
 
@@ -21,7 +21,7 @@ def make_inplace_explicit(gm: GraphModule) -> int:
 
     Returns the number of uses redirected. Edits ``gm.graph`` in place and recompiles ``gm``.
     """
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    order = node_order(gm.graph)
     redirected = 0
     for node in gm.graph.nodes:
         target = mutated_operand(node, gm)

@@ -32,9 +32,9 @@ from torch import nn
 from torch.fx import Graph, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.calls import DictRecord, node_leaves
+from fxsd.calls import DictRecord, bound_parameters, node_leaves
 from fxsd.errors import GraphError
-from fxsd.graph_module import free_name
+from fxsd.graph_module import free_name, node_name
 from fxsd.guards import check_argument, check_type
 from fxsd.ops import resolve_attr
 from fxsd.owners import Owner
@@ -121,18 +121,16 @@ class _Extractor:
 
     # -- arguments ---------------------------------------------------------------------------
     def _placeholders(self, call: Any) -> None:
-        sig = inspect.signature(call.module.forward)
-        bound = sig.bind(*call.args, **call.kwargs)
-        for name, param in sig.parameters.items():
+        arguments = bound_parameters(inspect.signature(call.module.forward), call.args,
+                                     call.kwargs)
+        for param, value in arguments:
+            name = param.name
             if param.kind is inspect.Parameter.VAR_POSITIONAL:
                 ph = self.graph.placeholder(f"*{name}")
-                value: Any = bound.arguments.get(name, ())
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
                 ph = self.graph.placeholder(f"**{name}")
-                value = bound.arguments.get(name, {})
             else:
                 ph = self.graph.placeholder(name, default_value=param.default)
-                value = bound.arguments.get(name, param.default)
             if not self._bind_value(ph, value):
                 guard = self.graph.call_function(
                     check_argument, (ph, value, self.owner.path, name))
@@ -263,10 +261,8 @@ class _Extractor:
 
 
 def _name_for(target: str) -> str:
-    """A node name for a call of ``target``; never ``self``, which names the module itself in
-    generated code (BERT's attention calls a child named ``self``)."""
-    name = target.replace(".", "_")
-    return "self_1" if name == "self" else name
+    """A node name for a call of ``target``."""
+    return node_name(target.replace(".", "_"))
 
 
 def _has_path(module: nn.Module, path: str) -> bool:

@@ -15,10 +15,8 @@ site's branch is already a gate call when the outer branch is cut out.
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,34 +24,33 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
 
+from fxsd.analysis import analyze_residuals
+from fxsd.budget import record_step_costs, scale_to_target
 from fxsd.distributed import rank
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
-from fxsd.folding import fold_target, warn_on_save
-from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, BranchGate, DropPathAction, DropSampler, GateInfo
-from fxsd.graph_module import FxsdGraphModule, TreeEditor, copy_tree, module_from_graph
-from fxsd.ops import depends_on_input, is_metadata_read, is_view, mutated_operand
+from fxsd.folding import warn_on_save
+from fxsd.gate import BranchGate, DropSampler, GateInfo
+from fxsd.graph_module import (
+    FxsdGraphModule,
+    TreeEditor,
+    copy_tree,
+    deepest_first,
+    module_from_graph,
+)
+from fxsd.ops import is_metadata_read, node_order
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
+from fxsd.plan import GatePlan, Options, plan_gates, select_sites
 from fxsd.recompute import checkpointing
-from fxsd.record import FxsdRecord, RejectedRecord
-from fxsd.residuals import (
-    ResidualAnalysis,
-    ResidualSite,
-    analyze_residuals,
-    collect_branch,
-    is_module,
-)
-from fxsd.rows import row_coupling
-from fxsd.schedules import DISTRIBUTIONS, Distribution, check_rate, site_rates
-from fxsd.tracing import LeafSpec, is_drop_path
+from fxsd.record import FxsdRecord
+from fxsd.residuals import ResidualAnalysis, ResidualSite, collect_branch, is_module
+from fxsd.distributions import Distribution
+from fxsd.tracing import LeafSpec
 from fxsd.training import gates
 from fxsd.variants import allow_other_calls
 
-__all__ = ["stochastic_depth", "gate_residuals", "GateSpec", "InlinedHooksWarning",
+__all__ = ["stochastic_depth", "gate_residuals", "InlinedHooksWarning",
            "NoResidualSitesWarning"]
-
-EXISTING = ("adopt", "replace", "keep")
-
 
 class NoResidualSitesWarning(UserWarning):
     """The model has no residual site (or none selected), so the pass changed nothing."""
@@ -62,20 +59,6 @@ class NoResidualSitesWarning(UserWarning):
 class InlinedHooksWarning(UserWarning):
     """A module with hooks, or one whose call is checkpointed, had to be inlined into the gated
     module that owns a join: its hooks will not run any more, its call is not checkpointed."""
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """How to gate one site (before any existing drop path is adopted).
-
-    ``mode``/``scale`` ``None``: an adopted drop path's own, else ``"block"``/``"train"``.
-    """
-
-    drop_rate: float
-    rate_weight: float
-    mode: str | None
-    scale: str | None
-    sample_impl: str | None  # None: subset where exact, else mask
 
 
 def stochastic_depth(
@@ -96,6 +79,7 @@ def stochastic_depth(
     tracing: str = "auto",
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    target_saving: float | None = None,
 ) -> nn.Module:
     """Return ``model`` with its residual branches dropping at random in training.
 
@@ -168,6 +152,15 @@ def stochastic_depth(
         leaf_modules: module classes, qualified names or module objects not to trace through
             (added to timm's not-traceable registry when timm is installed).
         concrete_args: passed to the tracer.
+        target_saving: instead of ``drop_rate``: the expected fraction of a training step's
+            compute (forward + backward FLOPs of the whole model on ``example_inputs``, which it
+            needs) that the drops should save. fxsd scales ``distribution``'s rates (any of
+            them, a per-site list or callable included) by one factor until
+            :func:`fxsd.expected_saving` is the target; like an explicit rate, it also sets the
+            rates of adopted drop paths. A site saves ``p_l`` times its branch's forward and
+            backward FLOPs (:mod:`fxsd.budget`). The model-wide rate becomes the largest site
+            rate. A target beyond the distribution's reach (largest rate 1) raises
+            :class:`~fxsd.FxsdError` naming the largest reachable saving.
 
     Raises:
         InvalidTypeError, InvalidArgumentError: bad arguments (also: ``inplace=True`` when the
@@ -190,27 +183,17 @@ def stochastic_depth(
             f"{type(model).__name__} is already gated by fxsd: change its rates with "
             "fxsd.set_drop_rate(model, rate), or transform the original model again"
         )
-    if mode is not None:
-        _check_choice("mode", mode, MODES)
-    if scale is not None:
-        _check_choice("scale", scale, SCALES)
-    _check_choice("existing", existing, EXISTING)
-    if sample_impl is not None:
-        _check_choice("sample_impl", sample_impl, SAMPLE_IMPLS)
-    explicit = drop_rate is not None or distribution is not None
-    distribution = "linear" if distribution is None else distribution
-    if isinstance(distribution, str):
-        if distribution not in DISTRIBUTIONS:
-            site_rates(0.0, distribution, [], 0)  # raises the unknown-distribution error
-    drop_rate = check_rate(0.1 if drop_rate is None else drop_rate)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidTypeError(f"seed must be an int or None, got {seed!r}")
+    options = Options.validated(
+        drop_rate, distribution, target_saving, mode=mode, scale=scale, sample_impl=sample_impl,
+        existing=existing, seed=seed, sync_ranks=sync_ranks, select=select, inplace=inplace,
+        example_inputs=example_inputs, example_kwargs=example_kwargs, tracing=tracing,
+        leaf_modules=leaf_modules, concrete_args=concrete_args)
     analysis = analyze_residuals(
         model, example_inputs, example_kwargs=example_kwargs, tracing=tracing,
         leaf_modules=leaf_modules, concrete_args=concrete_args,
     )
     if select is not None:
-        _select(analysis, select)
+        select_sites(analysis, select)
     if not analysis.sites:
         warnings.warn(
             f"fxsd found no residual site to gate in {type(model).__name__} "
@@ -220,70 +203,37 @@ def stochastic_depth(
             stacklevel=2,
         )
         return model if inplace else copy_tree(model)
-    depths = [s.depth for s in analysis.sites]
-    rates = site_rates(drop_rate, distribution, depths, analysis.num_levels)
-    if drop_rate > 0:
-        weights = [r / drop_rate for r in rates]
-    elif isinstance(distribution, str):
-        weights = site_rates(1.0, distribution, depths, analysis.num_levels)
-    else:
-        weights = list(rates)
-    specs = [GateSpec(r, w, mode, scale, sample_impl) for r, w in zip(rates, weights)]
     base = torch.initial_seed() if seed is None else seed
     if not sync_ranks:
         base += 1_000_003 * rank()
-    return gate_residuals(analysis, specs, DropSampler(base, sync_ranks), model,
-                          existing=existing, drop_rate=drop_rate, inplace=inplace,
-                          explicit=explicit)
+    gated = gate_residuals(analysis, plan_gates(analysis, options),
+                           DropSampler(base, sync_ranks), model, inplace=inplace)
+    _budget(gated, options)
+    return gated
 
 
-def _select(analysis: ResidualAnalysis, keep: Callable[[ResidualSite], bool]) -> None:
-    """Keep only the sites ``keep`` selects, with depths ``1..L`` counted over them."""
-    chosen = [site for site in analysis.sites if _selected(keep, site)]
-    distinct = sorted({site.depth for site in chosen})
-    rank_of = {d: i + 1 for i, d in enumerate(distinct)}
-    renumbered = {id(site): replace(site, depth=rank_of[site.depth]) for site in chosen}
-    for part in {id(p): p for p in (analysis, *analysis.units)}.values():
-        part.sites = [renumbered[id(s)] for s in part.sites if id(s) in renumbered]
-    analysis.num_levels = len(distinct)
+def _budget(gated: nn.Module, options: Options) -> None:
+    """Count the step costs on the examples and, given a ``target_saving``, scale the planned
+    rates to it. The costs are counted on the gated model: only there is each branch its own
+    module, so every FLOP of the step, backward included, can be charged to one site."""
+    args, kwargs = options.example_inputs, options.example_kwargs
+    if args is None and kwargs is None:
+        return
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args or ())
+    record_step_costs(gated, args, kwargs)
+    if options.target_saving is not None:
+        dist = options.distribution
+        describe = (f"the {dist!r} distribution" if isinstance(dist, str) else
+                    "the given per-site rates" if not callable(dist) else
+                    "the given rate function")
+        scale_to_target(gated, options.target_saving, describe)
 
 
-def _selected(keep: Callable[[ResidualSite], bool], site: ResidualSite) -> bool:
-    answer = keep(site)
-    if not isinstance(answer, bool):
-        raise InvalidTypeError(
-            f"select must return True or False for each site; for '{site.name}' in "
-            f"'{site.module_path or '<root>'}' it returned {answer!r} "
-            f"({type(answer).__name__}). Return a bool, e.g. bool(...)")
-    return answer
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise InvalidArgumentError(f"unknown {name} {value!r}: use one of {tuple(choices)}")
-
-
-def gate_residuals(
-    analysis: ResidualAnalysis,
-    specs: Sequence[GateSpec | float],
-    sampler: DropSampler,
-    model: nn.Module,
-    *,
-    existing: str = "adopt",
-    drop_rate: float = 0.0,
-    inplace: bool = False,
-    explicit: bool = True,
-) -> nn.Module:
-    """Gate ``analysis.sites`` of ``model`` (the model ``analysis`` was made from).
-
-    ``specs`` gives each site's gating (same order as ``analysis.sites``); a plain float is a
-    block-mode rate. ``explicit``: the specs' rates were asked for (otherwise a model's own drop
-    paths set the rates, see :func:`stochastic_depth`). Returns the gated model: ``model`` itself
-    with ``inplace=True``, else a copy of the modules on the paths from the root to the rewritten
-    ones, sharing everything else.
-    """
-    specs = [s if isinstance(s, GateSpec) else GateSpec(float(s), 1.0, "block", "train", None)
-             for s in specs]
+def gate_residuals(analysis: ResidualAnalysis, plan: GatePlan, sampler: DropSampler,
+                   model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Gate ``analysis.sites`` of ``model`` (the model ``analysis`` was made from) as ``plan``
+    says (:func:`fxsd.plan.plan_gates`). Returns ``model`` itself with ``inplace=True``, else a
+    new module tree over the same tensors."""
     parts = analysis.parts()  # one graph, or the modules traced one by one
     planned = [(part, owner) for part in parts for owner in plan_owners(part, part.sites)]
     for part in parts:
@@ -293,30 +243,18 @@ def gate_residuals(
             f"the forward of {type(model).__name__} itself performs residual joins, so its root "
             "module must be rewritten, which cannot happen in place: use the returned model "
             "(inplace=False)")
-    facts = {id(part): _WholeGraphFacts(part, existing, explicit) for part in parts}
-    adopting = any(f.adopting for f in facts.values())
-    for f in facts.values():
-        f.adopting = adopting
-    if adopting:  # the model-wide rate is its largest drop-path rate
-        drop_rate = max((r for f in facts.values() for r in f.adopted_rates if r is not None),
-                        default=0.0)
     record = FxsdRecord(
-        drop_rate=drop_rate, num_levels=analysis.num_levels,
+        drop_rate=plan.drop_rate, num_levels=analysis.num_levels,
         live_leaves=tuple(leaf for part in parts for leaf in
                           part.graph_module.meta["fxsd"].live_leaves),
-        rejected=tuple(RejectedRecord(r.name, r.add_kind, r.module_path or "<root>", r.reason,
-                                      r.detail) for r in analysis.rejected),
+        rejected=tuple(analysis.rejected),
         total_flops=analysis.total_flops,
         traced=tuple(part.path for part in analysis.units),
         untraced=tuple(analysis.untraced))
-    spec_of = {id(site): spec for site, spec in zip(analysis.sites, specs)}
     tree = TreeEditor(model, in_place=inplace)
-    # Deepest first: a rewritten parent holds its rewritten children.
-    planned.sort(key=lambda po: -po[1].path.count(".") - bool(po[1].path))
-    for part, owner in planned:
+    for part, owner in deepest_first(planned, lambda po: po[1].path):
         module = tree.locate(owner.path)[2]
-        tree.replace(owner.path, _gate_owner(part, owner, module, facts[id(part)], spec_of,
-                                             sampler, record, existing))
+        tree.replace(owner.path, _gate_owner(part, owner, module, plan, sampler, record))
     owners = [o for _, o in planned]
     position = {path: i for i, (path, _) in enumerate(model.named_modules())}
     rewritten = sorted(owners, key=lambda o: position[o.path])
@@ -350,112 +288,34 @@ def _warn_inlined_hooks(analysis: ResidualAnalysis, owners: Sequence[Owner]) -> 
                     InlinedHooksWarning, stacklevel=4)
 
 
-class _WholeGraphFacts:
-    """What the rewrite needs to know about each site from the whole-model graph: where
-    in-place ops follow, which branches mix batch rows, whether the model's own drop paths set
-    the rates (``adopting``: ``existing="adopt"``, no explicit rate, and drop paths present)."""
-
-    def __init__(self, analysis: ResidualAnalysis, existing: str, explicit: bool) -> None:
-        self.gm = analysis.graph_module
-        self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
-        self.existing = existing
-        self.explicit = explicit
-        self.adopted_rates = [self.adoptable(s)[0] if self.adoptable(s) else None
-                              for s in analysis.sites] if existing == "adopt" else []
-        self.adopting = existing == "adopt" and not explicit and any(
-            _drop_paths(self.gm, s.branch) for s in analysis.sites)
-
-    def adoptable(self, site: ResidualSite) -> tuple[float, str, str] | None:
-        """The (rate, mode, scale) of the site's single drop path at its branch output."""
-        drops = _drop_paths(self.gm, site.branch)
-        if len(drops) != 1 or not _on_output_path(drops[0], site.branch_output):
-            return None
-        return _drop_path_settings(self.gm.get_submodule(str(drops[0].target)))
-
-    def clone_on_drop(self, site: ResidualSite) -> bool:
-        return _needs_clone(self.gm, site.add, site.skip, self.order)
-
-    def row_coupling(self, site: ResidualSite) -> str | None:
-        return row_coupling(self.gm, site.fork, site.branch, site.side_inputs)
-
-    def has_drop_path(self, site: ResidualSite) -> bool:
-        return bool(_drop_paths(self.gm, site.branch))
-
-
-def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
-                whole: _WholeGraphFacts, spec_of: dict[int, GateSpec], sampler: DropSampler,
-                record: FxsdRecord, existing: str) -> GraphModule:
+def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, plan: GatePlan,
+                sampler: DropSampler, record: FxsdRecord) -> GraphModule:
     """Rewrite ``module`` (the owner) as a GraphModule with one gate per owned site."""
     cut = extract_module(analysis, owner, module)
-    block = cut  # looks modules up like the rewritten block will (extra attributes, gates)
     graph = cut.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    order = node_order(graph)
     rewritten: dict[Node, Node] = {}  # rewritten add -> the gate call that replaced it
     for i, site in enumerate(owner.sites):
-        spec = spec_of[id(site)]
-        if whole.adopting and not whole.has_drop_path(site):
-            # A model that carries its own drop paths keeps its own regularisation under
-            # "adopt": sites without a drop path had rate 0 in the model, and keep it.
-            spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
+        spec = plan.spec(site)
         fork, skip, out, add = (rewritten.get(cut.env[n], cut.env[n])
                                 for n in (site.fork, site.skip, site.branch_output, site.add))
-        spec, drops, action, note = _plan_drop_paths(whole, site, spec, record.drop_rate)
-        if whole.adopting and action is DropPathAction.KEPT:
-            # The model's own drop path stays and regularises this site: no second one on top.
-            spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
-            note += "; fxsd rate 0"
-        spec = replace(spec, mode=spec.mode or "block", scale=spec.scale or "train")
-        for drop in drops:  # the plan keeps drop-path calls in the owner's own graph
-            node = cut.env[drop]
-            source = node.all_input_nodes[0]
-            if node is out:
-                out = source
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-        inside = {cut.env[n] for n in site.branch if n in cut.env}
-        released = _release_unused_outputs(graph, inside)
-        if released:
-            note = _join(note, f"returns None for unused {', '.join(released)}")
-        branch = _collect(block, fork, out, add, order, site)
-        impl = spec.sample_impl or "mask"
-        if spec.mode == "sample":
-            coupling = whole.row_coupling(site)
-            if spec.sample_impl is None:
-                impl = "mask" if coupling else "subset"
-                if coupling:
-                    note = _join(note, f"mask: {coupling}")
-            elif impl == "subset" and coupling:
-                raise InvalidArgumentError(
-                    f"sample_impl='subset' would change what '{site.module_path or '<root>'}' "
-                    f"computes: {coupling}. Use sample_impl=None to fall back to 'mask' there.")
+        out = _remove_drop_paths(graph, [cut.env[n] for n in spec.drops], out)
+        released = _release_unused_outputs(graph, {cut.env[n] for n in site.branch
+                                                   if n in cut.env})
+        note = _join(spec.note, f"returns None for unused {', '.join(released)}"
+                     if released else "")
+        branch = _collect(cut, fork, out, add, order, site)
         name = owner.gate_names[i]
         gate = BranchGate(
-            _branch_module(block, fork, branch.nodes, branch.inputs, out, name),
-            spec.drop_rate,
-            sampler,
-            identity=skip is fork,
-            clone_on_drop=whole.clone_on_drop(site),
-            info=GateInfo.from_site(site, record.num_levels, owner.gate_path(i),
-                                    fold_target(whole.gm, site)),
-            mode=spec.mode,
-            scale=spec.scale,
-            sample_impl=impl,
-            note=note,
-            rate_weight=spec.rate_weight,
-            drop_path=action,
-            record=record,
-        )
+            _branch_module(cut, fork, branch.nodes, branch.inputs, out, name),
+            spec.drop_rate, sampler, identity=skip is fork, clone_on_drop=spec.clone_on_drop,
+            info=GateInfo.from_site(site, record.num_levels, owner.gate_path(i), spec.fold),
+            mode=spec.mode, scale=spec.scale, sample_impl=spec.sample_impl,
+            note=_join(note, spec.sample_note), rate_weight=spec.rate_weight,
+            drop_path=spec.drop_path, record=record)
         cut.extra_attrs[name] = gate
         args = (fork, *branch.inputs) if skip is fork else (skip, fork, *branch.inputs)
-        with graph.inserting_before(add):
-            call = graph.call_module(name, args)
-        call.meta = {k: v for k, v in add.meta.items() if k in ("nn_module_stack", "stack_trace")}
-        order[call] = order[add]
-        add.replace_all_uses_with(call)
-        graph.erase_node(add)
-        for n in reversed(branch.nodes):
-            graph.erase_node(n)
-        rewritten[add] = call
+        rewritten[add] = _replace_with_gate(graph, add, name, args, branch.nodes, order)
     for node in reversed(graph.nodes):  # shape reads left behind (a message built from x.shape)
         if not node.users and is_metadata_read(node):
             graph.erase_node(node)
@@ -464,6 +324,32 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module,
     gated = module_from_graph(module, graph, cut.extra_attrs)
     gated.meta["fxsd"] = record
     return gated
+
+
+def _remove_drop_paths(graph: Graph, drops: list[Node], out: Node) -> Node:
+    """Take the drop-path calls the plan removes out of the owner's graph; the branch output
+    (``out`` or, if that was a drop path, its input)."""
+    for node in drops:
+        source = node.all_input_nodes[0]
+        if node is out:
+            out = source
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+    return out
+
+
+def _replace_with_gate(graph: Graph, add: Node, name: str, args: tuple[Node, ...],
+                       branch: Sequence[Node], order: dict[Node, int]) -> Node:
+    """Call the gate ``name`` where ``add`` was, and take the branch's nodes out of the graph."""
+    with graph.inserting_before(add):
+        call = graph.call_module(name, args)
+    call.meta = {k: v for k, v in add.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    order[call] = order[add]
+    add.replace_all_uses_with(call)
+    graph.erase_node(add)
+    for n in reversed(branch):
+        graph.erase_node(n)
+    return call
 
 
 def _release_unused_outputs(graph: Graph, inside: set[Node]) -> list[str]:
@@ -502,71 +388,7 @@ def _resolve(model: nn.Module, path: str) -> nn.Module:
 
 
 def _join(a: str, b: str) -> str:
-    return f"{a}; {b}" if a else b
-
-
-def _drop_path_settings(module: nn.Module) -> tuple[float, str, str] | None:
-    """(rate, mode, scale) of a drop-path module, or None when they cannot be read."""
-    rate = getattr(module, "p", getattr(module, "drop_prob", getattr(module, "drop_path_prob",
-                                                                       None)))
-    if not isinstance(rate, (int, float)):
-        return None
-    mode = "block" if getattr(module, "mode", "row") == "batch" else "sample"
-    scale = "train" if getattr(module, "scale_by_keep", True) else "none"
-    return float(rate), mode, scale
-
-
-def _plan_drop_paths(
-    whole: _WholeGraphFacts, site: ResidualSite, spec: GateSpec, base_rate: float,
-) -> tuple[GateSpec, list[Node], DropPathAction | None, str]:
-    """What to do with the drop-path ops of one branch (read on the whole-model graph).
-
-    Returns the site's spec (with an adopted op's own rate unless rates are explicit, and its mode
-    and scaling unless those are), the drop-path nodes to remove, what is done and the note tables
-    show.
-    """
-    drops = _drop_paths(whole.gm, site.branch)
-    if not drops:
-        return spec, [], None, ""
-    if whole.existing == "keep":
-        return spec, [], DropPathAction.KEPT, "kept existing drop path"
-    settings = whole.adoptable(site) if whole.existing == "adopt" else None
-    if settings is None:
-        if whole.existing == "adopt" and not whole.explicit:
-            return (spec, [], DropPathAction.KEPT,
-                    "kept existing drop path (not a single op at the branch output)")
-        return spec, drops, DropPathAction.REPLACED, "replaced existing drop path"
-    rate, mode, scale = settings
-    name = type(whole.gm.get_submodule(str(drops[0].target))).__name__
-    if whole.explicit:
-        note = f"adopted {name}(p={rate:g}), rate replaced"
-        rate, weight = spec.drop_rate, spec.rate_weight
-    else:
-        note = f"adopted {name}(p={rate:g})"
-        weight = rate / base_rate if base_rate > 0 else rate
-    spec = GateSpec(rate, weight, spec.mode or mode, spec.scale or scale, spec.sample_impl)
-    return spec, drops, DropPathAction.ADOPTED, note
-
-
-def _drop_paths(gm: GraphModule, nodes: Sequence[Node]) -> list[Node]:
-    return [n for n in nodes if n.op == "call_module"
-            and is_drop_path(gm.get_submodule(str(n.target)))]
-
-
-def _on_output_path(node: Node, out: Node) -> bool:
-    """Whether ``node`` reaches ``out`` through per-row-neutral scalings only (layer scale)."""
-    while node is not out:
-        users = list(node.users)
-        if len(users) != 1:
-            return False
-        (user,) = users
-        if not (user.op == "call_function" and user.target in (operator.mul, torch.mul)
-                or user.op == "call_method" and user.target in ("mul", "mul_")):
-            return False
-        if any(depends_on_input(a) for a in user.all_input_nodes if a is not node):
-            return False  # scaled by an activation, not a parameter: the mask would not commute
-        node = user
-    return True
+    return f"{a}; {b}" if a and b else a or b
 
 
 def _branch_module(gm: Any, fork: Node, nodes: Sequence[Node], inputs: Sequence[Node],
@@ -585,31 +407,3 @@ def _branch_module(gm: Any, fork: Node, nodes: Sequence[Node], inputs: Sequence[
         attrs["training"] = gm.training  # the block's own flag: the branch's, as .train() sets
     class_name = "".join(part.capitalize() for part in name.split("_")) or "Branch"
     return FxsdGraphModule(attrs, graph, class_name=class_name.removesuffix("Gate") + "Branch")
-
-
-def _needs_clone(gm: GraphModule, add: Node, skip: Node, order: dict[Node, int]) -> bool:
-    """Whether a dropped gate must copy the skip rather than return it.
-
-    Returning the skip itself makes the result alias it. That is harmless unless something
-    later writes to the result (or to the skip) in place, which would also overwrite a tensor
-    autograd may have saved, or unless it would hand the caller back its own input.
-    """
-    if skip.op == "placeholder":
-        return True
-    return _mutated_after(gm, add, order[add], order) or _mutated_after(gm, skip, order[add], order)
-
-
-def _mutated_after(gm: GraphModule, node: Node, after: int, order: dict[Node, int]) -> bool:
-    """Whether an op after position ``after`` writes in place to ``node`` or a view of it."""
-    stack, seen = [node], {node}
-    while stack:
-        n = stack.pop()
-        for user in n.users:
-            if user.op == "output" or order.get(user, after + 1) <= after:
-                continue
-            if mutated_operand(user, gm) is n:
-                return True
-            if is_view(user) and user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return False

@@ -24,9 +24,10 @@ from torch.fx import Graph, GraphModule, Node
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import plain_state_dict
 from fxsd.gate import BranchGate
-from fxsd.graph_module import TreeEditor, module_from_graph
+from fxsd.graph_module import TreeEditor, deepest_first, module_from_graph
+from fxsd.partial_join import partial_add
 from fxsd.record import FxsdRecord
-from fxsd.training import gates
+from fxsd.training import gated_blocks, gates
 
 __all__ = ["strip"]
 
@@ -60,19 +61,13 @@ def strip(model: nn.Module, *, fold_scale: bool = False) -> nn.Module:
                                    "model fxsd.stochastic_depth returned")
     folded = plain_state_dict(model) if fold_scale else None  # raises before anything is built
     source = copy.deepcopy(model) if fold_scale else model
-    blocks = [path for path, m in source.named_modules() if _is_gated(m)]
     tree = TreeEditor(source, in_place=fold_scale)
-    for path in sorted(blocks, key=lambda p: -p.count(".") - bool(p)):  # deepest first
+    for path in deepest_first(gated_blocks(source)):
         tree.replace(path, _strip_block(tree.locate(path)[2], fold_scale))
     if folded is not None:
         tree.root.load_state_dict(folded)
     tree.root.eval()
     return tree.root
-
-
-def _is_gated(module: nn.Module) -> bool:
-    return isinstance(module, GraphModule) and any(
-        isinstance(c, BranchGate) for c in module.children())
 
 
 def _strip_block(block: GraphModule, folded: bool) -> GraphModule:
@@ -113,7 +108,7 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
     skip = args[0]
     branch_args = args if gate.identity else args[1:]
     keep = 1.0 if folded or gate.scale != "eval" else 1.0 - gate.drop_rate
-    if keep == 0.0:
+    if keep == 0.0 and gate.info.part is None:
         return graph.call_method("clone", (skip,)) if gate.clone_on_drop else skip
     env: dict[Node, Any] = {}
     placeholders = [n for n in gate.branch.graph.nodes if n.op == "placeholder"]
@@ -127,6 +122,10 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
             out = _lookup(env, node.args[0])
             continue
         env[node] = _copy_node(root, graph, env, node, folded)
+    if gate.info.part is not None:  # a join into part of the branch output
+        if keep != 1.0:
+            out = graph.call_function(operator.mul, (out, keep))
+        return graph.call_function(partial_add, (out, skip, *gate.info.part))
     if keep == 1.0:
         return graph.call_function(operator.add, (skip, out))
     return graph.call_function(torch.add, (skip, out), {"alpha": keep})

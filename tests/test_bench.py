@@ -11,6 +11,7 @@ from torch import nn
 
 import fxsd
 from fxsd import bench
+from fxsd.bench import Variant, VariantKind
 from fxsd.cli import main
 from fxsd.models import cifar_resnet
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
@@ -25,7 +26,7 @@ def test_cifar_resnet_matches_the_paper():
     sites = fxsd.find_residuals(model)
     assert len(sites) == 54
     # Option-A shortcuts are parameter-free projections (subsample + zero-pad).
-    projections = [s for s in sites if s.skip_kind is fxsd.SkipKind.PROJECTION]
+    projections = [s for s in sites if s.skip_kind is fxsd.residuals.SkipKind.PROJECTION]
     assert [s.module_path for s in projections] == ["layer2.0", "layer3.0"]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(fxsd.InvalidArgumentError, match="6n \\+ 2"):
@@ -36,7 +37,7 @@ def test_mask_drop_path_applies_torchvision_op_at_site_rates():
     model = cifar_resnet(20)
     analysis = fxsd.analyze_residuals(model)
     depths = [s.depth for s in analysis.sites]
-    rates = fxsd.site_rates(0.5, "linear", depths, analysis.num_levels)
+    rates = fxsd.distributions.site_rates(0.5, "linear", depths, analysis.num_levels)
     gm = add_mask_drop_paths(fxsd.analyze_residuals(model), rates)
     drop_paths = [(n, gm.get_submodule(str(n.target))) for n in gm.graph.nodes
                   if n.op == "call_module"
@@ -148,12 +149,13 @@ def test_table_columns(small_result):
 
 def test_table_fits_an_80_column_terminal(monkeypatch, capsys):
     # the widest table there is: compiled rows, peak memory measured, a noise warning
-    def row(variant, rate, group="eager", limit=None):
-        return bench.BenchRow(variant, rate, [0.10, 0.11, 0.12], 2**27, limit, group)
+    def row(kind, rate, compiled=False, limit=None):
+        return bench.BenchRow(Variant(kind, rate, compiled), [0.10, 0.11, 0.12], 2**27, limit)
 
-    rows = [row("baseline", None), row("fxsd", 0.5, limit=0.2),
-            row("every site dropped", 1.0, limit=0.5), row("compiled baseline", None, "compiled"),
-            row("compiled every site dropped", 1.0, "compiled", 0.5)]
+    rows = [row(VariantKind.BASELINE, None), row(VariantKind.FXSD, 0.5, limit=0.2),
+            row(VariantKind.ALL_DROPPED, 1.0, limit=0.5),
+            row(VariantKind.BASELINE, None, compiled=True),
+            row(VariantKind.ALL_DROPPED, 1.0, compiled=True, limit=0.5)]
     result = bench.BenchResult(
         bench.BenchConfig(model="cifar_resnet110", compile=True), rows, {},
         {"device": "cuda", "torch": torch.__version__, "threads": "2"}, "not run (CPU)",
@@ -185,6 +187,41 @@ def test_variants_use_the_requested_rates_and_distribution():
     assert all(g.drop_rate == 0.0 for g in by_name[("fxsd p=0", 0.0)].gates)
     assert all(g.drop_rate == 1.0 for g in by_name[("every site dropped", 1.0)].gates)
     assert not fxsd.gates(by_name[("baseline", None)].model)
+
+
+def test_variant_labels_are_the_names_tables_and_json_show():
+    kind = VariantKind
+    assert [Variant(k, 0.5).label for k in kind] == [
+        "baseline", "fxsd p=0", "fxsd", "mask drop path", "every site dropped", "limit"]
+    assert Variant(kind.FXSD, 0.5, mask_impl=True).label == "fxsd (mask)"
+    everything = Variant(kind.ALL_DROPPED, 1.0, compiled=True)
+    assert everything.label == "compiled every site dropped" and everything.group == "compiled"
+    assert everything.short_label(short_compiled=False) == "compiled all dropped"
+    assert everything.short_label(short_compiled=True) == "comp. all dropped"
+    assert Variant(kind.FXSD, 0.5).short_label(short_compiled=True) == "fxsd"
+    row = bench.BenchRow(Variant(kind.LIMIT, 0.3, compiled=True), [1.0])
+    assert (row.variant, row.kind, row.drop_rate, row.group) == (
+        "compiled limit", kind.LIMIT, 0.3, "compiled")
+    # values: equal specs are one variant (usable as keys), and cannot change under a row
+    assert Variant(kind.FXSD, 0.5) == Variant(kind.FXSD, 0.5)
+    assert len({Variant(kind.FXSD, 0.5), Variant(kind.FXSD, 0.5, compiled=True)}) == 2
+    with pytest.raises(AttributeError):
+        row.spec.rate = 0.1
+
+
+def test_variant_specs_in_table_order():
+    cfg = bench.BenchConfig(drop_rates=(0.5, 0.2), mode="sample", compile=True)
+    specs = bench._variant_specs(cfg, cfg.drop_rates)
+    assert [(s.label, s.rate) for s in specs] == [
+        ("baseline", None), ("fxsd p=0", 0.0), ("fxsd", 0.5), ("fxsd (mask)", 0.5),
+        ("fxsd", 0.2), ("fxsd (mask)", 0.2), ("mask drop path", 0.5), ("mask drop path", 0.2),
+        ("every site dropped", 1.0), ("compiled baseline", None), ("compiled fxsd p=0", 0.0),
+        ("compiled fxsd", 0.5), ("compiled fxsd", 0.2), ("compiled every site dropped", 1.0)]
+    # a requested rate of 0 is an fxsd row, told apart from the gates' overhead by its kind
+    zero = bench._variant_specs(bench.BenchConfig(), (0.0,))
+    assert [(s.kind, s.label) for s in zero if s.rate == 0.0] == [
+        (VariantKind.OVERHEAD, "fxsd p=0"), (VariantKind.FXSD, "fxsd"),
+        (VariantKind.MASK_DROP_PATH, "mask drop path")]
 
 
 def test_bench_rejects_bad_options():
@@ -239,15 +276,16 @@ def test_no_host_device_sync_in_gated_cuda_step():
 
 def test_noise_warnings_flag_effects_within_the_baselines_spread():
     cfg = bench.BenchConfig()
-    quiet = bench.BenchRow("baseline", None, [1.00, 1.01, 0.99, 1.00])
-    noisy = bench.BenchRow("baseline", None, [0.6, 1.4, 0.7, 1.3])
+    baseline, fxsd_05 = Variant(VariantKind.BASELINE), Variant(VariantKind.FXSD, 0.5)
+    quiet = bench.BenchRow(baseline, [1.00, 1.01, 0.99, 1.00])
+    noisy = bench.BenchRow(baseline, [0.6, 1.4, 0.7, 1.3])
     for base, expect_noise in ((quiet, False), (noisy, True)):
-        rows = [base, bench.BenchRow("fxsd", 0.5, [0.9] * 4, limit=0.1),
-                bench.BenchRow("limit", 0.5, [0.9], limit=0.1)]
+        rows = [base, bench.BenchRow(fxsd_05, [0.9] * 4, limit=0.1),
+                bench.BenchRow(Variant(VariantKind.LIMIT, 0.5), [0.9], limit=0.1)]
         warnings = bench.noise_warnings(bench.BenchResult(cfg, rows, {}, {}))
         assert any("smaller than the baseline's own spread" in w for w in warnings) == expect_noise
     # an efficiency of 3 cannot be real
-    rows = [quiet, bench.BenchRow("fxsd", 0.5, [0.7] * 4, limit=0.1)]
+    rows = [quiet, bench.BenchRow(fxsd_05, [0.7] * 4, limit=0.1)]
     warnings = bench.noise_warnings(bench.BenchResult(cfg, rows, {}, {}))
     assert any("efficiency 3.00 is outside [0, 1.1]" in w for w in warnings)
     assert warnings[-1].startswith("the machine was likely busy")
@@ -270,7 +308,7 @@ def test_sample_mode_limit_uses_the_row_counts_that_ran():
     gated = fxsd.stochastic_depth(vit, 0.5, distribution="uniform", mode="sample", seed=0)
     x = torch.randn(8, 3, 32, 32)
     cfg = bench.BenchConfig(branch_reps=1)
-    curves = bench.row_times(gated, x, cfg, {name: {3, 5} for name in fxsd.named_gates(gated)})
+    curves = bench.row_times(gated, x, cfg, {name: {3, 5} for name in fxsd.training.named_gates(gated)})
     assert all(set(c) == {0, 3, 5, 8} for c in curves.values())
     assert all(c[8] > 0 and c[3] > 0 for c in curves.values())
 

@@ -11,7 +11,7 @@ from conftest import CallCounter, branch_only_modules
 from torch import nn
 
 import fxsd
-from fxsd import RejectReason, SkipKind
+from fxsd.residuals import RejectReason, SkipKind
 
 torch.manual_seed(0)
 C = 8
@@ -279,8 +279,8 @@ def test_nested_depths_and_gating():
     inner_calls = [n.target for n in outer.branch.graph.nodes if n.op == "call_module"]
     assert inner_calls == ["norm", "a", "b"]
     assert outer.branch.get_submodule("a") is gm.a and isinstance(gm.a.residual_gate,
-                                                                   fxsd.BranchGate)
-    assert list(fxsd.named_gates(gm)) == ["a.residual_gate", "b.residual_gate",
+                                                                   fxsd.gate.BranchGate)
+    assert list(fxsd.training.named_gates(gm)) == ["a.residual_gate", "b.residual_gate",
                                           "residual_gate"]
 
 

@@ -27,7 +27,7 @@ def _round_trip(model: nn.Module) -> nn.Module:
 
 def _same_tree(a: nn.Module, b: nn.Module) -> bool:
     return [n for n, _ in a.named_modules()] == [n for n, _ in b.named_modules()
-                                                  if not isinstance(_, fxsd.BranchGate)]
+                                                  if not isinstance(_, fxsd.gate.BranchGate)]
 
 
 # -- class, attributes, methods ---------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_save_load_and_deepcopy_round_trip(name):
         a.float().pow(2).mean().backward()
         assert any(p.grad is not None for p in copied.parameters())
         # the copy's branches run the copy's modules
-        for gname, gate in fxsd.named_gates(copied).items():
+        for gname, gate in fxsd.training.named_gates(copied).items():
             owner = copied.get_submodule(gname.rpartition(".")[0])
             for n in gate.branch.graph.nodes:
                 if n.op == "call_module":
@@ -313,7 +313,7 @@ def test_save_load_and_deepcopy_round_trip(name):
 @pytest.mark.parametrize("which", ["trace", "strip"])
 def test_trace_and_strip_outputs_pickle(which):
     model = AnnotatedNet().eval()
-    made = fxsd.trace(model) if which == "trace" else fxsd.strip(fxsd.stochastic_depth(model, 0.2))
+    made = fxsd.tracing.trace(model) if which == "trace" else fxsd.strip(fxsd.stochastic_depth(model, 0.2))
     loaded = _round_trip(made)
     x = torch.randn(4, 8)
     torch.testing.assert_close(loaded.eval()(x), made.eval()(x), rtol=0, atol=0)
@@ -322,7 +322,7 @@ def test_trace_and_strip_outputs_pickle(which):
 
 def test_swin_pickles_and_tracing_still_works_after():
     model = torchvision.models.swin_t(num_classes=10).eval()
-    for made in (fxsd.stochastic_depth(model, 0.2), fxsd.trace(model)):
+    for made in (fxsd.stochastic_depth(model, 0.2), fxsd.tracing.trace(model)):
         loaded = _round_trip(made)
         x = torch.randn(1, 3, 64, 64)
         torch.testing.assert_close(loaded.eval()(x), made.eval()(x), rtol=0, atol=0)

@@ -233,7 +233,7 @@ def _branch_only(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.P
     trunk_params: set[int] = set()
     gate_only_reads: list[tuple[str, nn.Module, str]] = []
     for path, block in blocks.items():
-        gate_names = set(n for n, c in block.named_children() if isinstance(c, fxsd.BranchGate))
+        gate_names = set(n for n, c in block.named_children() if isinstance(c, fxsd.gate.BranchGate))
         for n in block.graph.nodes:
             target = str(n.target)
             if n.op == "call_module" and target not in gate_names:
@@ -262,7 +262,7 @@ def _branch_only(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.P
         for n in gate.branch.graph.nodes:
             if n.op == "call_module":
                 mod = gate.branch.get_submodule(str(n.target))
-                if isinstance(mod, fxsd.BranchGate) or id(mod) in trunk:
+                if isinstance(mod, fxsd.gate.BranchGate) or id(mod) in trunk:
                     continue
                 qualified = f"{owner}.{n.target}" if owner else str(n.target)
                 modules[qualified] = mod
@@ -348,7 +348,7 @@ def test_no_residual_model_warns_and_is_unchanged(name: str) -> None:
     with pytest.warns(fxsd.NoResidualSitesWarning):
         gm = fxsd.stochastic_depth(model, 0.5, seed=0)
     assert type(gm) is type(model) and gm is not model, f"{name}: got {type(gm).__name__}"
-    assert not named_gates(gm), f"{name}: unexpected gates {list(fxsd.named_gates(gm))}"
+    assert not named_gates(gm), f"{name}: unexpected gates {list(fxsd.training.named_gates(gm))}"
     x = _input(name)
     ref = _eval_out(model, x)
     out = _eval_out(gm, x)
@@ -485,9 +485,9 @@ def test_eval_linear_rate_matches_hooked_reference(
     rate = 0.3
     model = _model(name)
     x = _input(name)
-    gm = fxsd.stochastic_depth(model, rate, distribution="linear", seed=0)
+    gm = fxsd.stochastic_depth(model, rate, distribution="linear", seed=0, scale="eval")
     model.eval()
-    out = _eval_out(gm, x)  # before the hooks: gm calls the same module objects
+    out = _eval_out(gm, x)
     outputs = branch_outputs(model)
     num_levels = len(outputs)
     handles = [m.register_forward_hook(_scale_hook(1 - rate * level / num_levels))

@@ -1,0 +1,344 @@
+"""What the drops buy: each site's share of a training step's compute, and the rates for a target.
+
+The cost model. A training step's compute is the forward and backward FLOPs of the whole model,
+counted by ``torch.utils.flop_counter`` on the example inputs. A site's cost is what its
+branch's forward and backward do beyond the branches nested in it; the skip, the gate and the
+rest of the model are never saved. Costs are counted on the gated model itself, once, at
+transform time (:func:`record_step_costs`): one run on fake tensors, every branch kept, each
+FLOP charged to the innermost gate whose branch issued it — in the forward while the gate runs,
+in the backward by the autograd nodes its branch created. A run on fake tensors computes
+nothing, so the model, its buffers and the random generators are left as they were.
+
+A site is skipped when its own gate or a gate around it drops, so at rates ``p`` the expected
+saving is ``Σ_s cost_s · (1 − Π_{h ∋ s} (1 − p_h)) / step``. Block mode and sample mode's
+``subset`` skip what they drop (subset: the dropped rows' share, and a branch's FLOPs are linear
+in its rows); sample mode's ``mask`` computes every row and saves nothing.
+
+:func:`solve_scale` scales a distribution's rates by one factor until the expected saving meets
+a target (:func:`fxsd.stochastic_depth`'s ``target_saving``); :func:`expected_saving` reads a
+gated model's current rates, so it follows :func:`fxsd.set_drop_rate` and every schedule.
+
+>>> import torch, torchvision, fxsd
+>>> model = fxsd.stochastic_depth(torchvision.models.resnet50(), target_saving=0.25,
+...                               example_inputs=(torch.zeros(1, 3, 224, 224),))
+>>> round(fxsd.expected_saving(model), 3)
+0.25
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from fxsd.errors import FxsdError, InvalidArgumentError
+from fxsd.gate import BranchGate
+from fxsd.preserve import preserved
+from fxsd.record import get_record
+from fxsd.training import _gates_or_error, named_gates
+
+__all__ = ["StepCosts", "measure_step_costs", "record_step_costs", "expected_saving",
+           "site_savings", "saving_at", "solve_scale", "scale_to_target", "effective_rate"]
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """FLOPs of one training step (forward + backward) on the example inputs.
+
+    Attributes:
+        total: the whole model's step.
+        sites: each gate's own branch (by gate name), nested gates' branches not included.
+        enclosing: for each gate, the gates whose branches hold it, nearest first.
+    """
+
+    total: int
+    sites: dict[str, int]
+    enclosing: dict[str, tuple[str, ...]]
+
+
+class _Attribution:
+    """Charges every FLOP the counter sees to the gate whose branch is running (``None``: the
+    trunk): gates' hooks in the forward, autograd-node pre-hooks in the backward."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+        self.last = 0
+        self.current: str | None = None
+        self.flops: dict[str | None, int] = {}
+        self.stack: list[tuple[str, set[Any]]] = []
+        self.parent: dict[str, str | None] = {}
+        self.owner: dict[Any, str] = {}  # autograd node -> gate whose branch created it
+
+    def switch(self, owner: str | None) -> None:
+        now = self.counter.get_total_flops()
+        self.flops[self.current] = self.flops.get(self.current, 0) + now - self.last
+        self.last, self.current = now, owner
+
+    def enter(self, name: str, args: tuple[Any, ...]) -> None:
+        self.parent.setdefault(name, self.stack[-1][0] if self.stack else None)
+        self.switch(name)
+        self.stack.append((name, {t.grad_fn for t in _tensors(args)}))
+
+    def leave(self, out: Any) -> None:
+        name, inputs = self.stack.pop()
+        todo = [t.grad_fn for t in _tensors(out)]
+        while todo:  # the autograd nodes made since enter(): stop at the gate's inputs
+            fn = todo.pop()
+            if fn is None or fn in inputs or fn in self.owner:
+                continue
+            self.owner[fn] = name
+            todo.extend(f for f, _ in fn.next_functions)
+        self.switch(self.stack[-1][0] if self.stack else None)
+
+    def hook_backward(self, outputs: list[torch.Tensor]) -> None:
+        seen: set[Any] = set()
+        todo = [t.grad_fn for t in outputs]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            owner = self.owner.get(fn)
+            fn.register_prehook(lambda grads, owner=owner: self.switch(owner))
+            todo.extend(f for f, _ in fn.next_functions)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def measure_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
+                       example_kwargs: Mapping[str, Any] | None = None) -> StepCosts:
+    """Count one training step of the gated ``model`` on the examples, every branch kept.
+
+    Runs on fake tensors (nothing is computed, nothing the model holds changes); a model that
+    cannot run on fake tensors is run for real, its buffers, gradients and generators restored.
+
+    Raises:
+        FxsdError: the model could not run on the examples (the message says why).
+    """
+    try:
+        return _count(model, tuple(example_inputs), dict(example_kwargs or {}), fake=True)
+    except Exception as fake_error:  # noqa: BLE001 - data-dependent code: count a real run
+        try:
+            return _count(model, tuple(example_inputs), dict(example_kwargs or {}), fake=False)
+        except Exception as exc:
+            raise FxsdError(
+                f"could not count the FLOPs of a training step on the example inputs: "
+                f"{type(exc).__name__}: {exc} (on fake tensors: {type(fake_error).__name__}: "
+                f"{fake_error})") from exc
+
+
+def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+           fake: bool) -> StepCosts:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.utils.stateless import _reparametrize_module
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gates = named_gates(model)
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    with preserved(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+        state: dict[str, torch.Tensor] = {}
+        if mode is not None:
+            named = {**dict(model.named_parameters(remove_duplicate=False)),
+                     **dict(model.named_buffers(remove_duplicate=False))}
+            state = {k: mode.from_tensor(v) for k, v in named.items()}
+            args, kwargs = _faked((args, kwargs), mode)
+        reparam = _reparametrize_module(model, state, tie_weights=True) if fake else None
+        try:
+            with mode or _null(), reparam or _null(), FlopCounterMode(display=False) as counter:
+                costs = _attributed_step(model, gates, counter, args, kwargs)
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+    return costs
+
+
+def _attributed_step(model: nn.Module, gates: dict[str, BranchGate], counter: Any,
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepCosts:
+    """One forward and backward of ``model`` with every gate kept, FLOPs charged per gate."""
+    seen = _Attribution(counter)
+    handles = []
+    for name, gate in gates.items():
+        gate.mode = "block"  # preserved() puts each gate's mode and draw back
+        gate._draw_block = lambda: False  # keep every branch, consume no random draw
+        handles.append(gate.register_forward_pre_hook(
+            lambda m, a, name=name: seen.enter(name, a)))
+        handles.append(gate.register_forward_hook(lambda m, a, out: seen.leave(out)))
+    try:
+        model.train()
+        outputs = [t for t in _tensors(model(*args, **kwargs)) if t.requires_grad]
+    finally:
+        for h in handles:
+            h.remove()
+    seen.hook_backward(outputs)
+    if outputs:
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    seen.switch(None)
+    enclosing = {}
+    for name in gates:
+        chain, up = [], seen.parent.get(name)
+        while up is not None:
+            chain.append(up)
+            up = seen.parent.get(up)
+        enclosing[name] = tuple(chain)
+    return StepCosts(int(counter.get_total_flops()),
+                     {name: int(seen.flops.get(name, 0)) for name in gates}, enclosing)
+
+
+def _faked(value: Any, mode: Any) -> Any:
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, value)
+
+
+def _null() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def record_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
+                      example_kwargs: Mapping[str, Any] | None = None) -> bool:
+    """Count ``model``'s step costs (:func:`measure_step_costs`) and keep them on its gates'
+    :class:`~fxsd.gate.GateInfo` (``step_flops``, ``enclosing``) and its
+    :class:`~fxsd.record.FxsdRecord` (``step_flops``); where counting fails, the record keeps why
+    (``step_flops_error``). Returns whether the costs were recorded."""
+    record = get_record(model)
+    try:
+        costs = measure_step_costs(model, example_inputs, example_kwargs)
+    except FxsdError as exc:
+        record.step_flops_error = str(exc)
+        return False
+    for name, gate in named_gates(model).items():
+        gate.info = replace(gate.info, step_flops=costs.sites[name],
+                            enclosing=costs.enclosing[name])
+    record.step_flops, record.step_flops_error = costs.total, None
+    return True
+
+
+def effective_rate(gate: BranchGate) -> float:
+    """The share of its branch's work ``gate`` skips on average: its rate, except in sample
+    mode's ``mask`` implementation, which computes every row (0)."""
+    if gate.mode == "sample" and gate.sample_impl == "mask":
+        return 0.0
+    return gate.drop_rate
+
+
+def saving_at(rates: Mapping[str, float], sites: Mapping[str, int],
+              enclosing: Mapping[str, Sequence[str]], total: int) -> float:
+    """The expected saving, as a fraction of ``total``, at per-gate ``rates`` (see the module
+    docstring).
+
+    >>> saving_at({"a": 0.5, "b": 0.5}, {"a": 30, "b": 10}, {"a": (), "b": ("a",)}, 100)
+    0.225
+    """
+    saved = 0.0
+    for name, flops in sites.items():
+        keep = 1.0 - rates[name]
+        for up in enclosing.get(name, ()):
+            keep *= 1.0 - rates[up]
+        saved += flops * (1.0 - keep)
+    return saved / total if total else 0.0
+
+
+def _costs_or_error(model: nn.Module, what: str) -> tuple[dict[str, BranchGate], int]:
+    found = named_gates(model)
+    _gates_or_error(model)
+    record = get_record(model)
+    if record.step_flops is None or any(g.info.step_flops is None for g in found.values()):
+        why = f" (counting failed: {record.step_flops_error})" if record.step_flops_error else ""
+        raise InvalidArgumentError(
+            f"{what} needs the FLOPs of a training step, counted when the model is transformed"
+            f"{why}: pass example_inputs= (and example_kwargs=), one forward call's inputs, to "
+            "fxsd.stochastic_depth")
+    return found, record.step_flops
+
+
+def site_savings(model: nn.Module) -> dict[str, float]:
+    """Each gate's expected saving at its current rate, as a fraction of a training step."""
+    found, total = _costs_or_error(model, "site_savings")
+    rates = {name: effective_rate(g) for name, g in found.items()}
+    return {name: saving_at(rates, {name: g.info.step_flops}, {name: g.info.enclosing}, total)
+            for name, g in found.items()}
+
+
+def expected_saving(model: nn.Module) -> float:
+    """The expected fraction of a training step's compute (forward + backward FLOPs of the whole
+    model, on the example inputs it was transformed with) that the drops save at the model's
+    current rates: it follows :func:`fxsd.set_drop_rate` and every schedule.
+
+    Raises:
+        InvalidArgumentError: the model was transformed without example inputs (no FLOPs).
+
+    Example:
+        >>> import torch, torchvision, fxsd
+        >>> model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2,
+        ...                               example_inputs=(torch.zeros(1, 3, 64, 64),))
+        >>> fxsd.set_drop_rate(model, 0.0)
+        >>> fxsd.expected_saving(model)
+        0.0
+    """
+    return sum(site_savings(model).values())
+
+
+def solve_scale(shape: Mapping[str, float], saving: Callable[[dict[str, float]], float],
+                target: float, describe: str = "the distribution") -> float:
+    """The factor ``a`` for which ``saving({s: a * shape[s]})`` is ``target`` (to 1e-9), with
+    every rate at most 1.
+
+    Raises:
+        FxsdError: the target is beyond what ``shape`` reaches with its largest rate at 1; the
+            message names the largest reachable saving.
+    """
+    largest = max(shape.values(), default=0.0)
+    top = 1.0 / largest if largest > 0 else 0.0
+    reach = saving({s: min(1.0, top * w) for s, w in shape.items()})
+    if target > reach + 1e-12:
+        raise FxsdError(
+            f"target_saving={target:g} is out of reach: with {describe}, the drops save at most "
+            f"{reach:.4f} ({reach:.1%}) of a training step (its largest rate at 1). Ask for at "
+            "most that, or use a distribution that drops more of the model (e.g. 'uniform')")
+    low, high = 0.0, top
+    for _ in range(100):
+        mid = (low + high) / 2
+        if saving({s: min(1.0, mid * w) for s, w in shape.items()}) < target:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def scale_to_target(model: nn.Module, target: float, describe: str = "the distribution"
+                    ) -> float:
+    """Scale the gated ``model``'s rates (their distribution as planned) by one factor so that
+    :func:`expected_saving` is ``target``; set the model-wide rate to the largest site rate (so
+    :func:`fxsd.set_drop_rate` rescales the same shape). Returns that model-wide rate."""
+    found, total = _costs_or_error(model, "target_saving")
+    shape = {n: g.drop_rate for n, g in found.items()}
+    skips = {n: 0.0 if g.mode == "sample" and g.sample_impl == "mask" else 1.0
+             for n, g in found.items()}
+    sites = {n: g.info.step_flops for n, g in found.items()}
+    enclosing = {n: g.info.enclosing for n, g in found.items()}
+
+    def saving(rates: dict[str, float]) -> float:
+        return saving_at({n: r * skips[n] for n, r in rates.items()}, sites, enclosing, total)
+
+    factor = solve_scale(shape, saving, target, describe)
+    rates = {n: min(1.0, factor * w) for n, w in shape.items()}
+    model_rate = max(rates.values(), default=0.0)
+    largest = max(shape.values(), default=0.0)
+    for name, gate in found.items():
+        gate.drop_rate = rates[name]
+        gate.rate_weight = (rates[name] / model_rate if model_rate > 0
+                            else (shape[name] / largest if largest > 0 else 0.0))
+    get_record(model).drop_rate = model_rate
+    return model_rate

@@ -1,0 +1,42 @@
+"""Make joins into part of a tensor one node: ``torch.cat([x[:, :C] + s, x[:, C:]], dim=1)``
+becomes ``partial_add(x, s, 1, 0, C)`` (:mod:`fxsd.partial_join`), which computes the same
+expression. The residual analysis then sees ``x`` (the branch output) and ``s`` (the skip) as the
+two operands of one join, and the rewrite can gate the whole of ``x``.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from fxsd.partial_join import match_partial_join, partial_add
+
+__all__ = ["make_partial_joins_explicit"]
+
+
+def make_partial_joins_explicit(gm: GraphModule) -> int:
+    """Replace each ``cat`` of slices with an add in one of them by a :func:`partial_add` call.
+
+    Returns the number of joins rewritten. Edits ``gm.graph`` in place and recompiles ``gm``.
+    """
+    found = 0
+    for node in list(gm.graph.nodes):
+        match = match_partial_join(node)
+        if match is None:
+            continue
+        whole, part, add, (dim, start, stop) = match
+        with gm.graph.inserting_before(node):
+            joined = gm.graph.call_function(partial_add, (whole, part, dim, start, stop))
+        joined.meta = dict(add.meta)  # the add's module calls and stack: where the join is
+        node.replace_all_uses_with(joined)
+        pieces = node.args[0]
+        gm.graph.erase_node(node)
+        for piece in pieces:
+            inputs = piece.all_input_nodes
+            gm.graph.erase_node(piece)
+            for view in inputs if piece is add else ():  # the slice the add read
+                if view is not whole and view is not part and not view.users:
+                    gm.graph.erase_node(view)
+        found += 1
+    if found:
+        gm.recompile()
+    return found

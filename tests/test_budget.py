@@ -1,0 +1,172 @@
+"""``target_saving=`` and :func:`fxsd.expected_saving`: the saving fxsd promises is the saving
+``torch.utils.flop_counter`` counts over real training steps of the gated model."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxsd
+from fxsd.budget import saving_at, site_savings
+from fxsd.cli import main
+
+timm = pytest.importorskip("timm")
+
+STEPS = 40  # per model: the counted mean's standard error is then about 0.015
+
+
+def step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one real training step (forward, loss, backward), as FlopCounterMode counts."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        F.cross_entropy(out, torch.zeros(len(out), dtype=torch.long)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def counted_saving(plain: torch.nn.Module, gated: torch.nn.Module, x: torch.Tensor
+                   ) -> tuple[float, float]:
+    """The mean saving ``1 - gated / plain`` per step over STEPS steps, and its standard error."""
+    base = step_flops(plain.train(), x)
+    gated.train()
+    savings = [1.0 - step_flops(gated, x) / base for _ in range(STEPS)]
+    return statistics.fmean(savings), statistics.stdev(savings) / math.sqrt(STEPS)
+
+
+def check_counted(plain, gated, x, target):
+    expected = fxsd.expected_saving(gated)
+    assert abs(expected - target) < 0.005
+    mean, se = counted_saving(plain, gated, x)
+    # within two standard errors (a seeded run: fixed numbers, reproducible)
+    assert abs(mean - expected) <= 2 * se, (mean, se, expected)
+    assert 0.005 < se < 0.03  # the steps really drop sites: the check is not vacuous
+    print(f"expected {expected:.4f}, counted {mean:.4f} ± {se:.4f} over {STEPS} steps")
+    return expected, mean, se
+
+
+def test_resnet50_linear_target_quarter_is_what_the_flop_counter_counts():
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet50()
+    x = torch.randn(2, 3, 32, 32)
+    gated = fxsd.stochastic_depth(plain, target_saving=0.25, example_inputs=(x,), seed=0)
+    rates = [g.drop_rate for g in fxsd.gates(gated)]
+    # linear: depth l of 16 at rate * l / 16; the model-wide rate is the deepest site's
+    assert rates[-1] == pytest.approx(fxsd.get_drop_rate(gated))
+    assert rates[0] == pytest.approx(rates[-1] / 16)
+    assert 0.45 < rates[-1] < 0.6
+    record = fxsd.get_record(gated)
+    # forward + backward: about three times the forward (conv1 computes no input gradient)
+    assert 2.9 < record.step_flops / record.total_flops < 3.0
+    check_counted(plain, gated, x, 0.25)
+
+
+def test_timm_vit_uniform_target_adopts_drop_paths_and_meets_the_count():
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10,
+                              drop_path_rate=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    gated = fxsd.stochastic_depth(plain, target_saving=0.3, distribution="uniform",
+                                  example_inputs=(x,), seed=0)
+    found = fxsd.gates(gated)
+    assert len(found) == 24 and len({g.drop_rate for g in found}) == 1
+    # timm's first block holds an Identity (linspace from 0): the other 22 are adopted
+    assert sum(g.drop_path is fxsd.gate.DropPathAction.ADOPTED for g in found) == 22
+    assert found[0].drop_rate != 0.1  # the target set the rates, as an explicit rate would
+    check_counted(plain, gated, x, 0.3)
+
+
+def test_unreachable_target_names_the_largest_saving():
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(fxsd.FxsdError, match=r"at most 0\.\d+ \(\d+\.\d%\) of a training step"):
+        fxsd.stochastic_depth(torchvision.models.resnet18(), target_saving=0.95,
+                              example_inputs=(x,))
+
+
+def test_target_and_drop_rate_are_refused_together_and_a_target_needs_examples():
+    with pytest.raises(fxsd.InvalidArgumentError, match="drop_rate= or target_saving=, not both"):
+        fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2, target_saving=0.1,
+                              example_inputs=(torch.zeros(1, 3, 32, 32),))
+    with pytest.raises(fxsd.InvalidArgumentError, match="target_saving needs example_inputs="):
+        fxsd.stochastic_depth(torchvision.models.resnet18(), target_saving=0.1)
+    gated = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2)
+    with pytest.raises(fxsd.InvalidArgumentError, match="pass example_inputs="):
+        fxsd.expected_saving(gated)
+
+
+def test_a_per_site_list_is_scaled_keeping_its_shape():
+    shape = [0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4]
+    gated = fxsd.stochastic_depth(torchvision.models.resnet18(), distribution=shape,
+                                  target_saving=0.1, example_inputs=(torch.zeros(1, 3, 32, 32),))
+    rates = [g.drop_rate for g in fxsd.gates(gated)]
+    factor = rates[-1] / 0.4
+    assert rates == pytest.approx([factor * r for r in shape])
+    assert fxsd.expected_saving(gated) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_expected_saving_follows_set_drop_rate_and_schedules():
+    x = torch.zeros(1, 3, 32, 32)
+    gated = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.4, example_inputs=(x,))
+    full = fxsd.expected_saving(gated)
+    fxsd.set_drop_rate(gated, 0.0)
+    assert fxsd.expected_saving(gated) == 0.0
+    fxsd.set_drop_rate(gated, 0.4)
+    schedule = fxsd.DropSchedule(gated, lambda step: min(1.0, step / 4))
+    assert fxsd.expected_saving(gated) == 0.0
+    schedule.step()
+    schedule.step()
+    # the block mode saving is linear in the rates of sites that do not nest
+    assert fxsd.expected_saving(gated) == pytest.approx(full / 2)
+    for _ in range(4):
+        schedule.step()
+    assert fxsd.expected_saving(gated) == pytest.approx(full)
+
+
+def test_sample_mode_mask_saves_nothing_subset_its_rows():
+    x = torch.zeros(2, 3, 32, 32)
+    # BatchNorm couples rows: every ResNet branch falls back to mask
+    masked = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.5, mode="sample",
+                                   example_inputs=(x,))
+    assert fxsd.expected_saving(masked) == 0.0
+    block = fxsd.stochastic_depth(timm.create_model("vit_tiny_patch16_224", img_size=32),
+                                  0.5, example_inputs=(x,))
+    sample = fxsd.stochastic_depth(timm.create_model("vit_tiny_patch16_224", img_size=32),
+                                   0.5, mode="sample", example_inputs=(x,))
+    assert all(g.sample_impl == "subset" for g in fxsd.gates(sample))
+    assert fxsd.expected_saving(sample) == pytest.approx(fxsd.expected_saving(block))
+
+
+def test_nested_sites_are_saved_once():
+    # a: 30 FLOPs of its own, holding b (10): dropping a also skips b
+    assert saving_at({"a": 0.5, "b": 0.5}, {"a": 30, "b": 10}, {"b": ("a",)}, 100) == 0.225
+    assert saving_at({"a": 1.0, "b": 0.0}, {"a": 30, "b": 10}, {"b": ("a",)}, 100) == 0.4
+
+
+def test_site_savings_add_up_and_the_table_says_them(capsys):
+    x = torch.zeros(1, 3, 32, 32)
+    gated = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2, example_inputs=(x,))
+    per_site = site_savings(gated)
+    assert sum(per_site.values()) == pytest.approx(fxsd.expected_saving(gated))
+    text = fxsd.table(gated, width=0)
+    assert "step %" in text.splitlines()[0] and "saving %" in text.splitlines()[0]
+    last = fxsd.training.named_gates(gated)["layer4.1.residual_gate"]
+    share = last.info.step_flops / fxsd.get_record(gated).step_flops
+    row = next(line for line in text.splitlines() if "layer4.1.residual_gate" in line)
+    assert f"{share:.1%}"[:-1] in row and f"{per_site['layer4.1.residual_gate']:.2%}"[:-1] in row
+
+
+def test_inspect_shows_per_site_saving_and_the_target(capsys):
+    assert main(["inspect", "resnet50", "--target-saving", "0.25", "--wide"]) == 0
+    out = capsys.readouterr().out
+    assert "saving %" in out
+    assert "expected saving per training step: 25.0% of its FLOPs" in out
+    assert main(["inspect", "cifar_resnet20", "--wide"]) == 0
+    out = capsys.readouterr().out
+    assert "saving %" in out and "expected saving per training step:" in out
+    assert main(["inspect", "resnet18", "--target-saving", "0.2", "--drop-rate", "0.1"]) == 2
+    assert "not both" in capsys.readouterr().err
