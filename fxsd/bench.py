@@ -51,13 +51,13 @@ from torch import nn
 
 from fxsd.analysis import analyze_residuals
 from fxsd.compiling import compile as compile_gated
+from fxsd.distributions import check_rate, site_rates
 from fxsd.errors import InvalidArgumentError
 from fxsd.gate import BranchGate
 from fxsd.models import load_model
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
 from fxsd.passes.stochastic_depth import stochastic_depth
 from fxsd.record import get_record
-from fxsd.distributions import check_rate, site_rates
 from fxsd.tables import EMPTY, LEAVE_OUT, _ends, fill, fit_table, terminal_width
 from fxsd.training import gates, named_gates
 

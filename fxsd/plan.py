@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from fxsd.distributions import DISTRIBUTIONS, Distribution, check_rate, site_rates
 from fxsd.drop_paths import DropPathSettings, drop_path_settings, is_drop_path
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import FoldTarget, fold_target
@@ -41,7 +42,6 @@ from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, DropPathAction
 from fxsd.ops import depends_on_input, is_view, mutated_operand, node_order
 from fxsd.residuals import ResidualAnalysis, ResidualSite
 from fxsd.rows import row_coupling
-from fxsd.distributions import DISTRIBUTIONS, Distribution, check_rate, site_rates
 from fxsd.tracing import LeafSpec
 
 __all__ = ["Options", "GateSpec", "GatePlan", "plan_gates", "select_sites", "EXISTING"]

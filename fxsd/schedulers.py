@@ -30,8 +30,8 @@ from typing import Any
 
 from torch import nn
 
-from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
 from fxsd.distributions import check_rate
+from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
 from fxsd.training import _gates_or_error, get_drop_rate, named_gates, set_drop_rate
 
 __all__ = ["DropSchedule", "DropWarmup", "ProgressiveLayerDrop", "progressive_layer_drop"]

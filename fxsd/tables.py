@@ -18,12 +18,12 @@ from tabulate import tabulate
 from torch import nn
 
 from fxsd.analysis import analyze_residuals
+from fxsd.distributions import Distribution, site_rates
 from fxsd.errors import InvalidTypeError
 from fxsd.gate import GateInfo
 from fxsd.owners import plan_owners
 from fxsd.record import get_record
 from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite
-from fxsd.distributions import Distribution, site_rates
 from fxsd.training import gates as all_gates
 
 __all__ = ["table", "summary", "SiteRow", "fit_table", "fill", "terminal_width", "EMPTY",

@@ -16,10 +16,10 @@ from typing import Any
 from torch import nn
 from torch.fx import GraphModule
 
+from fxsd.distributions import check_rate
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.gate import BranchGate, DropSampler
 from fxsd.record import get_record
-from fxsd.distributions import check_rate
 
 __all__ = ["gates", "named_gates", "gated_blocks", "set_drop_rate", "get_drop_rate",
            "get_rng_state", "set_rng_state"]

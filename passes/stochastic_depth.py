@@ -27,6 +27,7 @@ from torch.fx.node import map_aggregate
 from fxsd.analysis import analyze_residuals
 from fxsd.budget import record_step_costs, scale_to_target
 from fxsd.distributed import rank
+from fxsd.distributions import Distribution
 from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
 from fxsd.folding import warn_on_save
 from fxsd.gate import BranchGate, DropSampler, GateInfo
@@ -44,7 +45,6 @@ from fxsd.plan import GatePlan, Options, plan_gates, select_sites
 from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord
 from fxsd.residuals import ResidualAnalysis, ResidualSite, collect_branch, is_module
-from fxsd.distributions import Distribution
 from fxsd.tracing import LeafSpec
 from fxsd.training import gates
 from fxsd.variants import allow_other_calls

@@ -308,7 +308,8 @@ def test_sample_mode_limit_uses_the_row_counts_that_ran():
     gated = fxsd.stochastic_depth(vit, 0.5, distribution="uniform", mode="sample", seed=0)
     x = torch.randn(8, 3, 32, 32)
     cfg = bench.BenchConfig(branch_reps=1)
-    curves = bench.row_times(gated, x, cfg, {name: {3, 5} for name in fxsd.training.named_gates(gated)})
+    names = fxsd.training.named_gates(gated)
+    curves = bench.row_times(gated, x, cfg, {name: {3, 5} for name in names})
     assert all(set(c) == {0, 3, 5, 8} for c in curves.values())
     assert all(c[8] > 0 and c[3] > 0 for c in curves.values())
 

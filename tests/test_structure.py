@@ -313,7 +313,8 @@ def test_save_load_and_deepcopy_round_trip(name):
 @pytest.mark.parametrize("which", ["trace", "strip"])
 def test_trace_and_strip_outputs_pickle(which):
     model = AnnotatedNet().eval()
-    made = fxsd.tracing.trace(model) if which == "trace" else fxsd.strip(fxsd.stochastic_depth(model, 0.2))
+    made = (fxsd.tracing.trace(model) if which == "trace"
+            else fxsd.strip(fxsd.stochastic_depth(model, 0.2)))
     loaded = _round_trip(made)
     x = torch.randn(4, 8)
     torch.testing.assert_close(loaded.eval()(x), made.eval()(x), rtol=0, atol=0)

@@ -233,7 +233,8 @@ def _branch_only(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.P
     trunk_params: set[int] = set()
     gate_only_reads: list[tuple[str, nn.Module, str]] = []
     for path, block in blocks.items():
-        gate_names = set(n for n, c in block.named_children() if isinstance(c, fxsd.gate.BranchGate))
+        gate_names = {n for n, c in block.named_children()
+                      if isinstance(c, fxsd.gate.BranchGate)}
         for n in block.graph.nodes:
             target = str(n.target)
             if n.op == "call_module" and target not in gate_names:
