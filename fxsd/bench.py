@@ -25,6 +25,13 @@ sample mode a branch that ran on ``k`` of ``n`` rows saved ``t(n) - t(k)``, with
 at every row count that occurred (a branch's time is far from linear in its rows on small
 batches), not assumed to be ``t(n)·(n - k)/n``.
 
+Beside the measured time saving, ``FLOP saving %`` is the saving the FLOPs predict
+(:func:`fxsd.expected_saving`: late low-resolution blocks and long-sequence attention cost more
+or less time than their FLOPs say), and ``act. MiB`` (JSON: ``activation_bytes``) the mean bytes
+autograd saved for backward per step — each storage once, parameters left out — counted with
+``torch.autograd.graph.saved_tensors_hooks`` in as many untimed steps after the timed ones (exact
+on any device; the CUDA peak stays in ``peak MiB``).
+
 Variants run interleaved (one step of each in turn) after a warm-up; drop decisions come from a
 fixed seed, so reruns skip the same branches. Every row reports the spread of its step times
 (interquartile range); :attr:`BenchResult.warnings` says when the baseline's spread is larger than
@@ -50,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsd.analysis import analyze_residuals
+from fxsd.budget import expected_saving, record_step_costs
 from fxsd.compiling import compile as compile_gated
 from fxsd.distributions import check_rate, site_rates
 from fxsd.errors import InvalidArgumentError
@@ -69,7 +77,7 @@ __all__ = ["BenchConfig", "Variant", "VariantKind", "BenchRow", "BenchResult", "
            "transform_rows", "transform_times"]
 
 HEADERS = ["variant", "drop rate", "mean ms", "median ms", "IQR ms", "ratio", "saving %",
-           "limit %", "efficiency", "peak MiB"]
+           "FLOP saving %", "limit %", "efficiency", "act. MiB", "peak MiB"]
 
 
 @dataclass
@@ -149,6 +157,9 @@ class BenchRow:
     times: list[float] = field(repr=False)
     peak_bytes: int | None = None
     limit: float | None = None  # fraction of the baseline step perfect skipping would save
+    # mean bytes saved for backward per step (saved_tensors_hooks; eager rows only)
+    activation_bytes: float | None = None
+    flop_saving: float | None = None  # expected share of a step's FLOPs saved (fxsd.budget)
 
     @property
     def variant(self) -> str:
@@ -216,7 +227,8 @@ class BenchResult:
                  "median_ms": r.median * 1e3, "iqr_ms": r.spread * 1e3,
                  "ratio": r.mean / self.base(r.group).mean,
                  "limit": r.limit, "group": r.group,
-                 "peak_bytes": r.peak_bytes, "steps": len(r.times)}
+                 "peak_bytes": r.peak_bytes, "activation_bytes": r.activation_bytes,
+                 "flop_saving": r.flop_saving, "steps": len(r.times)}
                 for r in self.rows
             ],
         }
@@ -498,11 +510,13 @@ def _run(cfg: BenchConfig, report: _Progress) -> BenchResult:
         raise InvalidArgumentError(f"{cfg.model} has no residual site to benchmark")
     report.say(f"building the variants of {cfg.model} ({len(analysis.sites)} sites)")
     runners = _variants(cfg, base, rates, analysis)
+    _expected_flop_savings(runners, x)
     _warm_up(runners, x, cfg, report)
     sync_check = "not run (CPU)"
     if device.type == "cuda":
         sync_check = _sync_check(_find(runners, VariantKind.FXSD), x)
     _time_steps(runners, x, cfg, device, report)
+    _count_activations(runners, x, cfg, report)
     report.say("timing each branch alone, for the limit")
     branches = _measure_branches(runners, x, cfg, analysis)
     rows, shares = _rows_with_limits(runners, branches, cfg, rates)
@@ -619,6 +633,53 @@ def _time_steps(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
                 v.row.peak_bytes = max(v.row.peak_bytes or 0, peak)
             if v.gates:
                 v.rows_run.append(_rows_needed(v.gates, cfg.batch_size))
+
+
+def _expected_flop_savings(runners: Sequence[_Runner], x: torch.Tensor) -> None:
+    """Each row's expected share of a step's FLOPs saved (:func:`fxsd.expected_saving`), for
+    the table to show beside the measured time saving: gated rows from their counted branch
+    costs; the mask drop path computes every branch (0)."""
+    for v in runners:
+        if v.spec.kind is VariantKind.MASK_DROP_PATH:
+            v.row.flop_saving = 0.0
+        elif v.gates and record_step_costs(_gated(v.model), (x,)):
+            v.row.flop_saving = expected_saving(_gated(v.model))
+
+
+class _SavedBytes:
+    """Bytes autograd saves for backward, each storage once, the model's parameters left out
+    (they are held anyway): what a step's activations cost in memory."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def _count_activations(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
+                       report: _Progress) -> None:
+    """``cfg.steps`` more steps of each eager variant, untimed, counting the bytes saved for
+    backward (``saved_tensors_hooks`` cost a call per saved tensor: not in the timed steps).
+    Compiled rows keep ``None``: their saved tensors live inside compiled code."""
+    eager = [v for v in runners if not v.spec.compiled]
+    totals: dict[int, list[int]] = {id(v): [] for v in eager}
+    for _ in report.steps("counting activation memory", cfg.steps):
+        for v in eager:
+            seen = _SavedBytes(v.model)
+            with torch.autograd.graph.saved_tensors_hooks(seen.pack, lambda t: t):
+                v.step(x)
+            totals[id(v)].append(seen.total)
+    for v in eager:
+        v.row.activation_bytes = statistics.fmean(totals[id(v)])
 
 
 @dataclass
@@ -801,7 +862,8 @@ def format_table(result: BenchResult, tablefmt: str = "simple", width: int | Non
 
     ``width``: the longest a line may be, as for :func:`fxsd.table`: columns that are all ``-``
     (``peak MiB`` on a CPU), then ``median ms`` and ``ratio`` (the same as ``saving %``) are left
-    out, variant names shortened and ``peak MiB`` left out until the table fits, and the text
+    out, variant names shortened and ``peak MiB``, ``act. MiB`` and ``FLOP saving %`` left out
+    until the table fits, and the text
     around it is wrapped. ``None``: the terminal's width (no limit when standard output is not a
     terminal); ``0``: no limit.
     """
@@ -816,7 +878,7 @@ def format_table(result: BenchResult, tablefmt: str = "simple", width: int | Non
     limit = terminal_width() if width is None else width
     shrink = [(EMPTY, _ends), ("median ms", LEAVE_OUT), ("ratio", LEAVE_OUT),
               ("variant", _short_variants(result.rows)), ("peak MiB", LEAVE_OUT),
-              ("variant", _ends)]
+              ("act. MiB", LEAVE_OUT), ("FLOP saving %", LEAVE_OUT), ("variant", _ends)]
     table = fit_table(body, HEADERS, tablefmt, limit, shrink)
     lines = [fill(f"sync check: {result.sync_check}", limit, indent="  ")]
     lines += [fill(f"warning: {w}", limit, indent="  ") for w in result.warnings]
@@ -836,7 +898,10 @@ def _cells(r: BenchRow, base: float) -> list[str]:
         r.variant, "-" if r.drop_rate is None else f"{r.drop_rate:g}",
         f"{r.mean * 1e3:.1f}", f"{r.median * 1e3:.1f}",
         "-" if r.kind is VariantKind.LIMIT else f"{r.spread * 1e3:.1f}", f"{r.mean / base:.3f}",
-        f"{saving * 100:+.1f}", "-" if r.limit is None else f"{r.limit * 100:.1f}", eff,
+        f"{saving * 100:+.1f}",
+        "-" if r.flop_saving is None else f"{r.flop_saving * 100:.1f}",
+        "-" if r.limit is None else f"{r.limit * 100:.1f}", eff,
+        "-" if r.activation_bytes is None else f"{r.activation_bytes / 2**20:.1f}",
         "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}",
     ]
 

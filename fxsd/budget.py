@@ -113,11 +113,13 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def measure_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
-                       example_kwargs: Mapping[str, Any] | None = None) -> StepCosts:
+                       example_kwargs: Mapping[str, Any] | None = None, *,
+                       real_run: bool = False) -> StepCosts:
     """Count one training step of the gated ``model`` on the examples, every branch kept.
 
-    Runs on fake tensors (nothing is computed, nothing the model holds changes); a model that
-    cannot run on fake tensors is run for real, its buffers, gradients and generators restored.
+    Runs on fake tensors (nothing is computed, nothing the model holds changes). A model that
+    cannot run on fake tensors is run for real only with ``real_run`` (a ``target_saving`` needs
+    the costs), its buffers, gradients and generators restored.
 
     Raises:
         FxsdError: the model could not run on the examples (the message says why).
@@ -125,6 +127,10 @@ def measure_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
     try:
         return _count(model, tuple(example_inputs), dict(example_kwargs or {}), fake=True)
     except Exception as fake_error:  # noqa: BLE001 - data-dependent code: count a real run
+        if not real_run:
+            raise FxsdError(
+                f"could not count the FLOPs of a training step on fake tensors: "
+                f"{type(fake_error).__name__}: {fake_error}") from fake_error
         try:
             return _count(model, tuple(example_inputs), dict(example_kwargs or {}), fake=False)
         except Exception as exc:
@@ -168,8 +174,10 @@ def _attributed_step(model: nn.Module, gates: dict[str, BranchGate], counter: An
     seen = _Attribution(counter)
     handles = []
     for name, gate in gates.items():
-        gate.mode = "block"  # preserved() puts each gate's mode and draw back
-        gate._draw_block = lambda: False  # keep every branch, consume no random draw
+        # keep every branch and draw nothing (at rate 1 a kept branch's scale would be 1/0);
+        # preserved() puts each gate's mode, rate and draw back
+        gate.mode, gate.drop_rate = "block", 0.0
+        gate._draw_block = lambda: False
         handles.append(gate.register_forward_pre_hook(
             lambda m, a, name=name: seen.enter(name, a)))
         handles.append(gate.register_forward_hook(lambda m, a, out: seen.leave(out)))
@@ -207,14 +215,15 @@ def _null() -> Any:
 
 
 def record_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
-                      example_kwargs: Mapping[str, Any] | None = None) -> bool:
+                      example_kwargs: Mapping[str, Any] | None = None, *,
+                      real_run: bool = False) -> bool:
     """Count ``model``'s step costs (:func:`measure_step_costs`) and keep them on its gates'
     :class:`~fxsd.gate.GateInfo` (``step_flops``, ``enclosing``) and its
     :class:`~fxsd.record.FxsdRecord` (``step_flops``); where counting fails, the record keeps why
     (``step_flops_error``). Returns whether the costs were recorded."""
     record = get_record(model)
     try:
-        costs = measure_step_costs(model, example_inputs, example_kwargs)
+        costs = measure_step_costs(model, example_inputs, example_kwargs, real_run=real_run)
     except FxsdError as exc:
         record.step_flops_error = str(exc)
         return False

@@ -40,6 +40,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from fxsd.calls import any_leaf
+from fxsd.graph_module import wrapped_call
 from fxsd.guards import (
     check_argument,
     check_condition,
@@ -126,8 +127,7 @@ class _ExampleProxy(fx.Proxy):
         value = self._value()
         if value is _MISSING or isinstance(value, torch.Tensor):  # tensors: as plain fx
             raise TypeError("'Proxy' object does not support item assignment")
-        proxy = self.tracer.create_proxy("call_function", set_item, (self, key, item), {})
-        proxy.node.meta["is_wrapped"] = True  # re-traced (unpickled) as one call too
+        wrapped_call(self.tracer, set_item, (self, key, item))
 
     def __len__(self) -> int:
         value = self._value()
@@ -265,9 +265,7 @@ class ExampleTracer(FxsdTracer):
         if name in self._guarded:
             return
         self._guarded.add(name)
-        guard = self.create_proxy("call_function", check,
-                                  (proxy, expected, self.prefix.rstrip("."), name), {})
-        guard.node.meta["is_wrapped"] = True
+        wrapped_call(self, check, (proxy, expected, self.prefix.rstrip("."), name))
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         value, self._next = self._next, _MISSING

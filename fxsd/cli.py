@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fxsd.distributions import DISTRIBUTIONS  # imports no torch: `fxsd --help` stays quick
 
@@ -62,8 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect_arguments(inspect: argparse.ArgumentParser) -> None:
     """``fxsd inspect``'s arguments."""
     inspect.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
-    inspect.add_argument("--drop-rate", type=float, default=0.2,
+    inspect.add_argument("--drop-rate", type=float, default=None,
                          help="largest drop rate (default: 0.2)")
+    inspect.add_argument("--target-saving", type=float, default=None, metavar="S",
+                         help="instead of --drop-rate: the rates whose drops save this share of "
+                              "a training step's FLOPs (e.g. 0.25)")
     inspect.add_argument("--distribution", default="linear", choices=DISTRIBUTIONS,
                          help="how rates grow with depth (default: linear)")
     inspect.add_argument("--rejected", action="store_true",
@@ -137,25 +141,43 @@ _BENCH_OPTIONS = {"model": "MODEL", "drop_rate": "--drop-rate", "distribution": 
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    import warnings
+
     import torch
 
     from fxsd.analysis import analyze_residuals
+    from fxsd.errors import InvalidArgumentError
     from fxsd.models import load_model
+    from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
     from fxsd.tables import fill, summary, table, terminal_width
+    from fxsd.training import gates
 
     model = load_model(args.model)
     shape = args.input_shape
     if shape is None and ":" not in args.model:
         shape = (1, 3, 32, 32) if args.model.startswith("cifar_resnet") else (1, 3, 224, 224)
     example = None if args.no_flops or shape is None else (torch.zeros(shape),)
-    analysis = analyze_residuals(model, example)
+    if args.target_saving is not None and args.drop_rate is not None:
+        raise InvalidArgumentError("give --drop-rate or --target-saving, not both")
+    drop_rate = 0.2 if args.drop_rate is None and args.target_saving is None else args.drop_rate
+    source: Any = analyze_residuals(model, example) if example is None else None
+    rates: dict[str, Any] = {"drop_rate": drop_rate, "distribution": args.distribution}
+    if source is None:  # the gated model: each site's share of a step and its saving
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoResidualSitesWarning)
+            source = stochastic_depth(model, drop_rate, distribution=args.distribution,
+                                      target_saving=args.target_saving,
+                                      example_inputs=example)
+        rates = {}
+        if not gates(source):
+            source = analyze_residuals(model, example)
+    elif args.target_saving is not None:
+        raise InvalidArgumentError("--target-saving counts FLOPs on an example input: drop "
+                                   "--no-flops, or give --input-shape for a model spec")
     width = 0 if args.wide else terminal_width()
-    print(table(analysis, drop_rate=args.drop_rate, distribution=args.distribution,
-                rejected=args.rejected, tablefmt=args.format, width=width))
+    print(table(source, rejected=args.rejected, tablefmt=args.format, width=width, **rates))
     print()
-    line = f"{args.model}: " + summary(analysis, drop_rate=args.drop_rate,
-                                        distribution=args.distribution)
-    print(fill(line, width))
+    print(fill(f"{args.model}: " + summary(source, **rates), width))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -36,12 +36,13 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, GraphModule, Node, Tracer
 from torch.fx.graph import PythonCode
 from torch.fx.node import map_aggregate, map_arg
 
 __all__ = ["FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "copy_tree",
-           "deepest_first", "free_name", "module_from_graph", "node_name", "shallow_copy"]
+           "deepest_first", "free_name", "module_from_graph", "node_name", "shallow_copy",
+           "wrapped_call"]
 
 T = TypeVar("T")
 
@@ -191,6 +192,21 @@ def _transplant(gm: GraphModule, cls: type, state: dict[str, Any] | None = None
             node._rename(node_name(node.name))
     res.graph = gm.graph
     return res
+
+
+def wrapped_call(where: Graph | Tracer, target: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any] | None = None) -> Any:
+    """A call of ``target`` as one node — in a graph (the node) or while tracing (its proxy) —
+    marked ``is_wrapped``: the generated code registers ``target`` with ``torch.fx.wrap``, so
+    re-tracing that code (unpickling a gated model) records it as one call again. For guards,
+    ``if_training``, item assignment and attention kernels, which a tracer must not enter."""
+    if isinstance(where, Graph):
+        node = made = where.call_function(target, args, kwargs or {})
+    else:
+        made = where.create_proxy("call_function", target, args, kwargs or {})
+        node = made.node
+    node.meta["is_wrapped"] = True
+    return made
 
 
 def node_name(name: str) -> str:

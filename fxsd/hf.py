@@ -27,6 +27,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxsd.calls import any_leaf
+from fxsd.graph_module import wrapped_call
 
 __all__ = ["is_hf_attention", "opaque_attention_kernels"]
 
@@ -64,11 +65,7 @@ def _opaque(kernel: Callable, tracer: fx.Tracer) -> Callable:
     @functools.wraps(kernel)
     def call(*args: Any, **kwargs: Any) -> Any:
         if any_leaf((args, kwargs), fx.Proxy):
-            proxy = tracer.create_proxy("call_function", kernel, args, kwargs)
-            # the generated code registers it with torch.fx.wrap, so that re-tracing the code
-            # (unpickling a gated model) keeps it one call too
-            proxy.node.meta["is_wrapped"] = True
-            return proxy
+            return wrapped_call(tracer, kernel, args, kwargs)
         return kernel(*args, **kwargs)
 
     return call

@@ -17,7 +17,8 @@ The rules, in one place:
   in one drop path takes that op's rate, mode and scaling; other sites get rate 0; the
   model-wide rate is the largest adopted rate. Given a rate, fxsd's rates apply everywhere.
   ``mode``/``scale`` given apply everywhere; otherwise an adopted op's own, else ``"block"`` and
-  ``"train"``.
+  ``"train"``. A model's own layer drop (Hugging Face's ``layerdrop``, :mod:`fxsd.layer_drop`)
+  is adopted the same way: the joins inside its layers take its rate, unscaled.
 * **Sample mode** runs each branch on the kept rows only (``"subset"``) where that is exact —
   the branch treats batch rows independently (:func:`fxsd.rows.row_coupling`) — else multiplies
   by the row mask (``"mask"``, noted in the table); ``sample_impl="subset"`` where rows are
@@ -39,6 +40,7 @@ from fxsd.drop_paths import DropPathSettings, drop_path_settings, is_drop_path
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import FoldTarget, fold_target
 from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, DropPathAction
+from fxsd.layer_drop import LayerDrop, layer_drop_of
 from fxsd.ops import depends_on_input, is_view, mutated_operand, node_order
 from fxsd.residuals import ResidualAnalysis, ResidualSite
 from fxsd.rows import row_coupling
@@ -175,23 +177,49 @@ def _selected(keep: Callable[[ResidualSite], bool], site: ResidualSite) -> bool:
     return answer
 
 
-def plan_gates(analysis: ResidualAnalysis, options: Options) -> GatePlan:
-    """Each site's :class:`GateSpec` under ``options`` (see the module docstring)."""
+def plan_gates(analysis: ResidualAnalysis, options: Options,
+               layer_drops: Sequence[LayerDrop] = ()) -> GatePlan:
+    """Each site's :class:`GateSpec` under ``options`` (see the module docstring).
+
+    ``layer_drops``: the model's own layer drop (:func:`fxsd.layer_drop.find_layer_drops`),
+    adopted like drop paths: the joins inside those layers take its rate."""
     rates, weights = _rates(analysis, options)
     facts = [_GraphFacts(part, options) for part in analysis.parts()]
-    adopting = options.existing == "adopt" and not options.explicit and any(
-        f.has_drop_path(site) for f in facts for site in f.analysis.sites)
+    layered = {id(site): drop.rate for site in analysis.sites if options.existing == "adopt"
+               and (drop := layer_drop_of(site.module_path, site.scope, layer_drops))}
+    adopting = options.existing == "adopt" and not options.explicit and (bool(layered) or any(
+        f.has_drop_path(site) for f in facts for site in f.analysis.sites))
     drop_rate = options.drop_rate
-    if adopting:  # the model-wide rate is its largest drop-path rate
-        drop_rate = max((a.rate for f in facts for site in f.analysis.sites
-                         if (a := f.adoptable(site)) is not None), default=0.0)
+    if adopting:  # the model-wide rate is its largest drop-path or layer-drop rate
+        drop_rate = max([*(a.rate for f in facts for site in f.analysis.sites
+                           if (a := f.adoptable(site)) is not None), *layered.values()],
+                        default=0.0)
     rate_of = {id(site): (r, w) for site, r, w in zip(analysis.sites, rates, weights)}
     specs = {}
     for f in facts:
         for site in f.analysis.sites:
             rate, weight = rate_of[id(site)]
             specs[id(site)] = f.spec(site, rate, weight, drop_rate, adopting)
+    for key, rate in layered.items():
+        specs[key] = _layer_drop_spec(specs[key], rate, drop_rate, adopting, options)
     return GatePlan(drop_rate, specs)
+
+
+def _layer_drop_spec(spec: GateSpec, rate: float, model_rate: float, adopting: bool,
+                     options: Options) -> GateSpec:
+    """A join inside a layer the model drops itself: adopt that rate (block mode, unscaled, as
+    LayerDrop does, unless given), or say that fxsd's rate replaced it."""
+    if spec.drop_path is not None:  # a drop path in the branch decides
+        return spec
+    if not adopting:
+        return replace(spec, note=_join_notes(spec.note, f"layer drop (p={rate:g}) replaced"))
+    weight = rate / model_rate if model_rate > 0 else rate
+    return replace(spec, drop_rate=rate, rate_weight=weight, scale=options.scale or "none",
+                   note=_join_notes(spec.note, f"adopted layer drop (p={rate:g})"))
+
+
+def _join_notes(a: str, b: str) -> str:
+    return f"{a}; {b}" if a and b else a or b
 
 
 def _rates(analysis: ResidualAnalysis, options: Options) -> tuple[list[float], list[float]]:

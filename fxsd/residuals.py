@@ -426,6 +426,13 @@ class _Analyzer:
                 "polynomial activation or a normalisation, is not a residual block")
         if not skip_path:
             return
+        if _is_linear(skip_path, self.gm) and _is_linear(branch.nodes, self.gm):
+            raise _Rejected(
+                RejectReason.PARALLEL_PATHS,
+                f"'{skip.name}' and '{out.name}' are both linear in the fork (convolutions, "
+                "linear layers, batch norms, sums): the add is one linear layer written as "
+                "parallel paths (MobileOne, RepVGG: merged into one conv at deployment), not a "
+                "skip and a branch")
         skip_weighted = sum(is_weighted(n, self.gm) for n in skip_path)
         nonlinear = any(is_nonlinear(n, self.gm) for n in branch.nodes)
         if not (skip_weighted < weighted or (
@@ -659,6 +666,42 @@ def _is_free(n: Node) -> bool:
     if n.op == "call_function" and n.target is getattr:
         return True
     return is_view(n)
+
+
+# Ops that are linear in their input (batch norm: at inference); a path of these only is one
+# linear map of the fork. A subclass counts only if it keeps its base class's ``forward``.
+_LINEAR_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
+                   nn.BatchNorm3d, nn.SyncBatchNorm, nn.Identity)
+_LINEAR_FUNCTIONS = frozenset({
+    torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+    torch.nn.functional.linear, torch.nn.functional.batch_norm, torch.conv1d, torch.conv2d,
+    torch.conv3d, torch.batch_norm, operator.neg, torch.neg})
+
+
+def _is_linear(nodes: Iterable[Node], gm: GraphModule) -> bool:
+    """Whether every op in ``nodes`` is linear in its tensor input (views, reads and adds
+    are)."""
+    for n in nodes:
+        if _is_free(n) or add_kind(n) is not None:
+            continue
+        if n.op == "call_module":
+            try:
+                module = gm.get_submodule(str(n.target))
+            except AttributeError:
+                return False
+            if not _is_linear_module(module):
+                return False
+        elif not (n.op == "call_function" and n.target in _LINEAR_FUNCTIONS):
+            return False
+    return True
+
+
+def _is_linear_module(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        # a batch norm, also one with an activation slot left empty (timm's BatchNormAct2d)
+        return all(isinstance(c, nn.Identity) for c in module.children())
+    return any(isinstance(module, c) and type(module).forward is c.forward
+               for c in _LINEAR_MODULES)
 
 
 def _param_count(gm: GraphModule, nodes: Iterable[Node]) -> int:

@@ -18,6 +18,7 @@ from tabulate import tabulate
 from torch import nn
 
 from fxsd.analysis import analyze_residuals
+from fxsd.budget import site_savings
 from fxsd.distributions import Distribution, site_rates
 from fxsd.errors import InvalidTypeError
 from fxsd.gate import GateInfo
@@ -42,6 +43,7 @@ class SiteRow:
     mode: str | None = None  # "block", "sample/subset", "sample/mask" (transformed models)
     scale: str | None = None
     note: str = ""
+    saving: float | None = None  # expected share of a training step it saves (fxsd.budget)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class _Report:
     total_flops: int | None
     traced: tuple[str, ...] = ()  # modules traced one by one (empty: the model, whole)
     untraced: tuple[tuple[str, str, str], ...] = ()
+    step_flops: int | None = None  # forward + backward FLOPs of a training step
 
 
 def _report(
@@ -62,11 +65,14 @@ def _report(
         if gates:
             gates.sort(key=lambda g: g.info.depth)  # stable: model order within a depth
             record = get_record(source)
+            costed = record.step_flops is not None and all(
+                g.info.step_flops is not None for g in gates)
+            savings = site_savings(source) if costed else {}
             rows = [SiteRow(g.info, g.drop_rate,
                             g.mode if g.mode == "block" else f"{g.mode}/{g.sample_impl}",
-                            g.scale, g.note) for g in gates]
+                            g.scale, g.note, savings.get(g.info.name)) for g in gates]
             return _Report(rows, list(record.rejected), record.total_flops, record.traced,
-                           record.untraced)
+                           record.untraced, record.step_flops if costed else None)
         source = analyze_residuals(source, example_inputs)
     if isinstance(source, ResidualAnalysis):
         sites, levels = source.sites, source.num_levels
@@ -120,6 +126,9 @@ def table(
         drop_rate, distribution: show the rates these would give (untransformed sources).
         rejected: also list the adds that are not residual sites, with the reasons.
         example_inputs: for a model analysed on the spot: adds a FLOPs column.
+            A model transformed with example inputs shows ``step %`` (each site's own share of
+            a training step's forward + backward FLOPs) and ``saving %`` (its expected saving at
+            its current rate, :func:`fxsd.expected_saving` summed over the rows).
         tablefmt: any ``tabulate`` format (``"github"`` for Markdown).
         width: the longest a line may be: long cells are shortened with "…" (the branch column
             first, then side inputs, notes, gate names) until the table fits. ``None``: the
@@ -139,6 +148,9 @@ def table(
         headers.append("FLOPs")
     if with_rates:
         headers.append("drop rate")
+    with_saving = report.step_flops is not None
+    if with_saving:
+        headers += ["step %", "saving %"]
     with_modes = any(r.mode not in (None, "block") or r.scale not in (None, "train")
                      for r in report.rows)
     with_notes = any(r.note for r in report.rows)
@@ -158,6 +170,9 @@ def table(
             line.append(_fmt_int(i.flops))
         if with_rates:
             line.append("-" if row.drop_rate is None else f"{row.drop_rate:.4f}")
+        if with_saving:
+            line += [f"{100 * (i.step_flops or 0) / (report.step_flops or 1):.1f}",
+                     f"{100 * (row.saving or 0.0):.2f}"]
         if with_modes:
             line += [row.mode or "-", row.scale or "-"]
         if with_notes:
@@ -167,6 +182,8 @@ def table(
     # the gate says which block a row is: it is cut last, after less telling columns go
     shrink = [("branch", _branch), ("side inputs", _ends), ("note", _ends), (EMPTY, _ends),
               ("gate", _paths), ("note", LEAVE_OUT), ("side inputs", LEAVE_OUT), ("gate", _ends)]
+    if with_saving:  # forward FLOPs say less than the step share beside them: they go first
+        shrink[4:4] = [("FLOPs", LEAVE_OUT), ("nodes", LEAVE_OUT)]
     text = fit_table(body, headers, tablefmt, limit, shrink)
     if report.traced or report.untraced:
         text += "\n\n" + _units(report, tablefmt, limit)
@@ -357,4 +374,8 @@ def summary(source: Any, *, drop_rate: float | None = None,
                  f"{unit}")
         if by_flops and report.total_flops:
             text += f", {dropped / report.total_flops:.1%} of the model's forward FLOPs"
+    if report.step_flops is not None:
+        saved = sum(r.saving or 0.0 for r in rows)
+        text += (f"; expected saving per training step: {saved:.1%} of its FLOPs (forward + "
+                 f"backward, {_fmt_int(report.step_flops)})")
     return text

@@ -29,7 +29,7 @@ from fxsd.calls import CallTree, ModuleCall, as_nodes, calls_of, is_dict_record
 from fxsd.distributed import check_not_wrapped
 from fxsd.drop_paths import is_drop_path
 from fxsd.errors import InvalidTypeError, TraceError
-from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph
+from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph, wrapped_call
 from fxsd.hf import opaque_attention_kernels
 from fxsd.ops import MISMATCH, NOT_DROPOUT, dropout_training, zip_arguments
 from fxsd.passes.explicit_inplace import make_inplace_explicit
@@ -254,7 +254,7 @@ def trace_calls(
     gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live))
     make_drop_paths_live(gm)
     make_inplace_explicit(gm)
-    make_partial_joins_explicit(gm)
+    make_partial_joins_explicit(gm, calls)
     return gm, None if calls is None else CallTree(calls, gm.graph)
 
 
@@ -379,9 +379,8 @@ def _merge_modes(graph: fx.Graph, flipped: fx.Graph, calls: list[ModuleCall], pr
         with graph.inserting_before(node):
             def choose(value: Any, node: fx.Node = node) -> Any:
                 if isinstance(value, _Choice):
-                    choice = graph.call_function(
-                        if_training, (reads.of(value.module), value.train, value.eval))
-                    choice.meta["is_wrapped"] = True
+                    choice = wrapped_call(
+                        graph, if_training, (reads.of(value.module), value.train, value.eval))
                     choice.meta["fxsd"] = node.meta.get("fxsd")
                     return choice
                 return value

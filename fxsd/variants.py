@@ -21,11 +21,14 @@ the call:
   variant's (:class:`GateView`). A join the block's own trace did not gate stays a plain add.
 
 A guard can be checked ahead when it reads the block's arguments and attributes only through
-pure reads (attributes, items, comparisons, ``dim()``, ``dict.get``) that nothing in the block
-changes before the guard runs; the others stay in the code, where they still raise
-:class:`~fxsd.errors.GuardError` mid-call. Tracing again does not change the model or the call:
-it runs on copies of the call's arguments, under :func:`fxsd.preserve.preserved`, with the gates
-computing their branches without drawing and their random stream put back.
+pure reads (attributes, items, comparisons, ``dim()``, ``dict.get``, methods named ``get_*``,
+``is_*``, ``has_*``) and nothing earlier in the block calls a method on, or passes on, an object
+it reads. Every guard also stays in the code, so a check made ahead can only pick a graph that
+then refuses the call (``GuardError`` mid-call), never one that computes something else.
+
+Tracing again does not change the model or the call: it runs on copies of the call's arguments,
+under :func:`fxsd.preserve.preserved`, with the gates computing their branches without drawing
+and their random stream put back.
 
 What cannot be made right raises :class:`~fxsd.errors.GuardError` saying what: tracing again
 fails, a gated join is not found again (the call takes another path through the block), an
@@ -148,6 +151,7 @@ def _signature(source: type) -> list[str] | None:
 
 
 def _placeholders(graph: Graph) -> list[str]:
+    """The targets of ``graph``'s placeholders (``x``, ``*args``, ``**kwargs``), in order."""
     return [str(n.target) for n in graph.nodes if n.op == "placeholder"]
 
 
@@ -187,6 +191,7 @@ class _Variants:
         return None
 
     def select(self, block: nn.Module, values: tuple[Any, ...]) -> Callable[..., Any] | None:
+        """See :func:`variant_for`; makes the variant when none serves the call."""
         if self.own is None or self.own[0] is not block.graph:
             self.own = (block.graph, _Precheck.of(block.graph))
         refused = self.own[1].refusal(block, values)
@@ -234,6 +239,7 @@ class _Precheck:
 
     @classmethod
     def of(cls, graph: Graph) -> _Precheck:
+        """The guards of ``graph`` that can be checked ahead (see the module docstring)."""
         order = {n: i for i, n in enumerate(graph.nodes)}
         chosen: set[Node] = set()
         for guard in graph.nodes:
@@ -278,6 +284,7 @@ def _plain(value: Any) -> Any:
 
 
 def _short(value: Any) -> str:
+    """``value`` as a guard's message shows it (a mapping by its keys, an object by its class)."""
     if isinstance(value, dict):
         return f"<keys {sorted(value)}>"
     text = repr(value) if is_guardable(value) else f"<{type(value).__name__}>"
@@ -285,6 +292,8 @@ def _short(value: Any) -> str:
 
 
 def _evaluate(node: Node, env: dict[Node, Any], module: nn.Module) -> Any:
+    """What the pure read ``node`` gives on the call (``env``: the values of earlier nodes)."""
+
     def value(x: Any) -> Any:
         return env[x] if isinstance(x, Node) else x
 
@@ -336,6 +345,7 @@ def _changed_before(cone: set[Node], guard: Node, order: dict[Node, int]) -> boo
 
 
 def _metadata_read(node: Node) -> bool:
+    """Whether ``node`` reads tensor metadata, which nothing the block runs can change."""
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _METADATA
     return node.op == "call_method" and node.target in ("dim", "size", "is_floating_point")
@@ -476,6 +486,8 @@ def _quietly(view: nn.Module) -> Iterator[None]:
 
 
 def _undrawn(gate: BranchGate) -> Callable[..., torch.Tensor]:
+    """``gate``'s forward while tracing again: the branch always runs, nothing is drawn."""
+
     def forward(skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
         return skip + gate.run_branch(*((skip, *inputs) if gate.identity else inputs))
 
@@ -619,6 +631,7 @@ class _Listed(list):
 
 
 def _freeze(value: Any) -> Any:
+    """Undo :func:`_thaw`."""
     if isinstance(value, _Listed):
         return [_freeze(v) for v in value]
     if isinstance(value, list):

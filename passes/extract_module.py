@@ -34,7 +34,7 @@ from torch.fx.node import map_aggregate
 
 from fxsd.calls import DictRecord, bound_parameters, node_leaves
 from fxsd.errors import GraphError
-from fxsd.graph_module import free_name, node_name
+from fxsd.graph_module import free_name, node_name, wrapped_call
 from fxsd.guards import check_argument, check_type
 from fxsd.ops import resolve_attr
 from fxsd.owners import Owner
@@ -132,9 +132,7 @@ class _Extractor:
             else:
                 ph = self.graph.placeholder(name, default_value=param.default)
             if not self._bind_value(ph, value):
-                guard = self.graph.call_function(
-                    check_argument, (ph, value, self.owner.path, name))
-                guard.meta["is_wrapped"] = True  # the generated code re-registers it with fx
+                wrapped_call(self.graph, check_argument, (ph, value, self.owner.path, name))
             elif isinstance(value, Node):
                 self._keep_type_guard(ph, value, name)
 
@@ -143,9 +141,8 @@ class _Extractor:
         cache the owner calls methods on: ``None`` or another class must not reach the graph)."""
         for user in value.users:
             if user.op == "call_function" and user.target is check_type:
-                guard = self.graph.call_function(
-                    check_type, (holder, user.args[1], self.owner.path, name))
-                guard.meta["is_wrapped"] = True
+                wrapped_call(self.graph, check_type,
+                             (holder, user.args[1], self.owner.path, name))
                 return
 
     def _bind_value(self, holder: Node, value: Any) -> bool:

@@ -6,19 +6,26 @@ two operands of one join, and the rewrite can gate the whole of ``x``.
 
 from __future__ import annotations
 
-from torch.fx import GraphModule
+from collections.abc import Sequence
+from typing import Any
+
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_aggregate
 
 from fxsd.partial_join import match_partial_join, partial_add
 
 __all__ = ["make_partial_joins_explicit"]
 
 
-def make_partial_joins_explicit(gm: GraphModule) -> int:
+def make_partial_joins_explicit(gm: GraphModule, calls: Sequence[Any] | None = None) -> int:
     """Replace each ``cat`` of slices with an add in one of them by a :func:`partial_add` call.
 
-    Returns the number of joins rewritten. Edits ``gm.graph`` in place and recompiles ``gm``.
+    ``calls``: the module calls the trace recorded (:class:`~fxsd.calls.ModuleCall`); a call
+    that returned a rewritten ``cat`` returns its ``partial_add`` instead. Returns the number of
+    joins rewritten. Edits ``gm.graph`` and ``calls`` in place and recompiles ``gm``.
     """
     found = 0
+    replaced: dict[Node, Node] = {}
     for node in list(gm.graph.nodes):
         match = match_partial_join(node)
         if match is None:
@@ -28,6 +35,7 @@ def make_partial_joins_explicit(gm: GraphModule) -> int:
             joined = gm.graph.call_function(partial_add, (whole, part, dim, start, stop))
         joined.meta = dict(add.meta)  # the add's module calls and stack: where the join is
         node.replace_all_uses_with(joined)
+        replaced[node] = joined
         pieces = node.args[0]
         gm.graph.erase_node(node)
         for piece in pieces:
@@ -39,4 +47,8 @@ def make_partial_joins_explicit(gm: GraphModule) -> int:
         found += 1
     if found:
         gm.recompile()
+        for call in calls or ():
+            call.args, call.kwargs, call.output = map_aggregate(
+                (call.args, call.kwargs, call.output),
+                lambda v: replaced.get(v, v) if isinstance(v, Node) else v)
     return found

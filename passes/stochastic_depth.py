@@ -38,12 +38,13 @@ from fxsd.graph_module import (
     deepest_first,
     module_from_graph,
 )
+from fxsd.layer_drop import find_layer_drops, settle_layer_drops
 from fxsd.ops import is_metadata_read, node_order
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
 from fxsd.plan import GatePlan, Options, plan_gates, select_sites
 from fxsd.recompute import checkpointing
-from fxsd.record import FxsdRecord
+from fxsd.record import FxsdRecord, get_record
 from fxsd.residuals import ResidualAnalysis, ResidualSite, collect_branch, is_module
 from fxsd.tracing import LeafSpec
 from fxsd.training import gates
@@ -206,8 +207,11 @@ def stochastic_depth(
     base = torch.initial_seed() if seed is None else seed
     if not sync_ranks:
         base += 1_000_003 * rank()
-    gated = gate_residuals(analysis, plan_gates(analysis, options),
+    layer_drops = find_layer_drops(model)
+    gated = gate_residuals(analysis, plan_gates(analysis, options, layer_drops),
                            DropSampler(base, sync_ranks), model, inplace=inplace)
+    settle_layer_drops(gated, layer_drops, analysis.sites, get_record(gated).rewritten,
+                       existing)
     _budget(gated, options)
     return gated
 
@@ -220,7 +224,7 @@ def _budget(gated: nn.Module, options: Options) -> None:
     if args is None and kwargs is None:
         return
     args = (args,) if isinstance(args, torch.Tensor) else tuple(args or ())
-    record_step_costs(gated, args, kwargs)
+    record_step_costs(gated, args, kwargs, real_run=options.target_saving is not None)
     if options.target_saving is not None:
         dist = options.distribution
         describe = (f"the {dist!r} distribution" if isinstance(dist, str) else

@@ -220,12 +220,8 @@ def test_the_trainer_recipe_of_training_md_runs(tmp_path, monkeypatch):
     text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     section = text.split("**Hugging Face Trainer**", 1)[1]
     recipe = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    real = tf.TrainingArguments
-
-    def few_steps(**kwargs):  # as written, but 3 steps, on the CPU, nothing reported
-        return real(**{**kwargs, "max_steps": 3, "use_cpu": True, "report_to": []})
-
-    monkeypatch.setattr(tf, "TrainingArguments", few_steps)
+    assert "max_steps=10_000," in recipe
+    recipe = recipe.replace("max_steps=10_000,", "max_steps=3,")  # as written, but 3 steps
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     scope = {"config": _llama_config(), "example_ids": _ids(), "data": _dataset(16)}

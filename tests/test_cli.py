@@ -66,7 +66,7 @@ def test_vit_table_fits_an_80_column_terminal(monkeypatch, capsys):
     assert max(len(line) for line in out.splitlines()) <= 80
     # gate paths shortened from the left (indices kept), then "_gate" goes, then the end is cut:
     # which block a row is stays readable
-    assert "e.l.e11.mlp " in out and "e.l.e11.self_at…" in out
+    assert "e.l.e11.mlp " in out and "e.l.e11.sel…" in out
     monkeypatch.setenv("COLUMNS", "100")
     assert main(["inspect", "vit_b_16", "--rejected"]) == 0
     out = capsys.readouterr().out

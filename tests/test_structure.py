@@ -16,6 +16,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.models.vision_transformer import EncoderBlock
 
 import fxsd
+from fxsd.variants import MAX_VARIANTS
 
 
 def _round_trip(model: nn.Module) -> nn.Module:
@@ -345,11 +346,11 @@ def test_block_traced_with_a_default_argument_guards_it():
     torch.testing.assert_close(block(x, 1.0), model.blocks[0](x, 1.0), rtol=0, atol=0)
     # another value: the block traces itself again for it, gated by its own gate
     torch.testing.assert_close(block(x, 2.0), model.blocks[0](x, 2.0), rtol=0, atol=0)
-    fxsd.set_drop_rate(result, 1.0)
+    block.residual_gate.drop_rate = 1.0
     torch.testing.assert_close(block.train()(x, 2.0), x, rtol=0, atol=0)  # dropped: the skip
     assert block.residual_gate.dropped
     block.eval()
-    for scale in range(3, 3 + fxsd.variants.MAX_VARIANTS - 1):  # one variant per value
+    for scale in range(3, 3 + MAX_VARIANTS - 1):  # one variant per value
         block(x, float(scale))
     with pytest.raises(fxsd.GuardError, match=r"'blocks.0' .* traced itself again for 8 other"):
         block(x, 99.0)

@@ -1,0 +1,124 @@
+"""A model's own training-time layer drop (LayerDrop, as Hugging Face implements it).
+
+Hugging Face encoders and decoders (Wav2Vec2, Whisper, BART, OPT, ...) skip whole layers in
+training inside the loop over their ``ModuleList`` of layers::
+
+    if self.training and torch.rand([]) < self.layerdrop:  # or self.config.layerdrop
+        continue
+
+fxsd finds such a module by what its ``forward`` reads (the name ``layerdrop`` among its
+attribute reads) and the rate it holds (``module.layerdrop`` or ``module.config.layerdrop``).
+Under ``existing="adopt"`` without an explicit rate, the joins inside those layers take that rate
+(block mode, unscaled as LayerDrop is, unless ``mode``/``scale`` are given), as adopted drop paths
+do; with an explicit rate, fxsd's rates apply. Either way the model's own loop is switched off in
+the result (its module's rate set to 0), so nothing drops twice. ``existing="keep"`` leaves it;
+where the module that loops was itself rewritten (its ``forward`` is then fxsd's traced code,
+which has no such loop), :class:`LayerDropWarning` says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["LayerDrop", "LayerDropWarning", "find_layer_drops", "layer_drop_of",
+           "settle_layer_drops", "switch_off_layer_drops"]
+
+
+class LayerDropWarning(UserWarning):
+    """A model's own layer drop is no longer active and fxsd did not adopt its rate."""
+
+
+@dataclass(frozen=True)
+class LayerDrop:
+    """One module that drops its layers at random in training.
+
+    Attributes:
+        path: the module whose ``forward`` loops over the layers (``""``: the root).
+        rate: its layer-drop rate.
+        layers: qualified names of the layers it may skip.
+        attribute: where the rate lives: ``"layerdrop"`` or ``"config.layerdrop"``.
+    """
+
+    path: str
+    rate: float
+    layers: tuple[str, ...]
+    attribute: str
+
+
+def find_layer_drops(model: nn.Module) -> list[LayerDrop]:
+    """The modules of ``model`` that implement layer drop with a rate above 0."""
+    found = []
+    for path, module in model.named_modules():
+        forward = inspect.unwrap(type(module).forward)
+        code = getattr(forward, "__code__", None)
+        if code is None or "layerdrop" not in code.co_names:
+            continue
+        rate, attribute = _rate(module)
+        prefix = f"{path}." if path else ""
+        layers = tuple(f"{prefix}{name}.{i}" for name, child in module.named_children()
+                       if isinstance(child, nn.ModuleList) for i in range(len(child)))
+        if rate and layers:
+            found.append(LayerDrop(path, rate, layers, attribute))
+    return found
+
+
+def _rate(module: nn.Module) -> tuple[float, str]:
+    own = module.__dict__.get("layerdrop")
+    if _is_rate(own):
+        return float(own), "layerdrop"
+    config = getattr(module, "config", None)
+    value = getattr(config, "layerdrop", None)
+    return (float(value), "config.layerdrop") if _is_rate(value) else (0.0, "")
+
+
+def _is_rate(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+
+
+def layer_drop_of(module_path: str, scope: Sequence[tuple[str, str]],
+                  drops: Sequence[LayerDrop]) -> LayerDrop | None:
+    """The layer drop whose layers hold a join performed in ``module_path`` (``scope``: the
+    modules running at the join, as :attr:`fxsd.ResidualSite.scope` lists them)."""
+    paths = {p for p, _ in scope} | {module_path}
+    for drop in drops:
+        if any(layer in paths or module_path.startswith(layer + ".") for layer in drop.layers):
+            return drop
+    return None
+
+
+def switch_off_layer_drops(root: nn.Module, drops: Sequence[LayerDrop]) -> None:
+    """Set each module's layer-drop rate to 0 in ``root`` (a config is copied first, so the
+    model's other modules and the original model keep theirs)."""
+    for drop in drops:
+        module = root.get_submodule(drop.path) if drop.path else root
+        if drop.attribute == "layerdrop":
+            module.layerdrop = 0.0
+        elif getattr(module, "config", None) is not None:
+            module.config = copy.copy(module.config)
+            module.config.layerdrop = 0.0
+
+
+def settle_layer_drops(root: nn.Module, drops: Sequence[LayerDrop], sites: Sequence[Any],
+                       rewritten: Sequence[str], existing: str) -> None:
+    """After the rewrite: switch off each layer drop whose layers now hold gates (fxsd drops
+    them, adopted or at its own rate), unless ``existing="keep"``; warn about one that a
+    rewrite removed without fxsd taking it over."""
+    for drop in drops:
+        gated = any(layer_drop_of(s.module_path, s.scope, [drop]) for s in sites)
+        if gated and existing != "keep":
+            switch_off_layer_drops(root, [drop])
+        elif drop.path in rewritten:
+            warnings.warn(
+                f"'{drop.path or '<root>'}' drops its layers in training (rate {drop.rate:g}), "
+                "but fxsd rewrote its forward, which removes that code, and "
+                + ("existing='keep' leaves its layers' joins at fxsd's rates." if gated else
+                   "gates none of its layers' joins.")
+                + " Use existing='adopt' to give those joins its rate.",
+                LayerDropWarning, stacklevel=3)
