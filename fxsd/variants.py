@@ -65,6 +65,7 @@ from fxsd.graph_module import (
 )
 from fxsd.guards import GUARDS, is_guardable, passes
 from fxsd.ops import is_metadata_read, resolve_attr
+from fxsd.passes.gate_site import call_gate, cut_site
 from fxsd.preserve import preserved
 
 __all__ = ["MAX_VARIANTS", "CallSignatureCodeGen", "GateView", "allow_other_calls",
@@ -536,31 +537,18 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
 
 def _gate_site(cut: Any, analysis: Any, site: Any, gate: BranchGate, name: str,
                order: dict[Node, int], rewritten: dict[Node, Node]) -> None:
-    """Replace ``site``'s add in ``cut`` by a call of ``gate`` running the new branch (as the
-    rewrite does, :mod:`fxsd.passes.stochastic_depth`, with the gate's own settings)."""
-    from fxsd.passes.stochastic_depth import (
-        _branch_module,
-        _collect,
-        _release_unused_outputs,
-        _remove_drop_paths,
-        _replace_with_gate,
-    )
-
-    fork, skip, out, add = (rewritten.get(cut.env[n], cut.env[n])
-                            for n in (site.fork, site.skip, site.branch_output, site.add))
-    if gate.identity != (skip is fork):
-        raise GuardError(f"traced again on this call, the skip of {name} is another one")
+    """Replace ``site``'s add in ``cut`` by a call of ``gate`` running the new branch (the
+    rewrite's own surgery, :mod:`fxsd.passes.gate_site`, with the gate's own settings)."""
+    drops: list[Node] = []
     if gate.drop_path in (DropPathAction.ADOPTED, DropPathAction.REPLACED):
         gm = analysis.graph_module
-        drops = [cut.env[n] for n in site.branch if n.op == "call_module"
+        drops = [n for n in site.branch if n.op == "call_module"
                  and is_drop_path(gm.get_submodule(str(n.target)))]
-        out = _remove_drop_paths(cut.graph, drops, out)
-    _release_unused_outputs(cut.graph, {cut.env[n] for n in site.branch if n in cut.env})
-    branch = _collect(cut, fork, out, add, order, site)
-    cut.extra_attrs[name] = GateView(
-        gate, _branch_module(cut, fork, branch.nodes, branch.inputs, out, name))
-    args = (fork, *branch.inputs) if skip is fork else (skip, fork, *branch.inputs)
-    rewritten[add] = _replace_with_gate(cut.graph, add, name, args, branch.nodes, order)
+    piece = cut_site(cut, site, drops, rewritten, order, name)
+    if gate.identity != piece.identity:
+        raise GuardError(f"traced again on this call, the skip of {name} is another one")
+    cut.extra_attrs[name] = GateView(gate, piece.branch_module)
+    call_gate(cut.graph, piece, name, rewritten, order)
 
 
 def _output_pairs(new: Any, own: Any, found: list[tuple[Node, Any, Any]]) -> None:

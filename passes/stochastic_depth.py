@@ -21,18 +21,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import Graph, GraphModule, Node
-from torch.fx.node import map_aggregate
+from torch.fx import GraphModule, Node
 
 from fxsd.analysis import analyze_residuals
 from fxsd.budget import record_step_costs, scale_to_target
 from fxsd.distributed import rank
 from fxsd.distributions import Distribution
-from fxsd.errors import GraphError, InvalidArgumentError, InvalidTypeError
+from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import warn_on_save
 from fxsd.gate import BranchGate, DropSampler, GateInfo
 from fxsd.graph_module import (
-    FxsdGraphModule,
     TreeEditor,
     copy_tree,
     deepest_first,
@@ -42,10 +40,11 @@ from fxsd.layer_drop import find_layer_drops, settle_layer_drops
 from fxsd.ops import is_metadata_read, node_order
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
+from fxsd.passes.gate_site import call_gate, cut_site
 from fxsd.plan import GatePlan, Options, plan_gates, select_sites
 from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord, get_record
-from fxsd.residuals import ResidualAnalysis, ResidualSite, collect_branch, is_module
+from fxsd.residuals import ResidualAnalysis, ResidualSite
 from fxsd.tracing import LeafSpec
 from fxsd.training import gates
 from fxsd.variants import allow_other_calls
@@ -300,26 +299,18 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
     order = node_order(graph)
     rewritten: dict[Node, Node] = {}  # rewritten add -> the gate call that replaced it
     for i, site in enumerate(owner.sites):
-        spec = plan.spec(site)
-        fork, skip, out, add = (rewritten.get(cut.env[n], cut.env[n])
-                                for n in (site.fork, site.skip, site.branch_output, site.add))
-        out = _remove_drop_paths(graph, [cut.env[n] for n in spec.drops], out)
-        released = _release_unused_outputs(graph, {cut.env[n] for n in site.branch
-                                                   if n in cut.env})
-        note = _join(spec.note, f"returns None for unused {', '.join(released)}"
-                     if released else "")
-        branch = _collect(cut, fork, out, add, order, site)
-        name = owner.gate_names[i]
-        gate = BranchGate(
-            _branch_module(cut, fork, branch.nodes, branch.inputs, out, name),
-            spec.drop_rate, sampler, identity=skip is fork, clone_on_drop=spec.clone_on_drop,
+        spec, name = plan.spec(site), owner.gate_names[i]
+        piece = cut_site(cut, site, spec.drops, rewritten, order, name)
+        note = _join(spec.note, f"returns None for unused {', '.join(piece.released)}"
+                     if piece.released else "")
+        cut.extra_attrs[name] = BranchGate(
+            piece.branch_module, spec.drop_rate, sampler, identity=piece.identity,
+            clone_on_drop=spec.clone_on_drop,
             info=GateInfo.from_site(site, record.num_levels, owner.gate_path(i), spec.fold),
             mode=spec.mode, scale=spec.scale, sample_impl=spec.sample_impl,
             note=_join(note, spec.sample_note), rate_weight=spec.rate_weight,
             drop_path=spec.drop_path, record=record)
-        cut.extra_attrs[name] = gate
-        args = (fork, *branch.inputs) if skip is fork else (skip, fork, *branch.inputs)
-        rewritten[add] = _replace_with_gate(graph, add, name, args, branch.nodes, order)
+        call_gate(graph, piece, name, rewritten, order)
     for node in reversed(graph.nodes):  # shape reads left behind (a message built from x.shape)
         if not node.users and is_metadata_read(node):
             graph.erase_node(node)
@@ -330,84 +321,9 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
     return gated
 
 
-def _remove_drop_paths(graph: Graph, drops: list[Node], out: Node) -> Node:
-    """Take the drop-path calls the plan removes out of the owner's graph; the branch output
-    (``out`` or, if that was a drop path, its input)."""
-    for node in drops:
-        source = node.all_input_nodes[0]
-        if node is out:
-            out = source
-        node.replace_all_uses_with(source)
-        graph.erase_node(node)
-    return out
-
-
-def _replace_with_gate(graph: Graph, add: Node, name: str, args: tuple[Node, ...],
-                       branch: Sequence[Node], order: dict[Node, int]) -> Node:
-    """Call the gate ``name`` where ``add`` was, and take the branch's nodes out of the graph."""
-    with graph.inserting_before(add):
-        call = graph.call_module(name, args)
-    call.meta = {k: v for k, v in add.meta.items() if k in ("nn_module_stack", "stack_trace")}
-    order[call] = order[add]
-    add.replace_all_uses_with(call)
-    graph.erase_node(add)
-    for n in reversed(branch):
-        graph.erase_node(n)
-    return call
-
-
-def _release_unused_outputs(graph: Graph, inside: set[Node]) -> list[str]:
-    """Return ``None`` from the module where it returns a value computed inside a branch.
-
-    The analysis only accepts a branch none of whose values is used outside it, so such a value
-    is unused wherever the module's result goes (the attention weights a Hugging Face attention
-    layer returns next to its output, which the model drops unless asked for attentions). A
-    skipped branch has no such value; the module returns ``None`` for it, also when the branch
-    runs, as Hugging Face's own layer drop does.
-    """
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    released: list[str] = []
-
-    def release(value: Any) -> Any:
-        if isinstance(value, Node) and value in inside:
-            released.append(value.name)
-            return None
-        return value
-
-    output.args = map_aggregate(output.args, release)
-    return released
-
-
-def _collect(block: Any, fork: Node, out: Node, add: Node, order: dict[Node, int],
-             site: ResidualSite) -> Any:
-    branch = collect_branch(block, fork, out, add, order)
-    if isinstance(branch, tuple):  # the analysis accepted it: a bug if this happens
-        raise GraphError(f"cannot gate '{site.add.name}' in '{site.module_path or '<root>'}' "
-                         f"after cutting the module out: {branch[1]}")
-    return branch
-
-
 def _resolve(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model
 
 
 def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a and b else a or b
-
-
-def _branch_module(gm: Any, fork: Node, nodes: Sequence[Node], inputs: Sequence[Node],
-                   out: Node, name: str) -> GraphModule:
-    graph = Graph()
-    env: dict[Node, Node] = {}
-    for n in (fork, *inputs):
-        env[n] = graph.placeholder(n.name)
-        env[n].meta = dict(n.meta)
-    for n in nodes:
-        env[n] = graph.node_copy(n, env.__getitem__)
-    graph.output(env[out])
-    attrs = {str(n.target): gm.get_submodule(str(n.target)) for n in graph.nodes
-             if n.op == "call_module" or (n.op == "get_attr" and is_module(gm, str(n.target)))}
-    if any(n.op == "get_attr" and n.target == "training" for n in graph.nodes):
-        attrs["training"] = gm.training  # the block's own flag: the branch's, as .train() sets
-    class_name = "".join(part.capitalize() for part in name.split("_")) or "Branch"
-    return FxsdGraphModule(attrs, graph, class_name=class_name.removesuffix("Gate") + "Branch")

@@ -84,14 +84,15 @@ FAMILIES = {
 
 @functools.cache
 def _transform(name: str):
-    """(original, transformed at rate 0, example inputs), built once per test session."""
+    """(original, transformed at rate 0, example inputs), built once per test session; eval
+    scaling, so that a rate set later has a factor to fold (test_pickles_strips_and_folds)."""
     build, _, _ = FAMILIES[name]
     torch.manual_seed(0)
     model, inputs = build()
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error", fxsd.NoResidualSitesWarning)
-        gated = fxsd.stochastic_depth(model, 0.0, example_kwargs=inputs)
+        gated = fxsd.stochastic_depth(model, 0.0, example_kwargs=inputs, scale="eval")
     return model, gated, inputs
 
 
@@ -264,6 +265,7 @@ def test_pickles_strips_and_folds(family, tmp_path):
             for key in expected:
                 assert torch.equal(got[key], expected[key]), (name, key)
     fxsd.set_drop_rate(gated, 0.3)  # a real (1 - p) scale to fold into the weights
+    warnings.simplefilter("ignore", fxsd.EvalScaledWeightsWarning)
     try:
         with torch.no_grad():
             scaled = _tensors(gated.eval()(**inputs))
