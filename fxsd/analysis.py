@@ -43,9 +43,10 @@ def find_residuals(
     Args:
         model: an ``nn.Module`` or an already traced ``torch.fx.GraphModule``. Never modified.
         example_inputs: positional inputs of one forward call. Optional; with them fxsd also knows
-            shapes (broadcasting adds are rejected) and FLOPs (shown in tables). Only their shapes
-            and dtypes are used: the model is run on fake tensors. When the model cannot be
-            traced whole, they (and ``example_kwargs``) are what it is traced by example with.
+            shapes (broadcasting adds are rejected) and FLOPs (shown in tables), from a run on
+            fake tensors. When the model cannot be traced whole, they (and ``example_kwargs``)
+            are what it is traced by example with: the model then runs once for real, and its
+            buffers, flags and the RNGs are restored afterwards.
         example_kwargs: keyword inputs of that call (``input_ids=..., attention_mask=...``).
         tracing: ``"auto"`` (trace the whole model; if that fails and example inputs are given,
             trace by example), ``"symbolic"`` (whole model only) or ``"example"`` (always by

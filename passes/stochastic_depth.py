@@ -65,6 +65,7 @@ def stochastic_depth(
     model: nn.Module,
     drop_rate: float | None = None,
     *,
+    target_saving: float | None = None,
     distribution: Distribution | None = None,
     mode: str | None = None,
     scale: str | None = None,
@@ -79,7 +80,6 @@ def stochastic_depth(
     tracing: str = "auto",
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
-    target_saving: float | None = None,
 ) -> nn.Module:
     """Return ``model`` with its residual branches dropping at random in training.
 
@@ -112,6 +112,15 @@ def stochastic_depth(
         model: an ``nn.Module`` or an already traced ``GraphModule``.
         drop_rate: the largest drop rate (``linear``, ``linspace``) or every site's rate
             (``uniform``). Default: the model's own drop-path rates if it has drop paths, else 0.1.
+        target_saving: instead of ``drop_rate``: the expected fraction of a training step's
+            compute (forward + backward FLOPs of the whole model on ``example_inputs``, which it
+            needs) that the drops should save. fxsd scales ``distribution``'s rates (any of
+            them, a per-site list or callable included) by one factor until
+            :func:`fxsd.expected_saving` is the target; like an explicit rate, it also sets the
+            rates of adopted drop paths. A site saves ``p_l`` times its branch's forward and
+            backward FLOPs (:mod:`fxsd.budget`). The model-wide rate becomes the largest site
+            rate. A target beyond the distribution's reach (largest rate 1) raises
+            :class:`~fxsd.FxsdError` naming the largest reachable saving.
         distribution: ``"linear"`` (depth ``l`` of ``L`` drops at ``drop_rate * l / L``),
             ``"linspace"`` (``drop_rate * (l - 1) / (L - 1)``, timm's and torchvision's rule),
             ``"exponential"`` (LayerSkip's ``drop_rate * (2 ** ((l - 1) / (L - 1)) - 1)``),
@@ -152,15 +161,6 @@ def stochastic_depth(
         leaf_modules: module classes, qualified names or module objects not to trace through
             (added to timm's not-traceable registry when timm is installed).
         concrete_args: passed to the tracer.
-        target_saving: instead of ``drop_rate``: the expected fraction of a training step's
-            compute (forward + backward FLOPs of the whole model on ``example_inputs``, which it
-            needs) that the drops should save. fxsd scales ``distribution``'s rates (any of
-            them, a per-site list or callable included) by one factor until
-            :func:`fxsd.expected_saving` is the target; like an explicit rate, it also sets the
-            rates of adopted drop paths. A site saves ``p_l`` times its branch's forward and
-            backward FLOPs (:mod:`fxsd.budget`). The model-wide rate becomes the largest site
-            rate. A target beyond the distribution's reach (largest rate 1) raises
-            :class:`~fxsd.FxsdError` naming the largest reachable saving.
 
     Raises:
         InvalidTypeError, InvalidArgumentError: bad arguments (also: ``inplace=True`` when the
