@@ -28,6 +28,7 @@ __all__ = [
     "add_operands",
     "data_inputs",
     "depends_on_input",
+    "input_dependent_nodes",
     "is_metadata_read",
     "is_inplace",
     "mutated_operand",
@@ -154,8 +155,20 @@ def data_inputs(node: Node) -> list[Node]:
     return [] if is_metadata_read(node) else node.all_input_nodes
 
 
+def input_dependent_nodes(graph: Graph) -> set[Node]:
+    """Every node of ``graph`` whose value is computed from the values of a model input (a
+    ``placeholder``), by :func:`data_inputs`: a metadata read (``x.shape``) does not carry the
+    dependence. One pass over the graph; :func:`depends_on_input` asks the same of one node."""
+    found: set[Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a in found for a in data_inputs(n)):
+            found.add(n)
+    return found
+
+
 def depends_on_input(node: Node) -> bool:
-    """Whether ``node``'s value is computed from the values of a model input (a ``placeholder``)."""
+    """Whether ``node``'s value is computed from the values of a model input (a ``placeholder``;
+    the rule of :func:`input_dependent_nodes`, walking back from ``node`` only)."""
     seen, stack = {node}, [node]
     while stack:
         n = stack.pop()

@@ -36,6 +36,7 @@ from fxsd.ops import (
     add_operands,
     data_inputs,
     depends_on_input,
+    input_dependent_nodes,
     is_inplace,
     is_metadata_read,
     is_nonlinear,
@@ -239,18 +240,14 @@ class _Analyzer:
             else node_order(gm.graph)
         # ancestors-or-self of each node, as a bitset over node positions
         self.anc: dict[Node, int] = {}
-        inputs_mask = 0
         for i, n in enumerate(self.nodes):
             bits = 1 << i
             for a in data_inputs(n):  # values only: x.shape[0] does not make x an ancestor
                 bits |= self.anc[a]
             self.anc[n] = bits
-            if n.op == "placeholder":
-                inputs_mask |= 1 << i
-        self.inputs_mask = inputs_mask
         # nodes computed from a model input (a fork must be one: not a parameter read)
-        self.dependent_mask = sum(1 << i for i, n in enumerate(self.nodes)
-                                  if self.anc[n] & inputs_mask)
+        self.dependent = input_dependent_nodes(gm.graph)
+        self.dependent_mask = sum(1 << i for i, n in enumerate(self.nodes) if n in self.dependent)
         self.non_tensor = _non_tensor_nodes(self.nodes, profiles)
         self.has_stacks = any(n.meta.get("nn_module_stack") for n in self.nodes)
 
@@ -265,7 +262,7 @@ class _Analyzer:
         return bool((self.anc[n] >> self.order[ancestor]) & 1)
 
     def input_dependent(self, n: Node) -> bool:
-        return bool(self.anc[n] & self.inputs_mask)
+        return n in self.dependent
 
     def path(self, fork: Node, end: Node) -> list[Node]:
         """Nodes strictly after ``fork`` on a path from it to ``end`` (inclusive), in order."""
