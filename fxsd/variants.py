@@ -346,7 +346,9 @@ def _changed_before(cone: set[Node], guard: Node, order: dict[Node, int]) -> boo
 
 
 def _metadata_read(node: Node) -> bool:
-    """Whether ``node`` reads tensor metadata, which nothing the block runs can change."""
+    """Whether ``node`` reads tensor metadata that nothing the block runs can change — narrower
+    than :func:`fxsd.ops.is_metadata_read` (``requires_grad``, strides and contiguity can
+    change within a block), because a guard checked before the block runs relies on it."""
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _METADATA
     return node.op == "call_method" and node.target in ("dim", "size", "is_floating_point")
