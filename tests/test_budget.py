@@ -52,8 +52,8 @@ def check_counted(plain, gated, x, target):
     expected = fxsd.expected_saving(gated)
     assert abs(expected - target) < 0.005
     mean, se = counted_saving(plain, gated, x)
-    # within two standard errors (a seeded run: fixed numbers, reproducible)
-    assert abs(mean - expected) <= 2 * se, (mean, se, expected)
+    # within its standard error, as the issue asks (a seeded run: fixed numbers, reproducible)
+    assert abs(mean - expected) <= se, (mean, se, expected)
     assert 0.005 < se < 0.03  # the steps really drop sites: the check is not vacuous
     print(f"expected {expected:.4f}, counted {mean:.4f} ± {se:.4f} over {STEPS} steps")
     return expected, mean, se
