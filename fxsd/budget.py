@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -160,7 +161,8 @@ def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             args, kwargs = _faked((args, kwargs), mode)
         reparam = _reparametrize_module(model, state, tie_weights=True) if fake else None
         try:
-            with mode or _null(), reparam or _null(), FlopCounterMode(display=False) as counter:
+            with mode or nullcontext(), reparam or nullcontext(), \
+                    FlopCounterMode(display=False) as counter:
                 costs = _attributed_step(model, gates, counter, args, kwargs)
         finally:
             for p, g in zip(params, grads):
@@ -207,11 +209,6 @@ def _faked(value: Any, mode: Any) -> Any:
 
     return tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, value)
 
-
-def _null() -> Any:
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def record_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),

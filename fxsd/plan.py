@@ -46,7 +46,8 @@ from fxsd.residuals import ResidualAnalysis, ResidualSite
 from fxsd.rows import row_coupling
 from fxsd.tracing import LeafSpec
 
-__all__ = ["Options", "GateSpec", "GatePlan", "plan_gates", "select_sites", "EXISTING"]
+__all__ = ["Options", "GateSpec", "GatePlan", "plan_gates", "select_sites", "join_notes",
+           "EXISTING"]
 
 EXISTING = ("adopt", "replace", "keep")
 
@@ -212,13 +213,14 @@ def _layer_drop_spec(spec: GateSpec, rate: float, model_rate: float, adopting: b
     if spec.drop_path is not None:  # a drop path in the branch decides
         return spec
     if not adopting:
-        return replace(spec, note=_join_notes(spec.note, f"layer drop (p={rate:g}) replaced"))
+        return replace(spec, note=join_notes(spec.note, f"layer drop (p={rate:g}) replaced"))
     weight = rate / model_rate if model_rate > 0 else rate
     return replace(spec, drop_rate=rate, rate_weight=weight, scale=options.scale or "none",
-                   note=_join_notes(spec.note, f"adopted layer drop (p={rate:g})"))
+                   note=join_notes(spec.note, f"adopted layer drop (p={rate:g})"))
 
 
-def _join_notes(a: str, b: str) -> str:
+def join_notes(a: str, b: str) -> str:
+    """Two notes of a table's note column as one (either may be empty)."""
     return f"{a}; {b}" if a and b else a or b
 
 

@@ -41,7 +41,7 @@ from fxsd.ops import is_metadata_read, node_order
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
 from fxsd.passes.gate_site import call_gate, cut_site
-from fxsd.plan import GatePlan, Options, plan_gates, select_sites
+from fxsd.plan import GatePlan, Options, join_notes, plan_gates, select_sites
 from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord, get_record
 from fxsd.residuals import ResidualAnalysis, ResidualSite
@@ -301,14 +301,14 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
     for i, site in enumerate(owner.sites):
         spec, name = plan.spec(site), owner.gate_names[i]
         piece = cut_site(cut, site, spec.drops, rewritten, order, name)
-        note = _join(spec.note, f"returns None for unused {', '.join(piece.released)}"
+        note = join_notes(spec.note, f"returns None for unused {', '.join(piece.released)}"
                      if piece.released else "")
         cut.extra_attrs[name] = BranchGate(
             piece.branch_module, spec.drop_rate, sampler, identity=piece.identity,
             clone_on_drop=spec.clone_on_drop,
             info=GateInfo.from_site(site, record.num_levels, owner.gate_path(i), spec.fold),
             mode=spec.mode, scale=spec.scale, sample_impl=spec.sample_impl,
-            note=_join(note, spec.sample_note), rate_weight=spec.rate_weight,
+            note=join_notes(note, spec.sample_note), rate_weight=spec.rate_weight,
             drop_path=spec.drop_path, record=record)
         call_gate(graph, piece, name, rewritten, order)
     for node in reversed(graph.nodes):  # shape reads left behind (a message built from x.shape)
@@ -324,6 +324,3 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
 def _resolve(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model
 
-
-def _join(a: str, b: str) -> str:
-    return f"{a}; {b}" if a and b else a or b
