@@ -8,7 +8,7 @@ types are also ``TypeError``\\ s, so code written against the built-in exception
 from __future__ import annotations
 
 __all__ = ["FxsdError", "InvalidArgumentError", "InvalidTypeError", "TraceError", "GraphError",
-           "GuardError"]
+           "GuardError", "DroppedValueError"]
 
 
 class FxsdError(Exception):
@@ -44,3 +44,7 @@ class GraphError(FxsdError):
 
 class GuardError(FxsdError, ValueError):
     """A rewritten module was called with another value for an argument it was traced with."""
+
+
+class DroppedValueError(FxsdError, RuntimeError):
+    """A value a dropped branch did not compute was used (:class:`fxsd.escapes.DroppedValue`)."""

@@ -29,6 +29,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxsd.distributed import check_unsynced_sharding, unsynced_sharding_generation
+from fxsd.escapes import EscapePath, TensorSpec, abstract_run
 from fxsd.partial_join import PartialJoin, partial_add, partial_join_of
 from fxsd.recompute import decide
 
@@ -201,6 +202,9 @@ class BranchGate(nn.Module):
             ``drop_rate = min(1, r * rate_weight)``.
         drop_path: what the rewrite did with a drop-path op in the branch, if it held one.
         record: the model's :class:`~fxsd.record.FxsdRecord`, shared by all its gates.
+        escape_path: when the branch hands values to code outside it besides its output
+            (:mod:`fxsd.escapes`), how a skipped branch produces them; ``branch`` then returns
+            ``(output, *values)`` and the gate ``(sum, *values)``.
     """
 
     def __init__(
@@ -219,9 +223,11 @@ class BranchGate(nn.Module):
         rate_weight: float = 1.0,
         drop_path: DropPathAction | None = None,
         record: FxsdRecord | None = None,
+        escape_path: EscapePath | None = None,
     ) -> None:
         super().__init__()
         self.__dict__["branch"] = branch  # deliberately not a registered submodule
+        self.__dict__["escape_path"] = escape_path
         self.drop_rate = float(drop_rate)
         self.sampler = sampler
         self.identity = identity
@@ -246,31 +252,68 @@ class BranchGate(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("compiled_branch", None)  # compiled code neither copies nor pickles
+        state.pop("_escaped", None)
         return state
 
     # The gate runs eagerly even inside torch.compile: its host-side draw and its Python branch
     # must happen at every call, not once at trace time. Compilation stops at each gate (a graph
     # break); fxsd.compile() compiles each branch on its own.
     @torch.compiler.disable
-    def forward(self, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
+    def forward(self, skip: torch.Tensor, *inputs: Any) -> Any:
         args = (skip, *inputs) if self.identity else inputs
+        path = self.escape_path
+        if path is None:
+            return self._join(skip, args)
+        # the branch hands values to code outside it: the sum, then those values (from the run
+        # of the branch on the whole batch, else without the branch: fxsd.escapes)
+        self.__dict__.pop("_escaped", None)
+        result = self._join(skip, args)
+        escaped = self.__dict__.pop("_escaped", None)
+        if escaped is None:
+            escaped = path(args, _shape_key(args), self.info)
+        return (result, *escaped)
+
+    @property
+    def escape_path(self) -> EscapePath | None:
+        """How a skipped branch produces the values it hands to code outside it (``None``:
+        it hands none)."""
+        return self.__dict__.get("escape_path")
+
+    def undrawn(self, skip: torch.Tensor, *inputs: Any) -> Any:
+        """What the gate returns with its branch run and nothing drawn or scaled."""
+        out = self._branch((skip, *inputs) if self.identity else inputs)
+        result = skip + out
+        escaped = self.__dict__.pop("_escaped", None)
+        return result if escaped is None else (result, *escaped)
+
+    def _branch(self, args: tuple[Any, ...], whole: bool = True) -> torch.Tensor:
+        """The branch's output on ``args``; the values it hands on are kept for the gate's
+        result when it ran on the ``whole`` batch."""
+        out = self.run_branch(*args)
+        if self.escape_path is None:
+            return out
+        if whole:
+            self.__dict__["_escaped"] = tuple(out[1:])
+        return out[0]
+
+    def _join(self, skip: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
         if self.info.part is not None:
             return self._partial(skip, args)
         p = self.drop_rate
         if not self.training:
             if self.scale != "eval" or p == 0.0:
-                return skip + self.run_branch(*args)
+                return skip + self._branch(args)
             if p == 1.0:
                 return self._skip(skip)
-            return torch.add(skip, self.run_branch(*args), alpha=1.0 - p)
+            return torch.add(skip, self._branch(args), alpha=1.0 - p)
         if self.mode == "sample":
             return self._sample(skip, args)
         self.dropped = decide(self, self._draw_block)
         if self.dropped:
             return self._skip(skip)
         if self.scale == "train" and p > 0.0:
-            return torch.add(skip, self.run_branch(*args), alpha=1.0 / (1.0 - p))
-        return skip + self.run_branch(*args)
+            return torch.add(skip, self._branch(args), alpha=1.0 / (1.0 - p))
+        return skip + self._branch(args)
 
     def _draw_block(self) -> bool:
         return self.sampler.random() < self.drop_rate
@@ -297,11 +340,11 @@ class BranchGate(nn.Module):
             if len(index) == 0:
                 return self._skip(skip)
             if len(index) == n:
-                return torch.add(skip, self.run_branch(*args), alpha=alpha)
+                return torch.add(skip, self._branch(args), alpha=alpha)
             index = index.to(fork.device, non_blocking=True)
-            out = self.run_branch(fork.index_select(0, index), *args[1:])
+            out = self._branch((fork.index_select(0, index), *args[1:]), whole=False)
             return torch.index_add(skip, 0, index, out, alpha=alpha)
-        out = self.run_branch(*args)
+        out = self._branch(args)
         factor = kept.to(device=out.device, dtype=out.dtype, non_blocking=True)
         if alpha != 1.0:
             factor = factor.div_(keep)  # as torchvision's stochastic_depth computes its noise
@@ -340,7 +383,7 @@ class BranchGate(nn.Module):
             if len(index) == 0:
                 return full
             index = index.to(fork.device, non_blocking=True)
-            out = self.run_branch(fork.index_select(0, index), *args[1:])
+            out = self._branch((fork.index_select(0, index), *args[1:]), whole=False)
             return torch.index_add(full, 0, index, out, alpha=alpha)
         out = self._run(args)
         factor = kept.to(device=out.device, dtype=out.dtype, non_blocking=True)
@@ -350,7 +393,7 @@ class BranchGate(nn.Module):
 
     def _run(self, args: tuple[Any, ...], alpha: float = 1.0) -> torch.Tensor:
         """The branch's output times ``alpha``; its shape is remembered for a dropped call."""
-        out = self.run_branch(*args)
+        out = self._branch(args)
         self.__dict__.setdefault("_shapes", {})[_shape_key(args)] = \
             (out.shape, out.dtype, out.device)
         return out if alpha == 1.0 else out * alpha
@@ -361,7 +404,8 @@ class BranchGate(nn.Module):
         shapes = self.__dict__.setdefault("_shapes", {})
         key = _shape_key(args)
         if key not in shapes:
-            shapes[key] = _abstract_output(self.branch, args)
+            out = abstract_run(self.branch, args)
+            shapes[key] = out if isinstance(out, TensorSpec) else out[0]
         shape, dtype, device = shapes[key]
         return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -388,27 +432,3 @@ def _shape_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
         else:
             key.append(id(a))
     return tuple(key)
-
-
-def _abstract_output(branch: GraphModule, args: tuple[Any, ...]
-                     ) -> tuple[torch.Size, torch.dtype, torch.device]:
-    """The shape, dtype and device of ``branch``'s output on ``args``, from one run on fake
-    tensors with its modules in eval mode (nothing is computed, drawn or updated)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    modes = [(m, m.training) for m in branch.modules()]
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-        state = dict(branch.named_parameters(remove_duplicate=False))
-        state.update(branch.named_buffers(remove_duplicate=False))
-        fake = {k: mode.from_tensor(v) for k, v in state.items()}
-        inputs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        try:
-            for m, _ in modes:
-                m.training = False
-            with _reparametrize_module(branch, fake, tie_weights=True):
-                out = branch(*inputs)
-        finally:
-            for m, training in modes:
-                m.training = training
-    return out.shape, out.dtype, out.device

@@ -216,6 +216,15 @@ def node_name(name: str) -> str:
     return "self_1" if name == "self" else name
 
 
+def take_name(node: Node, name: str) -> None:
+    """Give ``node`` the name of an erased node (the value it now stands for), so generated code
+    keeps reading as the model's did."""
+    used = getattr(node.graph._graph_namespace, "_used_names", None)
+    if isinstance(used, set):  # torch.fx keeps an erased node's name reserved
+        used.discard(name)
+    node._rename(node_name(name))
+
+
 def block_class(source: type) -> type[FxsdGraphModule]:
     """The GraphModule class for a rewritten module of class ``source``.
 

@@ -219,9 +219,9 @@ def _layer_drop_spec(spec: GateSpec, rate: float, model_rate: float, adopting: b
                    note=join_notes(spec.note, f"adopted layer drop (p={rate:g})"))
 
 
-def join_notes(a: str, b: str) -> str:
-    """Two notes of a table's note column as one (either may be empty)."""
-    return f"{a}; {b}" if a and b else a or b
+def join_notes(*notes: str) -> str:
+    """Notes of a table's note column as one (any may be empty)."""
+    return "; ".join(n for n in notes if n)
 
 
 def _rates(analysis: ResidualAnalysis, options: Options) -> tuple[list[float], list[float]]:

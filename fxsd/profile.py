@@ -28,12 +28,14 @@ class NodeProfile:
         dtype: the tensor's dtype, or ``None``.
         is_tensor: whether the value is a tensor (``False`` for ints, tuples, ...).
         flops: forward FLOPs the node performs (``torch.utils.flop_counter`` counting).
+        holds_tensor: whether the value is or contains a tensor (a tuple ``(x, [h, w])`` does).
     """
 
     shape: tuple[int, ...] | None
     dtype: torch.dtype | None
     is_tensor: bool
     flops: int
+    holds_tensor: bool = True
 
 
 class _Profiler(Interpreter):
@@ -49,7 +51,8 @@ class _Profiler(Interpreter):
         if isinstance(value, torch.Tensor):
             prof = NodeProfile(tuple(value.shape), value.dtype, True, flops)
         else:
-            prof = NodeProfile(None, None, False, flops)
+            holds = any(isinstance(v, torch.Tensor) for v in tree_flatten(value)[0])
+            prof = NodeProfile(None, None, False, flops, holds)
         self.profiles[n] = prof
         return value
 

@@ -21,7 +21,7 @@ The classifier only reads the graph it is given.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -31,6 +31,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxsd.calls import CallTree, stack_scope
+from fxsd.escapes import Escapes, declared_no_tensor, find_escapes
 from fxsd.ops import (
     add_kind,
     add_operands,
@@ -111,6 +112,8 @@ class ResidualSite:
         flops: the branch's forward FLOPs, when the analysis had example inputs.
         scope: ``(path, class name)`` of every module whose ``forward`` is running at the add,
             outermost first (the last one is ``module_path``; empty for the root).
+        escapes: what the branch hands to code outside it besides its output, and how a
+            skipped branch still produces it (:class:`~fxsd.escapes.Escapes`; ``None``: nothing).
     """
 
     add: Node
@@ -129,6 +132,7 @@ class ResidualSite:
     num_params: int
     flops: int | None = None
     scope: tuple[tuple[str, str], ...] = ()
+    escapes: Escapes | None = None
 
     @property
     def name(self) -> str:
@@ -202,6 +206,7 @@ class Branch:
 
     nodes: tuple[Node, ...]
     inputs: tuple[Node, ...]
+    escapes: Escapes | None = None  # values it hands to code outside it (fxsd.escapes)
 
 
 def analyze_graph(gm: GraphModule, calls: CallTree | None,
@@ -258,6 +263,13 @@ class _Analyzer:
         return stack_scope(node, branch, self.has_stacks)
 
     # -- helpers ---------------------------------------------------------------------------
+    def holds_no_tensor(self, n: Node) -> bool:
+        """Whether ``n``'s value holds no tensor (what a skipped branch's abstract run may
+        produce): from the shapes when the graph ran, else from the graph."""
+        if self.profiles is not None and n in self.profiles:
+            return not self.profiles[n].holds_tensor
+        return declared_no_tensor(n)
+
     def descends(self, n: Node, ancestor: Node) -> bool:
         return bool((self.anc[n] >> self.order[ancestor]) & 1)
 
@@ -315,7 +327,9 @@ class _Analyzer:
             self.check_shapes(node, a, b)
             fork = self.fork_of(a, b)
             skip, out, skip_path = self.skip_of(fork, a, b)
-            branch = collect_branch(self.gm, fork, out, node, self.order)
+            # a module traced on its own returns its values to a caller fxsd did not see
+            branch = collect_branch(self.gm, fork, out, node, self.order, self.holds_no_tensor,
+                                    may_return=bool(self.root_path))
             if isinstance(branch, tuple):
                 raise _Rejected(*branch)
             self.check_weights(skip, out, skip_path, branch)
@@ -333,7 +347,7 @@ class _Analyzer:
             num_params=_param_count(self.gm, (*branch.nodes, *params)),
             flops=(sum(self.profiles[n].flops for n in branch.nodes if n in self.profiles)
                    if self.profiles else None),
-            scope=scope)
+            scope=scope, escapes=branch.escapes)
 
     def tensor_operands(self, node: Node) -> tuple[Node, Node]:
         """Checks 1-3: plain add arguments, two different tensors computed from an input."""
@@ -458,11 +472,14 @@ class _Analyzer:
 
 
 def collect_branch(
-    gm: GraphModule, fork: Node, out: Node, add: Node, order: dict[Node, int] | None = None
+    gm: GraphModule, fork: Node, out: Node, add: Node, order: dict[Node, int] | None = None,
+    holds_no_tensor: Callable[[Node], bool] = declared_no_tensor, may_return: bool = False,
 ) -> Branch | tuple[RejectReason, str]:
     """Cut out the branch that computes ``out`` from ``fork`` for the residual ``add``.
 
-    Returns the branch's nodes (in graph order) and the outside values it reads, or a
+    Returns the branch's nodes (in graph order), the outside values it reads and what escapes
+    it (:func:`fxsd.escapes.find_escapes`, which ``holds_no_tensor`` and ``may_return``
+    serve), or a
     ``(reason, detail)`` pair when the branch cannot be gated as a unit. Used by the analysis and
     again by the rewrite (on a graph whose inner branches are already gated).
     """
@@ -488,12 +505,12 @@ def collect_branch(
         nodes.add(n)
         stack.extend(a for a in n.all_input_nodes if a in region and a not in nodes)
     _absorb(gm, nodes, fork, add)
-    for n in nodes:
-        for u in n.users:
-            if u not in nodes and not (n is out and u is add):
-                return (RejectReason.ESCAPING_VALUE,
-                        f"'{n.name}' inside the branch is also used by '{u.name}' outside it "
-                        "(DenseNet-style reuse): the branch cannot be skipped as a unit")
+    escapes = None
+    if any(u not in nodes and not (n is out and u is add) for n in nodes for u in n.users):
+        escapes = find_escapes(nodes, fork, out, add, order, holds_no_tensor, may_return)
+        if isinstance(escapes, str):
+            return RejectReason.ESCAPING_VALUE, escapes
+        nodes.update(escapes.moved)
     ordered = sorted(nodes, key=order.__getitem__)
     inputs: dict[Node, None] = {}
     for n in ordered:
@@ -503,7 +520,7 @@ def collect_branch(
     problem = _mutation_problem(gm, ordered, fork, inputs, add, order)
     if problem:
         return RejectReason.MUTATION, problem
-    return Branch(tuple(ordered), tuple(inputs))
+    return Branch(tuple(ordered), tuple(inputs), escapes)
 
 
 def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
@@ -515,10 +532,11 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
       (``torch._assert(H % window == 0)`` in timm's window attention);
     * modules only the branch reads as values (:func:`fxsd.tracing.if_training` reads their
       ``training`` flag);
-    * outside values that only the branch reads and that are computed from parameters and tensor
-      metadata alone (a relative position bias gathered from its table, ``x.shape[0]`` for a
-      reshape): computing them inside the gate means a dropped branch skips them too, and a
-      branch run on a subset of rows reads its own batch size.
+    * outside values that only the branch reads and that are computed from parameters and the
+      metadata of the fork or of branch values (a relative position bias gathered from its
+      table, ``x.shape[0]`` for a reshape): computing them inside the gate means a dropped
+      branch skips them too, and a branch run on a subset of rows reads its own batch size.
+      The shape of any other tensor stays outside, a value the branch is handed.
     """
     unused: dict[Node, bool] = {}
     changed = True
@@ -546,6 +564,8 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
                     continue
                 if is_inplace(a, gm) or depends_on_input(a):
                     continue
+                if not _rooted_in(a, nodes, fork):
+                    continue  # from another tensor's shape: a value the branch is handed
                 dead = [u for u in a.users if not u.users and not is_inplace(u, gm)
                         and u.op != "output"]  # ``B, N, C = x.shape`` with N unused
                 if all(u in nodes or u in dead for u in a.users):
@@ -557,6 +577,22 @@ def _absorb(gm: GraphModule, nodes: set[Node], fork: Node, add: Node) -> None:
 # Dead metadata chains and side computations are a few nodes (``h.size()[-1]``, an assert);
 # walks stop after this many, so a large live subgraph is never walked as if dead.
 MAX_SIDE_NODES = 64
+
+
+def _rooted_in(node: Node, nodes: set[Node], fork: Node, limit: int = MAX_SIDE_NODES) -> bool:
+    """Whether ``node`` is computed from parameters, constants and ``nodes`` or the ``fork``
+    alone (through their metadata: nothing else it reads is input-dependent)."""
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in nodes or a is fork or a.op == "get_attr" or a in seen:
+                continue
+            if a.op == "placeholder" or len(seen) >= limit:
+                return False
+            seen.add(a)
+            stack.append(a)
+    return True
 
 
 def _is_dead(node: Node, gm: Any, memo: dict[Node, bool], limit: int = MAX_SIDE_NODES) -> bool:

@@ -56,6 +56,7 @@ from torch.fx.graph import CodeGen
 from fxsd.calls import any_leaf
 from fxsd.drop_paths import is_drop_path
 from fxsd.errors import FxsdError, GuardError
+from fxsd.escapes import EscapePath
 from fxsd.gate import BranchGate, DropPathAction
 from fxsd.graph_module import (
     _GRAPH_MODULE_ATTRS,
@@ -488,13 +489,9 @@ def _quietly(view: nn.Module) -> Iterator[None]:
                 sampler.set_state(state)
 
 
-def _undrawn(gate: BranchGate) -> Callable[..., torch.Tensor]:
+def _undrawn(gate: BranchGate) -> Callable[..., Any]:
     """``gate``'s forward while tracing again: the branch always runs, nothing is drawn."""
-
-    def forward(skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
-        return skip + gate.run_branch(*((skip, *inputs) if gate.identity else inputs))
-
-    return forward
+    return gate.undrawn
 
 
 # -- gating the new trace with the block's own gates ---------------------------------------------
@@ -549,7 +546,7 @@ def _gate_site(cut: Any, analysis: Any, site: Any, gate: BranchGate, name: str,
     piece = cut_site(cut, site, drops, rewritten, order, name)
     if gate.identity != piece.identity:
         raise GuardError(f"traced again on this call, the skip of {name} is another one")
-    cut.extra_attrs[name] = GateView(gate, piece.branch_module)
+    cut.extra_attrs[name] = GateView(gate, piece.branch_module, piece.escape_path)
     call_gate(cut.graph, piece, name, rewritten, order)
 
 
@@ -649,20 +646,23 @@ class GateView:
     """One of a block's gates, called from a variant: the gate itself (rate, mode, random
     stream, recorded decisions, hooks) running the variant's branch for the call."""
 
-    def __init__(self, gate: BranchGate, branch: fx.GraphModule) -> None:
+    def __init__(self, gate: BranchGate, branch: fx.GraphModule,
+                 escape_path: EscapePath | None = None) -> None:
         self.gate = gate
         self.branch = branch
+        self.escape_path = escape_path
 
-    def __call__(self, *args: Any) -> torch.Tensor:
+    def __call__(self, *args: Any) -> Any:
         gate = self.gate
         state = gate.__dict__
-        own, compiled = state["branch"], state.pop("compiled_branch", None)
+        own = state["branch"], state.get("escape_path")
+        compiled = state.pop("compiled_branch", None)
         self.branch.training = gate.training
-        state["branch"] = self.branch
+        state["branch"], state["escape_path"] = self.branch, self.escape_path
         try:
             return gate(*args)
         finally:
-            state["branch"] = own
+            state["branch"], state["escape_path"] = own
             if compiled is not None:
                 state["compiled_branch"] = compiled
 

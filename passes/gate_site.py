@@ -9,12 +9,14 @@ makes the gates) and a block tracing itself again (:mod:`fxsd.variants`, which r
    branch, collects the branch and builds its ``GraphModule``;
 2. :func:`call_gate` replaces the add by a call of the gate and erases the branch's nodes.
 
-Sites are gated in execution order; ``rewritten`` maps each add already replaced to its gate
-call, so a site nested inside another's branch is a gate call when the outer one is cut.
+Sites are gated in execution order; ``rewritten`` maps each add already replaced to the node
+now standing for it (the gate call, or the part of its result that is the sum), so a site nested
+inside another's branch is a gate call when the outer one is cut.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,8 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
 
 from fxsd.errors import GraphError
-from fxsd.graph_module import FxsdGraphModule
+from fxsd.escapes import EscapePath, Escapes
+from fxsd.graph_module import FxsdGraphModule, take_name
 from fxsd.residuals import Branch, ResidualSite, collect_branch, is_module
 
 __all__ = ["CutSite", "cut_site", "call_gate"]
@@ -38,6 +41,8 @@ class CutSite:
         branch: its branch (nodes and the outside values they read) and ``branch_module``, the
             ``GraphModule`` a gate runs.
         released: names of values the module returned from inside the branch, now ``None``.
+        escape_path: how a skipped branch produces what escapes it (``None``: nothing does);
+            the branch module then returns ``(output, *escaping values)``.
     """
 
     add: Node
@@ -46,6 +51,7 @@ class CutSite:
     branch: Branch
     branch_module: GraphModule
     released: list[str]
+    escape_path: EscapePath | None = None
 
     @property
     def identity(self) -> bool:
@@ -66,14 +72,21 @@ def cut_site(cut: Any, site: ResidualSite, drops: Sequence[Node], rewritten: dic
     fork, skip, out, add = (rewritten.get(cut.env[n], cut.env[n])
                             for n in (site.fork, site.skip, site.branch_output, site.add))
     out = _remove_drop_paths(cut.graph, [cut.env[n] for n in drops], out)
+    escaping = site.escapes.values if site.escapes else ()
     released = _release_unused_outputs(cut.graph, {cut.env[n] for n in site.branch
-                                                   if n in cut.env})
-    branch = collect_branch(cut, fork, out, add, order)
+                                                   if n in cut.env and n not in escaping})
+    abstract = {cut.env[n] for n in site.escapes.abstract} if site.escapes else set()
+    branch = collect_branch(cut, fork, out, add, order, abstract.__contains__,
+                            may_return=bool(site.escapes and site.escapes.unproduced))
     if isinstance(branch, tuple):  # the analysis accepted it: a bug if this happens
         raise GraphError(f"cannot gate '{site.add.name}' in '{site.module_path or '<root>'}' "
                          f"after cutting the module out: {branch[1]}")
-    module = _branch_module(cut, fork, branch.nodes, branch.inputs, out, name)
-    return CutSite(add, fork, skip, branch, module, released)
+    inputs = (fork, *branch.inputs)
+    escapes = branch.escapes.values if branch.escapes else ()
+    module = _graph_module(cut, inputs, branch.nodes, (out, *escapes) if escapes else out,
+                           _class_name(name, "Branch"))
+    path = _escape_path(cut, inputs, branch.escapes, name) if escapes else None
+    return CutSite(add, fork, skip, branch, module, released, path)
 
 
 def call_gate(graph: Graph, piece: CutSite, name: str, rewritten: dict[Node, Node],
@@ -84,11 +97,25 @@ def call_gate(graph: Graph, piece: CutSite, name: str, rewritten: dict[Node, Nod
         call = graph.call_module(name, piece.gate_args)
     call.meta = {k: v for k, v in add.meta.items() if k in ("nn_module_stack", "stack_trace")}
     order[call] = order[add]
-    add.replace_all_uses_with(call)
+    result = call
+    if piece.escape_path is not None:  # the gate returns (sum, *escaping values)
+        escapes = piece.branch.escapes.values
+        with graph.inserting_after(call):
+            parts = [graph.call_function(operator.getitem, (call, i))
+                     for i in range(len(escapes) + 1)]
+        for part, value in zip(parts[1:], escapes):
+            value.replace_all_uses_with(part)
+        result = parts[0]
+        for part in parts:
+            order[part] = order[add]
+    add.replace_all_uses_with(result)
     graph.erase_node(add)
     for n in reversed(piece.branch.nodes):
         graph.erase_node(n)
-    rewritten[add] = call
+    if result is not call:  # the parts are named after the values they stand for
+        for part, value in zip(parts, (add, *piece.branch.escapes.values)):
+            take_name(part, value.name)
+    rewritten[add] = result
     return call
 
 
@@ -126,19 +153,38 @@ def _release_unused_outputs(graph: Graph, inside: set[Node]) -> list[str]:
     return released
 
 
-def _branch_module(gm: Any, fork: Node, nodes: Sequence[Node], inputs: Sequence[Node],
-                   out: Node, name: str) -> GraphModule:
+def _escape_path(gm: Any, inputs: Sequence[Node], escapes: Escapes, name: str) -> EscapePath:
+    """The two small modules a skipped branch's escaping values come from: the abstract run of
+    what they need holding no tensor, and the real nodes that compute them from that."""
+    abstract = _graph_module(gm, inputs, escapes.shapes,
+                             tuple(escapes.abstract), _class_name(name, "Shapes"))
+    produced = tuple(n for n in escapes.values if n not in escapes.unproduced)
+    compute = _graph_module(gm, (*escapes.abstract, *inputs), escapes.real, produced,
+                            _class_name(name, "Escapes"))
+    return EscapePath(abstract, compute, tuple(n.name for n in escapes.values),
+                      tuple(i for i, n in enumerate(escapes.values) if n in escapes.unproduced))
+
+
+def _class_name(gate: str, kind: str) -> str:
+    name = "".join(part.capitalize() for part in gate.split("_")) or "Gate"
+    return name.removesuffix("Gate") + kind
+
+
+def _graph_module(gm: Any, inputs: Sequence[Node], nodes: Sequence[Node], out: Any,
+                  class_name: str) -> GraphModule:
+    """A module of ``nodes`` (copied from ``gm``'s graph, in order) taking ``inputs`` and
+    returning ``out`` (a node or a tuple of them)."""
     graph = Graph()
     env: dict[Node, Node] = {}
-    for n in (fork, *inputs):
+    for n in inputs:
         env[n] = graph.placeholder(n.name)
         env[n].meta = dict(n.meta)
     for n in nodes:
-        env[n] = graph.node_copy(n, env.__getitem__)
-    graph.output(env[out])
+        if n not in env:
+            env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(map_aggregate(out, env.__getitem__))
     attrs = {str(n.target): gm.get_submodule(str(n.target)) for n in graph.nodes
              if n.op == "call_module" or (n.op == "get_attr" and is_module(gm, str(n.target)))}
     if any(n.op == "get_attr" and n.target == "training" for n in graph.nodes):
         attrs["training"] = gm.training  # the block's own flag: the branch's, as .train() sets
-    class_name = "".join(part.capitalize() for part in name.split("_")) or "Branch"
-    return FxsdGraphModule(attrs, graph, class_name=class_name.removesuffix("Gate") + "Branch")
+    return FxsdGraphModule(attrs, graph, class_name=class_name)

@@ -40,7 +40,7 @@ from fxsd.layer_drop import find_layer_drops, settle_layer_drops
 from fxsd.ops import is_metadata_read, node_order
 from fxsd.owners import Owner, plan_owners
 from fxsd.passes.extract_module import extract_module
-from fxsd.passes.gate_site import call_gate, cut_site
+from fxsd.passes.gate_site import CutSite, call_gate, cut_site
 from fxsd.plan import GatePlan, Options, join_notes, plan_gates, select_sites
 from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord, get_record
@@ -297,19 +297,19 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
     cut = extract_module(analysis, owner, module)
     graph = cut.graph
     order = node_order(graph)
-    rewritten: dict[Node, Node] = {}  # rewritten add -> the gate call that replaced it
+    rewritten: dict[Node, Node] = {}  # rewritten add -> the node standing for it now
     for i, site in enumerate(owner.sites):
         spec, name = plan.spec(site), owner.gate_names[i]
         piece = cut_site(cut, site, spec.drops, rewritten, order, name)
         note = join_notes(spec.note, f"returns None for unused {', '.join(piece.released)}"
-                     if piece.released else "")
+                          if piece.released else "", _escape_note(piece))
         cut.extra_attrs[name] = BranchGate(
             piece.branch_module, spec.drop_rate, sampler, identity=piece.identity,
             clone_on_drop=spec.clone_on_drop,
             info=GateInfo.from_site(site, record.num_levels, owner.gate_path(i), spec.fold),
             mode=spec.mode, scale=spec.scale, sample_impl=spec.sample_impl,
             note=join_notes(note, spec.sample_note), rate_weight=spec.rate_weight,
-            drop_path=spec.drop_path, record=record)
+            drop_path=spec.drop_path, record=record, escape_path=piece.escape_path)
         call_gate(graph, piece, name, rewritten, order)
     for node in reversed(graph.nodes):  # shape reads left behind (a message built from x.shape)
         if not node.users and is_metadata_read(node):
@@ -319,6 +319,14 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
     gated = module_from_graph(module, graph, cut.extra_attrs)
     gated.meta["fxsd"] = record
     return gated
+
+
+def _escape_note(piece: CutSite) -> str:
+    path = piece.escape_path
+    if path is None:
+        return ""
+    return (f"hands on {', '.join(path.names)}; when dropped, from shapes "
+            f"({', '.join(n.name for n in piece.branch.escapes.abstract)})")
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_aggregate
 
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import plain_state_dict
@@ -100,6 +101,10 @@ def _copy_node(root: GraphModule, graph: Graph, env: dict[Node, Any], node: Node
         if isinstance(module, BranchGate):
             return _inline_gate(root, graph, module, [_lookup(env, a) for a in node.args],
                                 folded)
+    source = node.args[0] if node.args else None
+    if node.target is operator.getitem and isinstance(source, Node) \
+            and isinstance(env.get(source), tuple):  # a part of what a gate hands on
+        return env[source][node.args[1]]
     return graph.node_copy(node, lambda n: _lookup(env, n))
 
 
@@ -108,7 +113,8 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
     skip = args[0]
     branch_args = args if gate.identity else args[1:]
     keep = 1.0 if folded or gate.scale != "eval" else 1.0 - gate.drop_rate
-    if keep == 0.0 and gate.info.part is None:
+    escapes = gate.escape_path is not None  # the branch runs for what it hands on
+    if keep == 0.0 and gate.info.part is None and not escapes:
         return graph.call_method("clone", (skip,)) if gate.clone_on_drop else skip
     env: dict[Node, Any] = {}
     placeholders = [n for n in gate.branch.graph.nodes if n.op == "placeholder"]
@@ -119,13 +125,22 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
         if node.op == "placeholder":
             continue
         if node.op == "output":
-            out = _lookup(env, node.args[0])
+            out = map_aggregate(node.args[0], lambda n: _lookup(env, n))
             continue
         env[node] = _copy_node(root, graph, env, node, folded)
+    if escapes:
+        out, *handed = out
+        return (_join(graph, gate, skip, out, keep), *handed)
+    return _join(graph, gate, skip, out, keep)
+
+
+def _join(graph: Graph, gate: BranchGate, skip: Any, out: Any, keep: float) -> Any:
     if gate.info.part is not None:  # a join into part of the branch output
         if keep != 1.0:
             out = graph.call_function(operator.mul, (out, keep))
         return graph.call_function(partial_add, (out, skip, *gate.info.part))
+    if keep == 0.0:
+        return graph.call_method("clone", (skip,)) if gate.clone_on_drop else skip
     if keep == 1.0:
         return graph.call_function(operator.add, (skip, out))
     return graph.call_function(torch.add, (skip, out), {"alpha": keep})

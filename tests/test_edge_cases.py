@@ -397,7 +397,7 @@ REJECTED = {
     "no_common_fork": (TwoInputs, RejectReason.NO_COMMON_FORK, "share no ancestor"),
     "broadcast": (Broadcast, RejectReason.BROADCAST, "[4, 5, 8] and [4, 1, 8]"),
     "x_plus_x": (Double, RejectReason.SAME_OPERAND, "tanh"),
-    "escaping_value": (DenseReuse, RejectReason.ESCAPING_VALUE, "'f1' inside the branch"),
+    "escaping_value": (DenseReuse, RejectReason.ESCAPING_VALUE, "'f1', a tensor computed from"),
     "alpha": (Alpha, RejectReason.UNSUPPORTED_ARGUMENTS, "alpha"),
 }
 

@@ -72,10 +72,15 @@ FAMILIES = {
     "gpt2": (gpt2, 4, {"transformer.h.0.attn_gate", "transformer.h.0.mlp_gate"}),
     "bert": (bert, 4, {"bert.encoder.layer.0.attention.residual_gate",
                        "bert.encoder.layer.0.residual_gate"}),
-    # 10 joins; the 3 that build T5's position bias (self-attention of encoder and decoder
-    # block 0, cross-attention of decoder block 0) cannot be gated: see docs/design.md
-    "t5": (t5, 7, {"encoder.block.1.layer.0.residual_gate", "decoder.block.1.layer.1.residual_gate",
-                   "decoder.block.0.layer.2.residual_gate"}),
+    # 10 joins: 2 encoder blocks x (attention, feed-forward), 2 decoder blocks x (self-attention,
+    # cross-attention, feed-forward). Block 0's attentions also hand on the position bias they
+    # build (fxsd.escapes)
+    "t5": (t5, 10, {"encoder.block.0.layer.0.residual_gate",
+                    "decoder.block.0.layer.0.residual_gate",
+                    "decoder.block.0.layer.1.residual_gate",
+                    "encoder.block.1.layer.0.residual_gate",
+                    "decoder.block.1.layer.1.residual_gate",
+                    "decoder.block.0.layer.2.residual_gate"}),
     "vit": (vit, 4, {"vit.layers.0.attention_gate", "vit.layers.0.mlp_gate"}),
     "bart": (bart, 10, {"model.encoder.layers.0.self_attn_gate", "model.encoder.layers.1.fc1_gate",
                         "model.decoder.layers.1.encoder_attn_gate"}),
@@ -153,10 +158,16 @@ def test_training_skips_dropped_layers(family):
     gates = fxsd.training.named_gates(gated)
     # the weight-bearing modules each gate's branch calls (T5's cross-attention keys and values
     # of the encoder output are computed outside: they do not depend on the skipped input and
-    # they fill the cache)
+    # they fill the cache; the position bias block 0 hands on is computed from its table when
+    # the branch is dropped, fxsd.escapes)
+    def handed_on(gate):
+        path = gate.escape_path
+        return set() if path is None else {str(n.target) for n in path.compute.graph.nodes
+                                           if n.op == "call_module"}
+
     inside = {f"{g}/{n.target}": gate.branch.get_submodule(str(n.target))
               for g, gate in gates.items() for n in gate.branch.graph.nodes
-              if n.op == "call_module"
+              if n.op == "call_module" and str(n.target) not in handed_on(gate)
               and any(True for _ in gate.branch.get_submodule(str(n.target)).parameters())}
     counter = CallCounter(inside)
     dropped: set[str] = set()
@@ -224,12 +235,20 @@ def test_other_lengths_than_the_example():
         assert torch.equal(gated.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_t5_position_bias_joins_are_rejected_with_the_reason():
+def test_t5_position_bias_is_handed_on_by_the_gates_that_build_it():
+    # block 0's attentions build the position bias from their keys' length; their gates return
+    # it next to the sum, and the generated code names it as the model's graph did
     _, gated, _ = _transform("t5")
-    rejected = fxsd.get_record(gated).rejected
-    escaping = [r for r in rejected if r.reason is fxsd.residuals.RejectReason.ESCAPING_VALUE]
-    assert sorted(r.module_path for r in escaping) == [
-        "decoder.block.0.layer.0", "decoder.block.0.layer.1", "encoder.block.0.layer.0"]
+    handing = {name: gate.escape_path.names
+               for name, gate in fxsd.training.named_gates(gated).items()
+               if gate.escape_path is not None}
+    assert sorted(handing) == [f"{p}.residual_gate" for p in (
+        "decoder.block.0.layer.0", "decoder.block.0.layer.1", "encoder.block.0.layer.0")]
+    assert not [r for r in fxsd.get_record(gated).rejected
+                if r.reason is fxsd.residuals.RejectReason.ESCAPING_VALUE]
+    code = gated.encoder.block[0].layer[0].code
+    assert "residual_gate = self.residual_gate(" in code
+    assert f"{handing['encoder.block.0.layer.0.residual_gate'][0]} = residual_gate[1]" in code
 
 
 def test_root_failure_without_examples_says_what_to_do():
