@@ -51,6 +51,7 @@ _EXPORTS = {
     "FxsdError": "fxsd.errors",
     "GraphError": "fxsd.errors",
     "GuardError": "fxsd.errors",
+    "DroppedValueError": "fxsd.errors",
     "InvalidArgumentError": "fxsd.errors",
     "InvalidTypeError": "fxsd.errors",
     "TraceError": "fxsd.errors",

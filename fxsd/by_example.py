@@ -51,7 +51,7 @@ from fxsd.guards import (
     type_name,
 )
 from fxsd.ops import resolve_attr
-from fxsd.tracing import FxsdTracer, LeafSpec, TracerFactory
+from fxsd.tracing import FxsdTracer, JoinProxy, LeafSpec, TracerFactory
 
 __all__ = ["RecordedCall", "record_calls", "ExampleTracer", "example_tracer"]
 
@@ -107,7 +107,7 @@ def record_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return recorded
 
 
-class _ExampleProxy(fx.Proxy):
+class _ExampleProxy(JoinProxy):
     """A proxy that knows the example's value of its node: a shape's length is the rank, an
     object's plain attributes (``cache.is_updated``) are graph values that can be indexed and
     assigned to (cache bookkeeping stays live)."""
@@ -125,8 +125,8 @@ class _ExampleProxy(fx.Proxy):
 
     def __setitem__(self, key: Any, item: Any) -> None:
         value = self._value()
-        if value is _MISSING or isinstance(value, torch.Tensor):  # tensors: as plain fx
-            raise TypeError("'Proxy' object does not support item assignment")
+        if value is _MISSING or isinstance(value, torch.Tensor):  # tensors: as FxsdTracer
+            return super().__setitem__(key, item)
         wrapped_call(self.tracer, set_item, (self, key, item))
 
     def __len__(self) -> int:

@@ -136,10 +136,12 @@ class _Planner:
         if not tree.is_unique(index) or not self.clean(index):
             return False
         given = set(tree.inputs(index))
-        inside = (*site.branch, *site.skip_path, site.add)
-        if not all(n.op == "get_attr" or tree.in_region(n, index) or n in given for n in inside):
+        # the branch must start inside: a branch node handed in as an argument would leave
+        # the cut's branch computed from that argument rather than from the fork
+        if not all(n.op == "get_attr" or tree.in_region(n, index) for n in site.branch):
             return False
-        return all(tree.in_region(n, index) or n in given for n in (site.fork, *site.side_inputs))
+        inside = (*site.skip_path, site.add, site.fork, *site.side_inputs)
+        return all(tree.in_region(n, index) or n in given for n in inside)
 
     def clean(self, index: int) -> bool:
         """Whether call ``index`` can be cut out as a function of its arguments."""

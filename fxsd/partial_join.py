@@ -1,7 +1,9 @@
-"""Joins into part of a tensor: ``torch.cat([x[:, :C] + shortcut, x[:, C:]], dim=1)``.
+"""Joins into part of a tensor: ``torch.cat([x[:, :C] + shortcut, x[:, C:]], dim=1)``, or in
+place, ``x[:, :C] += shortcut``.
 
 timm's ReXNet adds its shortcut to the first ``C`` channels of a wider block output and passes the
-other channels on. Traced, that is slices of the output, an add and a ``cat``; the pass
+other channels on. Traced, that is slices of the output, an add and a ``cat`` (in place: a slice,
+an add and an item assignment, which :class:`fxsd.tracing.JoinProxy` records); the pass
 :func:`fxsd.passes.partial_join.make_partial_joins_explicit` rewrites each such pattern into one
 call of :func:`partial_add` (the block output, the shortcut, and where the shortcut goes), so the
 classifier sees an ordinary join of a branch output and a skip, and a gate can drop the whole
@@ -17,7 +19,8 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-__all__ = ["partial_add", "PartialJoin", "partial_join_of", "match_partial_join"]
+__all__ = ["partial_add", "PartialJoin", "partial_join_of", "match_partial_join",
+           "match_assigned_join", "is_assigned_join"]
 
 #: ``(dim, start, stop)``: ``part`` is added to ``whole``'s ``[start:stop]`` along ``dim``
 #: (``stop`` ``None``: to the end).
@@ -115,3 +118,47 @@ def _tiles(bounds: list[tuple[int, int | None]]) -> bool:
             return False
         at = stop
     return at is None
+
+
+def is_assigned_join(whole: Node, key: Any, item: Node | None) -> bool:
+    """Whether ``whole[key] = item`` assigns ``whole[key] + part`` back into a slice along one
+    dimension (what ``whole[:, :C] += part`` traces to)."""
+    if item is None or _slice_along(key) is None:
+        return False
+    if item.op != "call_function" or item.target not in _PLAIN_ADDS or item.kwargs \
+            or len(item.args) != 2:
+        return False
+    return any(_is_slice(a) and a.args[0] is whole and a.args[1] == key for a in item.args)
+
+
+def match_assigned_join(node: Node) -> tuple[Node, Node, Node, PartialJoin] | None:
+    """``(whole, part, add, where)`` when ``node`` is ``operator.setitem(whole, key,
+    whole[key] + part)`` with ``key`` a slice along one dimension, the slice and the add used
+    only there, and ``whole`` used before it by that slice alone (nothing else sees the value
+    before the assignment); else ``None``. (Whether ``whole`` is a view of another tensor, which
+    the assignment would change too, is the caller's to check.)"""
+    if node.op != "call_function" or node.target is not operator.setitem or len(node.args) != 3:
+        return None
+    whole, key, add = node.args
+    if not isinstance(whole, Node) or not isinstance(add, Node) \
+            or not is_assigned_join(whole, key, add) or len(add.users) != 1:
+        return None
+    view = next(a for a in add.args if _is_slice(a) and a.args[0] is whole and a.args[1] == key)
+    part = next((a for a in add.args if a is not view), None)
+    if not isinstance(part, Node) or len(view.users) != 1:
+        return None
+    before = [u for u in whole.users if u is not node and _precedes(u, node)]
+    if before != [view]:
+        return None
+    where = _slice_along(key)
+    return whole, part, add, where
+
+
+def _precedes(a: Node, b: Node) -> bool:
+    n = a
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
+

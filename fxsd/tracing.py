@@ -15,6 +15,7 @@ model itself is never modified) and prepares its graph for analysis:
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph, wrapped_call
 from fxsd.hf import opaque_attention_kernels
 from fxsd.ops import MISMATCH, NOT_DROPOUT, dropout_training, zip_arguments
+from fxsd.partial_join import is_assigned_join
 from fxsd.passes.explicit_inplace import make_inplace_explicit
 from fxsd.passes.live_drop_path import make_drop_paths_live
 from fxsd.passes.partial_join import make_partial_joins_explicit
@@ -53,6 +55,19 @@ def _functional_drop_path() -> Any:
     from torchvision.ops.stochastic_depth import stochastic_depth
 
     return stochastic_depth
+
+
+class JoinProxy(fx.Proxy):
+    """A proxy that can record one item assignment: a join into part of a tensor written in
+    place, ``x[:, :C] += s`` (or ``x[:, :C] = x[:, :C] + s``), which torch.fx cannot trace. It
+    becomes ``operator.setitem(x, key, x[key] + s)``, which
+    :func:`fxsd.passes.partial_join.make_partial_joins_explicit` turns into one ``partial_add``.
+    Any other assignment fails as in torch.fx."""
+
+    def __setitem__(self, key: Any, item: Any) -> None:
+        if not is_assigned_join(self.node, key, item.node if isinstance(item, fx.Proxy) else None):
+            raise TypeError("'Proxy' object does not support item assignment")
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, item), {})
 
 
 class FxsdTracer(fx.Tracer):
@@ -88,6 +103,9 @@ class FxsdTracer(fx.Tracer):
 
     def path_of_module(self, mod: nn.Module) -> str:
         return self.prefix + super().path_of_module(mod)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return JoinProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or id(m) in self._leaf_objects:
@@ -253,8 +271,8 @@ def trace_calls(
     gm = module_from_graph(model, graph, extras, keep_class=False)
     gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live))
     make_drop_paths_live(gm)
+    make_partial_joins_explicit(gm, calls)  # first: an assigned join becomes a partial_add
     make_inplace_explicit(gm)
-    make_partial_joins_explicit(gm, calls)
     return gm, None if calls is None else CallTree(calls, gm.graph)
 
 

@@ -9,6 +9,8 @@ residual analysis and the rewrite rely on.
 
 from __future__ import annotations
 
+import operator
+
 from torch.fx import GraphModule
 
 from fxsd.ops import mutated_operand, node_order
@@ -25,8 +27,9 @@ def make_inplace_explicit(gm: GraphModule) -> int:
     redirected = 0
     for node in gm.graph.nodes:
         target = mutated_operand(node, gm)
-        if target is None or node.op == "call_module":
-            # In-place modules (ReLU(inplace=True)) are called for their result in practice.
+        if target is None or node.op == "call_module" or node.target is operator.setitem:
+            # In-place modules (ReLU(inplace=True)) are called for their result in practice;
+            # ``x[key] = v`` returns None.
             continue
         for user in list(target.users):
             if user is not node and order[user] > order[node]:

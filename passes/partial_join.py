@@ -12,7 +12,8 @@ from typing import Any
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.partial_join import match_partial_join, partial_add
+from fxsd.ops import is_view
+from fxsd.partial_join import match_assigned_join, match_partial_join, partial_add
 
 __all__ = ["make_partial_joins_explicit"]
 
@@ -27,6 +28,9 @@ def make_partial_joins_explicit(gm: GraphModule, calls: Sequence[Any] | None = N
     found = 0
     replaced: dict[Node, Node] = {}
     for node in list(gm.graph.nodes):
+        if _assigned_join(gm, node, calls):
+            found += 1
+            continue
         match = match_partial_join(node)
         if match is None:
             continue
@@ -52,3 +56,30 @@ def make_partial_joins_explicit(gm: GraphModule, calls: Sequence[Any] | None = N
                 (call.args, call.kwargs, call.output),
                 lambda v: replaced.get(v, v) if isinstance(v, Node) else v)
     return found
+
+
+def _assigned_join(gm: GraphModule, node: Node, calls: Sequence[Any] | None) -> bool:
+    """Rewrite ``x[key] = x[key] + s`` (``x[:, :C] += s``) as ``y = partial_add(x, s, ...)``,
+    every later use of ``x`` reading ``y`` (and the module calls running at the assignment
+    returning ``y`` where they returned ``x``). Returns whether ``node`` was such an
+    assignment."""
+    match = match_assigned_join(node)
+    if match is None or is_view(match[0]):  # assigning into a view changes its base too
+        return False
+    whole, part, add, (dim, start, stop) = match
+    with gm.graph.inserting_before(node):
+        joined = gm.graph.call_function(partial_add, (whole, part, dim, start, stop))
+    joined.meta = dict(add.meta)
+    after = False
+    for n in list(gm.graph.nodes):
+        if n is node:
+            after = True
+        elif after and whole in n.all_input_nodes:
+            n.replace_input_with(whole, joined)
+    for index in getattr(node.meta.get("fxsd"), "calls", ()) if calls else ():
+        call = calls[index]
+        call.output = map_aggregate(call.output, lambda v: joined if v is whole else v)
+    view = next(a for a in add.args if a is not part)
+    for n in (node, add, view):
+        gm.graph.erase_node(n)
+    return True

@@ -310,6 +310,8 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
             mode=spec.mode, scale=spec.scale, sample_impl=spec.sample_impl,
             note=join_notes(note, spec.sample_note), rate_weight=spec.rate_weight,
             drop_path=spec.drop_path, record=record, escape_path=piece.escape_path)
+        # a new module starts in training mode: a model gated in eval mode must stay in it
+        cut.extra_attrs[name].training = module.training
         call_gate(graph, piece, name, rewritten, order)
     for node in reversed(graph.nodes):  # shape reads left behind (a message built from x.shape)
         if not node.users and is_metadata_read(node):
@@ -325,8 +327,14 @@ def _escape_note(piece: CutSite) -> str:
     path = piece.escape_path
     if path is None:
         return ""
-    return (f"hands on {', '.join(path.names)}; when dropped, from shapes "
-            f"({', '.join(n.name for n in piece.branch.escapes.abstract)})")
+    escapes = piece.branch.escapes
+    produced = [n.name for n in escapes.values if n not in escapes.unproduced]
+    return join_notes(
+        f"hands on {', '.join(path.names)}",
+        f"when dropped, {', '.join(produced)} from shapes "
+        f"({', '.join(n.name for n in escapes.abstract)})" if produced else "",
+        f"when dropped, {', '.join(n.name for n in escapes.unproduced)} raises on use "
+        "(DroppedValue)" if escapes.unproduced else "")
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:

@@ -19,23 +19,30 @@ from fxsd.training import named_gates
 
 
 class PartialJoin(nn.Module):  # ReXNet's LinearBottleneck: the shortcut joins the first C channels
-    def __init__(self, c=4, out=6):
+    def __init__(self, c=4, out=6, inplace=False):
         super().__init__()
         self.c = c
+        self.inplace = inplace
         self.conv = nn.Conv2d(c, out, 3, padding=1)
 
     def forward(self, x):
         y = self.conv(F.relu(x))
+        if self.inplace:  # the other spelling; torch.fx alone cannot trace it
+            y[:, 0:self.c] += x
+            return y
         return torch.cat([y[:, 0:self.c] + x, y[:, self.c:]], dim=1)
 
 
-def test_partial_join_is_a_site_and_skips_exactly():
-    model = nn.Sequential(PartialJoin(), nn.Conv2d(6, 4, 1), PartialJoin())
+@pytest.mark.parametrize("inplace", [False, True], ids=["cat", "inplace"])
+def test_partial_join_is_a_site_and_skips_exactly(inplace):
+    model = nn.Sequential(PartialJoin(inplace=inplace), nn.Conv2d(6, 4, 1),
+                          PartialJoin(inplace=inplace))
     x = torch.randn(3, 4, 5, 5)
     analysis = fxsd.analyze_residuals(model, (x,))
     assert len(analysis.sites) == 2 and not analysis.rejected
     assert {s.add_kind for s in analysis.sites} == {"partial add"}
     gated = fxsd.stochastic_depth(model, 0.0)
+    assert sorted(named_gates(gated)) == ["0.residual_gate", "2.residual_gate"]  # per block
     with torch.no_grad():
         torch.testing.assert_close(gated.eval()(x), model(x), rtol=0, atol=0)
     dropped = fxsd.stochastic_depth(model, 1.0, distribution="uniform", scale="none").train()
@@ -358,6 +365,40 @@ def test_falcon_layers_returning_attention_weights_are_gated(attention):
             weights[0].sum()
         with pytest.raises(DroppedValueError):
             torch.stack(list(weights))
+    for h in hooks:
+        h.remove()
+
+
+def test_bloom_joins_performed_by_the_modules_a_block_calls_are_owned_by_the_block():
+    # transformers 5.25 modeling_bloom.py: BloomBlock normalises, then hands the norm's output and
+    # the residual to BloomAttention and BloomMLP, each of which performs its own join,
+    # `dropout_add(output_tensor, residual, ...)`: 2 joins per layer, 2 layers = 4. Each branch
+    # starts in the block (its norm), so the block owns both joins. The layer returns the
+    # attention probabilities to BloomModel, which fxsd cannot trace.
+    config = transformers.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(config).eval()
+    kw = {"input_ids": torch.randint(0, 99, (2, 9))}
+    gated = fxsd.stochastic_depth(model, 0.5, example_kwargs=kw)  # gated in eval: in eval
+    assert sorted(named_gates(gated)) == [f"transformer.h.{i}.{n}_gate" for i in (0, 1)
+                                          for n in ("mlp", "self_attention")]
+    with torch.no_grad():
+        torch.testing.assert_close(gated(**kw).logits, model(**kw).logits, rtol=0, atol=0)
+    dropped = fxsd.stochastic_depth(model, 1.0, distribution="uniform", scale="none",
+                                    example_kwargs=kw)
+    plain = copy.deepcopy(model).train()
+    for layer in plain.transformer.h:  # the branches' last layers, before dropout_add
+        _zero_output(layer.self_attention.dense)
+        _zero_output(layer.mlp.dense_4h_to_h)
+    projections = {f"{i}.{n}": getattr(layer.self_attention if n != "dense_h_to_4h"
+                                       else layer.mlp, n)
+                   for i, layer in enumerate(dropped.transformer.h)
+                   for n in ("query_key_value", "dense", "dense_h_to_4h")}
+    counts, hooks = _calls(projections)
+    out = dropped.train()(**kw)
+    torch.testing.assert_close(out.logits, plain(**kw).logits, rtol=0, atol=0)
+    out.logits.sum().backward()
+    assert set(counts.values()) == {0}, counts
     for h in hooks:
         h.remove()
 

@@ -80,6 +80,8 @@ def test_transforming_and_analysing_leave_the_model_and_the_rng_alone(path, trai
         gated = fxsd.stochastic_depth(model, 0.2, **kwargs)
         _assert_untouched(model, before)
         assert fxsd.gates(gated)
+        # gated in eval mode, it is in eval mode: its new modules (the gates) included
+        assert {m.training for m in gated.modules()} == {train}
         fxsd.find_residuals(model, **kwargs)
         _assert_untouched(model, before)
         fxsd.analyze_residuals(model, **kwargs)
