@@ -201,6 +201,20 @@ def _calls(modules):
     return counts, [m.register_forward_hook(hook(n)) for n, m in modules.items()]
 
 
+def _assert_skips_like_zeroed(dropped, plain, kw, modules):
+    """In training, ``dropped`` (its gates always dropping) computes the logits ``plain`` (its
+    branches' outputs zeroed) does, and its backward runs, without calling ``modules``."""
+    counts, hooks = _calls(modules)
+    try:
+        out = dropped.train()(**kw)
+        torch.testing.assert_close(out.logits, plain(**kw).logits, rtol=0, atol=0)
+        out.logits.sum().backward()
+        assert set(counts.values()) == {0}, counts
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _grads(model):
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
@@ -350,11 +364,7 @@ def test_falcon_layers_returning_attention_weights_are_gated(attention):
     projections = {f"{i}.{n}": getattr(layer.self_attention if n != "mlp" else layer, n)
                    for i, layer in enumerate(dropped.transformer.h)
                    for n in ("query_key_value", "dense", "mlp")}
-    counts, hooks = _calls(projections)
-    out = dropped.train()(**kw)
-    torch.testing.assert_close(out.logits, plain(**kw).logits, rtol=0, atol=0)
-    out.logits.sum().backward()
-    assert set(counts.values()) == {0}, counts
+    _assert_skips_like_zeroed(dropped, plain, kw, projections)
     weights = dropped(**kw, output_attentions=True).attentions
     if attention == "sdpa":  # what a skipped layer hands on is what its run would: None
         assert all(w is None for w in weights)
@@ -365,8 +375,6 @@ def test_falcon_layers_returning_attention_weights_are_gated(attention):
             weights[0].sum()
         with pytest.raises(DroppedValueError):
             torch.stack(list(weights))
-    for h in hooks:
-        h.remove()
 
 
 def test_bloom_joins_performed_by_the_modules_a_block_calls_are_owned_by_the_block():
@@ -394,13 +402,7 @@ def test_bloom_joins_performed_by_the_modules_a_block_calls_are_owned_by_the_blo
                                        else layer.mlp, n)
                    for i, layer in enumerate(dropped.transformer.h)
                    for n in ("query_key_value", "dense", "dense_h_to_4h")}
-    counts, hooks = _calls(projections)
-    out = dropped.train()(**kw)
-    torch.testing.assert_close(out.logits, plain(**kw).logits, rtol=0, atol=0)
-    out.logits.sum().backward()
-    assert set(counts.values()) == {0}, counts
-    for h in hooks:
-        h.remove()
+    _assert_skips_like_zeroed(dropped, plain, kw, projections)
 
 
 def test_deepseek_v3_attention_writes_into_its_own_buffer():
@@ -432,8 +434,4 @@ def test_deepseek_v3_attention_writes_into_its_own_buffer():
         _zero_output(layer.self_attn, 0)
     projections = {f"{i}": layer.self_attn.kv_b_proj
                    for i, layer in enumerate(dropped.model.layers)}
-    counts, hooks = _calls(projections)
-    torch.testing.assert_close(dropped.train()(**kw).logits, plain(**kw).logits, rtol=0, atol=0)
-    assert set(counts.values()) == {0}, counts
-    for h in hooks:
-        h.remove()
+    _assert_skips_like_zeroed(dropped, plain, kw, projections)
