@@ -39,6 +39,7 @@ from fxsd.errors import GraphError
 if typing.TYPE_CHECKING:
     from fxsd.gate import GateInfo
 from fxsd.ops import data_inputs, is_metadata_read
+from fxsd.preserve import hooks_silenced
 
 __all__ = ["Escapes", "EscapePath", "DroppedValue", "TensorSpec", "abstract_run",
            "find_escapes", "declared_no_tensor"]
@@ -212,10 +213,6 @@ class TensorSpec(NamedTuple):
     device: torch.device
 
 
-#: The hooks an abstract run does not call (they would see fake tensors).
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
-
-
 def abstract_run(module: GraphModule, args: tuple[Any, ...]) -> Any:
     """``module``'s output on ``args`` from one run on fake tensors, with its modules in eval
     mode and their forward hooks not called: each tensor in it is a :class:`TensorSpec`,
@@ -223,26 +220,21 @@ def abstract_run(module: GraphModule, args: tuple[Any, ...]) -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.utils.stateless import _reparametrize_module
 
-    saved = [(m, m.training, *(m.__dict__.get(h) for h in _HOOKS)) for m in module.modules()]
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+    saved = [(m, m.training) for m in module.modules()]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), \
+            hooks_silenced(module):  # the user's hooks would see fake tensors
         state = dict(module.named_parameters(remove_duplicate=False))
         state.update(module.named_buffers(remove_duplicate=False))
         fake = {k: mode.from_tensor(v) for k, v in state.items()}
         inputs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         try:
-            for m, *_ in saved:
+            for m, _ in saved:
                 m.training = False
-                for h in _HOOKS:
-                    if h in m.__dict__:
-                        m.__dict__[h] = type(m.__dict__[h])()
             with _reparametrize_module(module, fake, tie_weights=True):
                 out = module(*inputs)
         finally:
-            for m, training, *hooks in saved:
+            for m, training in saved:
                 m.training = training
-                for h, value in zip(_HOOKS, hooks):
-                    if value is not None:
-                        m.__dict__[h] = value
         return tree_map(lambda v: TensorSpec(v.shape, v.dtype, v.device)
                         if isinstance(v, torch.Tensor) else v, out)
 

@@ -13,6 +13,10 @@ on example values. None of that may leave a trace. On exit, :func:`preserved` pu
 * the global random number generators: torch's CPU generator and every initialised CUDA
   device's, Python's ``random`` and, when it is imported, NumPy's legacy global generator.
 
+While the body runs, the modules' forward and backward hooks are not called
+(:func:`hooks_silenced`): they are the user's, for the user's own calls — a hook that logs
+activations must not log fxsd's runs, nor see the fake tensors of its abstract ones.
+
 Parameters are not copied (a forward without an optimizer does not write them, and copying a
 large model's weights would double its memory).
 
@@ -37,7 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["preserved"]
+__all__ = ["hooks_silenced", "preserved"]
+
+#: The registries of the hooks a module call runs (each a dict, emptied while fxsd runs it).
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
 @contextlib.contextmanager
@@ -50,7 +57,8 @@ def preserved(model: nn.Module) -> Iterator[None]:
                for name, b in m._buffers.items() if b is not None]
     generators = _generator_states()
     try:
-        yield
+        with hooks_silenced(model):
+            yield
     finally:
         for module, saved in attributes:
             _restore_attributes(module, saved)
@@ -62,6 +70,36 @@ def preserved(model: nn.Module) -> Iterator[None]:
                 elif not torch.equal(buffer, value):
                     buffer.copy_(value)
         _restore_generators(generators)
+
+
+@contextlib.contextmanager
+def hooks_silenced(model: nn.Module) -> Iterator[None]:
+    """Run the body without calling the forward and backward hooks of ``model``'s modules.
+
+    Each registry is emptied in place and refilled on exit, so the handles the user holds stay
+    valid; hooks registered in the body (fxsd's own) are gone on exit.
+
+    Example:
+        >>> from torch import nn
+        >>> import torch
+        >>> layer, seen = nn.Linear(2, 2), []
+        >>> handle = layer.register_forward_hook(lambda m, args, out: seen.append(out))
+        >>> with hooks_silenced(layer):
+        ...     _ = layer(torch.ones(1, 2))
+        >>> _ = layer(torch.ones(1, 2))
+        >>> len(seen)
+        1
+    """
+    saved = [(registry, dict(registry)) for m in {id(m): m for m in model.modules()}.values()
+             for name in _CALL_HOOKS if (registry := m.__dict__.get(name))]
+    for registry, _ in saved:
+        registry.clear()
+    try:
+        yield
+    finally:
+        for registry, contents in saved:
+            registry.clear()
+            registry.update(contents)
 
 
 def _attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:

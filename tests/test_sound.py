@@ -88,6 +88,34 @@ def test_transforming_and_analysing_leave_the_model_and_the_rng_alone(path, trai
     _assert_untouched(model, before)
 
 
+def test_fxsds_own_runs_call_none_of_the_models_hooks():
+    # the example runs, the abstract runs on fake tensors (shapes, FLOPs, a training step's
+    # costs) and the re-trace of a block for a new call are fxsd's, not the user's calls
+    model = torchvision.models.resnet18(num_classes=10).train()
+    seen = []
+    handles = [m.register_forward_hook(lambda m, a, out: seen.append(float(out.detach().mean())))
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles.append(model.layer2.register_forward_pre_hook(lambda m, a: seen.append("pre")))
+    handles.append(model.fc.register_full_backward_hook(lambda m, gi, go: seen.append("back")))
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kwargs in ({"drop_rate": 0.2, "example_inputs": (x,)},
+                       {"drop_rate": 0.2, "example_inputs": (x,), "tracing": "example"},
+                       {"target_saving": 0.2, "example_inputs": (x,)}):
+            gated = fxsd.stochastic_depth(model, **kwargs)
+            fxsd.analyze_residuals(model, example_inputs=(x,), tracing=kwargs.get("tracing",
+                                                                                   "auto"))
+    assert seen == []
+    model(x).sum().backward()  # the user's own calls run them all: 20 convs, fc, pre, back
+    assert seen.count("pre") == 1 and seen.count("back") == 1 and len(seen) == 23
+    seen.clear()
+    gated.eval()(x)  # as do the gated model's calls of the modules it keeps whole
+    assert seen.count("pre") == 1 and len(seen) == 22
+    for h in handles:
+        h.remove()
+
+
 def test_fxsd_inspect_leaves_the_model_alone(tmp_path, monkeypatch, capsys):
     (tmp_path / "sound_models.py").write_text(textwrap.dedent("""
         import torchvision
