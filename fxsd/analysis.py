@@ -121,6 +121,23 @@ def _check_examples(model: nn.Module, args: Sequence[Any] | None,
             "Pass example_inputs= / example_kwargs= as one call of the model would.") from None
 
 
+def _omitted_nones(model: nn.Module, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> dict[str, None]:
+    """The parameters of ``model.forward`` that default to ``None`` and that the example call
+    leaves out. Traced symbolically, ``if mask is not None`` would take the branch the example
+    does not (timm's Hiera), and the examples could not run on the trace."""
+    if isinstance(model, GraphModule):
+        return {}
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    return {name: None for name, p in signature.parameters.items()
+            if name not in bound.arguments and p.default is None
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def _analyze(model: nn.Module, example_inputs: Sequence[Any] | None,
              example_kwargs: dict[str, Any] | None, tracing: str,
              leaf_modules: Iterable[LeafSpec] | None, concrete_args: dict[str, Any] | None
@@ -133,8 +150,10 @@ def _analyze(model: nn.Module, example_inputs: Sequence[Any] | None,
             raise InvalidArgumentError("tracing='example' needs example_inputs= or "
                                        "example_kwargs= (the inputs of one forward call)")
         return analyze_by_example(model, args, kwargs, leaves, autowrap)
+    if examples:  # the examples are one call: what they leave out is None, not a tensor
+        concrete_args = {**_omitted_nones(model, args, kwargs), **(concrete_args or {})}
     try:
-        gm, calls = trace_calls(model, leaf_modules=leaves, concrete_args=concrete_args,
+        gm, calls = trace_calls(model, leaf_modules=leaves, concrete_args=concrete_args or None,
                                 autowrap=autowrap)
     except TraceError as exc:
         if tracing == "symbolic" or not examples:

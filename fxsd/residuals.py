@@ -332,7 +332,7 @@ class _Analyzer:
                                     may_return=bool(self.root_path))
             if isinstance(branch, tuple):
                 raise _Rejected(*branch)
-            self.check_weights(skip, out, skip_path, branch)
+            self.check_weights(fork, skip, out, skip_path, branch)
         except _Rejected as no:
             return self.reject(node, kind, no.reason, no.detail)
         scope = self.scope(node, branch.nodes)
@@ -423,7 +423,7 @@ class _Analyzer:
                 f"('{a.name}': {len(paths[a])} nodes, '{b.name}': {len(paths[b])} nodes)")
         return skip, out, tuple(paths[skip])
 
-    def check_weights(self, skip: Node, out: Node, skip_path: tuple[Node, ...],
+    def check_weights(self, fork: Node, skip: Node, out: Node, skip_path: tuple[Node, ...],
                       branch: Branch) -> None:
         """Check 8: a real residual block — the branch applies learned weights, and a
         projection skip is shallower than the branch."""
@@ -437,13 +437,14 @@ class _Analyzer:
                 "polynomial activation or a normalisation, is not a residual block")
         if not skip_path:
             return
-        if _is_linear(skip_path, self.gm) and _is_linear(branch.nodes, self.gm):
+        if _is_linear(skip_path, self.gm, fork) and _is_linear(branch.nodes, self.gm, fork):
             raise _Rejected(
                 RejectReason.PARALLEL_PATHS,
                 f"'{skip.name}' and '{out.name}' are both linear in the fork (convolutions, "
-                "linear layers, batch norms, sums): the add is one linear layer written as "
-                "parallel paths (MobileOne, RepVGG: merged into one conv at deployment), not a "
-                "skip and a branch")
+                "linear layers, batch norms, sums, products with values not computed from it): "
+                "the add is one linear layer written as parallel paths (MobileOne, RepVGG: "
+                "merged into one conv at deployment; a lambda layer's content and position "
+                "terms), not a skip and a branch")
         skip_weighted = sum(is_weighted(n, self.gm) for n in skip_path)
         nonlinear = any(is_nonlinear(n, self.gm) for n in branch.nodes)
         if not (skip_weighted < weighted or (
@@ -711,12 +712,26 @@ _LINEAR_FUNCTIONS = frozenset({
     torch.conv3d, torch.batch_norm, operator.neg, torch.neg})
 
 
-def _is_linear(nodes: Iterable[Node], gm: GraphModule) -> bool:
-    """Whether every op in ``nodes`` is linear in its tensor input (views, reads and adds
-    are)."""
+# Products: linear in one operand when the other is not computed from it (``q @ k``, ``x * g``).
+_PRODUCT_FUNCTIONS = frozenset({operator.matmul, operator.mul, torch.matmul, torch.mul, torch.bmm,
+                                torch.mm})
+_PRODUCT_METHODS = frozenset({"matmul", "mul", "bmm", "mm"})
+
+
+def _is_linear(nodes: Iterable[Node], gm: GraphModule, fork: Node) -> bool:
+    """Whether every op in ``nodes`` (a path from ``fork``) is linear in the fork: views,
+    reads, adds, linear layers, and products of one path value with a value computed
+    elsewhere."""
+    nodes = list(nodes)
+    on_path = {*nodes, fork}
     for n in nodes:
         if _is_free(n) or add_kind(n) is not None:
             continue
+        if (n.op == "call_function" and n.target in _PRODUCT_FUNCTIONS) or (
+                n.op == "call_method" and n.target in _PRODUCT_METHODS):
+            if sum(a in on_path for a in n.all_input_nodes) == 1 and len(n.args) == 2:
+                continue
+            return False
         if n.op == "call_module":
             try:
                 module = gm.get_submodule(str(n.target))

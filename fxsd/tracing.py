@@ -31,6 +31,7 @@ from fxsd.distributed import check_not_wrapped
 from fxsd.drop_paths import is_drop_path
 from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph, wrapped_call
+from fxsd.guards import check_argument
 from fxsd.hf import opaque_attention_kernels
 from fxsd.ops import MISMATCH, NOT_DROPOUT, dropout_training, zip_arguments
 from fxsd.partial_join import is_assigned_join
@@ -268,12 +269,29 @@ def trace_calls(
 
         graph, extras, live, calls = _trace_training_aware(module, leaves, concrete_args,
                                                            make_tracer, path)
+    _guard_specialized_nones(graph, path, concrete_args or {})
     gm = module_from_graph(model, graph, extras, keep_class=False)
     gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live))
     make_drop_paths_live(gm)
     make_partial_joins_explicit(gm, calls)  # first: an assigned join becomes a partial_add
     make_inplace_explicit(gm)
     return gm, None if calls is None else CallTree(calls, gm.graph)
+
+
+def _guard_specialized_nones(graph: fx.Graph, path: str, concrete: dict[str, Any]) -> None:
+    """torch.fx checks an argument specialized to ``None`` (``concrete_args``) with an
+    ``AssertionError``; fxsd's guard raises ``GuardError`` naming the module and the argument."""
+    from torch.fx._symbolic_trace import _assert_is_none
+
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _assert_is_none:
+            value = node.args[0]
+            # torch.fx names the placeholder of a specialized argument ``{name}_{count}``
+            target = str(value.target) if isinstance(value, fx.Node) else str(value)
+            name = next((k for k in concrete if target.rpartition("_")[0] == k), target)
+            with graph.inserting_before(node):
+                wrapped_call(graph, check_argument, (value, None, path, name))
+            graph.erase_node(node)
 
 
 class FrozenDropoutWarning(UserWarning):

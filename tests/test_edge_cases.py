@@ -390,6 +390,18 @@ class Alpha(nn.Module):
         return torch.add(x, self.f(x), alpha=0.5)
 
 
+class LinearTerms(nn.Module):  # a lambda layer's two terms: each linear in v, neither a skip
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.pos1, self.pos2 = nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        content = v * (q * k).sum(-1, keepdim=True)
+        return content + q * self.pos2(self.pos1(v))
+
+
 REJECTED = {
     "parameter_operand": (PosEmbed, RejectReason.CONSTANT_OPERAND, "pos"),
     "buffer_operand": (Bias, RejectReason.CONSTANT_OPERAND, "bias"),
@@ -399,6 +411,7 @@ REJECTED = {
     "x_plus_x": (Double, RejectReason.SAME_OPERAND, "tanh"),
     "escaping_value": (DenseReuse, RejectReason.ESCAPING_VALUE, "'f1', a tensor computed from"),
     "alpha": (Alpha, RejectReason.UNSUPPORTED_ARGUMENTS, "alpha"),
+    "linear_terms": (LinearTerms, RejectReason.PARALLEL_PATHS, "both linear in the fork"),
 }
 
 
@@ -525,3 +538,27 @@ def test_shape_reads_inside_a_branch_stay_in_it():
     assert gate.sample_impl == "subset"  # the batch size is read from the kept rows
     out = gm.train()(_x((16, 5, C)))
     assert out.shape == (16, 5, C)
+
+
+class OptionalMask(nn.Module):  # timm's Hiera: `if mask is not None` in the root's forward
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(mlp() for _ in range(3))
+
+    def forward(self, x, mask=None):
+        for block in self.blocks:
+            h = block(x)
+            if mask is not None:
+                h = h * mask
+            x = x + h
+        return x
+
+
+def test_an_argument_the_examples_leave_out_is_traced_as_none():
+    model, x = OptionalMask().eval(), _x()
+    analysis = fxsd.analyze_residuals(model, (x,))  # runs on the trace: the mask-free one
+    assert len(analysis.sites) == 3 and analysis.total_flops is not None
+    gated = fxsd.stochastic_depth(model, 0.5, example_inputs=(x,)).eval()
+    assert torch.equal(gated(x), model(x))
+    with pytest.raises(fxsd.GuardError, match="for mask=None"):
+        gated(x, torch.ones_like(x))
