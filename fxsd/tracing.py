@@ -289,6 +289,8 @@ def _guard_specialized_nones(graph: fx.Graph, path: str, concrete: dict[str, Any
             # torch.fx names the placeholder of a specialized argument ``{name}_{count}``
             target = str(value.target) if isinstance(value, fx.Node) else str(value)
             name = next((k for k in concrete if target.rpartition("_")[0] == k), target)
+            if isinstance(value, fx.Node) and value.op == "placeholder":
+                value.target = name  # the signature keeps the parameter's own name
             with graph.inserting_before(node):
                 wrapped_call(graph, check_argument, (value, None, path, name))
             graph.erase_node(node)

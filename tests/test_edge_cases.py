@@ -559,6 +559,8 @@ def test_an_argument_the_examples_leave_out_is_traced_as_none():
     analysis = fxsd.analyze_residuals(model, (x,))  # runs on the trace: the mask-free one
     assert len(analysis.sites) == 3 and analysis.total_flops is not None
     gated = fxsd.stochastic_depth(model, 0.5, example_inputs=(x,)).eval()
+    assert "def forward(self, x, mask = None)" in gated.code  # the model's own signature
     assert torch.equal(gated(x), model(x))
-    with pytest.raises(fxsd.GuardError, match="for mask=None"):
-        gated(x, torch.ones_like(x))
+    mask = torch.rand_like(x)  # a call the examples did not show: the root traces itself again
+    assert torch.equal(gated(x, mask=mask), model(x, mask=mask))
+    assert len(fxsd.gates(gated)) == 3
