@@ -119,8 +119,8 @@ def is_inplace(node: Node, root: GraphModule | None = None) -> bool:
         return True
     name = _target_name(node)
     if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
-        return name == "setitem" or name.startswith("i") and name not in {
-            "is_", "is_not", "index", "inv", "invert"}
+        return name == "setitem" or (name.startswith("i") and name not in {
+            "is_", "is_not", "index", "inv", "invert"})
     return name.endswith("_") and not name.endswith("__")
 
 

@@ -161,4 +161,3 @@ def _precedes(a: Node, b: Node) -> bool:
             return True
         n = n.next
     return False
-

@@ -12,7 +12,7 @@ from typing import Any
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.ops import is_view
+from fxsd.ops import is_view, node_order
 from fxsd.partial_join import match_assigned_join, match_partial_join, partial_add
 
 __all__ = ["make_partial_joins_explicit"]
@@ -67,15 +67,13 @@ def _assigned_join(gm: GraphModule, node: Node, calls: Sequence[Any] | None) -> 
     if match is None or is_view(match[0]):  # assigning into a view changes its base too
         return False
     whole, part, add, (dim, start, stop) = match
+    order = node_order(gm.graph)
     with gm.graph.inserting_before(node):
         joined = gm.graph.call_function(partial_add, (whole, part, dim, start, stop))
     joined.meta = dict(add.meta)
-    after = False
-    for n in list(gm.graph.nodes):
-        if n is node:
-            after = True
-        elif after and whole in n.all_input_nodes:
-            n.replace_input_with(whole, joined)
+    for user in list(whole.users):  # later readers read the join, as in make_inplace_explicit
+        if order.get(user, -1) > order[node]:
+            user.replace_input_with(whole, joined)
     for index in getattr(node.meta.get("fxsd"), "calls", ()) if calls else ():
         call = calls[index]
         call.output = map_aggregate(call.output, lambda v: joined if v is whole else v)
