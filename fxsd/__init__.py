@@ -55,24 +55,30 @@ _EXPORTS = {
     "InvalidArgumentError": "fxsd.errors",
     "InvalidTypeError": "fxsd.errors",
     "TraceError": "fxsd.errors",
+    "RandomDrawError": "fxsd.errors",
+    "ModelRunError": "fxsd.errors",
+    "TransformError": "fxsd.errors",
     "FoldError": "fxsd.folding",
     "EvalScaledWeightsWarning": "fxsd.folding",
     "plain_state_dict": "fxsd.folding",
     "get_record": "fxsd.record",
     "InlinedHooksWarning": "fxsd.passes.stochastic_depth",
     "NoResidualSitesWarning": "fxsd.passes.stochastic_depth",
+    "NoSavingWarning": "fxsd.passes.stochastic_depth",
+    "BlockModeWarning": "fxsd.passes.stochastic_depth",
     "stochastic_depth": "fxsd.passes.stochastic_depth",
     "strip": "fxsd.passes.strip_gates",
     "ResidualSite": "fxsd.residuals",
+    "RootJoinsWarning": "fxsd.owners",
     "analyze_residuals": "fxsd.analysis",
     "find_residuals": "fxsd.analysis",
     "show": "fxsd.listing",
     "table": "fxsd.tables",
-    "TrainingDependenceWarning": "fxsd.tracing",
     "FrozenDropoutWarning": "fxsd.tracing",
     "compile": "fxsd.compiling",
     "apply_stochastic_depth": "fxsd.composer",
     "expected_saving": "fxsd.budget",
+    "check": "fxsd.verify",
 }
 # What a user calls. Everything else stays importable from its module (fxsd.gate.BranchGate,
 # fxsd.training.named_gates, ...; docs/api.md lists it as advanced), and every submodule is
@@ -107,13 +113,19 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         GuardError,
         InvalidArgumentError,
         InvalidTypeError,
+        ModelRunError,
+        RandomDrawError,
         TraceError,
+        TransformError,
     )
     from fxsd.folding import EvalScaledWeightsWarning, FoldError, plain_state_dict
     from fxsd.listing import show
+    from fxsd.owners import RootJoinsWarning
     from fxsd.passes.stochastic_depth import (
+        BlockModeWarning,
         InlinedHooksWarning,
         NoResidualSitesWarning,
+        NoSavingWarning,
         stochastic_depth,
     )
     from fxsd.passes.strip_gates import strip
@@ -121,5 +133,6 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
     from fxsd.residuals import ResidualSite
     from fxsd.schedulers import DropSchedule, DropWarmup, progressive_layer_drop
     from fxsd.tables import table
-    from fxsd.tracing import FrozenDropoutWarning, TrainingDependenceWarning
+    from fxsd.tracing import FrozenDropoutWarning
     from fxsd.training import gates, get_drop_rate, get_rng_state, set_drop_rate, set_rng_state
+    from fxsd.verify import check

@@ -12,13 +12,13 @@ import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from fxsd.arguments import TRACINGS, check_trace_arguments
 from fxsd.distributed import check_not_wrapped
 from fxsd.errors import InvalidArgumentError, InvalidTypeError, TraceError
-from fxsd.preserve import preserved
+from fxsd.preserve import guarded, preserved
 from fxsd.profile import profile_nodes
 from fxsd.residuals import ResidualAnalysis, ResidualSite
 from fxsd.tracing import LeafSpec, trace_calls
@@ -27,6 +27,7 @@ from fxsd.units import analyze_by_example, analyze_nested, registry
 __all__ = ["find_residuals", "analyze_residuals", "TRACINGS"]
 
 
+@guarded("find_residuals")
 def find_residuals(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
@@ -68,9 +69,7 @@ def find_residuals(
     ).sites
 
 
-TRACINGS = ("auto", "symbolic", "example")
-
-
+@guarded("analyze_residuals")
 def analyze_residuals(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
@@ -92,33 +91,13 @@ def analyze_residuals(
     """
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"expected an nn.Module to analyse, got {type(model).__name__}")
-    if tracing not in TRACINGS:
-        raise InvalidArgumentError(f"unknown tracing {tracing!r}: use one of {TRACINGS}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    example_inputs, example_kwargs, tracing, leaf_modules, concrete_args = \
+        check_trace_arguments(model, example_inputs, example_kwargs, tracing, leaf_modules,
+                              concrete_args)
     check_not_wrapped(model)
-    _check_examples(model, example_inputs, example_kwargs)
     with preserved(model):  # a run by example must not leave BatchNorm statistics or RNG moved
         return _analyze(model, example_inputs, example_kwargs, tracing, leaf_modules,
                         concrete_args)
-
-
-def _check_examples(model: nn.Module, args: Sequence[Any] | None,
-                    kwargs: dict[str, Any] | None) -> None:
-    """Refuse example inputs that the model's ``forward`` would not accept (a misspelt keyword is
-    otherwise ignored when the model traces whole)."""
-    if (args is None and kwargs is None) or isinstance(model, GraphModule):
-        return
-    try:
-        signature = inspect.signature(inspect.unwrap(type(model).forward))
-    except (TypeError, ValueError):  # no signature to check against (a builtin, a C extension)
-        return
-    try:
-        signature.bind(model, *(args or ()), **(kwargs or {}))
-    except TypeError as exc:
-        raise InvalidArgumentError(
-            f"the example inputs do not fit {type(model).__name__}.forward{signature}: {exc}. "
-            "Pass example_inputs= / example_kwargs= as one call of the model would.") from None
 
 
 def _omitted_nones(model: nn.Module, args: tuple[Any, ...],

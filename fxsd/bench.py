@@ -47,8 +47,9 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +65,7 @@ from fxsd.errors import InvalidArgumentError
 from fxsd.gate import BranchGate
 from fxsd.models import load_model
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
-from fxsd.passes.stochastic_depth import stochastic_depth
+from fxsd.passes.stochastic_depth import NoSavingWarning, stochastic_depth
 from fxsd.record import get_record
 from fxsd.tables import EMPTY, LEAVE_OUT, _ends, fill, fit_table, terminal_width
 from fxsd.training import gates, named_gates
@@ -74,7 +75,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BenchConfig", "Variant", "VariantKind", "BenchRow", "BenchResult", "run",
            "format_table", "site_times", "exclusive_times", "gate_ancestors", "limit_saving",
-           "transform_rows", "transform_times"]
+           "transform_rows", "transform_times", "Interrupted", "Progress", "check_device",
+           "available_devices"]
 
 HEADERS = ["variant", "drop rate", "mean ms", "median ms", "IQR ms", "ratio", "saving %",
            "FLOP saving %", "limit %", "efficiency", "act. MiB", "peak MiB"]
@@ -424,12 +426,16 @@ def limit_saving(times: dict[str, float], rates: dict[str, float],
     return total
 
 
-class _Progress:
-    """Progress on stderr while the benchmark runs: a tqdm bar when tqdm is installed (the
-    ``progress`` extra), plain lines otherwise, nothing when ``enabled`` is false."""
+class Progress:
+    """Progress on stderr while long work runs: a tqdm bar when tqdm is installed (the
+    ``progress`` extra), plain lines otherwise, nothing when ``enabled`` is false (``None``:
+    when stderr is a terminal). ``fxsd bench`` reports its steps with it, ``fxsd inspect`` the
+    modules it traces one by one."""
 
-    def __init__(self, enabled: bool | None) -> None:
+    def __init__(self, enabled: bool | None, prefix: str = "[fxsd bench]") -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.prefix = prefix
+        self.bars: list[Any] = []  # open tqdm bars, closed by close() when work stops early
         try:
             from tqdm import tqdm
         except ImportError:
@@ -438,7 +444,7 @@ class _Progress:
 
     def say(self, message: str) -> None:
         if self.enabled:
-            print(f"[fxsd bench] {message}", file=sys.stderr, flush=True)
+            print(f"{self.prefix} {message}", file=sys.stderr, flush=True)
 
     def steps(self, label: str, total: int) -> Iterator[int]:
         """``range(total)``, reported as it goes."""
@@ -446,8 +452,13 @@ class _Progress:
             yield from range(total)
             return
         if self.tqdm is not None:
-            yield from self.tqdm(range(total), desc=f"[fxsd bench] {label}", file=sys.stderr,
-                                 leave=False)
+            bar = self.tqdm(total=total, desc=f"{self.prefix} {label}", file=sys.stderr,
+                            leave=False)
+            self.bars.append(bar)
+            for i in range(total):
+                yield i
+                bar.update(1)
+            self._close(bar)
             return
         self.say(f"{label}: 0/{total}")
         every = max(1, total // 10)
@@ -455,6 +466,84 @@ class _Progress:
             yield i
             if (i + 1) % every == 0 or i + 1 == total:
                 self.say(f"{label}: {i + 1}/{total}")
+
+    @contextmanager
+    def counter(self, label: str, unit: str) -> Iterator[Callable[[str], None]]:
+        """A function to call as each of an unknown number of items starts (its name shown):
+        a bar of the count so far, or a line every 10 items."""
+        count = 0
+        bar = None
+        if self.enabled and self.tqdm is not None:
+            bar = self.tqdm(desc=f"{self.prefix} {label}", unit=f" {unit}", file=sys.stderr,
+                            leave=False)
+            self.bars.append(bar)
+
+        def tick(name: str) -> None:
+            nonlocal count
+            count += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(name or "<root>", refresh=False)
+            elif count % 10 == 1:
+                self.say(f"{label}: {unit} {count} ({name or '<root>'})")
+
+        try:
+            yield tick
+        finally:
+            if bar is not None:
+                self._close(bar)
+
+    def _close(self, bar: Any) -> None:
+        bar.close()
+        if bar in self.bars:
+            self.bars.remove(bar)
+
+    def close(self) -> None:
+        """Close the bars still open (work stopped early): the table prints below them."""
+        for bar in list(self.bars):
+            self._close(bar)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run`: ``result`` holds the steps timed so far, every variant cut to
+    the same number of steps, with no limits (``None`` when no step had been timed), and
+    ``message`` says how far the run got. A ``KeyboardInterrupt``, so that code that does not
+    know it stops as usual."""
+
+    def __init__(self, result: BenchResult | None, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+        self.message = message
+
+
+def available_devices() -> list[str]:
+    """The device types :func:`run` can use here: ``cpu``, ``cuda`` and ``mps`` when torch has
+    them."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: object) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
+    ``"mps"``), else an :class:`~fxsd.InvalidArgumentError` naming the ones it has."""
+    available = available_devices()
+    accepted = f"use one of {', '.join(available)}"
+    try:
+        found = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"unknown device {device!r}: {accepted}") from exc
+    if found.type not in available:
+        raise InvalidArgumentError(f"device {device!r} is not available here: {accepted}")
+    if found.type == "cuda" and found.index is not None \
+            and found.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(
+            f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA devices")
+    return found
 
 
 def run(
@@ -498,31 +587,57 @@ def run(
     cfg = BenchConfig(model, tuple(drop_rates), distribution, mode, batch_size, image_size,
                       steps, warmup, device, amp, channels_last, seed, branch_reps, compile,
                       compile_backend)
-    return _run(cfg, _Progress(progress))
+    return _run(cfg, Progress(progress))
 
 
-def _run(cfg: BenchConfig, report: _Progress) -> BenchResult:
-    """Build the variants, warm them up, time them interleaved, then work out the limits."""
+def _run(cfg: BenchConfig, report: Progress) -> BenchResult:
+    """Build the variants, warm them up, time them interleaved, then work out the limits.
+    Ctrl-C raises :class:`Interrupted` with what was timed so far."""
     rates, device = _checked(cfg)
-    base, x = _model_and_input(cfg, device)
-    analysis = analyze_residuals(base)
-    if not analysis.sites:
-        raise InvalidArgumentError(f"{cfg.model} has no residual site to benchmark")
-    report.say(f"building the variants of {cfg.model} ({len(analysis.sites)} sites)")
-    runners = _variants(cfg, base, rates, analysis)
-    _expected_flop_savings(runners, x)
-    _warm_up(runners, x, cfg, report)
-    sync_check = "not run (CPU)"
-    if device.type == "cuda":
-        sync_check = _sync_check(_find(runners, VariantKind.FXSD), x)
-    _time_steps(runners, x, cfg, device, report)
-    _count_activations(runners, x, cfg, report)
-    report.say("timing each branch alone, for the limit")
-    branches = _measure_branches(runners, x, cfg, analysis)
-    rows, shares = _rows_with_limits(runners, branches, cfg, rates)
+    runners: list[_Runner] = []
+    try:
+        base, x = _model_and_input(cfg, device)
+        analysis = analyze_residuals(base)
+        if not analysis.sites:
+            raise InvalidArgumentError(f"{cfg.model} has no residual site to benchmark")
+        report.say(f"building the variants of {cfg.model} ({len(analysis.sites)} sites)")
+        runners += _variants(cfg, base, rates, analysis)
+        _expected_flop_savings(runners, x)
+        _warm_up(runners, x, cfg, report)
+        sync_check = "not run (CPU)"
+        if device.type == "cuda":
+            sync_check = _sync_check(_find(runners, VariantKind.FXSD), x)
+        _time_steps(runners, x, cfg, device, report)
+        _count_activations(runners, x, cfg, report)
+        report.say("timing each branch alone, for the limit")
+        branches = _measure_branches(runners, x, cfg, analysis)
+        rows, shares = _rows_with_limits(runners, branches, cfg, rates)
+    except KeyboardInterrupt:
+        report.close()
+        raise _interrupted(cfg, runners, device) from None
     result = BenchResult(cfg, rows, shares, _machine(device), sync_check)
     result.warnings = noise_warnings(result)
     return result
+
+
+def _interrupted(cfg: BenchConfig, runners: Sequence[_Runner], device: torch.device
+                 ) -> Interrupted:
+    """What Ctrl-C leaves: every variant's first ``k`` timed steps (``k``: the fewest any
+    variant completed), without limits, which are measured after the timed steps."""
+    done = min((len(v.row.times) for v in runners), default=0)
+    if not done:
+        return Interrupted(None, "before any step was timed")
+    rows = []
+    for v in runners:
+        v.row.times = v.row.times[:done]
+        v.row.limit = None
+        rows.append(v.row)
+    message = (f"after {done} of {cfg.steps} timed steps per variant; the limit and efficiency "
+               "columns are measured after them and are missing")
+    result = BenchResult(cfg, rows, {}, _machine(device),
+                         "not run (interrupted)" if device.type == "cuda" else "not run (CPU)")
+    result.warnings = [f"interrupted (Ctrl-C) {message}", *noise_warnings(result)]
+    return Interrupted(result, message)
 
 
 def _checked(cfg: BenchConfig) -> tuple[tuple[float, ...], torch.device]:
@@ -532,9 +647,11 @@ def _checked(cfg: BenchConfig) -> tuple[tuple[float, ...], torch.device]:
         raise InvalidArgumentError("steps and batch_size must be positive, warmup non-negative")
     if cfg.mode not in ("block", "sample"):
         raise InvalidArgumentError(f"unknown mode {cfg.mode!r}: use 'block' or 'sample'")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device")
+    device = check_device(cfg.device)
+    if cfg.compile and cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise InvalidArgumentError(
+            f"unknown compile_backend {cfg.compile_backend!r}: use one of "
+            f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
     if cfg.amp not in (None, "bf16", "bfloat16", "fp16", "float16"):
         raise InvalidArgumentError(f"unknown --amp {cfg.amp!r}: use bf16 or fp16")
     if cfg.amp:
@@ -588,7 +705,11 @@ def _variants(cfg: BenchConfig, base: nn.Module, rates: Sequence[float],
         if spec.kind is VariantKind.ALL_DROPPED:
             return gated(1.0, "uniform")
         # OVERHEAD and FXSD: the gated model at the variant's rate
-        return gated(spec.rate, sample_impl="mask") if spec.mask_impl else gated(spec.rate)
+        if spec.mask_impl:  # the row computes every branch on purpose: no warning about it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NoSavingWarning)
+                return gated(spec.rate, sample_impl="mask")
+        return gated(spec.rate)
 
     return [_Runner(spec, build(spec), cfg) for spec in _variant_specs(cfg, rates)]
 
@@ -599,7 +720,7 @@ def _find(runners: Sequence[_Runner], kind: VariantKind) -> _Runner:
 
 
 def _warm_up(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
-             report: _Progress) -> None:
+             report: Progress) -> None:
     """``cfg.warmup`` untimed steps of each variant in turn."""
     for i in report.steps("warm-up" + (" (compiling)" if cfg.compile else ""), len(runners)):
         v = runners[i]
@@ -616,7 +737,7 @@ def _warm_up(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
 
 
 def _time_steps(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
-                device: torch.device, report: _Progress) -> None:
+                device: torch.device, report: Progress) -> None:
     """``cfg.steps`` timed steps of every variant, interleaved (one step of each in turn), into
     each row's times, with the peak memory on CUDA and the rows each gate's branch computed."""
     for _ in report.steps(f"timing {len(runners)} variants, interleaved", cfg.steps):
@@ -666,7 +787,7 @@ class _SavedBytes:
 
 
 def _count_activations(runners: Sequence[_Runner], x: torch.Tensor, cfg: BenchConfig,
-                       report: _Progress) -> None:
+                       report: Progress) -> None:
     """``cfg.steps`` more steps of each eager variant, untimed, counting the bytes saved for
     backward (``saved_tensors_hooks`` cost a call per saved tensor: not in the timed steps).
     Compiled rows keep ``None``: their saved tensors live inside compiled code."""
@@ -878,7 +999,10 @@ def format_table(result: BenchResult, tablefmt: str = "simple", width: int | Non
     limit = terminal_width() if width is None else width
     shrink = [(EMPTY, _ends), ("median ms", LEAVE_OUT), ("ratio", LEAVE_OUT),
               ("variant", _short_variants(result.rows)), ("peak MiB", LEAVE_OUT),
-              ("act. MiB", LEAVE_OUT), ("FLOP saving %", LEAVE_OUT), ("variant", _ends)]
+              ("act. MiB", LEAVE_OUT), ("FLOP saving %", LEAVE_OUT), ("variant", _ends),
+              # narrow terminals (40-60 columns): what ran, its rate, its saving stay longest
+              ("IQR ms", LEAVE_OUT), ("limit %", LEAVE_OUT), ("mean ms", LEAVE_OUT),
+              ("efficiency", LEAVE_OUT)]
     table = fit_table(body, HEADERS, tablefmt, limit, shrink)
     lines = [fill(f"sync check: {result.sync_check}", limit, indent="  ")]
     lines += [fill(f"warning: {w}", limit, indent="  ") for w in result.warnings]

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from fxsd.errors import FxsdError, InvalidArgumentError
+from fxsd.errors import FxsdError, InvalidArgumentError, ModelRunError, Run
 from fxsd.gate import BranchGate
-from fxsd.preserve import preserved
+from fxsd.preserve import fake_tensors, guarded, model_run, preserved
 from fxsd.record import get_record
 from fxsd.training import _gates_or_error, named_gates
 
@@ -123,36 +123,42 @@ def measure_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
     the costs), its buffers, gradients and generators restored.
 
     Raises:
-        FxsdError: the model could not run on the examples (the message says why).
+        ModelRunError: the model raised during the count (names the module; a BatchNorm in
+            training on a batch of 1 is named as the cause).
+        FxsdError: the model could not be counted on the examples otherwise (says why).
     """
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     try:
-        return _count(model, tuple(example_inputs), dict(example_kwargs or {}), fake=True)
+        return _count(model, args, kwargs, fake=True)
     except Exception as fake_error:  # noqa: BLE001 - data-dependent code: count a real run
         if not real_run:
-            raise FxsdError(
-                f"could not count the FLOPs of a training step on fake tensors: "
-                f"{type(fake_error).__name__}: {fake_error}") from fake_error
+            raise _counting_error(fake_error, "on fake tensors") from fake_error
         try:
-            return _count(model, tuple(example_inputs), dict(example_kwargs or {}), fake=False)
+            return _count(model, args, kwargs, fake=False)
         except Exception as exc:
-            raise FxsdError(
-                f"could not count the FLOPs of a training step on the example inputs: "
-                f"{type(exc).__name__}: {exc} (on fake tensors: {type(fake_error).__name__}: "
-                f"{fake_error})") from exc
+            raise _counting_error(exc, f"on the example inputs (on fake tensors: "
+                                       f"{type(fake_error).__name__}: {fake_error})") from exc
+
+
+def _counting_error(exc: Exception, where: str) -> FxsdError:
+    message = f"could not count the FLOPs of a training step {where}: {exc}"
+    if isinstance(exc, ModelRunError):  # keep what the model raised in, for code to branch on
+        return ModelRunError(message, exc.run, exc.module_path, exc.module_type)
+    return FxsdError(f"could not count the FLOPs of a training step {where}: "
+                     f"{type(exc).__name__}: {exc}")
 
 
 def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
            fake: bool) -> StepCosts:
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.utils.stateless import _reparametrize_module
     from torch.utils.flop_counter import FlopCounterMode
 
     gates = named_gates(model)
     params = list(model.parameters())
     grads = [p.grad for p in params]
-    with preserved(model), warnings.catch_warnings():
+    with preserved(model), warnings.catch_warnings(), \
+            (fake_tensors() if fake else nullcontext()) as mode:
         warnings.simplefilter("ignore")
-        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
         state: dict[str, torch.Tensor] = {}
         if mode is not None:
             named = {**dict(model.named_parameters(remove_duplicate=False)),
@@ -161,8 +167,8 @@ def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             args, kwargs = _faked((args, kwargs), mode)
         reparam = _reparametrize_module(model, state, tie_weights=True) if fake else None
         try:
-            with mode or nullcontext(), reparam or nullcontext(), \
-                    FlopCounterMode(display=False) as counter:
+            with reparam or nullcontext(), FlopCounterMode(display=False) as counter, \
+                    model_run(model, Run.FLOP_COUNT):
                 costs = _attributed_step(model, gates, counter, args, kwargs)
         finally:
             for p, g in zip(params, grads):
@@ -217,11 +223,14 @@ def record_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
     """Count ``model``'s step costs (:func:`measure_step_costs`) and keep them on its gates'
     :class:`~fxsd.gate.GateInfo` (``step_flops``, ``enclosing``) and its
     :class:`~fxsd.record.FxsdRecord` (``step_flops``); where counting fails, the record keeps why
-    (``step_flops_error``). Returns whether the costs were recorded."""
+    (``step_flops_error``). Returns whether the costs were recorded. With ``real_run`` the
+    costs are needed (a ``target_saving``): a failure raises, naming its cause."""
     record = get_record(model)
     try:
         costs = measure_step_costs(model, example_inputs, example_kwargs, real_run=real_run)
     except FxsdError as exc:
+        if real_run:
+            raise
         record.step_flops_error = str(exc)
         return False
     for name, gate in named_gates(model).items():
@@ -261,10 +270,13 @@ def _costs_or_error(model: nn.Module, what: str) -> tuple[dict[str, BranchGate],
     _gates_or_error(model)
     record = get_record(model)
     if record.step_flops is None or any(g.info.step_flops is None for g in found.values()):
-        why = f" (counting failed: {record.step_flops_error})" if record.step_flops_error else ""
+        if record.step_flops_error:  # examples were given: the count itself failed
+            raise FxsdError(
+                f"{what} needs the FLOPs of a training step, and counting them on the example "
+                f"inputs failed when the model was transformed: {record.step_flops_error}")
         raise InvalidArgumentError(
-            f"{what} needs the FLOPs of a training step, counted when the model is transformed"
-            f"{why}: pass example_inputs= (and example_kwargs=), one forward call's inputs, to "
+            f"{what} needs the FLOPs of a training step, counted when the model is transformed: "
+            "pass example_inputs= (and example_kwargs=), one forward call's inputs, to "
             "fxsd.stochastic_depth")
     return found, record.step_flops
 
@@ -277,6 +289,7 @@ def site_savings(model: nn.Module) -> dict[str, float]:
             for name, g in found.items()}
 
 
+@guarded("expected_saving")
 def expected_saving(model: nn.Module) -> float:
     """The expected fraction of a training step's compute (forward + backward FLOPs of the whole
     model, on the example inputs it was transformed with) that the drops save at the model's
@@ -284,6 +297,7 @@ def expected_saving(model: nn.Module) -> float:
 
     Raises:
         InvalidArgumentError: the model was transformed without example inputs (no FLOPs).
+        FxsdError: counting the FLOPs on its example inputs failed (says why).
 
     Example:
         >>> import torch, torchvision, fxsd

@@ -40,6 +40,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from fxsd.calls import any_leaf
+from fxsd.errors import FxsdError, Run
 from fxsd.graph_module import wrapped_call
 from fxsd.guards import (
     check_argument,
@@ -51,7 +52,8 @@ from fxsd.guards import (
     type_name,
 )
 from fxsd.ops import resolve_attr
-from fxsd.tracing import FxsdTracer, JoinProxy, LeafSpec, TracerFactory
+from fxsd.preserve import model_run
+from fxsd.tracing import FxsdTracer, JoinProxy, LeafSpec, TracerFactory, draws_unwatched
 
 __all__ = ["RecordedCall", "record_calls", "ExampleTracer", "example_tracer"]
 
@@ -87,7 +89,44 @@ class RecordedCall:
 def record_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                  ) -> dict[int, RecordedCall]:
     """Run ``model(*args, **kwargs)`` once without gradients; return each module's first call,
-    by ``id(module)``. The model is run as it is (its train/eval mode) and is not changed."""
+    by ``id(module)``. The model is run as it is (its train/eval mode) and is not changed; what
+    it raises arrives as a :class:`~fxsd.errors.ModelRunError` (``Run.EXAMPLE``).
+
+    A model in training mode whose run left out modules that have a ``forward`` (its own code
+    skipped layers at random: a layer drop) runs once more in eval mode: the modules it left
+    out are recorded from that run, and every module that ran there takes its place in that
+    run's order (every layer in turn), so that each layer is traced and ordered by depth
+    whatever the example's draw skipped.
+    """
+    recorded = _record(model, args, kwargs)
+    missing = {id(m) for m in model.modules() if id(m) not in recorded and _has_forward(m)}
+    if not (model.training and missing):
+        return recorded
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        again = _record(model, args, kwargs)
+    except FxsdError:  # the model cannot run in eval mode: keep the training run's record
+        return recorded
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    for key, call in again.items():
+        if key in recorded:
+            recorded[key].order = call.order
+        elif key in missing:
+            recorded[key] = call
+    return recorded
+
+
+def _has_forward(module: nn.Module) -> bool:
+    """Whether ``module`` can be called (a ``ModuleList`` or ``ModuleDict`` cannot)."""
+    return type(module).forward is not nn.Module.forward
+
+
+def _record(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> dict[int, RecordedCall]:
     paths = {id(m): p for p, m in model.named_modules()}
     recorded: dict[int, RecordedCall] = {}
 
@@ -99,7 +138,7 @@ def record_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), model_run(model, Run.EXAMPLE):
             model(*args, **kwargs)
     finally:
         for h in handles:
@@ -228,7 +267,8 @@ class ExampleTracer(FxsdTracer):
         # tracer intercepts) run as they would outside tracing.
         self._evaluating += 1
         try:
-            yield
+            with draws_unwatched(self):
+                yield
         finally:
             self._evaluating -= 1
 
@@ -236,6 +276,11 @@ class ExampleTracer(FxsdTracer):
         if self._evaluating:
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
+
+    def watches_draws(self) -> bool:
+        # a draw while evaluating a recorded op on the example's values (dropout, a leaf) is
+        # that op's, which the graph runs again at every call
+        return not self._evaluating
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if self._evaluating:
@@ -303,6 +348,12 @@ class ExampleTracer(FxsdTracer):
         real_kwargs = map_aggregate(kwargs, value)
         if missing:
             return _MISSING
+        # a leaf module (or a function of the model's) runs for real and may draw on Python's or
+        # NumPy's generator as it will at run time: not a draw tracing fixes, but one no patch
+        # sees, so the states are compared around it (see fxsd.tracing.watching_draws)
+        host = self.host_states if _model_code(self.model, kind, target) else None
+        if host is not None:
+            host.check(self)
         try:
             with torch.no_grad(), self._evaluation():
                 if kind == "call_function":
@@ -314,6 +365,9 @@ class ExampleTracer(FxsdTracer):
                 return resolve_attr(self.root, str(target))
         except Exception:
             return _MISSING
+        finally:
+            if host is not None:
+                host.sync()
 
     def create_args_for_root(self, root_fn: Any, is_module: bool,
                              concrete_args: Any = None) -> tuple[Any, list[Any]]:
@@ -389,6 +443,17 @@ def example_tracer(call: RecordedCall, model: nn.Module, *, autowrap: Iterable[A
     ``call`` by example (arguments as for :class:`ExampleTracer`)."""
     return functools.partial(ExampleTracer, call, model, autowrap=tuple(autowrap),
                              fix_flags=fix_flags, free_nones=tuple(free_nones))
+
+
+def _model_code(model: nn.Module, kind: str, target: Any) -> bool:
+    """Whether a recorded call runs the model's own code: a leaf module or a function (timm's
+    not-traceable functions) that is neither torch's nor an operator."""
+    if kind == "call_module":
+        target = type(model.get_submodule(target))
+    elif kind != "call_function":
+        return False
+    module = getattr(target, "__module__", None) or ""
+    return not module.startswith(("torch", "_operator", "operator", "builtins", "math", "fxsd"))
 
 
 def _copied(value: Any) -> Any:

@@ -16,13 +16,20 @@ their parents; the parameters are the same objects, so existing optimizers stay 
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
-from fxsd.errors import InvalidArgumentError
+from fxsd.arguments import check_bool, check_choice, check_int, close_matches
+from fxsd.distributions import check_distribution, check_rate
+from fxsd.errors import InvalidArgumentError, InvalidTypeError
+from fxsd.gate import MODES
 from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
+from fxsd.plan import Options
 from fxsd.record import get_record
 from fxsd.residuals import ResidualSite
 from fxsd.schedulers import DropWarmup
@@ -30,14 +37,17 @@ from fxsd.training import gates
 
 __all__ = ["apply_stochastic_depth"]
 
-_METHODS = ("block", "sample")
+# what apply_stochastic_depth sets itself: the rest of stochastic_depth's options pass through
+_OPTION_NAMES = frozenset(f.name for f in fields(Options))
+_SET_HERE = ("model", "drop_rate", "distribution", "mode", "sync_ranks", "seed", "select",
+             "inplace")
 
 
 def apply_stochastic_depth(
     model: nn.Module,
     target_layer_name: str | None = None,
     stochastic_method: str = "block",
-    drop_rate: float = 0.2,
+    drop_rate: float | None = 0.2,
     drop_distribution: str = "linear",
     use_same_gpu_seed: bool = True,
     optimizers: Any = None,
@@ -64,7 +74,8 @@ def apply_stochastic_depth(
             unchanged, with a :class:`~fxsd.NoResidualSitesWarning` (Composer logs a warning).
         stochastic_method: ``"block"`` or ``"sample"``.
         drop_rate, drop_distribution: as fxsd's ``drop_rate`` and ``distribution``; depths are
-            counted over the targeted sites.
+            counted over the targeted sites. A per-site ``drop_distribution`` (a sequence or
+            callable) gives every rate itself: pass ``drop_rate=None`` with it.
         use_same_gpu_seed: ``sync_ranks``: the same decisions on every rank.
         drop_warmup: fraction of training to ramp the rate up over; needs ``total_steps``. The
             :class:`~fxsd.DropWarmup` is ``fxsd.get_record(model).warmup``: call its ``step()``
@@ -76,27 +87,21 @@ def apply_stochastic_depth(
             paper's (``scale="eval"``: branches × (1 − p) at inference), unless ``kwargs`` says
             otherwise; load :func:`fxsd.plain_state_dict` into a plain model.
     """
-    if target_layer_name in _METHODS and stochastic_method not in _METHODS:
+    if target_layer_name in MODES and stochastic_method not in MODES:
         target_layer_name, stochastic_method = stochastic_method, target_layer_name
-    if drop_warmup and total_steps is None:
-        raise InvalidArgumentError(
-            "drop_warmup needs total_steps=<number of training steps> (Composer's trainer knew "
-            "it; fxsd's functional API cannot), or build fxsd.DropWarmup yourself"
-        )
+    _check_arguments(model, target_layer_name, stochastic_method, drop_distribution,
+                     use_same_gpu_seed, drop_warmup, total_steps, kwargs)
     del optimizers
-    select = None
-    if target_layer_name is not None:
-        wanted = {target_layer_name, target_layer_name.removeprefix("ResNet")}
-
-        def select(site: ResidualSite) -> bool:
-            return any(cls in wanted for _, cls in site.scope) or site.module_type in wanted
-
+    options = dict(distribution=drop_distribution, mode=stochastic_method,
+                   sync_ranks=use_same_gpu_seed, seed=seed, select=_select(target_layer_name),
+                   inplace=True, **{"scale": "eval", **kwargs})
+    # every option checked, against the model too, before the model is touched (the options
+    # Options does not hold, such as verify=, are stochastic_depth's own to check)
+    Options.validated(drop_rate, model=model, **{k: v for k, v in options.items()
+                                                 if k in _OPTION_NAMES})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NoResidualSitesWarning)
-        kwargs.setdefault("scale", "eval")
-        stochastic_depth(model, drop_rate, distribution=drop_distribution,
-                         mode=stochastic_method, sync_ranks=use_same_gpu_seed, seed=seed,
-                         select=select, inplace=True, **kwargs)
+        stochastic_depth(model, drop_rate, **options)
     for w in caught:
         if issubclass(w.category, NoResidualSitesWarning) and target_layer_name is not None:
             warnings.warn(f"no residual site lies inside a module of class "
@@ -107,3 +112,45 @@ def apply_stochastic_depth(
     if drop_warmup and gates(model):
         get_record(model).warmup = DropWarmup(model, total_steps, warmup=drop_warmup)
     return model
+
+
+def _select(target_layer_name: str | None) -> Callable[[ResidualSite], bool] | None:
+    """The sites inside modules of class ``target_layer_name`` (Composer's ``ResNetBottleneck``
+    is ``Bottleneck``); ``None``: every site."""
+    if target_layer_name is None:
+        return None
+    wanted = {target_layer_name, target_layer_name.removeprefix("ResNet")}
+
+    def select(site: ResidualSite) -> bool:
+        return any(cls in wanted for _, cls in site.scope) or site.module_type in wanted
+
+    return select
+
+
+def _check_arguments(model: nn.Module, target_layer_name: object, stochastic_method: object,
+                     drop_distribution: object, use_same_gpu_seed: object, drop_warmup: object,
+                     total_steps: object, kwargs: dict[str, Any]) -> None:
+    """The arguments only this entry has (or names its own way), by the names it gives them;
+    :meth:`fxsd.plan.Options.validated` checks the rest as :func:`fxsd.stochastic_depth` does."""
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(
+            f"apply_stochastic_depth expects an nn.Module, got {type(model).__name__}")
+    if target_layer_name is not None and not isinstance(target_layer_name, str):
+        raise InvalidTypeError(f"target_layer_name must be a module class name (a str) or None, "
+                               f"got {target_layer_name!r}")
+    check_choice(stochastic_method, "stochastic_method", MODES)
+    check_distribution(drop_distribution, "drop_distribution")
+    check_bool(use_same_gpu_seed, "use_same_gpu_seed")
+    if check_rate(drop_warmup, "drop_warmup") and total_steps is None:
+        raise InvalidArgumentError(
+            "drop_warmup needs total_steps=<number of training steps> (Composer's trainer knew "
+            "it; fxsd's functional API cannot), or build fxsd.DropWarmup yourself"
+        )
+    check_int(total_steps, "total_steps", minimum=1, optional=True)
+    accepted = [n for n in inspect.signature(stochastic_depth).parameters if n not in _SET_HERE]
+    for name in kwargs:
+        if name not in accepted:
+            raise InvalidTypeError(
+                f"apply_stochastic_depth got an unexpected keyword argument {name!r}"
+                f"{close_matches(name, accepted)}: besides its own arguments it passes these on "
+                f"to fxsd.stochastic_depth: {', '.join(accepted)}")

@@ -145,14 +145,14 @@ def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
         out_dir: where ``demo.png``, ``demo.md`` and ``demo.json`` go, created if needed
             (relative paths from the current directory; ``None``: nowhere). The repository's
             own ``docs/demo`` is written with ``out_dir="docs/demo"`` (``--out docs/demo``).
+            Checked before training, as every argument: a file there is refused at once.
         progress: show progress on stderr: a tqdm bar on a terminal (when tqdm is installed),
             else one line per epoch.
     """
     import fxsd
     from fxsd.models import cifar_resnet
 
-    if epochs < 1 or not seeds:
-        raise InvalidArgumentError("the demo needs epochs >= 1 and at least one seed")
+    _check(epochs, seeds, depth, drop_rate, distribution, batch_size, threads, out_dir)
     if threads:
         torch.set_num_threads(threads)
     data = load_digits()
@@ -176,6 +176,27 @@ def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
     if out_dir is not None:
         write(result, Path(out_dir))
     return result
+
+
+def _check(epochs: int, seeds: Sequence[int], depth: int, drop_rate: float, distribution: str,
+           batch_size: int, threads: int | None, out_dir: str | Path | None) -> None:
+    """Every argument of :func:`run`, checked before any training (with the API's checks)."""
+    from fxsd.arguments import check_int
+    from fxsd.cli import check_output_dir
+    from fxsd.models import check_cifar_depth
+    from fxsd.plan import Options
+
+    check_int(epochs, "epochs", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(threads, "threads", minimum=1, optional=True)
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
+        raise InvalidArgumentError(f"seeds must be a non-empty list of ints, got {seeds!r}")
+    for seed in seeds:
+        check_int(seed, "each seed")
+    check_cifar_depth(depth)
+    Options.validated(drop_rate, distribution)
+    if out_dir is not None:
+        check_output_dir(out_dir)
 
 
 def write(result: DemoResult, out_dir: Path) -> None:

@@ -34,12 +34,12 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fxsd.errors import GraphError
+from fxsd.errors import GraphError, Run
 
 if typing.TYPE_CHECKING:
     from fxsd.gate import GateInfo
 from fxsd.ops import data_inputs, is_metadata_read
-from fxsd.preserve import hooks_silenced
+from fxsd.preserve import fake_tensors, hooks_silenced, model_run
 
 __all__ = ["Escapes", "EscapePath", "DroppedValue", "TensorSpec", "abstract_run",
            "find_escapes", "declared_no_tensor"]
@@ -216,12 +216,12 @@ class TensorSpec(NamedTuple):
 def abstract_run(module: GraphModule, args: tuple[Any, ...]) -> Any:
     """``module``'s output on ``args`` from one run on fake tensors, with its modules in eval
     mode and their forward hooks not called: each tensor in it is a :class:`TensorSpec`,
-    everything else is the value itself. Nothing is computed, drawn or updated."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    everything else is the value itself. Nothing is computed, drawn or updated. What the
+    module raises arrives as a :class:`~fxsd.errors.ModelRunError` (``Run.ABSTRACT``)."""
     from torch.nn.utils.stateless import _reparametrize_module
 
     saved = [(m, m.training) for m in module.modules()]
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), \
+    with fake_tensors() as mode, torch.no_grad(), model_run(module, Run.ABSTRACT), \
             hooks_silenced(module):  # the user's hooks would see fake tensors
         state = dict(module.named_parameters(remove_duplicate=False))
         state.update(module.named_buffers(remove_duplicate=False))

@@ -40,6 +40,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxsd.drop_paths import is_drop_path
 from fxsd.errors import GraphError
+from fxsd.join import branch_scale
 from fxsd.ops import (
     NOT_DROPOUT,
     depends_on_input,
@@ -231,7 +232,7 @@ def plain_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     factors: dict[FoldTarget, float] = {}
     problems: list[str] = []
     for name, gate in named_gates(model).items():
-        keep = 1.0 - gate.drop_rate if gate.scale == "eval" else 1.0
+        keep = branch_scale(gate.drop_rate, gate.scale, False)
         if keep == 1.0:
             continue
         target = gate.info.fold

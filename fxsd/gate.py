@@ -13,8 +13,13 @@ projection skip (``self.residual_gate(downsample, x)`` in a ResNet ``Bottleneck`
 
 Scaling follows ``scale``: ``"eval"`` (the paper, Composer) multiplies the branch by its keep
 probability at inference; ``"train"`` (timm, torchvision) divides kept branches by it in training
-and leaves inference alone; ``"none"`` never scales. Scaling happens inside the add
-(``torch.add(..., alpha=)``, ``index_add(..., alpha=)``), not as an extra kernel.
+and leaves inference alone; ``"none"`` never scales (:func:`fxsd.join.branch_scale`).
+
+The add is the one the source wrote (:class:`fxsd.join.Join`, kept in :attr:`GateInfo.join`): the
+same function, operand order, ``alpha`` and in-place spelling, so that a gated model in eval
+computes the plain model's outputs bit for bit, layout of the sum included. Scaling happens inside
+the add (``torch.add(..., alpha=)``, ``index_add(..., alpha=)``), not as an extra kernel, wherever
+the operand order allows it (:meth:`fxsd.join.Join.__call__` says where it does not).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxsd.distributed import check_unsynced_sharding, unsynced_sharding_generation
+from fxsd.distributions import check_rate
 from fxsd.escapes import EscapePath, TensorSpec, abstract_run
-from fxsd.partial_join import PartialJoin, partial_add, partial_join_of
+from fxsd.join import PLAIN_JOIN, Join, JoinOp, branch_scale, row_factor
+from fxsd.partial_join import PartialJoin, partial_join_of
 from fxsd.recompute import decide
 
 if TYPE_CHECKING:
@@ -44,6 +51,7 @@ __all__ = ["BranchGate", "DropPathAction", "DropSampler", "GateInfo", "MODES", "
 MODES = ("block", "sample")
 SCALES = ("eval", "train", "none")
 SAMPLE_IMPLS = ("subset", "mask")
+_PARTIAL = JoinOp.PARTIAL
 
 
 class DropSampler:
@@ -152,6 +160,12 @@ class GateInfo:
     step_flops: int | None = None  # own forward + backward FLOPs per step (fxsd.budget)
     enclosing: tuple[str, ...] = ()  # the gates whose branches hold this one, nearest first
     part: PartialJoin | None = None  # a join into part of the branch output (fxsd.partial_join)
+    join: Join = PLAIN_JOIN  # the add as the source wrote it, which the gate computes
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "join" not in state and state.get("part") is not None:  # pickled before joins were
+            state = {**state, "join": Join(_PARTIAL, branch_first=True, part=state["part"])}
+        self.__dict__.update(state)
 
     @classmethod
     def from_site(cls, site: ResidualSite, num_levels: int, name: str = "",
@@ -161,11 +175,12 @@ class GateInfo:
         Node names are given as the gated module's code spells them: without the prefix of the
         module that owns the gate (``conv1``, not ``layer1_0_conv1``).
         """
-        prefix = name.rpartition(".")[0].replace(".", "_") + "_" if "." in name else ""
+        from fxsd.graph_module import local_name
+
+        owner = name.rpartition(".")[0]
 
         def local(node: Any) -> str:
-            return node.name[len(prefix):] if prefix and node.name.startswith(prefix) \
-                else node.name
+            return local_name(node.name, owner)
 
         return cls(
             name=name, fold=fold, add=site.add.name, add_kind=site.add_kind,
@@ -174,7 +189,7 @@ class GateInfo:
             num_levels=num_levels, branch_first=local(site.branch[0]),
             branch_last=local(site.branch_output), branch_len=len(site.branch),
             num_params=site.num_params, side_inputs=tuple(local(n) for n in site.side_inputs),
-            flops=site.flops, part=partial_join_of(site.add),
+            flops=site.flops, part=partial_join_of(site.add), join=site.join,
         )
 
 
@@ -228,7 +243,7 @@ class BranchGate(nn.Module):
         super().__init__()
         self.__dict__["branch"] = branch  # deliberately not a registered submodule
         self.__dict__["escape_path"] = escape_path
-        self.drop_rate = float(drop_rate)
+        self.drop_rate = drop_rate
         self.sampler = sampler
         self.identity = identity
         self.clone_on_drop = clone_on_drop
@@ -242,6 +257,26 @@ class BranchGate(nn.Module):
         self.record = record
         self.dropped: bool | None = None  # block mode: decision of the last training forward
         self.kept_rows: torch.Tensor | None = None  # sample mode: row mask of the last forward
+
+    @property
+    def drop_rate(self) -> float:
+        """Probability of dropping the branch (block) or a row (sample) in training. May be
+        changed at any time; an assignment is checked (a number in [0, 1]:
+        :func:`fxsd.distributions.check_rate`), since a rate past 1 would scale kept branches
+        by a negative ``1 / (1 - p)``."""
+        return self._drop_rate
+
+    @drop_rate.setter
+    def drop_rate(self, value: float) -> None:
+        info = self.__dict__.get("info")
+        self._drop_rate = check_rate(value, f"drop_rate of gate '{info.name}'" if info and
+                                     info.name else "drop_rate")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "drop_rate" in state:  # pickled before the rate became a checked property
+            state = {**state, "_drop_rate": state["drop_rate"]}
+            del state["drop_rate"]
+        super().__setstate__(state)
 
     @property
     def run_branch(self) -> Any:
@@ -282,7 +317,7 @@ class BranchGate(nn.Module):
     def undrawn(self, skip: torch.Tensor, *inputs: Any) -> Any:
         """What the gate returns with its branch run and nothing drawn or scaled."""
         out = self._branch((skip, *inputs) if self.identity else inputs)
-        result = skip + out
+        result = self.info.join(skip, out)
         escaped = self.__dict__.pop("_escaped", None)
         return result if escaped is None else (result, *escaped)
 
@@ -297,23 +332,22 @@ class BranchGate(nn.Module):
         return out[0]
 
     def _join(self, skip: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
-        if self.info.part is not None:
+        join = self.info.join
+        if join.needs_branch_shape:
             return self._partial(skip, args)
         p = self.drop_rate
         if not self.training:
             if self.scale != "eval" or p == 0.0:
-                return skip + self._branch(args)
+                return join.plain(skip, self._branch(args))
             if p == 1.0:
                 return self._skip(skip)
-            return torch.add(skip, self._branch(args), alpha=1.0 - p)
+            return join(skip, self._branch(args), branch_scale(p, self.scale, False))
         if self.mode == "sample":
             return self._sample(skip, args)
         self.dropped = decide(self, self._draw_block)
         if self.dropped:
             return self._skip(skip)
-        if self.scale == "train" and p > 0.0:
-            return torch.add(skip, self._branch(args), alpha=1.0 / (1.0 - p))
-        return skip + self._branch(args)
+        return join(skip, self._branch(args), branch_scale(p, self.scale, True), training=True)
 
     def _draw_block(self) -> bool:
         return self.sampler.random() < self.drop_rate
@@ -322,54 +356,55 @@ class BranchGate(nn.Module):
         return self.sampler.rows(n) >= self.drop_rate
 
     def _skip(self, skip: torch.Tensor) -> torch.Tensor:
+        """The join without the branch: the skip (or ``alpha * skip`` where the source's alpha
+        scales it), copied where it must not be handed on."""
         # A view is copied too: handing it on would make the block's output alias storage it
         # does not own (FSDP2 passes a block's inputs through an autograd function, so an
         # identity skip arrives as a view, and FSDP2 warns about blocks that return one).
+        result = self.info.join.without_branch(skip)
+        if result is not skip:
+            return result
         return skip.clone() if self.clone_on_drop or skip._is_view() else skip
 
     def _sample(self, skip: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
-        p = self.drop_rate
+        p, join = self.drop_rate, self.info.join
         fork = args[0]
         n = fork.shape[0]
         kept = decide(self, lambda: self._draw_rows(n))  # host-side draws: no device sync
         self.kept_rows = kept
-        keep = 1.0 - p
-        alpha = 1.0 / keep if self.scale == "train" and keep > 0.0 else 1.0
         if self.sample_impl == "subset":
+            scale = branch_scale(p, self.scale, True)
             index = kept.nonzero().flatten()
             if len(index) == 0:
                 return self._skip(skip)
             if len(index) == n:
-                return torch.add(skip, self._branch(args), alpha=alpha)
+                return join(skip, self._branch(args), scale, training=True)
             index = index.to(fork.device, non_blocking=True)
             out = self._branch((fork.index_select(0, index), *args[1:]), whole=False)
-            return torch.index_add(skip, 0, index, out, alpha=alpha)
+            return join.at_rows(skip, index, out, scale)
         out = self._branch(args)
-        factor = kept.to(device=out.device, dtype=out.dtype, non_blocking=True)
-        if alpha != 1.0:
-            factor = factor.div_(keep)  # as torchvision's stochastic_depth computes its noise
-        return out * factor.view((n,) + (1,) * (out.dim() - 1)) + skip
+        factor = row_factor(kept, p, self.scale, out)
+        return join(skip, out * factor.view((n,) + (1,) * (out.dim() - 1)))
 
     # -- a join into part of the branch output (fxsd.partial_join) ---------------------------
     def _partial(self, skip: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
         """The branch output (scaled as the gate scales; zeros where dropped) with the skip
         added into its slice: what the model computes with a drop path in front of the
         slices."""
-        p, part = self.drop_rate, self.info.part
-        keep = 1.0 - p
+        p, join = self.drop_rate, self.info.join
         if not self.training:
-            if self.scale != "eval" or p == 0.0:
-                return partial_add(self._run(args), skip, *part)
-            out = self._run(args, keep) if keep > 0.0 else self._zeros(args)
-            return partial_add(out, skip, *part)
-        alpha = 1.0 / keep if self.scale == "train" and keep > 0.0 else 1.0
+            if self.scale == "eval" and p == 1.0:
+                return join(skip, self._zeros(args))
+            return join(skip, self._run(args), branch_scale(p, self.scale, False))
+        scale = branch_scale(p, self.scale, True)
         if self.mode == "sample":
-            return partial_add(self._partial_rows(args, alpha), skip, *part)
+            return join(skip, self._partial_rows(args, scale))
         self.dropped = decide(self, self._draw_block)
-        out = self._zeros(args) if self.dropped else self._run(args, alpha)
-        return partial_add(out, skip, *part)
+        if self.dropped:
+            return join(skip, self._zeros(args))
+        return join(skip, self._run(args), scale, training=True)
 
-    def _partial_rows(self, args: tuple[Any, ...], alpha: float) -> torch.Tensor:
+    def _partial_rows(self, args: tuple[Any, ...], scale: float) -> torch.Tensor:
         """Sample mode: the branch output with dropped rows zero, kept rows scaled."""
         fork = args[0]
         n = fork.shape[0]
@@ -378,25 +413,24 @@ class BranchGate(nn.Module):
         if self.sample_impl == "subset":
             index = kept.nonzero().flatten()
             if len(index) == n:
-                return self._run(args, alpha)
+                out = self._run(args)
+                return out if scale == 1.0 else out * scale
             full = self._zeros(args)
             if len(index) == 0:
                 return full
             index = index.to(fork.device, non_blocking=True)
             out = self._branch((fork.index_select(0, index), *args[1:]), whole=False)
-            return torch.index_add(full, 0, index, out, alpha=alpha)
+            return torch.index_add(full, 0, index, out, alpha=scale)
         out = self._run(args)
-        factor = kept.to(device=out.device, dtype=out.dtype, non_blocking=True)
-        if alpha != 1.0:
-            factor = factor.div_(1.0 - self.drop_rate)
+        factor = row_factor(kept, self.drop_rate, self.scale, out)
         return out * factor.view((n,) + (1,) * (out.dim() - 1))
 
-    def _run(self, args: tuple[Any, ...], alpha: float = 1.0) -> torch.Tensor:
-        """The branch's output times ``alpha``; its shape is remembered for a dropped call."""
+    def _run(self, args: tuple[Any, ...]) -> torch.Tensor:
+        """The branch's output; its shape is remembered for a dropped call."""
         out = self._branch(args)
         self.__dict__.setdefault("_shapes", {})[_shape_key(args)] = \
             (out.shape, out.dtype, out.device)
-        return out if alpha == 1.0 else out * alpha
+        return out
 
     def _zeros(self, args: tuple[Any, ...]) -> torch.Tensor:
         """Zeros shaped as the branch's output on ``args``: remembered from a run on inputs of

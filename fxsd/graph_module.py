@@ -37,12 +37,15 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node, Tracer
-from torch.fx.graph import PythonCode
+from torch.fx.graph import (
+    PythonCode,
+    _snake_case,  # fx's own node naming
+)
 from torch.fx.node import map_aggregate, map_arg
 
 __all__ = ["FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "copy_tree",
-           "deepest_first", "free_name", "module_from_graph", "node_name", "shallow_copy",
-           "wrapped_call"]
+           "deepest_first", "free_name", "module_from_graph", "node_name", "registrations",
+           "shallow_copy", "wrapped_call"]
 
 T = TypeVar("T")
 
@@ -216,6 +219,20 @@ def node_name(name: str) -> str:
     return "self_1" if name == "self" else name
 
 
+def local_name(name: str, path: str) -> str:
+    """A node's ``name`` as the code of the module at ``path`` spells it: without the prefix
+    torch.fx gave it in the whole model's graph (the path with dots as underscores, or its
+    snake case, as fx names ``call_module`` nodes: ``swinViT.layers1`` -> ``swin_vi_t_layers1``).
+    """
+    if not path:
+        return name
+    flat = path.replace(".", "_") + "_"
+    for prefix in dict.fromkeys((flat, _snake_case(flat))):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def take_name(node: Node, name: str) -> None:
     """Give ``node`` the name of an erased node (the value it now stands for), so generated code
     keeps reading as the model's did."""
@@ -308,7 +325,9 @@ def shallow_copy(module: nn.Module) -> nn.Module:
         res = object.__new__(type(module))
     state = dict(module.__dict__)
     for name, value in state.items():
-        if isinstance(value, (dict, set, OrderedDict)) and name.startswith("_"):
+        # torch's registries, exactly: a subclass (diffusers' FrozenDict config) may refuse
+        # to be rebuilt, and is shared like any other attribute
+        if type(value) in (dict, set, OrderedDict) and name.startswith("_"):
             state[name] = copy.copy(value)
     res.__dict__.update(state)
     if isinstance(module, GraphModule):
@@ -343,11 +362,18 @@ def deepest_first(items: Iterable[T], path: Callable[[T], str] = str) -> list[T]
 
 
 class TreeEditor:
-    """Replace modules deep in a model.
+    """Replace modules deep in a model, at every path they are registered at.
 
     ``TreeEditor(model)`` works on :func:`copy_tree` of ``model`` (``in_place=True``: on
     ``model`` itself); :meth:`locate` finds a module's parent in the result and :meth:`replace`
     puts a new module in its place.
+
+    A module object may be registered at several paths (monai's ``DynUNet`` holds each encoder
+    block as ``input_block`` and as ``skip_layers.downsample``, and its ``forward`` runs the
+    second): ``torch.fx`` and ``named_modules()`` name it by the first, and a rewrite made there
+    must reach every path, or the model would run the original through the others.
+    :meth:`replace` therefore puts the one new object at every path where the old one sits, so
+    the result keeps the model's aliasing (``result.a is result.b``).
     """
 
     def __init__(self, model: nn.Module, in_place: bool = False) -> None:
@@ -362,10 +388,31 @@ class TreeEditor:
         return node, name, node._modules[name]
 
     def replace(self, path: str, module: nn.Module) -> None:
-        """Put ``module`` at ``path`` in the result."""
-        parent, name, _ = self.locate(path)
+        """Put ``module`` at ``path`` in the result, and at every other path that holds the
+        module now at ``path``."""
+        parent, _, old = self.locate(path)
         if parent is None:
             self.root = module
-        else:
-            parent._modules[name] = module
+            return
+        for holder, name in registrations(self.root, old):
+            holder._modules[name] = module
 
+
+def registrations(root: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every ``(parent, name)`` in ``root``'s tree with ``parent._modules[name] is module``: one
+    per path ``named_modules(remove_duplicate=False)`` lists for it, less the repeats that a
+    parent registered at several paths itself adds (it holds the child once)."""
+    found: list[tuple[nn.Module, str]] = []
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name, child in node._modules.items():
+            if child is module:
+                found.append((node, name))
+            elif child is not None:
+                todo.append(child)
+    return found

@@ -21,9 +21,10 @@ from contextlib import contextmanager
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxsd.errors import InvalidArgumentError
+from fxsd.errors import InvalidArgumentError, InvalidTypeError
 
-__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet", "load_model"]
+__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet", "check_cifar_depth", "check_spec",
+           "load_model"]
 
 
 class BasicBlock(nn.Module):
@@ -47,13 +48,20 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
+def check_cifar_depth(depth: object, name: str = "depth") -> int:
+    """``depth`` if it is a CIFAR ResNet depth ``6n + 2`` (20, 56, 110...), else a clear error."""
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise InvalidTypeError(f"{name} must be an int 6n + 2 (20, 56, 110...), got {depth!r}")
+    if depth < 8 or (depth - 2) % 6:
+        raise InvalidArgumentError(f"CIFAR ResNet {name} must be 6n + 2 (20, 56, 110...), "
+                                   f"got {depth}")
+    return depth
+
+
 class CifarResNet(nn.Module):
     def __init__(self, depth: int = 110, num_classes: int = 10) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise InvalidArgumentError(f"CIFAR ResNet depth must be 6n + 2 (20, 56, 110...), "
-                                       f"got {depth}")
-        n = (depth - 2) // 6
+        n = (check_cifar_depth(depth) - 2) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         layers, in_planes = [], 16
@@ -96,8 +104,10 @@ def load_model(spec: str, image_size: int | None = None) -> nn.Module:
     ``image_size`` when given (they only accept the size they were built for).
 
     Raises:
-        InvalidArgumentError: the spec names no model.
+        InvalidArgumentError: the spec names no model (:func:`check_spec`, before anything is
+            built), or its callable fails or returns something else than an ``nn.Module``.
     """
+    check_spec(spec)
     if spec.startswith("cifar_resnet") and spec[len("cifar_resnet"):].isdigit():
         return cifar_resnet(int(spec[len("cifar_resnet"):]))
     if ":" in spec:
@@ -106,16 +116,49 @@ def load_model(spec: str, image_size: int | None = None) -> nn.Module:
         import torchvision
 
         kwargs = {"image_size": image_size} if spec.startswith("vit_") and image_size else {}
-        try:
-            model = torchvision.models.get_model(spec, weights=None, **kwargs)
-        except ValueError as exc:
-            raise InvalidArgumentError(
-                f"unknown model {spec!r}: give cifar_resnet<depth>, a torchvision model name "
-                "(see torchvision.models.list_models()) or package.module:callable"
-            ) from exc
+        model = torchvision.models.get_model(spec, weights=None, **kwargs)
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def check_spec(spec: object) -> str:
+    """``spec`` if it names a model :func:`load_model` can build, checked without building it.
+
+    ``cifar_resnet<depth>``: the depth is ``6n + 2``. A torchvision name: one of
+    ``torchvision.models.list_models()``. ``package.module:callable``: the module imports (the
+    current directory included) and holds a callable of that name (it is not called).
+
+    Raises:
+        InvalidArgumentError: the spec names no model (the message says what is accepted).
+
+    Example:
+        >>> check_spec("resnet5")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        fxsd.errors.InvalidArgumentError: unknown model 'resnet5'... (did you mean 'resnet50'...
+    """
+    if not isinstance(spec, str) or not spec:
+        raise InvalidTypeError(f"a model spec must be a non-empty string, got {spec!r}")
+    prefix = "cifar_resnet"
+    if spec.startswith(prefix) and spec[len(prefix):].isdigit():
+        check_cifar_depth(int(spec[len(prefix):]), "depth in " + repr(spec))
+        return spec
+    if ":" in spec:
+        _find_factory(spec)
+        return spec
+    import difflib
+
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if spec.lower() not in names:
+        close = difflib.get_close_matches(spec.lower(), names, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise InvalidArgumentError(
+            f"unknown model {spec!r}{hint}: give cifar_resnet<depth>, a torchvision model name "
+            "(see torchvision.models.list_models()) or package.module:callable")
+    return spec
 
 
 @contextmanager
@@ -138,10 +181,12 @@ def _current_directory_on_path() -> Iterator[None]:
             sys.path.remove(cwd)
 
 
-def _call_factory(spec: str) -> object:
-    """Import ``package.module`` of ``spec`` (the current directory included) and call its
-    ``callable`` with no arguments."""
+def _find_factory(spec: str) -> object:
+    """The callable ``spec`` (``package.module:callable``) names, imported, not called."""
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InvalidArgumentError(
+            f"cannot load {spec!r}: write package.module:callable, both parts given")
     with _current_directory_on_path():
         try:
             factory = getattr(importlib.import_module(module_name), attr)
@@ -149,9 +194,22 @@ def _call_factory(spec: str) -> object:
             raise InvalidArgumentError(
                 f"cannot load {spec!r}: {exc} (package.module is looked for in the current "
                 "directory and on sys.path)") from exc
+    if not callable(factory):
+        raise InvalidArgumentError(
+            f"cannot load {spec!r}: {attr} is a {type(factory).__name__}, not a callable "
+            "(package.module:callable must name a callable that takes no arguments)")
+    return factory
+
+
+def _call_factory(spec: str) -> object:
+    """Import ``package.module`` of ``spec`` (the current directory included) and call its
+    ``callable`` with no arguments."""
+    attr = spec.partition(":")[2]
+    factory = _find_factory(spec)
+    with _current_directory_on_path():
         try:
             return factory()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # builtins:exit would end the command silently
             raise InvalidArgumentError(
                 f"cannot build {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc} "
                 "(package.module:callable must name a callable that takes no arguments)"

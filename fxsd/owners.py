@@ -26,6 +26,7 @@ Everything here is pure analysis: nothing is traced or changed.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,10 +41,17 @@ from fxsd.ops import node_order, resolve_attr
 from fxsd.residuals import ResidualAnalysis, ResidualSite
 from fxsd.tracing import reads_flag_only
 
-__all__ = ["Owner", "plan_owners", "ROOT"]
+__all__ = ["Owner", "plan_owners", "ROOT", "RootJoinsWarning", "argument_tensors",
+           "other_entry_points", "reads_argument", "warn_root_joins"]
 
 #: The owner index of the root module.
 ROOT = None
+
+
+class RootJoinsWarning(UserWarning):
+    """The root module owns residual joins, and its class has other methods that call its
+    children (``encode_text``, ``encode_image``): those methods run the class's own code, so
+    the joins gated in the root's rewritten ``forward`` never drop through them."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,8 @@ class _Planner:
             tree = self.tree
             call = tree.calls[index]
             reads, escapes = tree.boundary(index)
-            constants = [v for v in leaves((call.args, call.kwargs)) if not isinstance(v, Node)]
+            constants = [v for v in leaves((call.args, call.kwargs))
+                         if not isinstance(v, (Node, torch.Tensor))]
             ok = not reads and not escapes and all(is_literal(v) for v in constants)
             ok = ok and _binds(call) and self._owns_its_attributes(index)
             self._clean[index] = ok
@@ -170,6 +179,8 @@ class _Planner:
             for path in paths:
                 if path == tree.calls[index].path and _reads_flag_only(n, path):
                     continue  # its own ``self.training`` (the rewrite reads the flag itself)
+                if reads_argument(self.gm, path, tree.calls[index], prefix):
+                    continue  # a tensor it was passed: the rewrite reads the argument
                 if not path.startswith(prefix) and not _stateless(self.gm, path):
                     return False
         for child in tree.children(index):
@@ -282,14 +293,49 @@ def _free(module: nn.Module, base: str, taken: set[str]) -> str:
 
 def _binds(call: ModuleCall) -> bool:
     """Whether the call's arguments can become the placeholders (and guards) of a module cut
-    out of the trace: they fit its ``forward``, and each holds graph values or is guardable."""
+    out of the trace: they fit its ``forward``, and each holds graph values, is guardable, or
+    holds tensors the tracer passed as they are (:func:`argument_tensors`)."""
     try:
         arguments = bound_parameters(inspect.signature(call.module.forward), call.args,
                                      call.kwargs)
     except (TypeError, ValueError):
         return False
     return all(value is inspect.Parameter.empty or node_leaves(value) or is_guardable(value)
-               for _, value in arguments)
+               or _tensors_and_literals(value) for _, value in arguments)
+
+
+def _tensors_and_literals(value: object) -> bool:
+    found = leaves(value)
+    return any(isinstance(v, torch.Tensor) for v in found) and all(
+        isinstance(v, (torch.Tensor, Node)) or is_guardable(v) for v in found)
+
+
+def argument_tensors(call: ModuleCall) -> dict[int, torch.Tensor]:
+    """The tensors ``call`` received as they are, by ``id``: not as graph values.
+
+    torch.fx proxies a module's parameters but hands its buffers to the code as real tensors
+    (``proxy_buffer_attributes`` is off): open_clip's ``CLIP.encode_text`` passes its causal
+    mask buffer, ``self.attn_mask``, down to every text block, and each block's code received
+    the buffer itself. Where that code used it, the tracer recorded a ``get_attr`` of the
+    buffer's path in the root. A module cut out of the trace reads such a tensor from its
+    argument instead (:func:`reads_argument`): the tensor a later caller passes, wherever it
+    lives. Any tensor counts, found by identity: a buffer, a plain tensor attribute (the tracer
+    stores it on the root as ``_tensor_constant0``), a tensor made outside the trace.
+    """
+    return {id(v): v for v in leaves((call.args, call.kwargs)) if isinstance(v, torch.Tensor)}
+
+
+def reads_argument(gm: nn.Module, target: str, call: ModuleCall, prefix: str) -> bool:
+    """Whether a ``get_attr`` of ``target`` (a path in the traced ``gm``) inside ``call`` reads
+    one of the tensors the call received (:func:`argument_tensors`) from outside the called
+    module (``prefix``: its path and a dot). The module's own state stays its own."""
+    if target.startswith(prefix):
+        return False
+    try:
+        obj = resolve_attr(gm, target)
+    except AttributeError:
+        return False
+    return isinstance(obj, torch.Tensor) and id(obj) in argument_tensors(call)
 
 
 def _stateless(gm: nn.Module, target: str) -> bool:
@@ -313,3 +359,55 @@ def _reads_flag_only(node: Node, path: str) -> bool:
     read = node if node.op == "get_attr" else next(
         (a for a in node.all_input_nodes if a.op == "get_attr" and str(a.target) == path), None)
     return read is not None and reads_flag_only(read)
+
+
+def other_entry_points(model: nn.Module) -> list[str]:
+    """The public methods of ``model``'s class, other than ``forward``, that use its children.
+
+    The rule: functions defined in the body of ``type(model)`` or of a base class below
+    :class:`torch.nn.Module` (torch's own classes left out), whose name does not start with
+    ``_``, and whose code (nested functions and comprehensions included) names one of the
+    model's direct children (``self.transformer``) — open_clip's ``CLIP.encode_text``, a
+    ``Model.embed``. A method that reaches children only through ``getattr`` or helpers is not
+    seen.
+    """
+    children = set(model._modules)
+    found: list[str] = []
+    for klass in type(model).__mro__:
+        if klass is nn.Module or not issubclass(klass, nn.Module):
+            break
+        if klass.__module__.split(".")[0] == "torch" or klass.__module__.startswith("fxsd."):
+            continue
+        for name, value in vars(klass).items():
+            if name.startswith("_") or name == "forward" or name in found \
+                    or not inspect.isfunction(value):
+                continue
+            if children & _code_names(value.__code__):
+                found.append(name)
+    return found
+
+
+def _code_names(code: object) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _code_names(const)
+    return names
+
+
+def warn_root_joins(model: nn.Module, owners: Sequence[Owner], stacklevel: int) -> None:
+    """Warn (:class:`RootJoinsWarning`) when the root owns joins and its class has other entry
+    points (:func:`other_entry_points`): the gates live in the rewritten ``forward`` only."""
+    root = [o for o in owners if o.call is ROOT and not o.path]
+    methods = other_entry_points(model) if root else []
+    if not methods:
+        return
+    performers = sorted({s.module_path or "<root>" for o in root for s in o.sites})
+    names = ", ".join(f"{m}()" for m in methods)
+    warnings.warn(
+        f"{len(root[0].sites)} residual join(s) of {type(model).__name__} (performed by "
+        f"{', '.join(performers)}) can only be gated in the root's rewritten forward; its "
+        f"other methods ({names}) run the class's own code and never drop them. Call the model "
+        "in training, or give each join a module of its own whose forward performs it (and "
+        "receives what its branch reads as arguments).",
+        RootJoinsWarning, stacklevel=stacklevel + 1)

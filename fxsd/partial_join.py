@@ -34,7 +34,12 @@ _PLAIN_ADDS = (operator.add, torch.add)
 def partial_add(whole: torch.Tensor, part: torch.Tensor, dim: int, start: int,
                 stop: int | None) -> torch.Tensor:
     """``torch.cat([whole[.., :start], whole[.., start:stop] + part, whole[.., stop:]], dim)``
-    (the slices along ``dim``; empty pieces left out), computed as that expression does."""
+    (the slices along ``dim``; empty pieces left out), computed as that expression does.
+    Called on ``torch.fx`` proxies (as :func:`fxsd.strip` calls a gate's join), it records
+    itself as one call."""
+    if isinstance(whole, torch.fx.Proxy):
+        return whole.tracer.create_proxy("call_function", partial_add,
+                                         (whole, part, dim, start, stop), {})
     size = whole.size(dim)
     start = min(start, size)
     stop = size if stop is None else min(max(stop, start), size)

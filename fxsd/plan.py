@@ -22,7 +22,8 @@ The rules, in one place:
 * **Sample mode** runs each branch on the kept rows only (``"subset"``) where that is exact —
   the branch treats batch rows independently (:func:`fxsd.rows.row_coupling`) — else multiplies
   by the row mask (``"mask"``, noted in the table); ``sample_impl="subset"`` where rows are
-  coupled is an error.
+  coupled is an error. An *adopted* per-row drop path on such a branch runs in block mode
+  instead (the mask would save nothing), unless ``mode`` or ``sample_impl`` is given.
 """
 
 from __future__ import annotations
@@ -33,9 +34,24 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxsd.distributions import DISTRIBUTIONS, Distribution, check_rate, site_rates
+from fxsd.arguments import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_trace_arguments,
+    close_matches,
+)
+from fxsd.distributions import (
+    DEFAULT_DROP_RATE,
+    Distribution,
+    check_distribution,
+    check_rate,
+    site_rates,
+)
 from fxsd.drop_paths import DropPathSettings, drop_path_settings, is_drop_path
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import FoldTarget, fold_target
@@ -60,7 +76,7 @@ class Options:
     own drop paths. Build with :meth:`validated`.
     """
 
-    drop_rate: float = 0.1
+    drop_rate: float = DEFAULT_DROP_RATE
     distribution: Distribution = "linear"
     explicit: bool = False
     mode: str | None = None
@@ -77,45 +93,86 @@ class Options:
     leaf_modules: Iterable[LeafSpec] | None = None
     concrete_args: dict[str, Any] | None = field(default=None, hash=False)
     target_saving: float | None = None
+    verify: bool = True
 
     @classmethod
     def validated(cls, drop_rate: float | None = None,
                   distribution: Distribution | None = None,
-                  target_saving: float | None = None, **options: Any) -> Options:
-        """The options, each checked (``InvalidArgumentError`` / ``InvalidTypeError`` naming
-        the option and what it takes); defaults filled in.
+                  target_saving: float | None = None, *, model: nn.Module | None = None,
+                  **options: Any) -> Options:
+        """The options, each checked by type and value before any work
+        (``InvalidArgumentError`` / ``InvalidTypeError`` naming the option and what it takes);
+        defaults filled in. With ``model``, the tracing options are checked against it too
+        (``leaf_modules`` names, ``concrete_args`` names, the example call:
+        :func:`fxsd.arguments.check_trace_arguments`, which the analysis also runs).
 
         ``target_saving`` replaces ``drop_rate`` (the two are refused together) and, like an
         explicit rate, sets every site's rate: the plan lays out the distribution's shape, and
-        :func:`fxsd.budget.scale_to_target` scales it once the branches' costs are counted.
+        :func:`fxsd.budget.scale_to_target` scales it once the branches' costs are counted. A
+        per-site ``distribution`` (a sequence or callable) gives every rate itself, so a
+        ``drop_rate`` beside it is refused too.
         """
-        if target_saving is not None:
-            if drop_rate is not None:
-                raise InvalidArgumentError(
-                    f"give drop_rate= or target_saving=, not both (got drop_rate={drop_rate!r}, "
-                    f"target_saving={target_saving!r}): a target sets the rates itself")
-            check_rate(target_saving, "target_saving")
-            if options.get("example_inputs") is None and options.get("example_kwargs") is None:
-                raise InvalidArgumentError(
-                    "target_saving needs example_inputs= (and example_kwargs=): one forward "
-                    "call's inputs, on which fxsd counts the FLOPs of a training step")
-        for name, choices in (("mode", MODES), ("scale", SCALES), ("existing", EXISTING),
-                              ("sample_impl", SAMPLE_IMPLS)):
-            value = options.get(name)
-            if value is not None and value not in choices:
-                raise InvalidArgumentError(
-                    f"unknown {name} {value!r}: use one of {tuple(choices)}")
-        if isinstance(distribution, str) and distribution not in DISTRIBUTIONS:
-            site_rates(0.0, distribution, [], 0)  # raises the unknown-distribution error
-        seed = options.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InvalidTypeError(f"seed must be an int or None, got {seed!r}")
-        return cls(drop_rate=check_rate(0.1 if drop_rate is None else drop_rate),
+        unknown = set(options) - set(_NAMES)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise InvalidTypeError(f"unexpected option {name!r}{close_matches(name, _NAMES)}")
+        _check_rates(drop_rate, distribution, target_saving, options)
+        trace = check_trace_arguments(
+            model, options.get("example_inputs"), options.get("example_kwargs"),
+            options.get("tracing", "auto"), options.get("leaf_modules"),
+            options.get("concrete_args"))
+        select = options.get("select")
+        checked = dict(
+            mode=check_choice(options.get("mode"), "mode", MODES, optional=True),
+            scale=check_choice(options.get("scale"), "scale", SCALES, optional=True),
+            sample_impl=check_choice(options.get("sample_impl"), "sample_impl", SAMPLE_IMPLS,
+                                     optional=True),
+            existing=check_choice(options.get("existing", "adopt"), "existing", EXISTING),
+            seed=check_int(options.get("seed"), "seed", optional=True),
+            sync_ranks=check_bool(options.get("sync_ranks", True), "sync_ranks"),
+            inplace=check_bool(options.get("inplace", False), "inplace"),
+            verify=check_bool(options.get("verify", True), "verify"),
+            select=None if select is None else
+            check_callable(select, "select", "select(site) -> bool", 1),
+            example_inputs=trace.example_inputs, example_kwargs=trace.example_kwargs,
+            tracing=trace.tracing, leaf_modules=tuple(trace.leaf_modules) or None,
+            concrete_args=trace.concrete_args)
+        return cls(drop_rate=check_rate(DEFAULT_DROP_RATE if drop_rate is None else drop_rate),
                    distribution="linear" if distribution is None else distribution,
                    explicit=(drop_rate is not None or distribution is not None
                              or target_saving is not None),
                    target_saving=None if target_saving is None else float(target_saving),
-                   **options)
+                   **checked)
+
+
+_NAMES = ("drop_rate", "target_saving", "distribution", "mode", "scale", "sample_impl",
+          "existing", "seed", "sync_ranks", "select", "inplace", "example_inputs",
+          "example_kwargs", "tracing", "leaf_modules", "concrete_args", "verify")
+
+
+def _check_rates(drop_rate: object, distribution: object, target_saving: object,
+                 options: dict[str, Any]) -> None:
+    """The rate options: each on its own, and the combinations that contradict each other."""
+    if drop_rate is not None:
+        check_rate(drop_rate)
+    if distribution is not None:
+        check_distribution(distribution)
+        if drop_rate is not None and not isinstance(distribution, str):
+            raise InvalidArgumentError(
+                f"give drop_rate= or a per-site distribution=, not both (got drop_rate="
+                f"{drop_rate!r} and a {type(distribution).__name__} distribution): a sequence or "
+                "callable gives every site its rate itself. Leave drop_rate out (the model-wide "
+                "rate is then the largest site rate; fxsd.set_drop_rate scales them all)")
+    if target_saving is not None:
+        if drop_rate is not None:
+            raise InvalidArgumentError(
+                f"give drop_rate= or target_saving=, not both (got drop_rate={drop_rate!r}, "
+                f"target_saving={target_saving!r}): a target sets the rates itself")
+        check_rate(target_saving, "target_saving")
+        if options.get("example_inputs") is None and options.get("example_kwargs") is None:
+            raise InvalidArgumentError(
+                "target_saving needs example_inputs= (and example_kwargs=): one forward "
+                "call's inputs, on which fxsd counts the FLOPs of a training step")
 
 
 @dataclass(frozen=True)
@@ -131,6 +188,8 @@ class GateSpec:
             ``sample_note``: why a sample-mode site uses a mask.
         clone_on_drop: a dropped gate copies the skip (something later writes to it in place).
         fold: where the eval scale folds (:func:`fxsd.plain_state_dict`).
+        row_drops_blocked: an adopted per-row drop path runs in block mode, because its branch
+            mixes batch rows and per-row drops (the mask) would save no compute.
     """
 
     drop_rate: float
@@ -144,6 +203,7 @@ class GateSpec:
     sample_note: str = ""
     clone_on_drop: bool = False
     fold: FoldTarget | None = None
+    row_drops_blocked: bool = False
 
 
 @dataclass
@@ -169,7 +229,13 @@ def select_sites(analysis: ResidualAnalysis, keep: Callable[[ResidualSite], bool
 
 
 def _selected(keep: Callable[[ResidualSite], bool], site: ResidualSite) -> bool:
-    answer = keep(site)
+    try:
+        answer = keep(site)
+    except TypeError as exc:
+        raise InvalidTypeError(
+            f"select(site) raised TypeError for '{site.name}' in "
+            f"'{site.module_path or '<root>'}': {exc}. select is called with one "
+            "fxsd.ResidualSite and returns True to gate it") from exc
     if not isinstance(answer, bool):
         raise InvalidTypeError(
             f"select must return True or False for each site; for '{site.name}' in "
@@ -184,13 +250,13 @@ def plan_gates(analysis: ResidualAnalysis, options: Options,
 
     ``layer_drops``: the model's own layer drop (:func:`fxsd.layer_drop.find_layer_drops`),
     adopted like drop paths: the joins inside those layers take its rate."""
-    rates, weights = _rates(analysis, options)
+    model_rate, rates, weights = _rates(analysis, options)
     facts = [_GraphFacts(part, options) for part in analysis.parts()]
     layered = {id(site): drop.rate for site in analysis.sites if options.existing == "adopt"
                and (drop := layer_drop_of(site.module_path, site.scope, layer_drops))}
     adopting = options.existing == "adopt" and not options.explicit and (bool(layered) or any(
         f.has_drop_path(site) for f in facts for site in f.analysis.sites))
-    drop_rate = options.drop_rate
+    drop_rate = model_rate
     if adopting:  # the model-wide rate is its largest drop-path or layer-drop rate
         drop_rate = max([*(a.rate for f in facts for site in f.analysis.sites
                            if (a := f.adoptable(site)) is not None), *layered.values()],
@@ -224,18 +290,24 @@ def join_notes(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
-def _rates(analysis: ResidualAnalysis, options: Options) -> tuple[list[float], list[float]]:
-    """Each site's rate from the distribution, and its weight (rate over the model-wide rate;
-    the distribution's shape at rate 1 when the rate is 0)."""
+def _rates(analysis: ResidualAnalysis, options: Options
+           ) -> tuple[float, list[float], list[float]]:
+    """The model-wide rate, each site's rate from the distribution, and its weight (rate over
+    the model-wide rate; the distribution's shape at rate 1 when the rate is 0). A per-site
+    distribution (a sequence, a callable) sets the rates itself: the model-wide rate is then the
+    largest of them, so that :func:`fxsd.get_drop_rate` reports what the model does."""
     depths = [s.depth for s in analysis.sites]
     rates = site_rates(options.drop_rate, options.distribution, depths, analysis.num_levels)
-    if options.drop_rate > 0:
-        weights = [r / options.drop_rate for r in rates]
+    model_rate = options.drop_rate
+    if not isinstance(options.distribution, str):
+        model_rate = max(rates, default=0.0)
+    if model_rate > 0:
+        weights = [r / model_rate for r in rates]
     elif isinstance(options.distribution, str):
         weights = site_rates(1.0, options.distribution, depths, analysis.num_levels)
     else:
         weights = list(rates)
-    return rates, weights
+    return model_rate, rates, weights
 
 
 class _GraphFacts:
@@ -311,11 +383,20 @@ class _GraphFacts:
                        drop_path=DropPathAction.ADOPTED, drops=tuple(drops), note=note)
 
     def sample_plan(self, site: ResidualSite, spec: GateSpec) -> GateSpec:
-        """The sample implementation: subset where the branch treats rows independently."""
+        """The sample implementation: subset where the branch treats rows independently.
+
+        An adopted per-row drop path whose branch mixes rows (BatchNorm) would need the mask,
+        which computes every row and saves nothing: unless ``mode`` or ``sample_impl`` is given,
+        such a site runs in block mode instead (docs/training.md says why)."""
         chosen = self.options.sample_impl
         if spec.mode != "sample":
             return replace(spec, sample_impl=chosen or "mask")
         coupling = row_coupling(self.gm, site.fork, site.branch, site.side_inputs)
+        if coupling and chosen is None and self.options.mode is None \
+                and spec.drop_path is DropPathAction.ADOPTED:
+            return replace(spec, mode="block", sample_impl="mask", row_drops_blocked=True,
+                           note=join_notes(spec.note, "block mode: per-row drops would save "
+                                           f"nothing ({coupling}); mode='sample' keeps them"))
         if chosen is None:
             return replace(spec, sample_impl="mask" if coupling else "subset",
                            sample_note=f"mask: {coupling}" if coupling else "")

@@ -9,13 +9,25 @@ on example values. None of that may leave a trace. On exit, :func:`preserved` pu
 * every buffer's values (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``),
   in place, so a tensor the user holds still is the model's buffer;
 * every module's attributes — its ``training`` flag, its hook registries, its child, parameter
-  and buffer registries, any plain attribute a forward set or removed;
+  and buffer registries, any plain attribute a forward set or removed — *by putting back* the
+  objects they were. A container is never mutated unless its contents changed: a config that
+  refuses ``update`` (diffusers' ``FrozenDict``), a ``MappingProxyType`` or a custom container
+  comes back as the very object it was, untouched. Only a plain ``dict``/``OrderedDict``/``set``
+  whose contents a run changed (a hook registry, whose handles the user holds, must keep its
+  identity) is mended in place, entry by entry;
 * the global random number generators: torch's CPU generator and every initialised CUDA
   device's, Python's ``random`` and, when it is imported, NumPy's legacy global generator.
 
 While the body runs, the modules' forward and backward hooks are not called
 (:func:`hooks_silenced`): they are the user's, for the user's own calls — a hook that logs
 activations must not log fxsd's runs, nor see the fake tensors of its abstract ones.
+
+:func:`guarded` is what the public entry points run under: a failure anywhere inside puts
+the model's attributes and the generators back and surfaces as an :class:`~fxsd.FxsdError` (the
+original exception chained). :func:`model_run` wraps what the model itself raises during one of
+fxsd's runs of it in a :class:`~fxsd.errors.ModelRunError` naming the run and the module, and
+:func:`fake_tensors` is the one fake-tensor mode every abstract run uses, with torch's loggers
+quiet (a failed fake kernel that fxsd handles is not a crash to print).
 
 Parameters are not copied (a forward without an optimizer does not write them, and copying a
 large model's weights would double its memory).
@@ -33,25 +45,53 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import logging
 import random
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["hooks_silenced", "preserved"]
+from fxsd.errors import (
+    FxsdError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    ModelRunError,
+    Run,
+    TransformError,
+)
 
-#: The registries of the hooks a module call runs (each a dict, emptied while fxsd runs it).
+__all__ = ["hooks_silenced", "preserved", "restored_on_failure", "guarded", "model_run",
+           "run_error", "fake_tensors"]
+
+#: The registries of the hooks a module call runs (each a dict, swapped for an empty one while
+#: fxsd runs it).
 _CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+#: The container types mended in place when a run changed their contents. Exact types only: a
+#: subclass may refuse mutation (diffusers' ``FrozenDict``), so it is put back, never mended.
+_MENDED = (dict, OrderedDict, set)
+
+#: torch's loggers that report at ERROR level a kernel that failed on fake tensors, although the
+#: exception reaches fxsd, which handles it (a real run, or a reason in the analysis).
+_FAKE_RUN_LOGGERS = ("torch._subclasses.fake_tensor", "torch._subclasses.meta_utils",
+                     "torch.fx.experimental.symbolic_shapes")
+
+_MISSING = object()
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
     """Run the body, then restore ``model``'s buffers and module attributes and the process's
     global random generators to what they were on entry (also when the body raises)."""
-    modules = list({id(m): m for m in model.modules()}.values())
+    modules = _modules(model)
     attributes = [(m, _attributes(m)) for m in modules]
     buffers = [(m, name, b, b.detach().clone()) for m in modules
                for name, b in m._buffers.items() if b is not None]
@@ -62,22 +102,33 @@ def preserved(model: nn.Module) -> Iterator[None]:
     finally:
         for module, saved in attributes:
             _restore_attributes(module, saved)
-        with torch.no_grad():
-            for module, name, buffer, value in buffers:
-                module._buffers[name] = buffer
-                if buffer.shape != value.shape or buffer.dtype != value.dtype:
-                    buffer.data = value
-                elif not torch.equal(buffer, value):
-                    buffer.copy_(value)
+        _restore_buffers(buffers)
         _restore_generators(generators)
+
+
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """Run the body; if it raises, put ``model``'s module attributes (flags, registries, child
+    modules, anything set or removed) and the global generators back as they were, and re-raise.
+    A body that succeeds keeps its changes (``inplace=True``)."""
+    attributes = [(m, _attributes(m)) for m in _modules(model)]
+    generators = _generator_states()
+    try:
+        yield
+    except BaseException:
+        for module, saved in attributes:
+            _restore_attributes(module, saved)
+        _restore_generators(generators)
+        raise
 
 
 @contextlib.contextmanager
 def hooks_silenced(model: nn.Module) -> Iterator[None]:
     """Run the body without calling the forward and backward hooks of ``model``'s modules.
 
-    Each registry is emptied in place and refilled on exit, so the handles the user holds stay
-    valid; hooks registered in the body (fxsd's own) are gone on exit.
+    Each module's registries are swapped for empty ones while the body runs and put back on
+    exit: the user's registries are never mutated, so the handles the user holds stay valid,
+    and hooks registered in the body (fxsd's own) are gone on exit.
 
     Example:
         >>> from torch import nn
@@ -90,33 +141,200 @@ def hooks_silenced(model: nn.Module) -> Iterator[None]:
         >>> len(seen)
         1
     """
-    saved = [(registry, dict(registry)) for m in {id(m): m for m in model.modules()}.values()
-             for name in _CALL_HOOKS if (registry := m.__dict__.get(name))]
-    for registry, _ in saved:
-        registry.clear()
+    saved = [(m, name, registry) for m in _modules(model) for name in _CALL_HOOKS
+             if (registry := m.__dict__.get(name))]
+    for module, name, _ in saved:
+        module.__dict__[name] = OrderedDict()
     try:
         yield
     finally:
-        for registry, contents in saved:
-            registry.clear()
-            registry.update(contents)
+        for module, name, registry in saved:
+            module.__dict__[name] = registry
+
+
+def guarded(what: str) -> Callable[[F], F]:
+    """Decorate a public entry point whose first argument is the model (``what`` names it in
+    messages): a model fxsd cannot work on is refused before any work, and a failure anywhere
+    inside leaves the model as it was (:func:`restored_on_failure`) and surfaces as an
+    :class:`~fxsd.FxsdError` — an exception fxsd did not foresee as a
+    :class:`~fxsd.errors.TransformError` with the original chained. FxsdErrors pass unchanged."""
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def entry(model: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(model, nn.Module):
+                return fn(model, *args, **kwargs)  # the entry point's own type error
+            _check_model(model, what, _gives_examples(signature, model, args, kwargs))
+            try:
+                with restored_on_failure(model):
+                    return fn(model, *args, **kwargs)
+            except FxsdError:
+                raise
+            except Exception as exc:
+                raise TransformError(
+                    f"{what} failed on {type(model).__name__} with an error fxsd did not "
+                    f"foresee: {type(exc).__name__}: {exc}. The model is as it was; please "
+                    "report this with the model's code.") from exc
+        return entry  # type: ignore[return-value]
+    return decorate
+
+
+def _gives_examples(signature: inspect.Signature, model: nn.Module, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> bool:
+    try:
+        bound = signature.bind_partial(model, *args, **kwargs).arguments
+    except TypeError:
+        return False
+    return any(bound.get(name) is not None
+               for name in ("example_inputs", "example_kwargs", "target_saving"))
+
+
+def _check_model(model: nn.Module, what: str, examples: bool) -> None:
+    """Refuse, before any work, a model fxsd can neither trace nor run."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidTypeError(
+            f"{what} got a TorchScript module ({type(model).__name__}): torch.fx cannot trace "
+            "compiled TorchScript. Pass the nn.Module itself (before torch.jit.script or "
+            "torch.jit.trace); script the transformed model afterwards if you need to.")
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers())
+                 if t.is_meta), None)
+    if meta is not None and examples:
+        raise InvalidArgumentError(
+            f"{what}: {type(model).__name__} has tensors on the meta device (first: '{meta}'), "
+            "which hold no values, so fxsd cannot run it on example inputs. Materialize it first "
+            "(model.to_empty(device=...) and load its weights), or transform it without "
+            "example_inputs/example_kwargs/target_saving.")
+
+
+@contextlib.contextmanager
+def model_run(model: nn.Module, run: Run) -> Iterator[None]:
+    """Run the body — one of fxsd's own runs of ``model`` — turning what the model raises into
+    a :class:`~fxsd.errors.ModelRunError` that names ``run`` and the module (:func:`run_error`).
+    FxsdErrors pass unchanged."""
+    try:
+        yield
+    except FxsdError:
+        raise
+    except Exception as exc:
+        raise run_error(model, run, exc) from exc
+
+
+def run_error(model: nn.Module, run: Run, exc: BaseException, detail: str = ""
+              ) -> ModelRunError:
+    """The :class:`~fxsd.errors.ModelRunError` for ``exc``, raised by ``model`` during ``run``:
+    it names the innermost module of ``model`` whose ``forward`` was running when it was raised
+    (the root when none was), and how to fix the commonest cause. ``detail`` adds where else."""
+    module, path = _raising_module(model, exc)
+    where = f"'{path}' ({type(module).__name__})" if path else f"its root ({type(model).__name__})"
+    hint = ""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        hint = (f" '{path or '<root>'}' is a BatchNorm in training mode, which needs more than "
+                "one value per channel: give example inputs with a batch of at least 2 (or a "
+                "larger input, so the feature map there is larger than 1x1).")
+    text = str(exc).rstrip()
+    end = "" if text.endswith(".") else "."
+    return ModelRunError(
+        f"{type(model).__name__} raised in {where} during fxsd's {run.value}{detail}: "
+        f"{type(exc).__name__}: {text}{end}{hint}", run, path, type(module).__name__)
+
+
+def _raising_module(model: nn.Module, exc: BaseException) -> tuple[nn.Module, str]:
+    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    found: tuple[nn.Module, str] = (model, "")
+    tb = exc.__traceback__
+    while tb is not None:  # outermost to innermost frame: the last module frame wins
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in paths:
+            found = (owner, paths[id(owner)])
+        tb = tb.tb_next
+    return found
+
+
+@contextlib.contextmanager
+def fake_tensors() -> Iterator[Any]:
+    """Enter a ``FakeTensorMode`` (real tensors allowed as inputs) and yield it: the one mode
+    every abstract run of fxsd uses. torch's fake-tensor loggers are quiet meanwhile: a kernel
+    that fails on fake tensors logs a traceback at ERROR level before its exception reaches
+    fxsd, which handles it, so a successful transform would print a crash log."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    loggers = [logging.getLogger(name) for name in _FAKE_RUN_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield mode
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _modules(model: nn.Module) -> list[nn.Module]:
+    return list({id(m): m for m in model.modules()}.values())
+
+
+def _contents(value: Any) -> Any:
+    """A copy of a mended container's contents (``None`` for every other object)."""
+    if type(value) is set:
+        return set(value)
+    if type(value) in _MENDED:
+        return list(value.items())
+    return None
 
 
 def _attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
-    """Each attribute's object and, for a dict or set (registries), a copy of its contents."""
-    return {name: (value, value.copy() if isinstance(value, (dict, set)) else None)
-            for name, value in module.__dict__.items()}
+    """Each attribute's object and, for a plain dict or set (registries), its contents."""
+    return {name: (value, _contents(value)) for name, value in module.__dict__.items()}
 
 
 def _restore_attributes(module: nn.Module, saved: dict[str, tuple[Any, Any]]) -> None:
+    """Put each attribute back as the object it was; mend a registry only if it changed."""
     state = module.__dict__
     for name in [n for n in state if n not in saved]:
         del state[name]
     for name, (value, contents) in saved.items():
-        state[name] = value
-        if contents is not None:  # in place: a hook handle holds its registry, not the module
-            value.clear()
-            value.update(contents)
+        if state.get(name, _MISSING) is not value:
+            state[name] = value
+        if contents is not None:
+            _mend(value, contents)
+
+
+def _mend(container: Any, contents: Any) -> None:
+    """Give a plain dict, OrderedDict or set ``contents`` again, in place (its identity is what
+    a hook handle holds), touching only the entries that changed; unchanged, it is not touched.
+    Dict values are compared by identity: an equal but other object is put back too."""
+    if isinstance(container, set):
+        if container != contents:
+            container.difference_update(container - contents)
+            container.update(contents - container)
+        return
+    keys = [k for k, _ in contents]
+    if list(container) == keys and all(container[k] is v for k, v in contents):
+        return
+    wanted = dict(contents)
+    for key in [k for k in container if k not in wanted]:
+        del container[key]
+    for key, value in contents:
+        if container.get(key, _MISSING) is not value:
+            container[key] = value
+    if list(container) != keys:  # an entry removed and added again: its place, too
+        for key, value in contents:
+            del container[key]
+            container[key] = value
+
+
+def _restore_buffers(buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]) -> None:
+    """Each buffer's values, in place (a tensor the user holds still is the model's buffer)."""
+    with torch.no_grad():
+        for module, name, buffer, value in buffers:
+            if module._buffers.get(name) is not buffer:
+                module._buffers[name] = buffer
+            if buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer.data = value
+            elif not buffer.is_meta and not torch.equal(buffer, value):
+                buffer.copy_(value)
 
 
 def _generator_states() -> dict[str, Any]:

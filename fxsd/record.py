@@ -39,7 +39,9 @@ class FxsdRecord:
             :func:`fxsd.set_drop_rate` (each gate's own rate is ``gate.drop_rate``).
         num_levels: ``L``, the number of depths among the gated sites.
         rewritten: qualified paths of the modules whose ``forward`` fxsd rewrote as gated
-            ``GraphModule``\\ s (``""`` is the root), in model order.
+            ``GraphModule``\\ s (``""`` is the root), in model order. A module registered at
+            several paths is listed once, at the first (the path ``named_modules()`` and the
+            trace use); the rewritten module sits at every one of them.
         original_classes: the class name of each rewritten module before it was rewritten.
         live_leaves: modules the tracer kept whole because their traced code reads
             ``self.training`` (they stay switchable by ``train()``/``eval()``).
@@ -55,6 +57,8 @@ class FxsdRecord:
         traced: when modules were traced one by one (by example, or timm's not-traceable
             modules on their own), their paths.
         untraced: ``(path, class name, why)`` of the modules that could not be traced.
+        schedule: the schedule in charge of the rates, held weakly (one per model:
+            :func:`fxsd.schedulers.schedule_of`); a copied or unpickled record has none.
     """
 
     drop_rate: float = 0.0
@@ -70,6 +74,7 @@ class FxsdRecord:
     stripped: bool = False
     traced: tuple[str, ...] = ()
     untraced: tuple[tuple[str, str, str], ...] = ()
+    schedule: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from torch.fx import GraphModule, Node
 
 from fxsd.calls import CallTree, stack_scope
 from fxsd.escapes import Escapes, declared_no_tensor, find_escapes
+from fxsd.join import PLAIN_JOIN, Join, join_alpha, join_of
 from fxsd.ops import (
     add_kind,
     add_operands,
@@ -114,6 +115,8 @@ class ResidualSite:
             outermost first (the last one is ``module_path``; empty for the root).
         escapes: what the branch hands to code outside it besides its output, and how a
             skipped branch still produces it (:class:`~fxsd.escapes.Escapes`; ``None``: nothing).
+        join: the add as written (function, operand order, ``alpha``, in place), which the gate
+            computes (:class:`~fxsd.join.Join`).
     """
 
     add: Node
@@ -133,6 +136,7 @@ class ResidualSite:
     flops: int | None = None
     scope: tuple[tuple[str, str], ...] = ()
     escapes: Escapes | None = None
+    join: Join = PLAIN_JOIN
 
     @property
     def name(self) -> str:
@@ -347,7 +351,7 @@ class _Analyzer:
             num_params=_param_count(self.gm, (*branch.nodes, *params)),
             flops=(sum(self.profiles[n].flops for n in branch.nodes if n in self.profiles)
                    if self.profiles else None),
-            scope=scope, escapes=branch.escapes)
+            scope=scope, escapes=branch.escapes, join=join_of(node, kind, out))
 
     def tensor_operands(self, node: Node) -> tuple[Node, Node]:
         """Checks 1-3: plain add arguments, two different tensors computed from an input."""
@@ -355,10 +359,11 @@ class _Analyzer:
             a, b = add_operands(node)
         except ValueError as exc:
             raise _Rejected(RejectReason.UNSUPPORTED_ARGUMENTS, str(exc)) from None
-        extra = {k: v for k, v in node.kwargs.items() if k not in ("input", "other", "self")}
-        if extra.get("alpha", 1) != 1 or extra.get("out") is not None:
+        if join_alpha(node) is None:  # a number ``alpha`` is part of the join (fxsd.join)
+            given = ", ".join(f"{k}={v}" for k, v in node.kwargs.items() if k in ("alpha", "out"))
             raise _Rejected(RejectReason.UNSUPPORTED_ARGUMENTS,
-                            f"add with {sorted(extra)} keyword arguments is not gated")
+                            f"add with {given} is not gated: a gate computes the add with a "
+                            "number as alpha (or none) and no out=")
         for x in (a, b):
             if not isinstance(x, Node):
                 raise _Rejected(RejectReason.SCALAR_OPERAND,

@@ -25,16 +25,21 @@ Each has ``step()``, ``get_last_rate()`` (the model-wide rate) and ``state_dict(
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
+from numbers import Real
 from typing import Any
 
 from torch import nn
 
+from fxsd.arguments import check_callable, check_int, check_number
 from fxsd.distributions import check_rate
 from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
+from fxsd.record import FxsdRecord, get_record
 from fxsd.training import _gates_or_error, get_drop_rate, named_gates, set_drop_rate
 
-__all__ = ["DropSchedule", "DropWarmup", "ProgressiveLayerDrop", "progressive_layer_drop"]
+__all__ = ["DropSchedule", "DropWarmup", "ProgressiveLayerDrop", "progressive_layer_drop",
+           "schedule_of"]
 
 _ROUNDING = 1e-9  # base rate x factor may land a hair above 1 when it means 1
 
@@ -42,12 +47,19 @@ _ROUNDING = 1e-9  # base rate x factor may land a hair above 1 when it means 1
 class DropSchedule:
     """Scale a transformed model's drop rates by ``fn(step)`` at every step.
 
-    ``fn(step)`` returns a factor ``>= 0``; every site's rate becomes its base rate times that
-    factor, keeping the depth distribution. A factor that would take a site's rate (or the
-    model-wide rate) above 1 raises :class:`~fxsd.InvalidArgumentError` naming the step, the
-    factor and the site, and the schedule stays where it was: rates are never silently capped,
-    which would flatten the depth distribution. Step 0 is applied at construction; call
-    :meth:`step` once per optimizer step.
+    ``fn(step)`` returns a factor ``>= 0`` (a number: a string or bool is refused); every site's
+    rate becomes its base rate times that factor, keeping the depth distribution. A factor that
+    would take a site's rate (or the model-wide rate) above 1 raises
+    :class:`~fxsd.InvalidArgumentError` naming the step, the factor and the site, and the
+    schedule stays where it was: rates are never silently capped, which would flatten the depth
+    distribution. Step 0 is applied at construction; call :meth:`step` once per optimizer step.
+
+    **One schedule per model.** A schedule is in charge of its model's rates until
+    :meth:`remove` is called (or it is garbage-collected): making a second one for the same model
+    raises :class:`~fxsd.InvalidArgumentError` naming the first
+    (:func:`schedule_of` returns it), since two schedules would overwrite each other's rates at
+    every step. A copy of the model (``copy.deepcopy``, ``torch.save``/``torch.load``) starts
+    without one.
 
     Args:
         model: a model returned by :func:`fxsd.stochastic_depth`.
@@ -60,20 +72,34 @@ class DropSchedule:
     """
 
     def __init__(self, model: nn.Module, fn: Callable[[int], float]) -> None:
-        if not callable(fn):
-            raise InvalidTypeError(f"fn must be callable step -> factor, got {type(fn).__name__}")
+        self.fn = check_callable(fn, "fn", "fn(step) -> factor", 1)
+        self._start(model)
+
+    def _start(self, model: nn.Module) -> None:
+        """Take charge of ``model``'s rates at step 0 (refused while another schedule has
+        them; nothing is changed then)."""
+        _gates_or_error(model)
+        _check_free(model, self)
         self.model = model
-        self.fn = fn
-        self.base_rate = get_drop_rate(model)  # raises when the model has no gates
+        self.base_rate = get_drop_rate(model)
         self.step_count = 0
+        self._removed = False
         self._apply()
+
+    def _factor(self, step: int) -> Any:
+        return self.fn(step)
 
     def rate(self) -> float:
         """The model-wide rate at the current step."""
-        factor = float(self.fn(self.step_count))
-        if math.isnan(factor) or factor < 0:
-            raise InvalidArgumentError(f"fn({self.step_count}) returned {factor}: factors must "
-                                       "be numbers >= 0")
+        step = self.step_count
+        value = self._factor(step)
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise InvalidTypeError(f"fn({step}) returned {value!r} ({type(value).__name__}): "
+                                   "factors must be numbers >= 0")
+        factor = float(value)
+        if not math.isfinite(factor) or factor < 0:
+            raise InvalidArgumentError(f"fn({step}) returned {factor}: factors must be numbers "
+                                       ">= 0 (and finite)")
         self._check_factor(factor)
         return min(1.0, self.base_rate * factor)  # min: only rounding can go past 1 here
 
@@ -95,8 +121,20 @@ class DropSchedule:
         return self._last
 
     def _apply(self) -> None:
-        self._last = self.rate()
-        set_drop_rate(self.model, self._last)
+        if self.__dict__.get("_removed"):
+            raise InvalidArgumentError(
+                f"this {type(self).__name__} was removed (.remove()): it no longer steps the "
+                "model's rates; step the schedule in charge instead (fxsd.schedulers."
+                "schedule_of(model))")
+        record = _record(self.model)
+        in_charge = _slot_of(record) is self
+        if not in_charge:
+            _check_free(self.model, self)
+        last = self.rate()
+        set_drop_rate(self.model, last)
+        self._last = last
+        if not in_charge:
+            record.schedule = _Slot(self)
 
     def step(self) -> None:
         """Advance one step and set the rates for it (on an error, stay at the step before)."""
@@ -107,15 +145,101 @@ class DropSchedule:
             self.step_count -= 1
             raise
 
+    def remove(self) -> None:
+        """Stop being in charge of the model's rates: they stay where the last step set them,
+        :meth:`step` raises from now on, and another schedule may be made for the model."""
+        record = _record(self.model)
+        if _slot_of(record) is self:
+            record.schedule = None
+        if record.warmup is self:  # the one fxsd.apply_stochastic_depth made
+            record.warmup = None
+        self._removed = True
+
     def state_dict(self) -> dict[str, Any]:
         """The schedule's position (``fn`` itself is code, not state)."""
         return {"step_count": self.step_count, "base_rate": self.base_rate}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved with :meth:`state_dict` and set the rates for it."""
-        self.step_count = int(state["step_count"])
-        self.base_rate = check_rate(state["base_rate"], "base_rate")
-        self._apply()
+        """Restore a position saved with :meth:`state_dict` and set the rates for it.
+
+        Raises :class:`~fxsd.InvalidArgumentError` (the schedule unchanged) for a state that is
+        not one this class's :meth:`state_dict` returned."""
+        state = _entries(self, state, ("step_count", "base_rate"))
+        self._restore(step_count=check_int(state["step_count"], "step_count", minimum=0),
+                      base_rate=check_rate(state["base_rate"], "base_rate"))
+
+    def _restore(self, **values: Any) -> None:
+        """Set the schedule's attributes and the rates for them, or none of them."""
+        before = {name: getattr(self, name) for name in values}
+        self.__dict__.update(values)
+        try:
+            self._apply()
+        except FxsdError:
+            self.__dict__.update(before)
+            raise
+
+
+class _Slot:
+    """The schedule in charge of a model's rates, held weakly on its record
+    (``FxsdRecord.schedule``): a forgotten schedule frees the model. A copied or unpickled record
+    starts empty; a schedule copied with its model takes charge again at its next step."""
+
+    def __init__(self, schedule: DropSchedule | None = None) -> None:
+        self._ref = None if schedule is None else weakref.ref(schedule)
+
+    def get(self) -> DropSchedule | None:
+        return None if self._ref is None else self._ref()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Slot, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Slot:
+        return _Slot()
+
+
+def _record(model: nn.Module) -> FxsdRecord:
+    return get_record(model)
+
+
+def _slot_of(record: FxsdRecord) -> DropSchedule | None:
+    slot = getattr(record, "schedule", None)  # a record pickled before schedules had one
+    return slot.get() if isinstance(slot, _Slot) else None
+
+
+def schedule_of(model: nn.Module) -> DropSchedule | None:
+    """The schedule in charge of ``model``'s rates (the one :func:`fxsd.apply_stochastic_depth`
+    made for ``drop_warmup`` included), or ``None``."""
+    _gates_or_error(model)
+    record = _record(model)
+    for candidate in (_slot_of(record), record.warmup):
+        if isinstance(candidate, DropSchedule) and not candidate.__dict__.get("_removed") \
+                and _record(candidate.model) is record:
+            return candidate
+    return None
+
+
+def _check_free(model: nn.Module, schedule: DropSchedule) -> None:
+    current = schedule_of(model)
+    if current is not None and current is not schedule:
+        raise InvalidArgumentError(
+            f"{type(model).__name__} already has a {type(current).__name__} in charge of its "
+            f"drop rates (at step {current.step_count}); a {type(schedule).__name__} beside it "
+            "would overwrite them at every step. Call .remove() on the one in charge first "
+            "(fxsd.schedulers.schedule_of(model) returns it), or express both in one "
+            "DropSchedule fn")
+
+
+def _entries(schedule: DropSchedule, state: object, keys: tuple[str, ...]) -> Mapping[str, Any]:
+    """``state`` if it holds exactly ``keys`` (what ``state_dict()`` returns)."""
+    owner = type(schedule).__name__
+    if not isinstance(state, Mapping):
+        raise InvalidTypeError(f"{owner}.load_state_dict takes a dict returned by its "
+                               f"state_dict(), got {type(state).__name__}")
+    if set(state) != set(keys):
+        raise InvalidArgumentError(
+            f"not a {owner} state: {owner}.state_dict() has the keys {list(keys)}, this one "
+            f"has {sorted(map(str, state))}")
+    return state
 
 
 class DropWarmup(DropSchedule):
@@ -132,11 +256,14 @@ class DropWarmup(DropSchedule):
     """
 
     def __init__(self, model: nn.Module, total_steps: int, warmup: float = 0.1) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise InvalidArgumentError(f"total_steps must be a positive int, got {total_steps!r}")
-        self.total_steps = total_steps
+        self.total_steps = check_int(total_steps, "total_steps", minimum=1)
         self.warmup = check_rate(warmup, "warmup")
-        super().__init__(model, self._factor)
+        self._start(model)
+
+    @property
+    def fn(self) -> Callable[[int], float]:
+        """The ramp, ``step -> factor`` (a method, so the schedule holds no cycle to itself)."""
+        return self._factor
 
     @property
     def warmup_steps(self) -> int:
@@ -155,10 +282,11 @@ class DropWarmup(DropSchedule):
                 "total_steps": self.total_steps, "warmup": self.warmup}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.total_steps = int(state["total_steps"])
-        self.warmup = check_rate(state["warmup"], "warmup")
-        super().load_state_dict({"step_count": state["step_count"],
-                                 "base_rate": state["target"]})
+        state = _entries(self, state, ("step_count", "target", "total_steps", "warmup"))
+        self._restore(step_count=check_int(state["step_count"], "step_count", minimum=0),
+                      base_rate=check_rate(state["target"], "target"),
+                      total_steps=check_int(state["total_steps"], "total_steps", minimum=1),
+                      warmup=check_rate(state["warmup"], "warmup"))
 
 
 class ProgressiveLayerDrop(DropSchedule):
@@ -166,13 +294,18 @@ class ProgressiveLayerDrop(DropSchedule):
 
     def __init__(self, model: nn.Module, theta_bar: float, gamma: float) -> None:
         self.theta_bar = check_rate(theta_bar, "theta_bar")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
-            raise InvalidArgumentError(f"gamma must be a number >= 0, got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = _check_gamma(gamma)
+        found = _gates_or_error(model)
+        _check_free(model, self)  # before the weights change
         # site l of L drops at (l / L) * (1 - theta(t)), whatever rates it had before
-        for gate in _gates_or_error(model):
+        for gate in found:
             gate.rate_weight = gate.info.depth / gate.info.num_levels if gate.info else 1.0
-        super().__init__(model, self.theta)
+        self._start(model)
+
+    @property
+    def fn(self) -> Callable[[int], float]:
+        """``theta``, the keep probability of the deepest site at a step."""
+        return self.theta
 
     def theta(self, step: int) -> float:
         """The keep probability of the deepest site at ``step``: ``theta(t)``."""
@@ -185,10 +318,17 @@ class ProgressiveLayerDrop(DropSchedule):
         return {"step_count": self.step_count, "theta_bar": self.theta_bar, "gamma": self.gamma}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
-        self.theta_bar = check_rate(state["theta_bar"], "theta_bar")
-        self.gamma = float(state["gamma"])
-        self._apply()
+        state = _entries(self, state, ("step_count", "theta_bar", "gamma"))
+        self._restore(step_count=check_int(state["step_count"], "step_count", minimum=0),
+                      theta_bar=check_rate(state["theta_bar"], "theta_bar"),
+                      gamma=_check_gamma(state["gamma"]))
+
+
+def _check_gamma(gamma: object) -> float:
+    value = check_number(gamma, "gamma")
+    if value < 0:
+        raise InvalidArgumentError(f"gamma must be a number >= 0, got {gamma!r}")
+    return value
 
 
 def progressive_layer_drop(model: nn.Module, theta_bar: float = 0.5, gamma: float | None = None,
@@ -214,8 +354,12 @@ def progressive_layer_drop(model: nn.Module, theta_bar: float = 0.5, gamma: floa
         0.0
     """
     if gamma is None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        if total_steps is None:
             raise InvalidArgumentError("progressive_layer_drop needs gamma= or total_steps= (a "
                                        "positive int: gamma = 100 / total_steps)")
-        gamma = 100.0 / total_steps
+        gamma = 100.0 / check_int(total_steps, "total_steps", minimum=1)
+    elif total_steps is not None:
+        raise InvalidArgumentError(
+            f"give gamma= or total_steps=, not both (got gamma={gamma!r}, total_steps="
+            f"{total_steps!r}): total_steps sets gamma = 100 / total_steps")
     return ProgressiveLayerDrop(model, theta_bar, gamma)

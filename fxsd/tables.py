@@ -18,9 +18,10 @@ from tabulate import tabulate
 from torch import nn
 
 from fxsd.analysis import analyze_residuals
+from fxsd.arguments import check_choice
 from fxsd.budget import site_savings
 from fxsd.distributions import Distribution, site_rates
-from fxsd.errors import InvalidTypeError
+from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.gate import GateInfo
 from fxsd.owners import plan_owners
 from fxsd.record import get_record
@@ -54,6 +55,7 @@ class _Report:
     traced: tuple[str, ...] = ()  # modules traced one by one (empty: the model, whole)
     untraced: tuple[tuple[str, str, str], ...] = ()
     step_flops: int | None = None  # forward + backward FLOPs of a training step
+    failure: str = ""  # why the model could not be traced (then there are no rows)
 
 
 def _report(
@@ -73,7 +75,10 @@ def _report(
                             g.scale, g.note, savings.get(g.info.name)) for g in gates]
             return _Report(rows, list(record.rejected), record.total_flops, record.traced,
                            record.untraced, record.step_flops if costed else None)
-        source = analyze_residuals(source, example_inputs)
+        try:
+            source = analyze_residuals(source, example_inputs)
+        except TraceError as exc:  # nothing to tabulate: the table says why instead
+            return _Report([], [], None, failure=str(exc))
     if isinstance(source, ResidualAnalysis):
         sites, levels = source.sites, source.num_levels
         rejected, total = list(source.rejected), source.total_flops
@@ -140,7 +145,10 @@ def table(
         >>> print(fxsd.table(torchvision.models.resnet18(), width=0).splitlines()[2])
         1      layer1.0.residual_gate  identity    conv1 → bn2  5      74k     -
     """
+    check_tablefmt(tablefmt)
     report = _report(source, drop_rate, distribution, example_inputs)
+    if not report.rows:
+        return _no_sites(report, tablefmt, terminal_width() if width is None else width)
     headers = list(SITE_HEADERS)
     with_flops = any(r.info.flops is not None for r in report.rows)
     with_rates = any(r.drop_rate is not None for r in report.rows)
@@ -181,20 +189,43 @@ def table(
     limit = terminal_width() if width is None else width
     # the gate says which block a row is: it is cut last, after less telling columns go
     shrink = [("branch", _branch), ("side inputs", _ends), ("note", _ends), (EMPTY, _ends),
-              ("gate", _paths), ("note", LEAVE_OUT), ("side inputs", LEAVE_OUT), ("gate", _ends)]
+              ("gate", _paths), ("note", LEAVE_OUT), ("side inputs", LEAVE_OUT), ("gate", _ends),
+              # narrow terminals (40-60 columns): depth, gate, rate and saving stay longest
+              *((name, LEAVE_OUT) for name in ("params", "nodes", "FLOPs", "branch", "scale",
+                                               "skip", "step %", "mode"))]
     if with_saving:  # forward FLOPs say less than the step share beside them: they go first
         shrink[4:4] = [("FLOPs", LEAVE_OUT), ("nodes", LEAVE_OUT)]
     text = fit_table(body, headers, tablefmt, limit, shrink)
     if report.traced or report.untraced:
         text += "\n\n" + _units(report, tablefmt, limit)
     if rejected:
-        rows = [[r.add, r.add_kind, r.module_path or "<root>", r.reason.value, r.detail]
-                for r in report.rejected]
-        text += "\n\nrejected adds:\n" + (
-            fit_table(rows, REJECTED_HEADERS, tablefmt, limit,
-                      [("detail", _ends), (EMPTY, _ends), ("module", _paths),
-                       ("module", _ends)]) if rows
-            else "(none)")
+        text += "\n\n" + _rejected(report, tablefmt, limit)
+    return text
+
+
+def _rejected(report: _Report, tablefmt: str, width: int) -> str:
+    rows = [[r.add, r.add_kind, r.module_path or "<root>", r.reason.value, r.detail]
+            for r in report.rejected]
+    return "rejected adds:\n" + (
+        fit_table(rows, REJECTED_HEADERS, tablefmt, width,
+                  [("detail", _ends), (EMPTY, _ends), ("module", _paths),
+                   ("module", _ends)]) if rows
+        else "(none)")
+
+
+def _no_sites(report: _Report, tablefmt: str, width: int) -> str:
+    """The table of a model without residual sites: why there are none — the reason tracing
+    failed, or the rejected adds (always listed here) and the modules that were not traced."""
+    if report.failure:
+        return fill(f"no residual site: the model could not be traced. {report.failure}",
+                    width)
+    n = len(report.rejected)
+    text = fill(f"no residual site: {n} add{'s' * (n != 1)} found, none a residual join"
+                if n else "no residual site: no add was found in the traced code", width)
+    if report.rejected:
+        text += "\n\n" + _rejected(report, tablefmt, width)
+    if report.traced or report.untraced:
+        text += "\n\n" + _units(report, tablefmt, width)
     return text
 
 
@@ -237,6 +268,17 @@ def fill(text: str, width: int, indent: str = "") -> str:
 EMPTY = "<empty columns>"
 
 
+def check_tablefmt(tablefmt: object) -> object:
+    """``tablefmt`` if ``tabulate`` knows it (a name from ``tabulate.tabulate_formats`` or a
+    ``tabulate.TableFormat``): ``tabulate`` itself falls back to ``"simple"`` without a word."""
+    import tabulate as tabulate_module
+
+    if isinstance(tablefmt, tabulate_module.TableFormat):
+        return tablefmt
+    check_choice(tablefmt, "tablefmt", sorted(tabulate_module.tabulate_formats))
+    return tablefmt
+
+
 def LEAVE_OUT(cells: list[str], n: int) -> list[str]:  # noqa: N802 (a marker, used by name)
     """In a ``shrink`` list of :func:`fit_table`: leave this column out (said under the table)."""
     raise AssertionError("fit_table handles LEAVE_OUT itself")
@@ -250,6 +292,8 @@ def fit_table(body: list[list[Any]], headers: list[str], tablefmt: str, width: i
     (down to no less than 12 characters or its header) by its function, which gets the column's
     cells and the width to fit and returns the new cells; :func:`LEAVE_OUT` leaves the column out
     (a line under the table says so) and :data:`EMPTY` the columns in which every cell is ``-``.
+    A table still too wide then loses its last columns (the first two stay), so that no line is
+    longer than ``width`` whenever the first two columns fit.
     """
 
     def render() -> str:
@@ -280,6 +324,10 @@ def fit_table(body: list[list[Any]], headers: list[str], tablefmt: str, width: i
                 continue
             cells = cut([str(row[j]) for row in body], target)
             body = [[*row[:j], cell, *row[j + 1:]] for row, cell in zip(body, cells)]
+        text = render()
+    while width > 0 and _widest(text) > width and len(headers) > 2:
+        left_out.append(headers[-1])  # still too wide: the last columns go, the first two stay
+        keep_only(list(range(len(headers) - 1)))
         text = render()
     if left_out:
         text += "\n" + fill(f"({', '.join(left_out)} left out to fit {width} columns; "
@@ -360,6 +408,8 @@ def summary(source: Any, *, drop_rate: float | None = None,
     (example inputs given) and by its parameter count otherwise.
     """
     report = _report(source, drop_rate, distribution, example_inputs)
+    if report.failure:
+        return f"0 residual sites: the model could not be traced ({report.failure.splitlines()[0]})"
     rows = report.rows
     n_rej = len(report.rejected)
     text = (f"{len(rows)} residual site{'s' * (len(rows) != 1)}, "
@@ -378,4 +428,16 @@ def summary(source: Any, *, drop_rate: float | None = None,
         saved = sum(r.saving or 0.0 for r in rows)
         text += (f"; expected saving per training step: {saved:.1%} of its FLOPs (forward + "
                  f"backward, {_fmt_int(report.step_flops)})")
+    if _saves_nothing(rows):
+        text += ("; no compute saved: every gated branch runs in sample mode with the mask "
+                 "(its branch mixes batch rows, see the note column), which computes every "
+                 "row; mode='block' skips whole branches")
     return text
+
+
+def _saves_nothing(rows: Sequence[SiteRow]) -> bool:
+    """Whether the gates of a transformed model are all sample-mode masks (which compute every
+    row), none that could skip work dropping (:class:`fxsd.NoSavingWarning` says the same)."""
+    masked = [r for r in rows if r.mode == "sample/mask"]
+    return bool(masked) and not any(r.mode != "sample/mask" and (r.drop_rate or 0) > 0
+                                    for r in rows)

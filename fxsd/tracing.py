@@ -14,10 +14,14 @@ model itself is never modified) and prepares its graph for analysis:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
+import os
+import random
+import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from fxsd.arguments import check_concrete_args, check_leaf_modules
 from fxsd.calls import CallTree, ModuleCall, as_nodes, calls_of, is_dict_record
 from fxsd.distributed import check_not_wrapped
 from fxsd.drop_paths import is_drop_path
-from fxsd.errors import InvalidTypeError, TraceError
+from fxsd.errors import InvalidTypeError, RandomDrawError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph, wrapped_call
 from fxsd.guards import check_argument
 from fxsd.hf import opaque_attention_kernels
@@ -41,12 +47,14 @@ from fxsd.passes.partial_join import make_partial_joins_explicit
 from fxsd.record import FxsdRecord, NodeRecord
 
 __all__ = ["trace", "trace_calls", "if_training", "FxsdTracer",
-           "TrainingDependenceWarning", "FrozenDropoutWarning"]
+           "FrozenDropoutWarning"]
 
 LeafSpec = type | str | nn.Module
 # Each round of the training-aware trace that does not converge makes at least one more module a
 # live leaf and costs two full traces; a bound keeps a pathological model from looping.
 MAX_MODE_ROUNDS = 8
+# Each module whose code draws random numbers costs one more trace; a bound as for the modes.
+MAX_KEPT_DRAWS = 64
 TracerFactory = Callable[..., "FxsdTracer"]
 """Builds the tracer of one trace: called with the leaves and ``prefix=`` (the traced module's
 qualified name with a dot)."""
@@ -101,6 +109,12 @@ class FxsdTracer(fx.Tracer):
         self.scope_stack: list[tuple[str, str]] = []
         self.calls: list[ModuleCall] = []
         self._running: list[int] = []
+        self.draw: RandomDrawError | None = None  # the first random draw of the model's code
+        self.host_states: HostStates | None = None  # while tracing
+        self.draw_watch: TorchDispatchMode | None = None  # while tracing
+        # compare the global host generators' states at every module call (costly: only to
+        # find which module moved them, once a trace saw them move)
+        self.locate_host_draws = False
 
     def path_of_module(self, mod: nn.Module) -> str:
         return self.prefix + super().path_of_module(mod)
@@ -133,10 +147,35 @@ class FxsdTracer(fx.Tracer):
 
         ops.stochastic_depth = stochastic_depth
         try:
-            with opaque_attention_kernels(self):
+            with opaque_attention_kernels(self), watching_draws(self):
                 return super().trace(root, concrete_args)
         finally:
             ops.stochastic_depth = original
+
+    def watches_draws(self) -> bool:
+        """Whether a random draw now is the model's own code running on concrete values (the
+        tracer's evaluation of a traced op on example values is not)."""
+        return True
+
+    def drew(self, source: str, location: str) -> None:
+        """The model's code drew a random number on the host (``source``, at ``location``)
+        while being traced: raise :class:`~fxsd.errors.RandomDrawError` naming the innermost
+        module traced (kept in :attr:`draw` too, in case the model's code swallows it). The
+        loop of a module whose layer drop fxsd takes over (:mod:`fxsd.layer_drop`) may draw."""
+        if not self.watches_draws():
+            return
+        path, kind = self.prefix.rstrip("."), type(self.root).__name__
+        for entry in reversed(self.scope_stack):  # the innermost module traced through
+            module = self.root.get_submodule(entry[0][len(self.prefix):])
+            if not self.is_leaf_module(module, entry[0]):
+                path, kind = entry
+                break
+        local = path[len(self.prefix):] if self.prefix else path
+        if _adopted_layer_drop(self.root.get_submodule(local)):
+            return
+        error = _draw_error(path, kind, source, location)
+        self.draw = self.draw or error
+        raise error
 
     def create_arg(self, a: Any) -> Any:
         if is_dict_record(a):
@@ -161,6 +200,8 @@ class FxsdTracer(fx.Tracer):
             # Called but not a registered submodule (transformers' kernel wrappers sit in a plain
             # dict): it has no path to call it by, so its forward is traced through, inline.
             return m.forward(*args, **kwargs)
+        if self.locate_host_draws and self.host_states is not None:
+            self.host_states.check(self)  # the caller's code since the last check
         # Remember which module is being traced, so that a failure can name it.
         # On failure the entry stays on the stack: the innermost one names the failing module.
         self.scope_stack.append((path, type(m).__name__))
@@ -177,6 +218,8 @@ class FxsdTracer(fx.Tracer):
         # module it wraps (not through torch.utils.checkpoint).
         wrapped = _checkpoint_wrapped(m)
         out = super().call_module(m, wrapped if wrapped is not None else m.forward, args, kwargs)
+        if self.locate_host_draws and self.host_states is not None:
+            self.host_states.check(self)
         self._running.pop()
         call.output = as_nodes(out)
         self.scope_stack.pop()
@@ -189,17 +232,184 @@ def _checkpoint_wrapped(module: nn.Module) -> nn.Module | None:
     return inner if isinstance(inner, nn.Module) else None
 
 
-def _validate_leaves(leaf_modules: Iterable[LeafSpec] | None) -> list[LeafSpec]:
-    leaves = list(leaf_modules or ())
-    for leaf in leaves:
-        ok = isinstance(leaf, (str, nn.Module)) or (isinstance(leaf, type)
-                                                    and issubclass(leaf, nn.Module))
-        if not ok:
-            raise InvalidTypeError(
-                f"leaf_modules entries must be nn.Module subclasses or qualified module names, "
-                f"got {leaf!r}"
-            )
-    return leaves
+# -- random draws on the host while tracing -------------------------------------------------
+#
+# A trace runs the model's Python once: ``if torch.rand(1).item() < p: skip`` is decided there
+# and the graph keeps that one outcome. Ops on proxies (dropout on a traced tensor,
+# ``torch.rand_like(x)``) are recorded, never run; any draw that does run while tracing is the
+# model's code on concrete values. Three sources are watched: every torch op the dispatcher
+# tags ``nondeterministic_seeded`` (rand, randn, randint, bernoulli, multinomial, normal,
+# uniform_, dropout, ... on any generator and device), seen by a dispatch mode; the functions
+# of Python's ``random`` and NumPy's ``numpy.random`` modules, patched while tracing; and, for
+# draws spelt otherwise (``from random import random``), the state of those two global
+# generators, compared before and after the trace.
+
+
+class _DrawWatch(TorchDispatchMode):
+    """Reports each random op on real tensors to the tracer (ops on proxies never get here)."""
+
+    def __init__(self, tracer: FxsdTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.tracer.drew(f"torch.{func.overloadpacket.__name__}", _model_frame())
+        return func(*args, **(kwargs or {}))
+
+
+def _host_generators() -> list[tuple[str, Any, list[str]]]:
+    """(name, module, drawing functions) of the global host generators: Python's ``random``
+    and, when imported, NumPy's legacy ``numpy.random`` (its functions are bound methods of
+    one hidden generator in both)."""
+    found = [("random", random, random._inst)]  # type: ignore[attr-defined]
+    numpy = sys.modules.get("numpy")
+    rand = getattr(getattr(getattr(numpy, "random", None), "mtrand", None), "_rand", None)
+    if rand is not None:
+        found.append(("numpy.random", numpy.random, rand))  # type: ignore[union-attr]
+    not_draws = {"seed", "getstate", "setstate", "get_state", "set_state"}
+    return [(name, module, [f for f in dir(module) if not f.startswith("_")
+                            and f not in not_draws
+                            and getattr(getattr(module, f), "__self__", None) is inst])
+            for name, module, inst in found]
+
+
+class HostStates:
+    """The states of the global host generators that no patch can watch, to compare."""
+
+    def __init__(self) -> None:
+        self.states = self._now()
+
+    @staticmethod
+    def _now() -> tuple[Any, ...]:
+        numpy = sys.modules.get("numpy")
+        return (random.getstate(),
+                numpy.random.get_state(legacy=False) if numpy is not None else None)
+
+    def moved(self) -> str | None:
+        """The generator whose state moved since the last :meth:`sync`, if any."""
+        now = self._now()
+        if now[0] != self.states[0]:
+            return "Python's global random"
+        a, b = now[1], self.states[1]
+        if a is not None and ((a["state"]["pos"], a["has_gauss"], a["gauss"])
+                              != (b["state"]["pos"], b["has_gauss"], b["gauss"])
+                              or (a["state"]["key"] != b["state"]["key"]).any()):
+            return "NumPy's global numpy.random"
+        return None
+
+    def sync(self) -> None:
+        self.states = self._now()
+
+    def check(self, tracer: FxsdTracer) -> None:
+        """Report a draw to ``tracer`` if a generator's state moved since the last sync."""
+        moved = self.moved()
+        if moved is not None:
+            tracer.drew(f"{moved} generator (its state moved)", "")
+
+
+@contextlib.contextmanager
+def watching_draws(tracer: FxsdTracer) -> Iterator[None]:
+    """Report the model's random draws to ``tracer`` (:meth:`FxsdTracer.drew`) while tracing."""
+    patched: list[tuple[Any, str, Any]] = []
+
+    def watched(source: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def draw(*args: Any, **kwargs: Any) -> Any:
+            tracer.drew(source, _model_frame())
+            return fn(*args, **kwargs)
+        return draw
+
+    for name, module, functions in _host_generators():
+        for f in functions:
+            original = getattr(module, f)
+            patched.append((module, f, original))
+            setattr(module, f, watched(f"{name}.{f}", original))
+    tracer.host_states = HostStates()
+    tracer.draw_watch = _DrawWatch(tracer)
+    try:
+        with tracer.draw_watch:
+            yield
+        if tracer.draw is None:
+            tracer.host_states.check(tracer)
+    finally:
+        for module, f, original in reversed(patched):
+            setattr(module, f, original)
+
+
+@contextlib.contextmanager
+def draws_unwatched(tracer: FxsdTracer) -> Iterator[None]:
+    """Run real ops without the tracer's dispatch mode (the tracer by example evaluating
+    recorded ops on example values: its draws are not the model's, and the mode costs time)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+
+    if tracer.draw_watch is not None and _get_current_dispatch_mode() is tracer.draw_watch:
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
+def _fxsd_dirs() -> tuple[str, ...]:
+    """Where the code that is not the model's lives: torch, fxsd, and the generators' (with the
+    separator: torchaudio's or torchvision's code is a model's)."""
+    dirs = [os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep,
+            random.__file__]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        dirs.append(os.path.dirname(numpy.__file__) + os.sep)
+    return tuple(dirs)
+
+
+def _model_frame() -> str:
+    """``file:line`` of the innermost frame of the model's own code on the stack."""
+    skipped = _fxsd_dirs()
+    frame = sys._getframe(1)
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if not file.startswith(skipped):
+            return f"{file}:{frame.f_lineno}"
+        frame = frame.f_back
+    return ""
+
+
+def _adopted_layer_drop(module: nn.Module) -> bool:
+    """Whether ``module``'s own loop is a layer drop fxsd takes over (Hugging Face's
+    ``layerdrop``, :mod:`fxsd.layer_drop`): fxsd gives its rate to the joins of its layers and
+    switches the loop off, or warns where it does not."""
+    from fxsd.layer_drop import find_layer_drops
+
+    return any(drop.path == "" for drop in find_layer_drops(module))
+
+
+def _draw_error(path: str, kind: str, source: str, location: str) -> RandomDrawError:
+    at = f" at {location}" if location else ""
+    if path:
+        message = (
+            f"module '{path}' ({kind}) draws a random number on the host ({source}{at}): not "
+            "traced, so that the draw keeps deciding at run time (a trace would fix its "
+            "outcome); joins in its own code are not gated\n"
+            "fxsd gates the joins inside its children instead. To choose yourself which "
+            f"modules stay whole, pass leaf_modules=['{path}', ...].")
+    else:
+        message = (
+            f"the root module ({kind}) draws a random number on the host ({source}{at}) in its "
+            "own forward: a trace would fix that draw's outcome into the graph (a layer skipped "
+            "at random would then always run, or never), and the root cannot be kept whole\n"
+            "Move the random code into a submodule (fxsd keeps a module that draws whole and "
+            "gates inside its children), or give example_inputs= / example_kwargs= (fxsd then "
+            "leaves the root's own code as written and gates inside its children), or pass "
+            "leaf_modules=[...] for the submodules you want left as they are.")
+    return RandomDrawError(message, module_path=path, module_type=kind, location=location,
+                           source=source)
+
+
+def _validate_leaves(leaf_modules: Iterable[LeafSpec] | LeafSpec | None) -> list[LeafSpec]:
+    """``leaf_modules`` as a list, each entry's type checked
+    (:func:`fxsd.arguments.check_leaf_modules`; the entry points check names against the model
+    before any tracing)."""
+    return check_leaf_modules(leaf_modules)
 
 
 def trace(
@@ -230,6 +440,9 @@ def trace(
         >>> gm.state_dict().keys() == torchvision.models.resnet18().state_dict().keys()
         True
     """
+    if isinstance(model, nn.Module):  # names and parameters against the model, once
+        leaf_modules = check_leaf_modules(leaf_modules, model)
+        concrete_args = check_concrete_args(concrete_args, model)
     return trace_calls(model, leaf_modules=leaf_modules, concrete_args=concrete_args)[0]
 
 
@@ -260,6 +473,7 @@ def trace_calls(
         graph = copy_graph(module.graph)
         extras: dict[str, Any] = {}
         live: list[str] = []
+        drawn: list[RandomDrawError] = []
         _warn_frozen_dropout(graph, type(module).__name__)
     else:
         factory = tracer or functools.partial(FxsdTracer, autowrap=tuple(autowrap))
@@ -267,15 +481,57 @@ def trace_calls(
         def make_tracer(leaves: Sequence[LeafSpec]) -> FxsdTracer:
             return factory(leaves, prefix=path + "." if path else "")
 
-        graph, extras, live, calls = _trace_training_aware(module, leaves, concrete_args,
-                                                           make_tracer, path)
+        graph, extras, live, calls, own_mode, drawn = _trace_keeping_draws(
+            model, path, leaves, concrete_args, make_tracer)
+        if own_mode is not None:
+            _guard_mode(graph, path, own_mode)
     _guard_specialized_nones(graph, path, concrete_args or {})
     gm = module_from_graph(model, graph, extras, keep_class=False)
-    gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live))
+    gm.meta["fxsd"] = FxsdRecord(live_leaves=tuple(live), untraced=tuple(
+        (e.module_path, e.module_type, _reason_of(e)) for e in drawn))
     make_drop_paths_live(gm)
     make_partial_joins_explicit(gm, calls)  # first: an assigned join becomes a partial_add
     make_inplace_explicit(gm)
     return gm, None if calls is None else CallTree(calls, gm.graph)
+
+
+def _trace_keeping_draws(
+    model: nn.Module, path: str, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None,
+    make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer],
+) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall], bool | None,
+           list[RandomDrawError]]:
+    """:func:`_trace_training_aware` of the module at ``path``, keeping whole (a leaf) each
+    module inside it whose own code draws a random number while traced: as a leaf, its code runs
+    as written on every call, where a trace would fix the draw's outcome. Also returns those
+    draws (:class:`~fxsd.errors.RandomDrawError`\\ s naming the modules). A draw in the traced
+    module's own code raises."""
+    module = model.get_submodule(path) if path else model
+    drawn: list[RandomDrawError] = []
+    locate = False
+
+    def tracer(leaves: Sequence[LeafSpec]) -> FxsdTracer:
+        made = make_tracer(leaves)
+        made.locate_host_draws = locate
+        return made
+
+    while True:
+        kept = [model.get_submodule(e.module_path) for e in drawn]
+        try:
+            return (*_trace_training_aware(module, [*leaves, *kept], concrete_args, tracer,
+                                           path), drawn)
+        except RandomDrawError as exc:
+            if not exc.location and not locate:  # a global state moved: find the module
+                locate = True
+                continue
+            inside = exc.module_path.startswith(path + ".") if path else bool(exc.module_path)
+            if not inside or len(drawn) >= MAX_KEPT_DRAWS:
+                raise
+            drawn.append(exc)
+
+
+def _reason_of(error: TraceError) -> str:
+    """The first line of an error's message: why a module was not traced, for tables."""
+    return str(error).splitlines()[0]
 
 
 def _guard_specialized_nones(graph: fx.Graph, path: str, concrete: dict[str, Any]) -> None:
@@ -325,14 +581,10 @@ def _warn_frozen_dropout(graph: fx.Graph, name: str) -> None:
             FrozenDropoutWarning, stacklevel=4)
 
 
-class TrainingDependenceWarning(UserWarning):
-    """Traced code of the root module depends on ``self.training``; it keeps the traced mode."""
-
-
 def _trace_training_aware(
     model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None,
     make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer] = FxsdTracer, prefix: str = "",
-) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall]]:
+) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall], bool | None]:
     """Trace so that code reading ``self.training`` keeps following ``.train()``/``.eval()``.
 
     Tracing evaluates ``if self.training`` and ``dropout_p=p if self.training else 0.0`` once, so
@@ -349,6 +601,7 @@ def _trace_training_aware(
     """
     leaves = list(leaves)
     live: list[str] = []
+    own_mode: bool | None = None
     for _ in range(MAX_MODE_ROUNDS):
         graph, extras, calls = _symbolic_trace(model, make_tracer(leaves), concrete_args)
         modes = [(m, m.training) for m in model.modules()]
@@ -368,21 +621,26 @@ def _trace_training_aware(
         if not reshaped and ("" not in differing or prefix) \
                 and _merge_modes(graph, flipped, calls, prefix, model.training):
             break
-        if "" in differing and not prefix:
-            warnings.warn(
-                f"the traced forward of {type(model).__name__} itself depends on self.training; "
-                f"the graph keeps the {'training' if model.training else 'eval'} behaviour it was "
-                "traced with. Move that code into a submodule to keep it switchable.",
-                TrainingDependenceWarning,
-                stacklevel=3,
-            )
-            break
+        if "" in differing:  # the traced module's own code: right in this mode only
+            own_mode = model.training
         kept = sorted((reshaped or differing) - {""})
-        if not kept:  # only the traced module's own code differs
+        if not kept:
             break
         leaves += kept
         live += kept
-    return graph, extras, live, calls
+    return graph, extras, live, calls, own_mode
+
+
+def _guard_mode(graph: fx.Graph, path: str, mode: bool) -> None:
+    """Guard the traced module's own ``training`` flag: its code took ``mode``'s branches
+    (``if self.training: x = x.contiguous()``), so the graph is right in that mode only. In
+    the other mode the guard refuses the call; a rewritten module then traces itself again for
+    it (:mod:`fxsd.variants`), so its own mode-dependent code keeps following
+    ``.train()``/``.eval()``."""
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        flag = graph.get_attr(f"{path}.training" if path else "training")
+        wrapped_call(graph, check_argument, (flag, mode, path, "self.training"))
 
 
 @torch.fx.wrap
@@ -532,6 +790,8 @@ def _symbolic_trace(
         with torch.no_grad():
             graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
+        if tracer.draw is not None:  # the model's code may have caught it and failed later
+            raise tracer.draw from (None if exc is tracer.draw else exc)
         path, kind = (tracer.scope_stack[-1] if tracer.scope_stack
                       else (tracer.prefix.rstrip("."), type(model).__name__))
         where = f"module '{path}' ({kind})" if path else f"the root module ({kind})"
@@ -548,6 +808,8 @@ def _symbolic_trace(
         ) from exc
     finally:
         extras = _take_new_attrs(model, before)
+    if tracer.draw is not None:  # caught by the model's code, which went on
+        raise tracer.draw
     return graph, extras, tracer.calls
 
 

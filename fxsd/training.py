@@ -25,15 +25,24 @@ __all__ = ["gates", "named_gates", "gated_blocks", "set_drop_rate", "get_drop_ra
            "get_rng_state", "set_rng_state"]
 
 
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"expected a model returned by fxsd.stochastic_depth, got "
+                               f"{type(model).__name__}")
+    return model
+
+
 def named_gates(model: nn.Module) -> dict[str, BranchGate]:
     """The gates of a transformed model by qualified name, in module order (``named_modules``)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, BranchGate)}
+    return {name: m for name, m in _check_model(model).named_modules()
+            if isinstance(m, BranchGate)}
 
 
 def gated_blocks(model: nn.Module) -> dict[str, GraphModule]:
     """The modules fxsd rewrote around gates (those holding a gate), by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, GraphModule)
-            and any(isinstance(c, BranchGate) for c in m.children())}
+    return {name: m for name, m in _check_model(model).named_modules()
+            if isinstance(m, GraphModule) and any(isinstance(c, BranchGate)
+                                                  for c in m.children())}
 
 
 def gates(model: nn.Module) -> list[BranchGate]:
@@ -42,9 +51,6 @@ def gates(model: nn.Module) -> list[BranchGate]:
 
 
 def _gates_or_error(model: nn.Module) -> list[BranchGate]:
-    if not isinstance(model, nn.Module):
-        raise InvalidTypeError(f"expected a model returned by fxsd.stochastic_depth, got "
-                               f"{type(model).__name__}")
     found = gates(model)
     if not found:
         raise InvalidArgumentError(
@@ -62,8 +68,8 @@ def set_drop_rate(model: nn.Module, drop_rate: float) -> None:
     transform time), so ``set_drop_rate(model, r)`` gives each site ``min(1, r * rate_weight)``.
     Changing rates never changes the graph and is cheap enough to do every step.
     """
-    rate = check_rate(drop_rate)
     found = _gates_or_error(model)
+    rate = check_rate(drop_rate)
     for gate in found:
         gate.drop_rate = min(1.0, rate * gate.rate_weight)
     for record in {id(g.record): g.record for g in found if g.record is not None}.values():
@@ -101,7 +107,10 @@ def set_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
             a model with another number of gates (its decisions would fall on other sites).
     """
     found = _gates_or_error(model)
-    if isinstance(state, dict) and "num_gates" in state:  # states saved before it: not checked
+    if not isinstance(state, dict):
+        raise InvalidTypeError(f"state must be the dict fxsd.get_rng_state returned, got "
+                               f"{type(state).__name__}")
+    if "num_gates" in state:  # states saved before it: not checked
         if state["num_gates"] != len(found):
             raise InvalidArgumentError(
                 f"the RNG state comes from a model with {state['num_gates']} gates, but this "

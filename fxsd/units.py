@@ -25,14 +25,17 @@ Both run the model (or a unit) once; :func:`fxsd.analysis.analyze_residuals` run
 :func:`fxsd.preserve.preserved`, so BatchNorm statistics, flags and the RNGs come back as they
 were.
 
-Depths: a module analysed on its own adds its levels at its call in its parent's graph; modules
-traced by example follow each other in the order they first ran.
+Depths: a module analysed on its own adds its levels at its call in its caller's graph (by
+example too: a module a traced unit keeps opaque); units with no traced caller follow each other
+in the order they first ran.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,7 +45,7 @@ from torch.fx import GraphModule, Node
 from fxsd.by_example import RecordedCall, example_tracer, record_calls
 from fxsd.calls import CallTree
 from fxsd.drop_paths import is_drop_path
-from fxsd.errors import TraceError
+from fxsd.errors import RandomDrawError, TraceError
 from fxsd.guards import check_argument, is_guardable
 from fxsd.hf import is_hf_attention
 from fxsd.ops import MISMATCH, zip_arguments
@@ -50,7 +53,23 @@ from fxsd.profile import NodeProfile
 from fxsd.residuals import ResidualAnalysis, analyze_graph
 from fxsd.tracing import LeafSpec, _checkpoint_wrapped, _validate_leaves, trace_calls
 
-__all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit"]
+__all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit", "reporting"]
+
+# Called with a module's path as tracing it on its own begins (see reporting()).
+_progress: ContextVar[Callable[[str], None] | None] = ContextVar("fxsd_unit_progress",
+                                                                 default=None)
+
+
+@contextmanager
+def reporting(callback: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, :func:`trace_unit` calls ``callback(path)`` as it starts tracing each
+    module on its own (by example, or a timm not-traceable module): ``fxsd inspect`` shows
+    progress with it while a large model (a 32-layer decoder) is traced, seconds per layer."""
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
 
 # Each failed trace of a unit keeps one more inner module whole and traces again; past this many
 # the unit is reported as not traced and its children are tried instead.
@@ -94,14 +113,16 @@ def analyze_nested(model: nn.Module, gm: GraphModule, calls: CallTree | None,
     """The analysis of the whole-model graph ``gm``, with each call of a timm not-traceable
     module that may own joins traced and analysed on its own."""
     notrace = _notrace_types()
-    nested = [n for n in gm.graph.nodes if n.op == "call_module" and notrace
+    drawn = _drawn(gm)
+    nested = [n for n in gm.graph.nodes if n.op == "call_module" and (
+              str(n.target) in drawn or notrace
               and isinstance(gm.get_submodule(str(n.target)), notrace)
-              and _may_own_joins(gm.get_submodule(str(n.target)))]
+              and _may_own_joins(gm.get_submodule(str(n.target))))]
     if not nested:
         return analyze_graph(gm, calls, profiles)[0]
     examples = examples or _declared_example(model)
     recorded = record_calls(model, *examples) if examples else {}
-    units: list[tuple[Node, ResidualAnalysis]] = []
+    units: list[tuple[Node, list[ResidualAnalysis], int]] = []
     untraced: list[tuple[str, str, str]] = []
     done: set[int] = set()
     for node in nested:
@@ -109,17 +130,81 @@ def analyze_nested(model: nn.Module, gm: GraphModule, calls: CallTree | None,
         if id(module) in done:
             continue
         done.add(id(module))
+        if str(node.target) in drawn:  # kept whole: its children are traced instead
+            untraced.append((str(node.target), type(module).__name__, drawn[str(node.target)]))
+            units.append((node, *_inside(model, str(node.target), recorded, leaves, autowrap,
+                                         untraced)))
+            continue
         try:
             unit_gm, unit_calls = trace_unit(model, str(node.target),
                                               recorded.get(id(module)), leaves, autowrap)
         except TraceError as exc:
             untraced.append((str(node.target), type(module).__name__, _reason(exc)))
             continue
-        units.append((node, analyze_graph(unit_gm, unit_calls, None, str(node.target))[0]))
+        units.append((node, *_traced_block(model, unit_gm, unit_calls, str(node.target),
+                                           recorded, leaves, autowrap, untraced)))
     root, offsets = analyze_graph(gm, calls, profiles, "",
-                                  {node: unit.num_levels for node, unit in units})
-    shifted = [_shift(unit, offsets[node]) for node, unit in units]
+                                  {node: levels for node, _, levels in units})
+    shifted = [_shift(unit, offsets[node]) for node, parts, _ in units for unit in parts]
     return _combine([root, *shifted], untraced, root.num_levels)
+
+
+def _drawn(gm: GraphModule) -> dict[str, str]:
+    """The modules ``gm``'s trace kept whole because their own code draws random numbers
+    (:func:`fxsd.tracing.trace_calls`), with the reason."""
+    record = gm.meta.get("fxsd")
+    return {path: why for path, _, why in getattr(record, "untraced", ())}
+
+
+def _traced_block(model: nn.Module, gm: GraphModule, calls: CallTree | None, path: str,
+                  recorded: dict[int, RecordedCall], leaves: list[LeafSpec],
+                  autowrap: tuple[Any, ...], untraced: list[tuple[str, str, str]]
+                  ) -> tuple[list[ResidualAnalysis], int]:
+    """The analysis of the unit ``gm`` traced at ``path``, with the joins inside the modules
+    its trace kept whole because they draw random numbers (:func:`_inside`) placed at their
+    calls; and the levels it spans."""
+    drawn = _drawn(gm)
+    inner: dict[Node, tuple[list[ResidualAnalysis], int]] = {}
+    for node in gm.graph.nodes:
+        target = str(node.target)
+        if node.op == "call_module" and target in drawn and node not in inner:
+            untraced.append((target, type(gm.get_submodule(target)).__name__, drawn[target]))
+            inner[node] = _inside(model, target, recorded, leaves, autowrap, untraced)
+    unit, offsets = analyze_graph(gm, calls, None, path,
+                                  {node: levels for node, (_, levels) in inner.items()})
+    return [unit, *(_shift(part, offsets[node]) for node, (parts, _) in inner.items()
+                    for part in parts)], unit.num_levels
+
+
+def _inside(model: nn.Module, path: str, recorded: dict[int, RecordedCall],
+            leaves: list[LeafSpec], autowrap: tuple[Any, ...],
+            untraced: list[tuple[str, str, str]]) -> tuple[list[ResidualAnalysis], int]:
+    """The joins inside the module at ``path``, which is kept whole because its own code draws
+    random numbers (its control flow keeps running as written): each child that may own joins
+    traced on its own (by example where the example run called it), a child that cannot be
+    traced, or a container, searched in turn. Children count their levels one after the other
+    in the order they are registered (which module runs after which is the module's own
+    code's, which no graph shows). Returns the analyses and the levels they span."""
+    parts: list[ResidualAnalysis] = []
+    offset = 0
+    for name, child in model.get_submodule(path).named_children():
+        child_path = f"{path}.{name}"
+        if not _may_own_joins(child):
+            continue
+        found: tuple[list[ResidualAnalysis], int] | None = None
+        if _checkpoint_wrapped(child) is None and type(child).forward is not nn.Module.forward:
+            try:
+                unit_gm, unit_calls = trace_unit(model, child_path, recorded.get(id(child)),
+                                                 leaves, autowrap)
+                found = _traced_block(model, unit_gm, unit_calls, child_path, recorded,
+                                      leaves, autowrap, untraced)
+            except TraceError as exc:
+                untraced.append((child_path, type(child).__name__, _reason(exc)))
+        if found is None:  # a container, a checkpoint wrapper, or not traceable: its children
+            found = _inside(model, child_path, recorded, leaves, autowrap, untraced)
+        parts += [_shift(part, offset) for part in found[0]]
+        offset += found[1]
+    return parts, offset
 
 
 def _declared_example(model: nn.Module) -> tuple[tuple, dict] | None:
@@ -133,53 +218,86 @@ def _declared_example(model: nn.Module) -> tuple[tuple, dict] | None:
     return (torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(**kw),), {}
 
 
+@dataclass
+class _Placed:
+    """Traced units whose depths are counted from 0 among themselves, placed as one block.
+
+    ``order`` is where the block starts in the example run (its first call's start), ``levels``
+    how many depth levels it spans, and ``parts`` its units' analyses with that start order.
+    """
+
+    order: int
+    levels: int
+    parts: list[tuple[int, ResidualAnalysis]]
+
+
+def _stack(blocks: list[_Placed]) -> _Placed:
+    """Blocks that ran one after the other (siblings whose caller was not traced, so no graph
+    says how data flows between them): each one's levels follow the earlier ones', in the order
+    they started in the example run."""
+    offset, parts = 0, []
+    for block in sorted(blocks, key=lambda b: b.order):
+        parts += [(order, _shift(unit, offset)) for order, unit in block.parts]
+        offset += block.levels
+    return _Placed(min((b.order for b in blocks), default=0), offset, parts)
+
+
 def analyze_by_example(model: nn.Module, args: tuple, kwargs: dict, leaves: list[LeafSpec],
                        autowrap: tuple[Any, ...]) -> ResidualAnalysis:
-    """The analysis of ``model`` traced module by module along one recorded forward call."""
+    """The analysis of ``model`` traced module by module along one recorded forward call.
+
+    Depths follow the data flow: a unit traced on its own because its caller's trace keeps it
+    opaque counts as levels at its call node in the caller's graph (as a timm not-traceable
+    module does in :func:`analyze_nested`), so along the caller's longest chain of joins it sits
+    between the joins that run before and after it; units with no traced caller follow each other
+    in the order they started in the example run.
+    """
     recorded = record_calls(model, args, kwargs)
-    units: list[tuple[int, ResidualAnalysis]] = []
     untraced: list[tuple[str, str, str]] = []
+    done: set[int] = set()
 
-    def descend(module: nn.Module, path: str) -> None:
-        for name, child in module.named_children():
-            visit(child, f"{path}.{name}" if path else name)
+    def descend(module: nn.Module, path: str) -> list[_Placed]:
+        return [block for name, child in module.named_children()
+                for block in visit(child, f"{path}.{name}" if path else name)]
 
-    def visit(module: nn.Module, path: str) -> None:
+    def visit(module: nn.Module, path: str) -> list[_Placed]:
         call = recorded.get(id(module))
         if call is None or _checkpoint_wrapped(module) is not None:
             # never called itself (a ModuleList): its children may be. A checkpoint wrapper
             # stays in place around the module it wraps, which is traced (and gated) instead:
             # rewritten, the wrapper's forward would be the generated code, which never
             # checkpoints.
-            descend(module, path)
-            return
-        if not _may_own_joins(module):
-            return
+            return descend(module, path)
+        if not _may_own_joins(module) or id(module) in done:
+            return []  # a module called at several nodes counts at its first
+        done.add(id(module))
         try:
             gm, calls = trace_unit(model, path, call, leaves, autowrap)
         except TraceError as exc:
             untraced.append((path or "<root>", type(module).__name__, _reason(exc)))
-            descend(module, path)
-            return
+            return descend(module, path)
         drift = _drift(gm, calls, recorded)
         if drift:
             untraced.append((path or "<root>", type(module).__name__, drift))
-            descend(module, path)
-            return
-        units.append((call.order, analyze_graph(gm, calls, None, path)[0]))
+            return descend(module, path)
+        inner: dict[Node, _Placed] = {}
         for node in gm.graph.nodes:  # opaque calls inside that may hold joins of their own
             if node.op == "call_module":
-                inner = gm.get_submodule(str(node.target))
-                if id(inner) in recorded:  # visit() skips those that cannot own joins
-                    visit(inner, str(node.target))
+                sub = gm.get_submodule(str(node.target))
+                if id(sub) in recorded:  # visit() skips those that cannot own joins
+                    found = visit(sub, str(node.target))
+                    if found:
+                        inner[node] = _stack(found)
+        unit, offsets = analyze_graph(gm, calls, None, path,
+                                      {node: block.levels for node, block in inner.items()})
+        parts = [(call.order, unit)] + [(order, _shift(part, offsets[node]))
+                                        for node, block in inner.items()
+                                        for order, part in block.parts]
+        return [_Placed(call.order, unit.num_levels, parts)]
 
-    visit(model, "")
-    offset, parts = 0, []
-    for _, unit in sorted(units, key=lambda u: u[0]):
-        levels = unit.num_levels
-        parts.append(_shift(unit, offset))
-        offset += levels
-    return _combine(parts, untraced, offset)
+    top = _stack(visit(model, ""))
+    parts = [unit for _, unit in sorted(top.parts, key=lambda p: p[0])]
+    return _combine(parts, untraced, top.levels)
 
 
 def trace_unit(model: nn.Module, path: str, call: RecordedCall | None,
@@ -194,6 +312,9 @@ def trace_unit(model: nn.Module, path: str, call: RecordedCall | None,
     decoder layer passes an absent attention mask to its attention), they stay inputs, so the
     block also takes a mask later; otherwise they are constants, with guards.
     """
+    progress = _progress.get()
+    if progress is not None:
+        progress(path)
     extra: list[nn.Module] = []
     for _ in range(_RETRIES):
         try:
@@ -217,6 +338,8 @@ def _trace_flags(model: nn.Module, path: str, call: RecordedCall | None,
     try:
         traced = trace_calls(model, leaf_modules=leaves, path=path,
                              tracer=example_tracer(call, model, autowrap=autowrap))
+    except RandomDrawError:
+        raise  # not a flag: fixing flags cannot help
     except TraceError:
         fix = True  # control flow on a flag or a dtype
         traced = trace_calls(model, leaf_modules=leaves, path=path, tracer=example_tracer(

@@ -9,7 +9,9 @@ block's call created in the whole-model graph:
   caller passed inside a tuple or dict (Llama's ``position_embeddings``) is read back with
   ``getitem``; a constant the block was traced with (``attn_mask=None``) gets a guard
   (:func:`fxsd.guards.check_argument`), an object the trace guarded by class (a cache) keeps
-  that guard (:func:`fxsd.guards.check_type`);
+  that guard (:func:`fxsd.guards.check_type`); a tensor the tracer passed as it is
+  (:func:`fxsd.owners.argument_tensors`: a buffer, such as open_clip's causal mask) is read
+  from its placeholder wherever the block's nodes read it by ``get_attr``, guarded by class;
 * the block's nodes, with module and attribute targets made relative to the block;
 * each module call the plan keeps whole (:class:`~fxsd.owners.Owner`) becomes one
   ``call_module`` node, its results read back where the caller used them;
@@ -32,12 +34,12 @@ from torch import nn
 from torch.fx import Graph, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.calls import DictRecord, bound_parameters, node_leaves
+from fxsd.calls import DictRecord, any_leaf, bound_parameters, node_leaves
 from fxsd.errors import GraphError
-from fxsd.graph_module import free_name, node_name, wrapped_call
-from fxsd.guards import check_argument, check_type
+from fxsd.graph_module import free_name, local_name, node_name, wrapped_call
+from fxsd.guards import check_argument, check_type, type_name
 from fxsd.ops import resolve_attr
-from fxsd.owners import Owner
+from fxsd.owners import Owner, reads_argument
 from fxsd.residuals import ResidualAnalysis
 from fxsd.tracing import reads_flag_only
 
@@ -93,6 +95,7 @@ class _Extractor:
         self.extra: dict[str, Any] = {}
         self.rehomed: dict[str, str] = {}
         self.emitted: set[int] = set()
+        self.passed: dict[int, Node] = {}  # id of a tensor argument -> the node reading it
 
     def run(self) -> ExtractedModule:
         if self.owner.call is None:
@@ -131,7 +134,7 @@ class _Extractor:
                 ph = self.graph.placeholder(f"**{name}")
             else:
                 ph = self.graph.placeholder(name, default_value=param.default)
-            if not self._bind_value(ph, value):
+            if not self._bind_value(ph, value, name):
                 wrapped_call(self.graph, check_argument, (ph, value, self.owner.path, name))
             elif isinstance(value, Node):
                 self._keep_type_guard(ph, value, name)
@@ -145,18 +148,27 @@ class _Extractor:
                              (holder, user.args[1], self.owner.path, name))
                 return
 
-    def _bind_value(self, holder: Node, value: Any) -> bool:
-        """Map the nodes inside ``value`` to reads of ``holder``; False if it holds none."""
+    def _bind_value(self, holder: Node, value: Any, name: str) -> bool:
+        """Map the nodes inside ``value`` to reads of ``holder``, and the tensors the tracer
+        passed as they are (:func:`fxsd.owners.argument_tensors`) too; False if it holds
+        neither."""
         if isinstance(value, Node):
             self.env.setdefault(value, holder)
+            return True
+        if isinstance(value, torch.Tensor):
+            self.passed.setdefault(id(value), holder)
+            # the code was traced with a tensor here (``if attn_mask is not None`` took its
+            # branch): another kind of value must not reach the graph
+            wrapped_call(self.graph, check_type, (holder, type_name(value), self.owner.path,
+                                                  name))
             return True
         items = (enumerate(value) if isinstance(value, (tuple, list))
                  else value.items() if isinstance(value, dict) else ())
         found = False
         for key, item in items:
-            if node_leaves(item):
+            if node_leaves(item) or any_leaf(item, torch.Tensor):
                 part = self.graph.call_function(operator.getitem, (holder, key))
-                found = self._bind_value(part, item) or found
+                found = self._bind_value(part, item, f"{name}[{key!r}]") or found
         return found
 
     # -- nodes -------------------------------------------------------------------------------
@@ -204,6 +216,9 @@ class _Extractor:
                                   item, index)
 
     def _copy(self, node: Node) -> Node:
+        if node.op == "get_attr" and self.owner.call is not None and reads_argument(
+                self.source, str(node.target), self.tree.calls[self.owner.call], self.prefix):
+            return self.passed[id(resolve_attr(self.source, str(node.target)))]
         args = map_aggregate(node.args, self._value)
         kwargs = map_aggregate(node.kwargs, self._value)
         target = node.target
@@ -216,8 +231,8 @@ class _Extractor:
         elif node.op in ("call_module", "get_attr"):
             target = self._target(str(node.target))
             name = _name_for(target)
-        elif self.prefix and name.startswith(self.prefix.replace(".", "_")):
-            name = name[len(self.prefix):]
+        else:
+            name = local_name(name, self.owner.path)
         new = self.graph.create_node(node.op, target, tuple(args), dict(kwargs), name=name,
                                      type_expr=node.type)
         new.meta = dict(node.meta)

@@ -38,22 +38,36 @@ from fxsd.graph_module import (
 )
 from fxsd.layer_drop import find_layer_drops, settle_layer_drops
 from fxsd.ops import is_metadata_read, node_order
-from fxsd.owners import Owner, plan_owners
+from fxsd.owners import Owner, plan_owners, warn_root_joins
 from fxsd.passes.extract_module import extract_module
 from fxsd.passes.gate_site import CutSite, call_gate, cut_site
 from fxsd.plan import GatePlan, Options, join_notes, plan_gates, select_sites
+from fxsd.preserve import guarded
 from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord, get_record
 from fxsd.residuals import ResidualAnalysis, ResidualSite
 from fxsd.tracing import LeafSpec
 from fxsd.training import gates
 from fxsd.variants import allow_other_calls
+from fxsd.verify import plain_run, verify_transform
 
 __all__ = ["stochastic_depth", "gate_residuals", "InlinedHooksWarning",
-           "NoResidualSitesWarning"]
+           "NoResidualSitesWarning", "NoSavingWarning", "BlockModeWarning"]
 
 class NoResidualSitesWarning(UserWarning):
     """The model has no residual site (or none selected), so the pass changed nothing."""
+
+
+class NoSavingWarning(UserWarning):
+    """No gate of the transformed model can save compute: every gated branch runs in sample mode
+    with the mask implementation (its branch mixes batch rows), which computes every row and
+    multiplies the dropped ones by 0. ``mode="block"`` skips whole branches."""
+
+
+class BlockModeWarning(UserWarning):
+    """Adopted per-row drop paths (torchvision ``"row"``, timm ``DropPath``) run in block mode:
+    their branches mix batch rows (BatchNorm), so per-row drops would need the mask and save
+    nothing. ``mode="sample"`` keeps per-row drops (and saves nothing)."""
 
 
 class InlinedHooksWarning(UserWarning):
@@ -61,6 +75,7 @@ class InlinedHooksWarning(UserWarning):
     module that owns a join: its hooks will not run any more, its call is not checkpointed."""
 
 
+@guarded("stochastic_depth")
 def stochastic_depth(
     model: nn.Module,
     drop_rate: float | None = None,
@@ -80,6 +95,7 @@ def stochastic_depth(
     tracing: str = "auto",
     leaf_modules: Iterable[LeafSpec] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """Return ``model`` with its residual branches dropping at random in training.
 
@@ -161,6 +177,11 @@ def stochastic_depth(
         leaf_modules: module classes, qualified names or module objects not to trace through
             (added to timm's not-traceable registry when timm is installed).
         concrete_args: passed to the tracer.
+        verify: with example inputs, check the result before returning it (one eval forward
+            of the plain and of the gated model, :func:`fxsd.verify.verify_transform`): its
+            output must be bit-identical to the plain model's and every gate must be called as
+            often as its join runs, else :class:`fxsd.verify.VerificationError` names the
+            first block or gate at fault. :func:`fxsd.check` verifies every promise.
 
     Raises:
         InvalidTypeError, InvalidArgumentError: bad arguments (also: ``inplace=True`` when the
@@ -187,7 +208,7 @@ def stochastic_depth(
         drop_rate, distribution, target_saving, mode=mode, scale=scale, sample_impl=sample_impl,
         existing=existing, seed=seed, sync_ranks=sync_ranks, select=select, inplace=inplace,
         example_inputs=example_inputs, example_kwargs=example_kwargs, tracing=tracing,
-        leaf_modules=leaf_modules, concrete_args=concrete_args)
+        leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify, model=model)
     analysis = analyze_residuals(
         model, example_inputs, example_kwargs=example_kwargs, tracing=tracing,
         leaf_modules=leaf_modules, concrete_args=concrete_args,
@@ -207,12 +228,28 @@ def stochastic_depth(
     if not sync_ranks:
         base += 1_000_003 * rank()
     layer_drops = find_layer_drops(model)
+    examples = (options.example_inputs, options.example_kwargs)
+    verifying = options.verify and examples != (None, None)
+    # gated in place, the plain model is gone afterwards: its reference run comes first
+    reference = plain_run(model, _site_owners(analysis), *examples) \
+        if verifying and inplace else model
     gated = gate_residuals(analysis, plan_gates(analysis, options, layer_drops),
                            DropSampler(base, sync_ranks), model, inplace=inplace)
     settle_layer_drops(gated, layer_drops, analysis.sites, get_record(gated).rewritten,
                        existing)
     _budget(gated, options)
+    if verifying:
+        verify_transform(reference, gated, *examples)
     return gated
+
+
+def _site_owners(analysis: ResidualAnalysis) -> list[str]:
+    """Every module that may own a site's join: the module performing it and those above."""
+    paths = {""}
+    for site in analysis.sites:
+        atoms = site.module_path.split(".") if site.module_path else []
+        paths.update(".".join(atoms[:i]) for i in range(1, len(atoms) + 1))
+    return sorted(paths)
 
 
 def _budget(gated: nn.Module, options: Options) -> None:
@@ -246,6 +283,7 @@ def gate_residuals(analysis: ResidualAnalysis, plan: GatePlan, sampler: DropSamp
             f"the forward of {type(model).__name__} itself performs residual joins, so its root "
             "module must be rewritten, which cannot happen in place: use the returned model "
             "(inplace=False)")
+    warn_root_joins(model, [o for _, o in planned], stacklevel=3)
     record = FxsdRecord(
         drop_rate=plan.drop_rate, num_levels=analysis.num_levels,
         live_leaves=tuple(leaf for part in parts for leaf in
@@ -265,7 +303,32 @@ def gate_residuals(analysis: ResidualAnalysis, plan: GatePlan, sampler: DropSamp
     record.original_classes = tuple(type(_resolve(model, o.path)).__name__ for o in rewritten)
     if any(g.scale == "eval" for g in gates(tree.root)):
         warn_on_save(tree.root)
+    _warn_savings(plan, type(model).__name__)
     return tree.root
+
+
+def _warn_savings(plan: GatePlan, name: str) -> None:
+    """Say when the plan saves no compute, or runs adopted per-row drop paths in block mode."""
+    specs = list(plan.specs.values())
+    blocked = sum(spec.row_drops_blocked for spec in specs)
+    if blocked:
+        warnings.warn(
+            f"{blocked} adopted per-row drop path{'s' * (blocked != 1)} of {name} run in block "
+            "mode (one draw per site for the whole batch): their branches mix batch rows "
+            "(BatchNorm), so per-row drops would need the mask, which computes every row and "
+            "saves nothing. Pass mode='sample' to keep per-row drops.",
+            BlockModeWarning, stacklevel=5)
+    masked = [s for s in specs if s.mode == "sample" and s.sample_impl == "mask"]
+    # a site at rate 0 whose rate never moves (weight 0: adopted, no drop path) saves nothing
+    saving = [s for s in specs if not (s.mode == "sample" and s.sample_impl == "mask")
+              and (s.drop_rate > 0 or s.rate_weight > 0)]
+    if masked and not saving:
+        why = next((s.sample_note for s in masked if s.sample_note), "")
+        warnings.warn(
+            f"fxsd's gates in {name} save no compute: every gated branch runs in sample mode "
+            "with the mask implementation, which computes every row and zeroes the dropped "
+            f"ones{f' ({why})' if why else ''}. Pass mode='block' to skip whole branches.",
+            NoSavingWarning, stacklevel=5)
 
 
 def _warn_inlined_hooks(analysis: ResidualAnalysis, owners: Sequence[Owner]) -> None:

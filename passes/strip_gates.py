@@ -1,12 +1,15 @@
 """``fxsd.strip``: the gated model with every gate replaced by its eval semantics, for export.
 
 Each gated block becomes a gate-free GraphModule (still an instance of the block's class) in which
-every gate call is the branch's own nodes followed by one add: ``skip + (1 - p) * branch`` written
-as ``torch.add(skip, branch, alpha=1 - p)`` for ``scale="eval"`` gates (the plain
-``skip + branch`` for ``scale="train"``/``"none"`` and for ``p = 0``; the skip alone for
-``p = 1``, copied where the gate copies it). With ``fold_scale=True`` the factor ``1 - p`` is
+every gate call is the branch's own nodes followed by the add the source wrote, computed by the
+gate's own :class:`fxsd.join.Join` called on ``torch.fx`` proxies, so the stripped graph holds
+exactly the ops the gate runs in eval: the source's add for ``scale="train"``/``"none"`` and for
+``p = 0`` (``skip + branch``, ``branch + skip``, ``torch.add(x, b, alpha=k)``, ``x.add_(b)``);
+for ``scale="eval"`` gates the branch's term scaled by ``1 - p`` (``torch.add(skip, branch,
+alpha=1 - p)`` where the branch is the second operand); the join without the branch for
+``p = 1``, copied where the gate copies it. With ``fold_scale=True`` the factor ``1 - p`` is
 instead folded into the weights that end the branch (:func:`fxsd.plain_state_dict`'s rules), so
-every add is plain. The result runs exactly the eval computation of
+every add is the source's. The result runs exactly the eval computation of
 the gated model, keeps the model's structure and ``state_dict`` keys, has no Python-level control
 flow left in the blocks and exports with ``torch.export.export``.
 """
@@ -17,16 +20,16 @@ import copy
 import operator
 from typing import Any
 
-import torch
 from torch import nn
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, GraphModule, Node, Proxy
 from torch.fx.node import map_aggregate
+from torch.fx.proxy import GraphAppendingTracer
 
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import plain_state_dict
 from fxsd.gate import BranchGate
 from fxsd.graph_module import TreeEditor, deepest_first, module_from_graph
-from fxsd.partial_join import partial_add
+from fxsd.join import branch_scale
 from fxsd.record import FxsdRecord
 from fxsd.training import gated_blocks, gates
 
@@ -112,10 +115,10 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
                  folded: bool) -> Any:
     skip = args[0]
     branch_args = args if gate.identity else args[1:]
-    keep = 1.0 if folded or gate.scale != "eval" else 1.0 - gate.drop_rate
+    keep = 1.0 if folded else branch_scale(gate.drop_rate, gate.scale, False)
     escapes = gate.escape_path is not None  # the branch runs for what it hands on
-    if keep == 0.0 and gate.info.part is None and not escapes:
-        return graph.call_method("clone", (skip,)) if gate.clone_on_drop else skip
+    if keep == 0.0 and not gate.info.join.needs_branch_shape and not escapes:
+        return _without_branch(graph, gate, skip)
     env: dict[Node, Any] = {}
     placeholders = [n for n in gate.branch.graph.nodes if n.op == "placeholder"]
     for ph, value in zip(placeholders, branch_args):
@@ -135,12 +138,24 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
 
 
 def _join(graph: Graph, gate: BranchGate, skip: Any, out: Any, keep: float) -> Any:
-    if gate.info.part is not None:  # a join into part of the branch output
-        if keep != 1.0:
-            out = graph.call_function(operator.mul, (out, keep))
-        return graph.call_function(partial_add, (out, skip, *gate.info.part))
-    if keep == 0.0:
-        return graph.call_method("clone", (skip,)) if gate.clone_on_drop else skip
-    if keep == 1.0:
-        return graph.call_function(operator.add, (skip, out))
-    return graph.call_function(torch.add, (skip, out), {"alpha": keep})
+    """The gate's join of ``skip`` and the branch output ``out`` at eval, as graph nodes: its
+    :class:`~fxsd.join.Join` run on proxies records the very ops the gate runs."""
+    join = gate.info.join
+    if keep == 0.0 and not join.needs_branch_shape:
+        return _without_branch(graph, gate, skip)
+    return _traced(graph, lambda s, o: join(s, o, keep), skip, out)
+
+
+def _without_branch(graph: Graph, gate: BranchGate, skip: Any) -> Any:
+    """What a dropped gate returns (:meth:`BranchGate._skip`), as graph nodes."""
+    result = _traced(graph, gate.info.join.without_branch, skip)
+    if result is skip and gate.clone_on_drop:
+        return graph.call_method("clone", (skip,))
+    return result
+
+
+def _traced(graph: Graph, fn: Any, *args: Any) -> Any:
+    """Append to ``graph`` the ops ``fn`` runs on ``args`` (nodes or constants)."""
+    tracer = GraphAppendingTracer(graph)
+    result = fn(*(Proxy(a, tracer) if isinstance(a, Node) else a for a in args))
+    return result.node if isinstance(result, Proxy) else result

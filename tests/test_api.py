@@ -449,7 +449,9 @@ def test_cli_inspect_callable_and_errors(capsys):
                  "--drop-rate", "0.4", "--distribution", "uniform"]) == 0
     out = capsys.readouterr().out
     assert "4 residual sites" in out and "0.4000" in out and "FLOPs" in out
-    assert main(["inspect", "no_such_model"]) == 2
+    with pytest.raises(SystemExit) as refused:  # refused while parsing, before any work
+        main(["inspect", "no_such_model"])
+    assert refused.value.code == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
 
 
@@ -569,9 +571,18 @@ class RootReadsTraining(nn.Module):
         return x + y
 
 
-def test_root_reading_training_warns():
-    with pytest.warns(fxsd.TrainingDependenceWarning, match="depends on self.training"):
-        fxsd.stochastic_depth(RootReadsTraining().train(), 0.1)
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_root_reading_training_keeps_both_behaviours(traced_in):
+    # the root's own code depends on self.training: its graph is guarded on the mode it was
+    # traced in, and a call in the other mode traces it again (once) instead of baking a mode
+    model = getattr(RootReadsTraining(), traced_in)()
+    gated = fxsd.stochastic_depth(model, 0.0)
+    assert "check_argument(training, " in gated.code
+    x = torch.randn(4, 8)
+    for mode in ("train", "eval", "train"):
+        torch.testing.assert_close(getattr(gated, mode)()(x), getattr(model, mode)()(x),
+                                   rtol=0, atol=0)
+    assert fxsd.check(model, (x,)).ok
 
 
 def test_every_error_is_an_fxsd_error():

@@ -147,6 +147,54 @@ def test_table_columns(small_result):
     assert data["rows"][0]["ratio"] == 1.0
 
 
+def _widest_result():
+    """The widest table there is: compiled rows, peak memory measured, a noise warning."""
+
+    def row(kind, rate, compiled=False, limit=None):
+        return bench.BenchRow(Variant(kind, rate, compiled), [0.10, 0.11, 0.12], 2**27, limit)
+
+    rows = [row(VariantKind.BASELINE, None), row(VariantKind.FXSD, 0.5, limit=0.2),
+            row(VariantKind.MASK_DROP_PATH, 0.5, limit=0.2),
+            row(VariantKind.ALL_DROPPED, 1.0, limit=0.5),
+            row(VariantKind.BASELINE, None, compiled=True),
+            row(VariantKind.ALL_DROPPED, 1.0, compiled=True, limit=0.5)]
+    return bench.BenchResult(
+        bench.BenchConfig(model="cifar_resnet110", compile=True), rows, {},
+        {"device": "cuda", "torch": torch.__version__, "threads": "2"}, "not run (CPU)",
+        ["fxsd at 0.5: its 1.0 ms difference from the baseline is smaller than the "
+         "baseline's own spread (3.0 ms IQR)"])
+
+
+@pytest.mark.parametrize("columns", [40, 50, 60])
+def test_table_fits_narrow_terminals(columns, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    text = bench.format_table(_widest_result())
+    assert max(len(line) for line in text.splitlines()) <= columns
+    header = next(line for line in text.splitlines() if line.startswith("variant"))
+    assert "drop rate" in header and "saving %" in header
+    assert "all dropped" in text and "mask drop p" in text  # every row still says what ran
+
+
+def test_progress_counts_work_of_unknown_length(capsys):
+    report = bench.Progress(enabled=True, prefix="[fxsd]")
+    report.tqdm = None
+    with report.counter("tracing by example", "module") as tick:
+        for i in range(12):
+            tick(f"model.layers.{i}")
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[fxsd] tracing by example: module 1 (model.layers.0)",
+                   "[fxsd] tracing by example: module 11 (model.layers.10)"]
+
+
+def test_unknown_devices_are_refused_by_name():
+    with pytest.raises(fxsd.InvalidArgumentError, match="unknown device 'tpu': use one of cpu"):
+        bench.check_device("tpu")
+    assert bench.check_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(fxsd.InvalidArgumentError, match="'cuda' is not available here"):
+            bench.run("cifar_resnet20", device="cuda")
+
+
 def test_table_fits_an_80_column_terminal(monkeypatch, capsys):
     # the widest table there is: compiled rows, peak memory measured, a noise warning
     def row(kind, rate, compiled=False, limit=None):
@@ -315,11 +363,11 @@ def test_sample_mode_limit_uses_the_row_counts_that_ran():
 
 
 def test_progress_reports_on_stderr(monkeypatch, capsys):
-    report = bench._Progress(enabled=True)
+    report = bench.Progress(enabled=True)
     report.tqdm = None  # plain lines without the progress extra
     assert list(report.steps("timing", 20)) == list(range(20))
     err = capsys.readouterr().err
     assert "[fxsd bench] timing: 0/20" in err and "[fxsd bench] timing: 20/20" in err
-    quiet = bench._Progress(enabled=False)
+    quiet = bench.Progress(enabled=False)
     assert list(quiet.steps("timing", 3)) == [0, 1, 2]
     assert capsys.readouterr().err == ""

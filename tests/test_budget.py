@@ -182,8 +182,10 @@ def test_inspect_shows_per_site_saving_and_the_target(capsys):
     assert main(["inspect", "cifar_resnet20", "--wide"]) == 0
     out = capsys.readouterr().out
     assert "saving %" in out and "expected saving per training step:" in out
-    assert main(["inspect", "resnet18", "--target-saving", "0.2", "--drop-rate", "0.1"]) == 2
-    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # refused while parsing, before any work
+        main(["inspect", "resnet18", "--target-saving", "0.2", "--drop-rate", "0.1"])
+    assert refused.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_bench_rows_carry_activation_bytes_and_the_flop_saving():
