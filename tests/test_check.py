@@ -157,3 +157,29 @@ def test_cli_check_passes_and_fails_with_a_table(monkeypatch, capsys):
     assert main(["check", "resnet18", "--input-shape", "2,3,32,32", "--wide"]) == 1
     out = capsys.readouterr().out
     assert "eval output" in out and "FAILED" in out and "layer1.1" in out
+
+
+def aliased() -> nn.Module:
+    """``fxsd check tests.test_check:aliased``: the model of the aliasing test."""
+    torch.manual_seed(0)
+    return Aliased()
+
+
+def test_cli_check_fails_on_a_block_gated_on_one_of_its_paths(monkeypatch, capsys):
+    from fxsd.cli import main
+    from fxsd.passes import stochastic_depth as pass_module
+
+    assert main(["check", "tests.test_check:aliased", "--input-shape", "2,3,16,16"]) == 0
+    capsys.readouterr()
+    rewrite = pass_module.gate_residuals
+
+    def one_path_only(analysis, plan, sampler, model, **kwargs):  # the fault fixed in #24
+        gated = rewrite(analysis, plan, sampler, model, **kwargs)
+        gated.path[0] = copy.deepcopy(model.first)
+        return gated
+
+    monkeypatch.setattr(pass_module, "gate_residuals", one_path_only)
+    assert main(["check", "tests.test_check:aliased", "--input-shape", "2,3,16,16",
+                 "--wide"]) == 1
+    out = capsys.readouterr().out
+    assert "gates reached" in out and "FAILED" in out and "first.residual_gate" in out

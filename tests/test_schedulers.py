@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -257,7 +258,7 @@ def test_lightning_callback(tmp_path):
 def test_transformers_callback(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from fxsd.callbacks import STATE_FILE, TransformersCallback
+    from fxsd.callbacks import STATE_KEY, TransformersCallback, _decoded
 
     class Classifier(nn.Module):
         def __init__(self, net):
@@ -296,7 +297,8 @@ def test_transformers_callback(tmp_path):
     assert trained == pytest.approx([0.5 - 0.5 * math.exp(-0.2 * s) for s in (0, 0, 1, 1, 2, 2,
                                                                                3, 3)])
     assert logged[:4] == pytest.approx(trained[::2])
-    saved = torch.load(tmp_path / "checkpoint-2" / STATE_FILE, weights_only=True)
+    entry = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    saved = _decoded(entry["stateful_callbacks"][STATE_KEY], 2)  # in the checkpoint's own state
     assert saved["schedule"]["step_count"] == 2
 
     loaded = {}
