@@ -86,7 +86,14 @@ def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict
     stack = [u for n in nodes for u in n.users if u not in nodes and u is not add]
     while stack:
         u = stack.pop()
-        if u in moved or u in nodes or u is add or order[u] > stop or u.op == "output":
+        if u in moved or u in nodes or u is add or u.op == "output":
+            continue
+        if order[u] > stop:
+            # a dtype, shape or device read of the branch's own values placed after the join
+            # (tracing by example creates a read where its value is first used): it holds no
+            # tensor, so it moves into the gate like a read before the join
+            if is_metadata_read(u) and all(a in nodes or a in moved for a in u.all_input_nodes):
+                moved.add(u)
             continue
         moved.add(u)
         stack.extend(u.users)
@@ -129,9 +136,10 @@ def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict
         if n in heavy:
             user = next(u for u in n.users if u not in inside and u is not add) \
                 if n in values else None
-            where = f" by '{user.name}' outside it" if user is not None else ""
-            return (f"'{n.name}', a tensor computed from the branch's values, is also used"
-                    f"{where} (DenseNet-style reuse): the branch cannot be skipped as a unit")
+            where = f" by {describe(user)} outside it" if user is not None else ""
+            return (f"{describe(n)}, a tensor computed from the branch's values, is also used"
+                    f"{where} (a value the branch shares, as DenseNet reuses features): the "
+                    "branch cannot be skipped as a unit")
         real.add(n)
         work.extend(n.all_input_nodes)
 
@@ -140,10 +148,31 @@ def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict
 
     if unproduced & real:
         n = min(unproduced & real, key=order.__getitem__)
-        return (f"'{n.name}', a tensor computed from the branch's values, is used by what "
+        return (f"{describe(n)}, a tensor computed from the branch's values, is used by what "
                 "escapes it: the branch cannot be skipped as a unit")
     return Escapes(tuple(values), ordered(moved), ordered(abstract), ordered(shapes),
                    ordered(real), ordered(unproduced))
+
+
+def describe(node: Node) -> str:
+    """A node in the user's terms: the module or function whose result it is (``the output of
+    'layers.0.mlp'``, ``'x.dtype'``), not the graph's flattened name."""
+    if node.op == "call_module":
+        return f"the output of '{node.target}'"
+    if node.op == "call_method":
+        return f"'{_operand(node.args[0])}.{node.target}(…)'" if node.args else repr(node.name)
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return f"'{_operand(node.args[0])}.{node.args[1]}'"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"the result of {name}() ('{node.name}')"
+    return f"'{node.name}'"
+
+
+def _operand(value: Any) -> str:
+    if isinstance(value, Node) and value.op == "call_module":
+        return str(value.target)
+    return value.name if isinstance(value, Node) else repr(value)
 
 
 def declared_no_tensor(node: Node) -> bool:
