@@ -8,12 +8,15 @@ instead hold the source module's own tree (the very same submodule, parameter an
 as ``symbolic_trace`` shares them), its hooks and its other attributes, and keep them through
 ``deepcopy`` and ``torch.save``/``torch.load``.
 
-A gated block also keeps its class: :func:`module_from_graph` builds it as an instance of a
-subclass of both :class:`FxsdGraphModule` and the original class (``isinstance(block,
-Bottleneck)`` still holds, the class's own methods still work, ``type(block).__name__`` is
-unchanged), whose ``forward`` is the generated code — wrapped as the source class wraps a
-subclass's ``forward`` when one is created (transformers' ``GradientCheckpointingLayer``
-checkpoints that way): :meth:`FxsdGraphModule.recompile` keeps that wrapper.
+A gated block also keeps its class: :func:`module_from_graph` builds it as an instance of
+:func:`block_class` of the original class, a subclass of both :class:`FxsdGraphModule` and the
+original (``isinstance(block, Bottleneck)`` still holds, the class's own methods still work,
+``type(block).__name__`` is unchanged). There is one such class per original class, shared by
+every block rewritten from it (``type(model.layers[0]) is type(model.layers[1])``, so a lookup
+by class name, as accelerate's FSDP auto-wrap does, finds every block): the generated code is
+held by each instance, and the class's ``forward`` calls it — wrapped as the source class wraps
+a subclass's ``forward`` when one is created (transformers' ``GradientCheckpointingLayer``
+checkpoints that way).
 
 Pickling keeps the graph itself: its nodes (op, name, target, arguments; not their ``meta``) are
 pickled with the module's state and rebuilt node for node on load, so a loaded block runs exactly
@@ -27,11 +30,13 @@ reference does fxsd fall back to torch.fx's way. Nothing process-global is touch
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
+from types import MethodType
 from typing import Any, TypeVar
 
 import torch
@@ -39,11 +44,13 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node, Tracer
 from torch.fx.graph import (
     PythonCode,
+    _PyTreeCodeGen,
     _snake_case,  # fx's own node naming
 )
+from torch.fx.graph_module import _forward_from_src
 from torch.fx.node import map_aggregate, map_arg
 
-__all__ = ["FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "copy_tree",
+__all__ = ["FxsdBlock", "FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "copy_tree",
            "deepest_first", "free_name", "module_from_graph", "node_name", "registrations",
            "shallow_copy", "wrapped_call"]
 
@@ -53,7 +60,7 @@ T = TypeVar("T")
 _GRAPH_MODULE_ATTRS = frozenset({
     "_graph", "_code", "graph", "code", "meta", "_tracer_cls", "_tracer_extras", "_in_spec",
     "_out_spec", "_erase_node_hooks", "_create_node_hooks", "_replace_hooks", "_deepcopy_hooks",
-    "_graphmodule_cls_name", "_lineno_map", "_prologue_start", "_wrapped_call",
+    "_graphmodule_cls_name", "_lineno_map", "_prologue_start", "_wrapped_call", "_fxsd_code",
 })
 # The module tree: taken from the source module, not from the graph.
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
@@ -77,47 +84,87 @@ class FxsdGraphModule(GraphModule):
     def __deepcopy__(self, memo: dict[int, Any]) -> FxsdGraphModule:
         res = type(self).__new__(type(self))
         memo[id(self)] = res
-        type(res).__name__ = type(self).__name__
-        state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
+        _name_class(res, type(self).__name__)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", _CODE)}
         res.__dict__.update(copy.deepcopy(state, memo))
         res.graph = copy_graph(self.graph)
         return res
 
     def __reduce__(self) -> tuple[Any, ...]:
         source, name = _source_class(type(self)), type(self).__name__
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code", _CODE)}
         nodes = _pickled_nodes(self.graph)
         if nodes is not None:
             return (_load_graph, (state, nodes, self.graph._codegen, source, name))
         # a target that cannot be pickled by reference: torch.fx's own way (the code is pickled
         # and re-traced on load, which evaluates calls made on no traced value)
         load, (body, import_block) = super().__reduce__()
+        body.pop(_CODE, None)
         return (_load, (load, body, import_block, source, name))
 
-    def recompile(self) -> PythonCode:
-        """Generate ``forward`` from the graph, as :class:`~torch.fx.GraphModule` does, keeping
-        what the source class does to a subclass's ``forward`` (:func:`_rewrap_forward`)."""
-        cls = type(self)
-        if "_fxsd_wraps_forward" not in vars(cls):
-            # a class the source class's ``__init_subclass__`` gave a ``forward`` of its own at
-            # creation (``GraphModule.__new__``'s per-instance class is created empty)
-            cls._fxsd_wraps_forward = "forward" in vars(cls)
-        code = super().recompile()
-        if cls._fxsd_wraps_forward:
-            _rewrap_forward(cls)
-        return code
+
+# The instance attribute holding a shared-class block's generated ``forward`` (a function).
+_CODE = "_fxsd_code"
 
 
-def _rewrap_forward(cls: type) -> None:
-    """Run the ``__init_subclass__`` of ``cls``'s bases again, now on the generated ``forward``.
+class _InstanceCode:
+    """A shared gated class's ``forward``: read on a block, the block's own generated code
+    (bound, with its own signature); called through the class (as a wrapper that the source
+    class's ``__init_subclass__`` put around it does), a call of the block's code."""
 
-    Some classes wrap ``forward`` in every subclass when the subclass is created: transformers'
-    ``GradientCheckpointingLayer`` (5.25) checkpoints a decoder layer this way. torch.fx assigns
-    ``cls.forward`` (the generated code) after the class exists, which replaces that wrapper; a
-    gated decoder layer would then never checkpoint. Running the hook again wraps the generated
-    code as it wrapped the source class's own ``forward``.
+    def __init__(self) -> None:
+        self.__name__ = self.__qualname__ = "forward"
+        # what ``inspect.signature`` reports through a wrapper (a descriptor has none of its own)
+        self.__signature__ = inspect.signature(self.__call__)
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        code = obj.__dict__.get(_CODE)
+        return MethodType(self if code is None else code, obj)
+
+    def __call__(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return block.__dict__[_CODE](block, *args, **kwargs)
+
+
+class FxsdBlock(FxsdGraphModule):
+    """The base of the gated classes :func:`block_class` makes: one class for every block
+    rewritten from one original class, each instance running its own generated code.
+
+    ``torch.fx`` gives every GraphModule a class of its own (``GraphModule.__new__``) because
+    :meth:`~torch.fx.GraphModule.recompile` assigns the generated ``forward`` to the class.
+    Here :meth:`recompile` keeps the generated function on the instance (``.code`` is still the
+    instance's own code), and the class's :meth:`forward` calls it.
     """
-    super(cls, cls).__init_subclass__()
+
+    _fxsd_block_of: type | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FxsdBlock:
+        return nn.Module.__new__(cls)  # no per-instance class
+
+    forward = _InstanceCode()
+
+    def recompile(self) -> PythonCode:
+        """Generate the code from the graph as :meth:`torch.fx.GraphModule.recompile` does, and
+        keep it on this instance (the class, shared by other blocks, is left as it is)."""
+        if isinstance(self._graph._codegen, _PyTreeCodeGen):
+            self._in_spec = self._graph._codegen.pytree_info.in_spec
+            self._out_spec = self._graph._codegen.pytree_info.out_spec
+        python_code = self._graph.python_code(root_module="self")
+        self._code = python_code.src
+        self._lineno_map = python_code._lineno_map
+        self._prologue_start = python_code._prologue_start
+        co_fields = getattr(self._graph, "_co_fields", {})
+        self.__dict__[_CODE] = _forward_from_src(self._code, python_code.globals, co_fields)
+        self._recompile_submodules()
+        return python_code
+
+
+def _name_class(module: nn.Module, name: str) -> None:
+    """Name ``module``'s class ``name`` when that class is its own (torch.fx's per-instance
+    class); a shared gated class keeps the original class's name."""
+    if not isinstance(module, FxsdBlock):
+        type(module).__name__ = name
 
 
 @dataclass(frozen=True)
@@ -156,7 +203,7 @@ def _load_graph(state: dict[str, Any], rows: list[tuple[Any, ...]], codegen: Any
         env[node_name] = node
     cls = block_class(source)
     res = cls.__new__(cls)
-    type(res).__name__ = name
+    _name_class(res, name)
     res.__dict__.update(state)
     res.graph = graph
     return res
@@ -179,7 +226,7 @@ def _load(load: Any, body: dict[str, Any], import_block: str, source: type,
     """Unpickle: torch.fx rebuilds the graph from the code, then the tree and class come back."""
     plain = load(dict(body), import_block)
     res = _transplant(plain, block_class(source), body)
-    type(res).__name__ = name
+    _name_class(res, name)
     return res
 
 
@@ -187,9 +234,9 @@ def _transplant(gm: GraphModule, cls: type, state: dict[str, Any] | None = None
                 ) -> FxsdGraphModule:
     """An instance of ``cls`` with ``gm``'s graph and ``state`` (default: ``gm``'s own state)."""
     res = cls.__new__(cls)
-    type(res).__name__ = type(gm).__name__
+    _name_class(res, type(gm).__name__)
     res.__dict__.update({k: v for k, v in (gm.__dict__ if state is None else state).items()
-                         if k != "_graph"})
+                         if k not in ("_graph", _CODE)})
     for node in gm.graph.nodes:  # re-tracing code that reads a submodule called ``self``
         if node.name != node_name(node.name):
             node._rename(node_name(node.name))
@@ -242,23 +289,34 @@ def take_name(node: Node, name: str) -> None:
     node._rename(node_name(name))
 
 
-def block_class(source: type) -> type[FxsdGraphModule]:
-    """The GraphModule class for a rewritten module of class ``source``.
+# One gated class per original class. The gated class derives from its source, so a weak key
+# would never be released while its value lives: a plain dict, as long-lived as the classes.
+_BLOCK_CLASSES: dict[type, type[FxsdGraphModule]] = {}
 
-    A subclass of :class:`FxsdGraphModule` and ``source`` (so ``isinstance`` checks, FSDP and
-    activation-checkpointing policies by class, and the class's own methods keep working). Its
-    ``forward`` is the generated code, inside whatever wrapper the source class's
-    ``__init_subclass__`` puts around a subclass's ``forward``. ``GraphModule`` sources, and
-    classes that cannot be combined with it, give plain :class:`FxsdGraphModule`.
+
+def block_class(source: type) -> type[FxsdGraphModule]:
+    """The GraphModule class for a rewritten module of class ``source``: the same class for
+    every module of that class.
+
+    A subclass of :class:`FxsdBlock` (so of :class:`FxsdGraphModule`) and ``source``, with
+    ``source``'s ``__name__`` and ``__qualname__`` (so ``isinstance`` checks, FSDP and
+    activation-checkpointing policies by class or class name, and the class's own methods keep
+    working). Its ``forward`` runs the instance's generated code, inside whatever wrapper the
+    source class's ``__init_subclass__`` puts around a subclass's ``forward``. ``GraphModule``
+    sources, and classes that cannot be combined with it, give plain :class:`FxsdGraphModule`.
     """
     if issubclass(source, GraphModule):
         return FxsdGraphModule
-    try:
-        return type(source.__name__, (FxsdGraphModule, source),
-                    {"__module__": __name__, "__qualname__": f"FxsdGraphModule[{source.__name__}]",
-                     "_fxsd_block_of": source})
-    except TypeError:  # a metaclass or layout conflict: keep the tree, lose isinstance
-        return FxsdGraphModule
+    cls = _BLOCK_CLASSES.get(source)
+    if cls is None:
+        try:
+            cls = type(source.__name__, (FxsdBlock, source),
+                       {"__module__": __name__, "__qualname__": source.__qualname__,
+                        "_fxsd_block_of": source})
+        except TypeError:  # a metaclass or layout conflict: keep the tree, lose isinstance
+            cls = FxsdGraphModule
+        _BLOCK_CLASSES[source] = cls
+    return cls
 
 
 def copy_graph(graph: Graph) -> Graph:
@@ -296,7 +354,8 @@ def module_from_graph(source: nn.Module, graph: Graph, extra_attrs: dict[str, An
     empty.output(None)
     gm = cls.__new__(cls)
     gm.__dict__.update(FxsdGraphModule({}, empty, class_name=type(source).__name__).__dict__)
-    type(gm).__name__ = type(source).__name__
+    gm.__dict__.pop(_CODE, None)
+    _name_class(gm, type(source).__name__)
     for name, value in source.__dict__.items():
         if name in _TREE or name.endswith("_hooks") or name.endswith("_hooks_with_kwargs") \
                 or name.endswith("_hooks_always_called"):
@@ -331,7 +390,7 @@ def shallow_copy(module: nn.Module) -> nn.Module:
             state[name] = copy.copy(value)
     res.__dict__.update(state)
     if isinstance(module, GraphModule):
-        type(res).__name__ = type(module).__name__
+        _name_class(res, type(module).__name__)
         res.graph = copy_graph(module.graph)
     return res
 
