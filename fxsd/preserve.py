@@ -67,7 +67,7 @@ from fxsd.errors import (
 )
 
 __all__ = ["hooks_silenced", "preserved", "restored_on_failure", "guarded", "model_run",
-           "run_error", "fake_tensors"]
+           "run_error", "fake_tensors", "generator_states"]
 
 #: The registries of the hooks a module call runs (each a dict, swapped for an empty one while
 #: fxsd runs it).
@@ -95,7 +95,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
     attributes = [(m, _attributes(m)) for m in modules]
     buffers = [(m, name, b, b.detach().clone()) for m in modules
                for name, b in m._buffers.items() if b is not None]
-    generators = _generator_states()
+    generators = generator_states()
     try:
         with hooks_silenced(model):
             yield
@@ -112,7 +112,7 @@ def restored_on_failure(model: nn.Module) -> Iterator[None]:
     modules, anything set or removed) and the global generators back as they were, and re-raise.
     A body that succeeds keeps its changes (``inplace=True``)."""
     attributes = [(m, _attributes(m)) for m in _modules(model)]
-    generators = _generator_states()
+    generators = generator_states()
     try:
         yield
     except BaseException:
@@ -337,7 +337,9 @@ def _restore_buffers(buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Ten
                 buffer.copy_(value)
 
 
-def _generator_states() -> dict[str, Any]:
+def generator_states() -> dict[str, Any]:
+    """The states of the process's global random generators: torch's CPU generator and every
+    initialised CUDA device's, Python's ``random`` and, when imported, NumPy's legacy one."""
     states: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()

@@ -53,8 +53,7 @@ from fxsd.calls import leaves
 from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
 from fxsd.gate import BranchGate
 from fxsd.layer_drop import find_layer_drops, switch_off_layer_drops
-from fxsd.preserve import _generator_states as generator_states  # TODO public
-from fxsd.preserve import preserved
+from fxsd.preserve import generator_states, preserved
 from fxsd.training import named_gates
 
 __all__ = ["check", "CheckKind", "CheckResult", "CheckReport", "PlainRun", "VerificationError",
