@@ -311,7 +311,8 @@ def _training_at_rate_zero(model: nn.Module, gated: nn.Module, args: tuple[Any, 
     return [reached, ours.depth_result()]
 
 
-def _training_step(gated: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def _training_step(gated: nn.Module, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> str | CheckResult:
     params = [p for p in gated.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
     try:
