@@ -19,7 +19,8 @@ The public surface:
   training time (:mod:`fxsd.callbacks` steps them in Lightning and the Hugging Face Trainer);
   :func:`apply_stochastic_depth` — Composer's functional API;
 * :func:`compile` — ``torch.compile`` with live decisions; :func:`strip` — a gate-free eval graph
-  for deployment and ``torch.export``;
+  for deployment and ``torch.export``; :func:`prune` — that graph with residual branches removed
+  to an inference FLOP budget (:class:`PruneReport` says what went);
 * :func:`show` — a gated model's code, each branch under its gate;
 * :func:`plain_state_dict` — trained weights back to the plain model, eval scale folded in;
 * :class:`FxsdError` and its subclasses — every error fxsd raises; the warnings a user may
@@ -79,6 +80,8 @@ _EXPORTS = {
     "apply_stochastic_depth": "fxsd.composer",
     "expected_saving": "fxsd.budget",
     "check": "fxsd.verify",
+    "prune": "fxsd.pruning",
+    "PruneReport": "fxsd.pruning",
 }
 # What a user calls. Everything else stays importable from its module (fxsd.gate.BranchGate,
 # fxsd.training.named_gates, ...; docs/api.md lists it as advanced), and every submodule is
@@ -129,6 +132,7 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         stochastic_depth,
     )
     from fxsd.passes.strip_gates import strip
+    from fxsd.pruning import PruneReport, prune
     from fxsd.record import get_record
     from fxsd.residuals import ResidualSite
     from fxsd.schedulers import DropSchedule, DropWarmup, progressive_layer_drop

@@ -3,9 +3,10 @@
 The cost model. A training step's compute is the forward and backward FLOPs of the whole model,
 counted by ``torch.utils.flop_counter`` on the example inputs. A site's cost is what its
 branch's forward and backward do beyond the branches nested in it; the skip, the gate and the
-rest of the model are never saved. Costs are counted on the gated model itself, once, at
-transform time (:func:`record_step_costs`): one run on fake tensors, every branch kept, each
-FLOP charged to the innermost gate whose branch issued it — in the forward while the gate runs,
+rest of the model are never saved. Costs are counted on the gated model itself, once
+(:func:`record_step_costs`) — at transform time for a ``target_saving``, else when first asked
+for (:func:`defer_step_costs`). One run on fake tensors, every branch kept, each FLOP charged to
+the innermost gate whose branch issued it — in the forward while the gate runs,
 in the backward by the autograd nodes its branch created. A run on fake tensors computes
 nothing, so the model, its buffers and the random generators are left as they were.
 
@@ -28,6 +29,7 @@ gated model's current rates, so it follows :func:`fxsd.set_drop_rate` and every 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -35,7 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fxsd.errors import FxsdError, InvalidArgumentError, ModelRunError, Run
 from fxsd.gate import BranchGate
@@ -43,7 +45,8 @@ from fxsd.preserve import fake_tensors, guarded, model_run, preserved
 from fxsd.record import get_record
 from fxsd.training import _gates_or_error, named_gates
 
-__all__ = ["StepCosts", "measure_step_costs", "record_step_costs", "expected_saving",
+__all__ = ["StepCosts", "measure_step_costs", "record_step_costs", "defer_step_costs",
+           "count_pending", "PendingCosts", "expected_saving",
            "site_savings", "saving_at", "solve_scale", "scale_to_target", "effective_rate"]
 
 
@@ -217,6 +220,95 @@ def _faked(value: Any, mode: Any) -> Any:
 
 
 
+class PendingCosts:
+    """What counting a gated model's step costs later takes, kept on its record
+    (``FxsdRecord.pending_costs``) until something asks for them (:func:`count_pending`).
+
+    A count runs on fake tensors, which read nothing of the examples but their shapes, strides,
+    dtypes and devices: those are kept, not the tensors (a large example batch is not held
+    alive by the model). A tensor that was on the model's device (in its dtype) follows the
+    model's later ``.to()``. The model itself is held weakly; a copied or unpickled record
+    counts on the model it is asked about, when that holds every gate.
+    """
+
+    def __init__(self, model: nn.Module, args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any] | None) -> None:
+        flat, self.spec = tree_flatten((tuple(args), dict(kwargs or {})))
+        self.device, self.dtype = _placement(model)
+        self.leaves = [_TensorSpec.of(x) if isinstance(x, torch.Tensor) else x for x in flat]
+        self.gates = tuple(named_gates(model))
+        self._model: weakref.ref[nn.Module] | None = weakref.ref(model)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_model": None}
+
+    def model_for(self, asked: nn.Module) -> nn.Module | None:
+        """The model to count on when ``asked`` (the model or one of its parts) is asked about."""
+        model = self._model() if self._model is not None else None
+        if model is not None and any(m is asked for m in model.modules()):
+            return model
+        return asked if tuple(named_gates(asked)) == self.gates else None
+
+    def inputs(self, model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Stand-ins for the examples (uninitialised: a fake run reads no value)."""
+        device, dtype = _placement(model)
+
+        def make(x: Any) -> Any:
+            if not isinstance(x, _TensorSpec):
+                return x
+            moved = x.device == self.device and device is not None
+            cast = x.dtype == self.dtype and dtype is not None
+            return torch.empty_strided(x.shape, x.stride, dtype=dtype if cast else x.dtype,
+                                       device=device if moved else x.device,
+                                       requires_grad=x.requires_grad)
+
+        return tree_unflatten([make(x) for x in self.leaves], self.spec)
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> _TensorSpec:
+        return cls(tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad)
+
+
+def _placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype of ``model``'s first floating-point parameter."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (None, None) if param is None else (param.device, param.dtype)
+
+
+def defer_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
+                     example_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Leave ``model``'s step costs to be counted when first asked for (by :func:`fxsd.table`,
+    :func:`expected_saving`, :func:`site_savings`): a count is one forward and backward on
+    fake tensors, which a transform that needs no costs (no ``target_saving``) should not pay.
+    The counts are those :func:`record_step_costs` would record now: FLOPs depend on shapes
+    alone, not on weights or rates, and every gate is kept during a count."""
+    get_record(model).pending_costs = PendingCosts(model, tuple(example_inputs), example_kwargs)
+
+
+def count_pending(model: nn.Module) -> None:
+    """Count the step costs :func:`defer_step_costs` left for later, if any, on the model
+    ``model`` belongs to (:func:`record_step_costs`: a failure is kept on the record)."""
+    record = get_record(model)
+    pending = getattr(record, "pending_costs", None)  # a record pickled before it had one
+    if pending is None or record.step_flops is not None:
+        return
+    whole = pending.model_for(model)
+    if whole is None:  # a part of a copy: the whole model is not known
+        return
+    record.pending_costs = None
+    args, kwargs = pending.inputs(whole)
+    record_step_costs(whole, args, kwargs)
+
+
 def record_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
                       example_kwargs: Mapping[str, Any] | None = None, *,
                       real_run: bool = False) -> bool:
@@ -268,6 +360,7 @@ def saving_at(rates: Mapping[str, float], sites: Mapping[str, int],
 def _costs_or_error(model: nn.Module, what: str) -> tuple[dict[str, BranchGate], int]:
     found = named_gates(model)
     _gates_or_error(model)
+    count_pending(model)
     record = get_record(model)
     if record.step_flops is None or any(g.info.step_flops is None for g in found.values()):
         if record.step_flops_error:  # examples were given: the count itself failed

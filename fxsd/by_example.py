@@ -53,7 +53,14 @@ from fxsd.guards import (
 )
 from fxsd.ops import resolve_attr
 from fxsd.preserve import model_run
-from fxsd.tracing import FxsdTracer, JoinProxy, LeafSpec, TracerFactory, draws_unwatched
+from fxsd.tracing import (
+    FxsdTracer,
+    HostStates,
+    JoinProxy,
+    LeafSpec,
+    TracerFactory,
+    draws_unwatched,
+)
 
 __all__ = ["RecordedCall", "record_calls", "ExampleTracer", "example_tracer"]
 
@@ -84,6 +91,10 @@ class RecordedCall:
     args: tuple[Any, ...] = field(repr=False)
     kwargs: dict[str, Any] = field(repr=False)
     order: int = 0
+    # the ops its traces evaluated on the example's values, shared by every trace of the
+    # module (each mode, each way of tracing its flags and Nones): see ExampleTracer._evaluate
+    evaluated: dict[Any, tuple[Any, ...]] = field(default_factory=dict, repr=False,
+                                                   compare=False)
 
 
 def record_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -354,6 +365,21 @@ class ExampleTracer(FxsdTracer):
         host = self.host_states if _model_code(self.model, kind, target) else None
         if host is not None:
             host.check(self)
+        # not run again, a function of the model's draws nothing: the draws it would make are
+        # its own anyway (the states are synced after it), not the traced code's
+        key = _memo_key(self.model, kind, target, real_args, real_kwargs)
+        found = self.call.evaluated.get(key) if key is not None else None
+        if found is not None and _unchanged(found[0], found[1]):
+            return found[0]
+        result = self._run(kind, target, real_args, real_kwargs, host)
+        if key is not None and _memoizable(result):
+            # the inputs stay referenced, so that no other object takes their ids
+            self.call.evaluated[key] = (result, _versions(result), real_args, real_kwargs)
+        return result
+
+    def _run(self, kind: str, target: Any, real_args: tuple, real_kwargs: dict,
+             host: HostStates | None) -> Any:
+        """One recorded op on the example's values (``_MISSING`` when it raises)."""
         try:
             with torch.no_grad(), self._evaluation():
                 if kind == "call_function":
@@ -409,7 +435,11 @@ class ExampleTracer(FxsdTracer):
         proxy = super().create_proxy("placeholder", name, (), {})
         if default is not inspect.Parameter.empty:
             proxy.node.args = (default,)  # the generated signature keeps the default
-        self.values[proxy.node] = _copied(example)
+        # a tuple of tensors cannot change: every trace reads the same tensors, whose ops the
+        # memo then knows (a copy would be new tensors at each trace)
+        shared = isinstance(example, tuple) and all(
+            isinstance(v, torch.Tensor) or is_guardable(v) for v in example)
+        self.values[proxy.node] = example if shared else _copied(example)
         return proxy
 
     def _inputs(self, holder: fx.Proxy, example: Any, name: str | None) -> Any:
@@ -443,6 +473,85 @@ def example_tracer(call: RecordedCall, model: nn.Module, *, autowrap: Iterable[A
     ``call`` by example (arguments as for :class:`ExampleTracer`)."""
     return functools.partial(ExampleTracer, call, model, autowrap=tuple(autowrap),
                              fix_flags=fix_flags, free_nones=tuple(free_nones))
+
+
+# Ops that change their operands: evaluated again at every trace, never taken from the memo.
+_IN_PLACE = frozenset({operator.setitem, operator.delitem, operator.iadd, operator.isub,
+                       operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                       operator.ipow, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift, operator.imatmul})
+_SCALARS = (bool, int, float, complex, str, type(None), type(Ellipsis), torch.dtype,
+            torch.device, torch.layout, torch.memory_format)
+
+
+def _memo_key(model: nn.Module, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """What determines the result of a pure op on example values, or ``None`` where that is not
+    known: the op and its arguments, each tensor by identity and version (an in-place op
+    bumps it), each plain value by value; a torch.nn layer with its mode. The model's own
+    modules (their state), in-place ops and ops on other objects (a cache, which its methods
+    change) are not keyed."""
+    mode: Any = None
+    if kind == "call_method":
+        if not isinstance(target, str) or (target.endswith("_") and not target.startswith("__")):
+            return None
+    elif kind == "call_module":  # torch.nn's own layers, in their mode (dropout's, BN's)
+        module = model.get_submodule(target)
+        if not type(module).__module__.startswith("torch.nn.modules."):
+            return None
+        mode = (id(module), module.training)
+    elif kind != "call_function" or target in _IN_PLACE:
+        return None
+    if "out" in kwargs or kwargs.get("inplace") is True:
+        return None
+    try:
+        key = (kind, target, mode, _value_key(args), _value_key(kwargs))
+        hash(key)
+    except (_Unkeyed, TypeError):
+        return None
+    return key
+
+
+class _Unkeyed(Exception):
+    """A value the memo cannot key (its result may depend on more than what a key holds)."""
+
+
+def _value_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    if isinstance(value, _SCALARS):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)):  # torch.Size too
+        return (type(value), tuple(_value_key(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, _value_key(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return (slice, _value_key(value.start), _value_key(value.stop), _value_key(value.step))
+    if isinstance(value, nn.Module):  # a function given its module (an attention kernel)
+        return (nn.Module, id(value), value.training)
+    raise _Unkeyed
+
+
+def _memoizable(result: Any) -> bool:
+    """Whether a result can be handed to later traces as it is: tensors, plain values and
+    tuples of them (not a list or dict, which the code may fill in afterwards)."""
+    if isinstance(result, tuple):
+        return all(_memoizable(r) for r in result)
+    return isinstance(result, (torch.Tensor, *_SCALARS)) or result is _MISSING
+
+
+def _versions(result: Any) -> tuple[int, ...]:
+    return tuple(t._version for t in _flat_tensors(result))
+
+
+def _unchanged(result: Any, versions: tuple[int, ...]) -> bool:
+    """Whether no in-place op changed a memoized result since it was computed."""
+    return _versions(result) == versions
+
+
+def _flat_tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, tuple):
+        return [t for v in value for t in _flat_tensors(v)]
+    return [value] if isinstance(value, torch.Tensor) else []
 
 
 def _model_code(model: nn.Module, kind: str, target: Any) -> bool:

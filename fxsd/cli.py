@@ -251,8 +251,14 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--json", metavar="PATH", type=_json_path,
                        help="also write the measurements as JSON (its folder is created)")
     bench.add_argument("--transform", action="store_true",
-                       help="time the pass itself (resnet152, vit_l_16, residual MLPs) instead; "
-                            "takes no MODEL and none of the timing options")
+                       help="time the pass itself (resnet152, vit_l_16, residual MLPs; tiny "
+                            "Llama, T5 and diffusers UNet traced by example, beside a training "
+                            "step) instead; takes no MODEL and none of the timing options")
+    bench.add_argument("--prune", type=_rate("--prune"), default=None, metavar="S",
+                       help="instead: time inference (eval, no_grad) of the plain model and of "
+                            "fxsd.prune(model, S) (e.g. 0.25 of its forward FLOPs), side by "
+                            "side, beside their FLOP ratio; takes no --drop-rate, "
+                            "--distribution or --mode")
     _table_arguments(bench, "do not fit the table to the terminal")
 
 
@@ -272,7 +278,8 @@ def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--threads", type=_int(1, "--threads"), default=None,
                       help="torch threads (default: as is)")
     demo.add_argument("--out", type=_out_dir, default=DEFAULT_DEMO_OUT,
-                      help="folder for demo.png, demo.md, demo.json, created if needed "
+                      help="folder for demo.png, demo_prune.png, demo.md, demo.json, created if "
+                           "needed "
                            f"(default: ./{DEFAULT_DEMO_OUT})")
 
 
@@ -400,6 +407,9 @@ def _bench(args: argparse.Namespace) -> None:
     from fxsd import bench
     from fxsd.errors import InvalidArgumentError
 
+    if args.prune is not None:
+        _bench_prune(args)
+        return
     if args.transform:
         given = [flag for name, flag in _BENCH_OPTIONS.items()
                  if getattr(args, name) not in (None, False)]
@@ -421,6 +431,31 @@ def _bench(args: argparse.Namespace) -> None:
     _bench_report(result, args)
 
 
+def _bench_prune(args: argparse.Namespace) -> None:
+    """``fxsd bench --prune S``: the plain and pruned models' inference, timed side by side."""
+    import json
+
+    from fxsd import bench_prune
+    from fxsd.errors import InvalidArgumentError
+
+    given = [flag for name, flag in _BENCH_OPTIONS.items()
+             if name in ("drop_rate", "distribution", "mode") and getattr(args, name) is not None]
+    if args.transform or given:
+        raise InvalidArgumentError(
+            "--prune times the plain and the pruned model's inference and takes no "
+            f"{', '.join(['--transform'] if args.transform else given)}: run those separately")
+    options = {name: getattr(args, name) for name in _BENCH_OPTIONS
+               if name not in ("drop_rate", "distribution", "mode")
+               and getattr(args, name) is not None}
+    result = bench_prune.run(saving=args.prune, **options)
+    print(bench_prune.format_table(result, args.format, width=0 if args.wide else None),
+          flush=True)
+    if args.json:  # after printing: a failed write loses nothing
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.to_dict(), indent=2))
+
+
 def _bench_report(result: Any, args: argparse.Namespace) -> None:
     """The table on stdout, then the JSON (printed first: a failed write loses nothing)."""
     import json
@@ -439,17 +474,22 @@ def _transform(args: argparse.Namespace) -> None:
 
     from fxsd import bench
 
-    print("fxsd.stochastic_depth (trace + analysis + rewrite), best of 3, 1 CPU thread",
+    print("fxsd.stochastic_depth (trace + analysis + rewrite), best of 3, 1 CPU thread; "
+          "by example: beside one training step of the plain model on the example batch",
           flush=True)
-    line = "{:<20} {:>7} {:>6} {:>7} {:>9} {:>12}"
-    print(line.format("model", "nodes", "sites", "blocks", "seconds", "µs per node"))
-    print(line.format("-" * 20, "-" * 7, "-" * 6, "-" * 7, "-" * 9, "-" * 12), flush=True)
+    line = "{:<20} {:>7} {:>6} {:>7} {:>9} {:>12} {:>8} {:>6}"
+    print(line.format("model", "nodes", "sites", "blocks", "seconds", "µs per node", "step s",
+                      "steps"))
+    print(line.format(*("-" * n for n in (20, 7, 6, 7, 9, 12, 8, 6))), flush=True)
     rows = []
-    try:
-        for row in bench.transform_rows():  # each row as soon as it is measured
+    try:  # each row as soon as it is measured
+        for row in bench.transform_rows(by_example=tuple(bench.EXAMPLE_MODELS)):
             rows.append(row)
+            step = row["step_seconds"]
             print(line.format(row["model"], row["nodes"], row["sites"], row["blocks"],
-                              f"{row['seconds']:.3f}", f"{row['us_per_node']:.0f}"), flush=True)
+                              f"{row['seconds']:.3f}", f"{row['us_per_node']:.0f}",
+                              "-" if step is None else f"{step:.3f}",
+                              "-" if step is None else f"{row['steps']:.1f}"), flush=True)
     finally:  # interrupted too: the rows measured so far
         if args.json and rows:
             path = Path(args.json)
@@ -465,8 +505,12 @@ def _demo(args: argparse.Namespace) -> None:
                       batch_size=args.batch_size, threads=args.threads, out_dir=None)
     print(result.table(tablefmt="simple"))
     print(f"\nfxsd trains in {result.time_ratio:.2f}x the baseline's time", flush=True)
+    if result.pruning:
+        print("\npruned for inference (fxsd.prune, greedy, no fine-tuning):\n"
+              f"{result.pruning_table(tablefmt='simple')}", flush=True)
     demo.write(result, Path(args.out))  # after printing: a failed write loses no result
-    print(f"wrote {args.out}/demo.png, demo.md, demo.json")
+    print(f"wrote {args.out}/demo.png, {'demo_prune.png, ' if result.pruning else ''}demo.md, "
+          "demo.json")
 
 
 #: Each subcommand: (adds its arguments, runs it, its line in ``fxsd --help``).
@@ -478,8 +522,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
     "check": (_check_arguments, _check,
               "transform a model and verify fxsd's promises on it (exit status 1 if one fails)"),
     "demo": (_demo_arguments, _demo,
-             "train baseline vs fxsd on scikit-learn's digits; write a plot and a table (needs "
-             "pip install 'fxsd[demo]')"),
+             "train baseline vs fxsd on scikit-learn's digits, prune both for inference; write "
+             "plots and tables (needs pip install 'fxsd[demo]')"),
 }
 
 

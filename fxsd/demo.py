@@ -5,12 +5,24 @@ handwritten digits that ship inside scikit-learn (1,797 8×8 images, 10 classes;
 once as it is and once with fxsd's stochastic depth, for several seeds, and writes
 
 * ``demo.png`` — test accuracy against training wall-clock time, every run;
-* ``demo.md`` — the table: final accuracy and training time per run, means, the time ratio;
+* ``demo_prune.png`` — test accuracy against inference FLOPs, both trained models pruned;
+* ``demo.md`` — the tables: final accuracy and training time per run, means, the time ratio;
+  then the pruned models' accuracy at each inference saving;
 * ``demo.json`` — every measured point.
 
 The two variants of one seed start from the same weights and see the same batches; runs
 alternate (baseline, fxsd, baseline, …) so that a machine's slow spell hits both. Time counts
 training steps only (evaluation is excluded).
+
+Then every trained model (plain-trained and fxsd-trained, each seed) is deployed at several depths
+with :func:`fxsd.prune`: its residual branches removed until its forward FLOPs fall by 0, 10, …,
+50%, no fine-tuning, the sites chosen by the greedy rule (``strategy="greedy"``: each time the one
+whose removal raises the cross-entropy least per FLOP saved) on a few batches of the training
+data; each pruned model's test accuracy is measured. Greedy removes sites in one order whatever
+the target (a target only says where to stop), so each model runs the greedy search once, at the
+largest saving, and every smaller target takes the shortest prefix of that order that meets it:
+what ``strategy="greedy"`` at that target would remove. FLOPs are per test image, counted by
+``torch.utils.flop_counter``.
 
 Needs the ``demo`` extra: ``pip install 'fxsd[demo]'`` (scikit-learn, matplotlib, tqdm).
 
@@ -34,9 +46,12 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-from fxsd.errors import InvalidArgumentError
+from fxsd.errors import InvalidArgumentError, InvalidTypeError
 
-__all__ = ["Run", "DemoResult", "run", "load_digits"]
+__all__ = ["Run", "PrunePoint", "DemoResult", "run", "load_digits", "PRUNE_SAVINGS"]
+
+#: The inference savings (fractions of the forward FLOPs) at which the demo prunes each model.
+PRUNE_SAVINGS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 @dataclass
@@ -57,11 +72,33 @@ class Run:
 
 
 @dataclass
+class PrunePoint:
+    """One trained model (``variant``, ``seed``) pruned at ``target`` (a fraction of its forward
+    FLOPs): the sites ``removed``, its forward FLOPs per image before (``full_flops``) and after
+    (``flops``), and its test ``accuracy``."""
+
+    variant: str
+    seed: int
+    target: float
+    removed: list[str]
+    full_flops: int
+    flops: int
+    accuracy: float
+
+    @property
+    def saving(self) -> float:
+        """The fraction of the forward FLOPs the pruning saved (at least ``target``)."""
+        return 1.0 - self.flops / self.full_flops
+
+
+@dataclass
 class DemoResult:
-    """All runs of one demo, with the settings that made them."""
+    """All runs of one demo, with the settings that made them, and the pruned models'
+    accuracies (``pruning``, empty when the demo pruned nothing)."""
 
     runs: list[Run]
     settings: dict[str, Any]
+    pruning: list[PrunePoint] = field(default_factory=list)
 
     def mean(self, variant: str, what: str) -> float:
         return statistics.fmean(getattr(r, what) for r in self.runs if r.variant == variant)
@@ -78,6 +115,30 @@ class DemoResult:
             rows.append([f"{variant} (mean)", "", f"{100 * self.mean(variant, 'accuracy'):.2f}%",
                          f"{self.mean(variant, 'seconds'):.1f}"])
         return tabulate(rows, headers=["variant", "seed", "test accuracy", "training s"],
+                        tablefmt=tablefmt, disable_numparse=True)
+
+    def pruning_table(self, tablefmt: str = "github") -> str:
+        """Per trained variant and target: the sites removed, forward FLOPs per image, the
+        saving reached and the test accuracy (mean over seeds, then each seed's)."""
+        rows = []
+        for variant in ("baseline", "fxsd"):
+            for target in sorted({p.target for p in self.pruning}):
+                points = sorted((p for p in self.pruning
+                                 if p.variant == variant and p.target == target),
+                                key=lambda p: p.seed)
+                if not points:
+                    continue
+                counts = sorted({len(p.removed) for p in points})
+                rows.append([
+                    variant, f"{100 * target:.0f}%",
+                    f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}",
+                    f"{statistics.fmean(p.flops for p in points) / 1e6:.2f}",
+                    f"{100 * statistics.fmean(p.saving for p in points):.1f}%",
+                    f"{100 * statistics.fmean(p.accuracy for p in points):.2f}%",
+                    " / ".join(f"{100 * p.accuracy:.2f}" for p in points)])
+        return tabulate(rows, headers=["trained", "target saving", "sites removed",
+                                       "fwd MFLOPs / image", "FLOPs saved",
+                                       "test accuracy (mean)", "per seed (%)"],
                         tablefmt=tablefmt, disable_numparse=True)
 
 
@@ -135,8 +196,10 @@ def _train(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, batch_
 def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
         drop_rate: float = 0.5, distribution: str = "linear", batch_size: int = 64,
         threads: int | None = None, out_dir: str | Path | None = "fxsd-demo",
-        progress: bool = True) -> DemoResult:
-    """Train baseline and fxsd ``cifar_resnet(depth)`` on the digits; write the picture and table.
+        progress: bool = True, prune_savings: Sequence[float] = PRUNE_SAVINGS,
+        prune_batches: int = 2) -> DemoResult:
+    """Train baseline and fxsd ``cifar_resnet(depth)`` on the digits, prune each trained model at
+    ``prune_savings``; write the pictures and tables.
 
     Args:
         epochs, seeds, depth, batch_size: the runs (``depth = 6n + 2``).
@@ -148,19 +211,27 @@ def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
             Checked before training, as every argument: a file there is refused at once.
         progress: show progress on stderr: a tqdm bar on a terminal (when tqdm is installed),
             else one line per epoch.
+        prune_savings: the inference savings (fractions of the forward FLOPs, in [0, 1]) at
+            which each trained model is pruned (``()``: none); the largest is checked to be
+            within reach before training.
+        prune_batches: how many training batches (of ``batch_size`` images, drawn by the run's
+            seed) the greedy rule chooses sites on.
     """
     import fxsd
     from fxsd.models import cifar_resnet
 
     _check(epochs, seeds, depth, drop_rate, distribution, batch_size, threads, out_dir)
+    savings = _check_pruning(prune_savings, prune_batches, depth)
     if threads:
         torch.set_num_threads(threads)
     data = load_digits()
     settings = dict(epochs=epochs, seeds=list(seeds), depth=depth, drop_rate=drop_rate,
                     distribution=distribution, batch_size=batch_size,
                     threads=torch.get_num_threads(), torch=torch.__version__,
-                    train_images=len(data[1]), test_images=len(data[3]))
+                    train_images=len(data[1]), test_images=len(data[3]),
+                    prune_savings=list(savings), prune_batches=prune_batches)
     runs: list[Run] = []
+    trained: list[tuple[Run, nn.Module]] = []
     with _bar(2 * len(seeds) * epochs, progress) as bar:
         for seed in seeds:
             for variant in ("baseline", "fxsd"):
@@ -172,7 +243,10 @@ def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
                 bar.set_description(f"{variant} seed {seed}")
                 runs.append(Run(variant, seed, _train(model, data, epochs, batch_size, seed,
                                                       bar)))
-    result = DemoResult(runs, settings)
+                trained.append((runs[-1], model))
+    # after all training, so that the training times are measured apart from it
+    pruning = _prune_all(trained, data, savings, (prune_batches, batch_size), progress)
+    result = DemoResult(runs, settings, pruning)
     if out_dir is not None:
         write(result, Path(out_dir))
     return result
@@ -199,11 +273,84 @@ def _check(epochs: int, seeds: Sequence[int], depth: int, drop_rate: float, dist
         check_output_dir(out_dir)
 
 
+def _check_pruning(savings: Sequence[float], batches: int, depth: int) -> tuple[float, ...]:
+    """The sorted, distinct ``savings``; the largest checked to be within the reach of
+    ``cifar_resnet(depth)`` (FLOPs do not depend on the weights): before any training."""
+    import fxsd
+    from fxsd.arguments import check_int
+    from fxsd.distributions import check_rate
+    from fxsd.models import cifar_resnet
+
+    check_int(batches, "prune_batches", minimum=1)
+    if isinstance(savings, (str, bytes)) or not isinstance(savings, Sequence):
+        raise InvalidTypeError(
+            f"prune_savings must be a list of fractions in [0, 1] (() for none), got "
+            f"{savings!r}")
+    checked = tuple(sorted({check_rate(v, "each of prune_savings") for v in savings}))
+    if checked and checked[-1] > 0:  # raises, naming the maximum, when out of reach
+        fxsd.prune(cifar_resnet(depth), checked[-1], strategy="every_other",
+                   example_inputs=(torch.zeros(1, 3, 8, 8),))
+    return checked
+
+
+def _prune_all(trained: list[tuple[Run, nn.Module]], data: tuple[torch.Tensor, ...],
+               savings: Sequence[float], batches: tuple[int, int], progress: bool
+               ) -> list[PrunePoint]:
+    """Every trained model pruned at each of ``savings`` (none when there are none)."""
+    points: list[PrunePoint] = []
+    for done, model in trained if savings else ():
+        if progress:
+            print(f"pruning the {done.variant} model of seed {done.seed}", file=sys.stderr,
+                  flush=True)
+        points += _prune(model, done, data, savings, batches, progress)
+    return points
+
+
+def _prune(model: nn.Module, run: Run, data: tuple[torch.Tensor, ...],
+           savings: Sequence[float], batches: tuple[int, int], progress: bool
+           ) -> list[PrunePoint]:
+    """``model`` pruned at each of ``savings`` (the greedy rule on ``batches[0]`` training
+    batches of ``batches[1]`` images), each pruned model's test accuracy."""
+    import fxsd
+
+    x, y, x_test, y_test = data
+    count, size = batches
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(run.seed))
+    pick = pick[:count * size]
+    chosen_on = list(zip(x[pick].split(size), y[pick].split(size)))
+    example = (x_test[:1],)  # FLOPs per image
+    model.eval()
+    if not fxsd.gates(model):  # gated once here, not by every prune call
+        model = fxsd.stochastic_depth(model, example_inputs=example, verify=False)
+    _, greedy = fxsd.prune(model, savings[-1], strategy="greedy", data=chosen_on,
+                           loss=_cross_entropy, example_inputs=example, return_report=True,
+                           progress=progress)
+
+    def greedy_order(gated: nn.Module, flops: Any) -> list[str]:
+        return list(greedy.removed)
+
+    points = []
+    for target in savings:
+        pruned, report = fxsd.prune(model, target, strategy=greedy_order,
+                                    example_inputs=example, return_report=True)
+        points.append(PrunePoint(run.variant, run.seed, target, list(report.removed),
+                                 report.flops_before, report.flops_after,
+                                 _accuracy(pruned, x_test, y_test)))
+    return points
+
+
+def _cross_entropy(output: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]
+                   ) -> torch.Tensor:
+    return F.cross_entropy(output, batch[1])
+
+
 def write(result: DemoResult, out_dir: Path) -> None:
-    """``demo.json``, ``demo.md`` and (with matplotlib) ``demo.png`` into ``out_dir``."""
+    """``demo.json``, ``demo.md`` and (with matplotlib) ``demo.png`` and, when the demo pruned,
+    ``demo_prune.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps(
-        {"settings": result.settings, "runs": [asdict(r) for r in result.runs]}, indent=1))
+        {"settings": result.settings, "runs": [asdict(r) for r in result.runs],
+         "pruning": [asdict(p) for p in result.pruning]}, indent=1))
     s = result.settings
     text = (f"# fxsd demo: ResNet-{s['depth']} on scikit-learn's digits\n\n"
             f"{s['epochs']} epochs, seeds {s['seeds']}, fxsd drop rate {s['drop_rate']} "
@@ -211,19 +358,36 @@ def write(result: DemoResult, out_dir: Path) -> None:
             f"{s['torch']}; {s['train_images']} training and {s['test_images']} test images.\n\n"
             f"{result.table()}\n\nfxsd's training time is **{result.time_ratio:.2f}×** the "
             "baseline's (means over seeds, measured side by side in one process).\n")
+    if result.pruning:
+        text += (f"\n## Pruned for inference (fxsd.prune, greedy)\n\nEach trained model with "
+                 f"residual branches removed until its forward FLOPs fall by the target, no "
+                 f"fine-tuning; sites chosen by the greedy rule on {s['prune_batches']} training "
+                 f"batches of {s['batch_size']}. FLOPs per test image (FlopCounterMode).\n\n"
+                 f"{result.pruning_table()}\n")
     (out_dir / "demo.md").write_text(text)
     _plot(result, out_dir / "demo.png")
+    if result.pruning:
+        _plot_pruning(result, out_dir / "demo_prune.png")
 
 
-def _plot(result: DemoResult, path: Path) -> None:
+def _pyplot(path: Path) -> Any:
+    """``matplotlib.pyplot`` (the Agg backend), or ``None`` with a note that ``path`` is not
+    drawn: the plots are optional, the tables and JSON are always written."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no demo.png (pip install 'fxsd[demo]')",
+        print(f"matplotlib is not installed: no {path.name} (pip install 'fxsd[demo]')",
               file=sys.stderr)
+        return None
+    return plt
+
+
+def _plot(result: DemoResult, path: Path) -> None:
+    plt = _pyplot(path)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     colors = {"baseline": "#4c72b0", "fxsd": "#dd8452"}
@@ -276,3 +440,35 @@ def _bar(total: int, enabled: bool) -> Any:
         else:
             return tqdm(total=total, unit="epoch", file=sys.stderr)
     return _Lines(total, enabled)
+
+
+def _plot_pruning(result: DemoResult, path: Path) -> None:
+    """Test accuracy against forward FLOPs per image: each trained variant's mean over seeds
+    (a line through the targets), each seed's pruned model as a faint dot."""
+    plt = _pyplot(path)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    colors = {"baseline": "#4c72b0", "fxsd": "#dd8452"}
+    targets = sorted({p.target for p in result.pruning})
+    for variant in ("baseline", "fxsd"):
+        points = [p for p in result.pruning if p.variant == variant]
+        if not points:
+            continue
+        ax.scatter([p.flops / 1e6 for p in points], [100 * p.accuracy for p in points],
+                   color=colors[variant], s=10, alpha=0.35)
+        means = [[p for p in points if p.target == t] for t in targets]
+        ax.plot([statistics.fmean(p.flops for p in at) / 1e6 for at in means],
+                [100 * statistics.fmean(p.accuracy for p in at) for at in means],
+                color=colors[variant], marker="o", markersize=4, linewidth=1.4,
+                label=f"{variant}-trained (mean of {len(means[0])})")
+    s = result.settings
+    ax.set_xlabel("inference FLOPs per image (M, forward)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"ResNet-{s['depth']} pruned by fxsd.prune (greedy), no fine-tuning: "
+                 f"{', '.join(f'{100 * t:.0f}' for t in targets)}% saved", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -31,10 +31,13 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fxsd.errors import GraphError, Run
+from fxsd.graph_module import HostedGraphModule
+from fxsd.shared_work import SharedOutput
 
 if typing.TYPE_CHECKING:
     from fxsd.gate import GateInfo
@@ -60,6 +63,8 @@ class Escapes:
         unproduced: values a skipped branch cannot produce (tensors computed from its values)
             that only go back to a caller fxsd did not trace (the attention weights a layer
             returns): a skipped branch hands on a :class:`DroppedValue` for each.
+        shared: second joins and concatenations the branch's work feeds, gated with it
+            (:mod:`fxsd.shared_work`); the gate returns their results after ``values``.
     """
 
     values: tuple[Node, ...]
@@ -68,25 +73,29 @@ class Escapes:
     shapes: tuple[Node, ...]
     real: tuple[Node, ...]
     unproduced: tuple[Node, ...] = ()
+    shared: tuple[SharedOutput, ...] = ()
 
 
 def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict[Node, int],
-                 holds_no_tensor: Callable[[Node], bool], may_return: bool = False
-                 ) -> Escapes | str:
+                 holds_no_tensor: Callable[[Node], bool], may_return: bool = False,
+                 shared: tuple[SharedOutput, ...] = ()) -> Escapes | str:
     """The escapes of the branch ``nodes`` (which compute ``out`` from ``fork`` for ``add``), or
     a sentence saying why a skipped branch could not produce them.
 
     ``holds_no_tensor(node)``: whether a node's value holds no tensor (from the analysis's
     shapes where it ran the graph, else :func:`declared_no_tensor`). ``may_return``: the graph
     is a module fxsd traced on its own, whose caller it did not see; a value it returns may be
-    ``unproduced``.
+    ``unproduced``. ``shared``: second uses of the branch's work that the gate computes
+    (:func:`fxsd.shared_work.find_shared`); their values are no escapes.
     """
     stop = order[add]
+    joins = {(out, add), *((s.value, s.consumer) for s in shared)}
+    consumers = {add, *(s.consumer for s in shared)}
     moved: set[Node] = set()
-    stack = [u for n in nodes for u in n.users if u not in nodes and u is not add]
+    stack = [u for n in nodes for u in n.users if u not in nodes and u not in consumers]
     while stack:
         u = stack.pop()
-        if u in moved or u in nodes or u is add or u.op == "output":
+        if u in moved or u in nodes or u in consumers or u.op == "output":
             continue
         if order[u] > stop:
             # a dtype, shape or device read of the branch's own values placed after the join
@@ -102,7 +111,7 @@ def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict
         skip = next(a for a in add.all_input_nodes if a in moved)
         return f"the skip '{skip.name}' is computed from the branch's values"
     values = sorted({n for n in inside for u in n.users
-                     if u not in inside and not (n is out and u is add)}, key=order.__getitem__)
+                     if u not in inside and (n, u) not in joins}, key=order.__getitem__)
     # nodes computed from the fork's values (the branch's own work)
     heavy: set[Node] = set()
     for n in sorted(inside, key=order.__getitem__):
@@ -134,7 +143,7 @@ def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict
             need_shape(n)
             continue
         if n in heavy:
-            user = next(u for u in n.users if u not in inside and u is not add) \
+            user = next(u for u in n.users if u not in inside and (n, u) not in joins) \
                 if n in values else None
             where = f" by {describe(user)} outside it" if user is not None else ""
             return (f"{describe(n)}, a tensor computed from the branch's values, is also used"
@@ -151,7 +160,7 @@ def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict
         return (f"{describe(n)}, a tensor computed from the branch's values, is used by what "
                 "escapes it: the branch cannot be skipped as a unit")
     return Escapes(tuple(values), ordered(moved), ordered(abstract), ordered(shapes),
-                   ordered(real), ordered(unproduced))
+                   ordered(real), ordered(unproduced), shared)
 
 
 def describe(node: Node) -> str:
@@ -249,17 +258,20 @@ def abstract_run(module: GraphModule, args: tuple[Any, ...]) -> Any:
     module raises arrives as a :class:`~fxsd.errors.ModelRunError` (``Run.ABSTRACT``)."""
     from torch.nn.utils.stateless import _reparametrize_module
 
-    saved = [(m, m.training) for m in module.modules()]
+    # a part of a block's code reads the block's modules: the block's state is what is faked
+    owner = module.host if isinstance(module, HostedGraphModule) and module.host is not None \
+        else module
+    saved = [(m, m.training) for m in owner.modules()]
     with fake_tensors() as mode, torch.no_grad(), model_run(module, Run.ABSTRACT), \
-            hooks_silenced(module):  # the user's hooks would see fake tensors
-        state = dict(module.named_parameters(remove_duplicate=False))
-        state.update(module.named_buffers(remove_duplicate=False))
+            hooks_silenced(owner):  # the user's hooks would see fake tensors
+        state = dict(owner.named_parameters(remove_duplicate=False))
+        state.update(owner.named_buffers(remove_duplicate=False))
         fake = {k: mode.from_tensor(v) for k, v in state.items()}
         inputs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         try:
             for m, _ in saved:
                 m.training = False
-            with _reparametrize_module(module, fake, tie_weights=True):
+            with _reparametrize_module(owner, fake, tie_weights=True):
                 out = module(*inputs)
         finally:
             for m, training in saved:
@@ -315,6 +327,15 @@ class EscapePath:
         computed = iter(self.compute(*found, *args))
         return tuple(DroppedValue(name, gate.name, gate.module_path) if i in self.unproduced
                      else next(computed) for i, name in enumerate(self.names))
+
+    def attach(self, block: nn.Module) -> EscapePath:
+        """This path with its two modules hosted by ``block`` (a copy when another block
+        hosts them: see :meth:`~fxsd.graph_module.HostedGraphModule.attach`)."""
+        abstract, compute = (m.attach(block) if isinstance(m, HostedGraphModule) else m
+                             for m in (self.abstract, self.compute))
+        if abstract is self.abstract and compute is self.compute:
+            return self
+        return EscapePath(abstract, compute, self.names, self.unproduced)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"abstract": self.abstract, "compute": self.compute, "names": self.names,

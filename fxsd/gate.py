@@ -36,9 +36,11 @@ from torch.fx import GraphModule
 from fxsd.distributed import check_unsynced_sharding, unsynced_sharding_generation
 from fxsd.distributions import check_rate
 from fxsd.escapes import EscapePath, TensorSpec, abstract_run
+from fxsd.graph_module import HostedGraphModule
 from fxsd.join import PLAIN_JOIN, Join, JoinOp, branch_scale, row_factor
 from fxsd.partial_join import PartialJoin, partial_join_of
 from fxsd.recompute import decide
+from fxsd.shared_work import ShareKind
 
 if TYPE_CHECKING:
     from fxsd.folding import FoldTarget
@@ -161,6 +163,7 @@ class GateInfo:
     enclosing: tuple[str, ...] = ()  # the gates whose branches hold this one, nearest first
     part: PartialJoin | None = None  # a join into part of the branch output (fxsd.partial_join)
     join: Join = PLAIN_JOIN  # the add as the source wrote it, which the gate computes
+    shared: tuple[SharedUse, ...] = ()  # second joins the work feeds (fxsd.shared_work)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "join" not in state and state.get("part") is not None:  # pickled before joins were
@@ -190,7 +193,20 @@ class GateInfo:
             branch_last=local(site.branch_output), branch_len=len(site.branch),
             num_params=site.num_params, side_inputs=tuple(local(n) for n in site.side_inputs),
             flops=site.flops, part=partial_join_of(site.add), join=site.join,
+            shared=tuple(SharedUse(u.kind, local(u.consumer), u.join)
+                         for u in (site.escapes.shared if site.escapes else ())),
         )
+
+
+@dataclass(frozen=True)
+class SharedUse:
+    """A second use of a gate's work (:class:`~fxsd.shared_work.SharedOutput`, by name): a
+    second join (``kind`` JOIN, with its ``join``) or a concatenation (ZEROS), named as the
+    gated module's code spells the node it stands for."""
+
+    kind: ShareKind
+    name: str
+    join: Join | None = None
 
 
 class BranchGate(nn.Module):
@@ -278,6 +294,19 @@ class BranchGate(nn.Module):
             del state["drop_rate"]
         super().__setstate__(state)
 
+    def attach_parts(self, block: nn.Module) -> None:
+        """Make ``block`` (the module whose code calls this gate) the host of the branch and
+        the escape path: they call the block's children as the block holds them when they
+        run (:class:`~fxsd.graph_module.HostedGraphModule`)."""
+        state = self.__dict__
+        branch = state["branch"]
+        state["branch"] = branch.attach(block) if isinstance(branch, HostedGraphModule) \
+            else branch
+        if state["branch"] is not branch:  # a copy of the gate: its compiled branch is the other's
+            state.pop("compiled_branch", None)
+        if state.get("escape_path") is not None:
+            state["escape_path"] = state["escape_path"].attach(block)
+
     @property
     def run_branch(self) -> Any:
         """The branch's forward: compiled by :func:`fxsd.compile`, else the GraphModule's."""
@@ -295,18 +324,73 @@ class BranchGate(nn.Module):
     # break); fxsd.compile() compiles each branch on its own.
     @torch.compiler.disable
     def forward(self, skip: torch.Tensor, *inputs: Any) -> Any:
+        shared = self.info.shared
+        skips: tuple[Any, ...] = ()
+        if shared:  # the second joins' skips come last
+            n = sum(use.kind is ShareKind.JOIN for use in shared)
+            inputs, skips = (inputs[:-n], inputs[-n:]) if n else (inputs, ())
         args = (skip, *inputs) if self.identity else inputs
         path = self.escape_path
-        if path is None:
+        if path is None and not shared:
             return self._join(skip, args)
         # the branch hands values to code outside it: the sum, then those values (from the run
-        # of the branch on the whole batch, else without the branch: fxsd.escapes)
+        # of the branch on the whole batch, else without the branch: fxsd.escapes), then what
+        # the second joins its work feeds compute (fxsd.shared_work)
         self.__dict__.pop("_escaped", None)
         result = self._join(skip, args)
         escaped = self.__dict__.pop("_escaped", None)
-        if escaped is None:
-            escaped = path(args, _shape_key(args), self.info)
-        return (result, *escaped)
+        count = len(path.names) if path is not None else 0
+        if escaped is None:  # skipped
+            values = path(args, _shape_key(args), self.info) if path is not None else ()
+            return (result, *values, *self._shared_dropped(args, skips))
+        values, outs = escaped[:count], escaped[count:]
+        return (result, *values, *self._shared_kept(args, outs, skips))
+
+    def _shared_kept(self, args: tuple[Any, ...], outs: tuple[Any, ...],
+                     skips: tuple[Any, ...]) -> list[Any]:
+        """The second joins (and concatenations' operands) of a branch that ran, each branch
+        term scaled as the first join's."""
+        if outs:
+            self.__dict__.setdefault("_shapes", {})[("shared", _shape_key(args))] = tuple(
+                (o.shape, o.dtype, o.device) for o in outs)
+        p, training = self.drop_rate, self.training
+        scale: Any = branch_scale(p, self.scale, training)
+        if training and self.mode == "sample":
+            kept = self.kept_rows
+            scale = row_factor(kept, p, self.scale, outs[0])
+        results, skip_of = [], iter(skips)
+        for use, out in zip(self.info.shared, outs):
+            if isinstance(scale, torch.Tensor):
+                out = out * scale.view((out.shape[0],) + (1,) * (out.dim() - 1))
+            factor = 1.0 if isinstance(scale, torch.Tensor) else scale
+            if use.kind is ShareKind.JOIN:
+                results.append(use.join(next(skip_of), out, factor, training=training))
+            else:
+                results.append(out if factor == 1.0 else out * factor)
+        return results
+
+    def _shared_dropped(self, args: tuple[Any, ...], skips: tuple[Any, ...]) -> list[Any]:
+        """What the second joins compute without the work: each its skip; a concatenation's
+        operand zeros (shaped as remembered from a run, else from an abstract run)."""
+        results, skip_of = [], iter(skips)
+        specs = None
+        for i, use in enumerate(self.info.shared):
+            if use.kind is ShareKind.JOIN:
+                results.append(self._skip(next(skip_of), use.join))
+                continue
+            if specs is None:
+                specs = self._shared_specs(args)
+            shape, dtype, device = specs[i]
+            results.append(torch.zeros(shape, dtype=dtype, device=device))
+        return results
+
+    def _shared_specs(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        shapes = self.__dict__.setdefault("_shapes", {})
+        key = ("shared", _shape_key(args))
+        if key not in shapes:
+            out = abstract_run(self.branch, args)
+            shapes[key] = tuple(out[-len(self.info.shared):])
+        return shapes[key]
 
     @property
     def escape_path(self) -> EscapePath | None:
@@ -316,16 +400,27 @@ class BranchGate(nn.Module):
 
     def undrawn(self, skip: torch.Tensor, *inputs: Any) -> Any:
         """What the gate returns with its branch run and nothing drawn or scaled."""
+        shared = self.info.shared
+        n = sum(use.kind is ShareKind.JOIN for use in shared)
+        inputs, skips = (inputs[:-n], inputs[-n:]) if n else (inputs, ())
         out = self._branch((skip, *inputs) if self.identity else inputs)
         result = self.info.join(skip, out)
         escaped = self.__dict__.pop("_escaped", None)
-        return result if escaped is None else (result, *escaped)
+        if escaped is None:
+            return result
+        if not shared:
+            return (result, *escaped)
+        count = len(escaped) - len(shared)
+        skip_of = iter(skips)
+        uses = [use.join(next(skip_of), o) if use.kind is ShareKind.JOIN else o
+                for use, o in zip(shared, escaped[count:])]
+        return (result, *escaped[:count], *uses)
 
     def _branch(self, args: tuple[Any, ...], whole: bool = True) -> torch.Tensor:
         """The branch's output on ``args``; the values it hands on are kept for the gate's
         result when it ran on the ``whole`` batch."""
         out = self.run_branch(*args)
-        if self.escape_path is None:
+        if self.escape_path is None and not self.info.shared:
             return out
         if whole:
             self.__dict__["_escaped"] = tuple(out[1:])
@@ -355,13 +450,13 @@ class BranchGate(nn.Module):
     def _draw_rows(self, n: int) -> torch.Tensor:
         return self.sampler.rows(n) >= self.drop_rate
 
-    def _skip(self, skip: torch.Tensor) -> torch.Tensor:
-        """The join without the branch: the skip (or ``alpha * skip`` where the source's alpha
-        scales it), copied where it must not be handed on."""
+    def _skip(self, skip: torch.Tensor, join: Join | None = None) -> torch.Tensor:
+        """The join (``join``, default the site's) without the branch: the skip (or ``alpha *
+        skip`` where the source's alpha scales it), copied where it must not be handed on."""
         # A view is copied too: handing it on would make the block's output alias storage it
         # does not own (FSDP2 passes a block's inputs through an autograd function, so an
         # identity skip arrives as a view, and FSDP2 warns about blocks that return one).
-        result = self.info.join.without_branch(skip)
+        result = (join or self.info.join).without_branch(skip)
         if result is not skip:
             return result
         return skip.clone() if self.clone_on_drop or skip._is_view() else skip

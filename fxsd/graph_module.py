@@ -50,9 +50,9 @@ from torch.fx.graph import (
 from torch.fx.graph_module import _forward_from_src
 from torch.fx.node import map_aggregate, map_arg
 
-__all__ = ["FxsdBlock", "FxsdGraphModule", "TreeEditor", "block_class", "copy_graph", "copy_tree",
-           "deepest_first", "free_name", "module_from_graph", "node_name", "registrations",
-           "shallow_copy", "wrapped_call"]
+__all__ = ["FxsdBlock", "FxsdGraphModule", "HostedGraphModule", "TreeEditor", "attach_parts",
+           "block_class", "copy_graph", "copy_tree", "deepest_first", "free_name",
+           "module_from_graph", "node_name", "registrations", "shallow_copy", "wrapped_call"]
 
 T = TypeVar("T")
 
@@ -92,7 +92,8 @@ class FxsdGraphModule(GraphModule):
 
     def __reduce__(self) -> tuple[Any, ...]:
         source, name = _source_class(type(self)), type(self).__name__
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code", _CODE)}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_graph", "_code", _CODE, _HOST)}
         nodes = _pickled_nodes(self.graph)
         if nodes is not None:
             return (_load_graph, (state, nodes, self.graph._codegen, source, name))
@@ -101,6 +102,80 @@ class FxsdGraphModule(GraphModule):
         load, (body, import_block) = super().__reduce__()
         body.pop(_CODE, None)
         return (_load, (load, body, import_block, source, name))
+
+
+# The instance attribute holding a hosted part's block.
+_HOST = "_fxsd_host"
+
+
+class HostedGraphModule(FxsdGraphModule):
+    """Part of a gated block's code kept apart from it — a gate's branch, the code that gives a
+    skipped branch's escaping values — as a GraphModule that owns nothing.
+
+    Every module, parameter, buffer and flag its code reads (``self.mlp``, ``self.training``)
+    is looked up on its **host**, the block, when it runs. So a child the user replaces after
+    gating (``checkpoint_wrapper``, ``apply_activation_checkpointing``, ``torch.compile``, a
+    LoRA layer) is the one that runs, ``block.train()`` reaches the branch, and the part adds
+    no state of its own. A block attaches its parts (:func:`attach_parts`) when it is built,
+    copied or loaded; pickling leaves the host out (the block is what holds the part).
+
+    Example:
+        >>> import torch, torchvision, fxsd
+        >>> from torch.utils.checkpoint import checkpoint
+        >>> gated = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.0)
+        >>> block = gated.layer1[0]
+        >>> block.residual_gate.branch.host is block
+        True
+    """
+
+    def __init__(self, attrs: dict[str, Any], graph: Graph, class_name: str) -> None:
+        super().__init__(attrs, graph, class_name=class_name)
+        self._modules.clear()  # installed only to satisfy GraphModule: the host holds them
+        self._parameters.clear()
+        self._buffers.clear()
+        self.__dict__["_fxsd_reads"] = frozenset(
+            str(n.target).split(".")[0] for n in graph.nodes if n.op in ("call_module",
+                                                                          "get_attr"))
+        self.__dict__[_HOST] = None
+
+    @property
+    def host(self) -> nn.Module | None:
+        """The block whose modules and attributes this part's code reads."""
+        return self.__dict__.get(_HOST)
+
+    def attach(self, host: nn.Module) -> HostedGraphModule:
+        """This part hosted by ``host``: itself, or a copy when another block hosts it (two
+        module trees sharing a gate's part after :func:`copy_tree`)."""
+        if self.host is not None and self.host is not host:
+            part = shallow_copy(self)
+            part.__dict__[_HOST] = host
+            return part
+        self.__dict__[_HOST] = host
+        return self
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        host = self.__dict__.get(_HOST)
+        return host.training if host is not None else self.__dict__.get("_own_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_own_training"] = mode
+
+    def __getattr__(self, name: str) -> Any:
+        host = self.__dict__.get(_HOST)
+        if host is not None and name in self.__dict__.get("_fxsd_reads", ()):
+            return getattr(host, name)
+        return super().__getattr__(name)
+
+
+def attach_parts(block: nn.Module) -> None:
+    """Make ``block`` the host of the parts its children keep apart (a gate's branch): each
+    child with an ``attach_parts(block)`` method is told."""
+    for child in block._modules.values():
+        attach = getattr(type(child), "attach_parts", None)
+        if attach is not None:
+            attach(child, block)
 
 
 # The instance attribute holding a shared-class block's generated ``forward`` (a function).
@@ -206,14 +281,15 @@ def _load_graph(state: dict[str, Any], rows: list[tuple[Any, ...]], codegen: Any
     _name_class(res, name)
     res.__dict__.update(state)
     res.graph = graph
+    attach_parts(res)
     return res
 
 
 def _source_class(cls: type) -> type:
     """The class a gated block was built from (``FxsdGraphModule`` for a plain one)."""
     for klass in cls.__mro__:
-        if klass is FxsdGraphModule:
-            return FxsdGraphModule
+        if klass is HostedGraphModule or klass is FxsdGraphModule:
+            return klass
         if klass.__qualname__.split(".")[-1] == "GraphModuleImpl":
             continue
         if getattr(klass, "_fxsd_block_of", None) is not None:
@@ -227,6 +303,7 @@ def _load(load: Any, body: dict[str, Any], import_block: str, source: type,
     plain = load(dict(body), import_block)
     res = _transplant(plain, block_class(source), body)
     _name_class(res, name)
+    attach_parts(res)
     return res
 
 
@@ -306,7 +383,7 @@ def block_class(source: type) -> type[FxsdGraphModule]:
     sources, and classes that cannot be combined with it, give plain :class:`FxsdGraphModule`.
     """
     if issubclass(source, GraphModule):
-        return FxsdGraphModule
+        return HostedGraphModule if issubclass(source, HostedGraphModule) else FxsdGraphModule
     cls = _BLOCK_CLASSES.get(source)
     if cls is None:
         try:
@@ -371,6 +448,7 @@ def module_from_graph(source: nn.Module, graph: Graph, extra_attrs: dict[str, An
             gm.__dict__[name] = value
     gm.training = source.training
     gm.graph = graph
+    attach_parts(gm)
     return gm
 
 
@@ -408,6 +486,7 @@ def copy_tree(model: nn.Module) -> nn.Module:
             for name, child in copied._modules.items():
                 if child is not None:
                     copied._modules[name] = copy_of(child)
+            attach_parts(copied)
         return copies[id(module)]
 
     return copy_of(model)

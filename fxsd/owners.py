@@ -104,7 +104,7 @@ class _Planner:
         self.analysis = analysis
         self.gm = analysis.graph_module
         self.tree: CallTree | None = analysis.calls
-        self._clean: dict[int, bool] = {}
+        self._clean: dict[tuple[int, bool], bool] = {}
 
     # -- the owner of one site ---------------------------------------------------------------
     def plan(self, sites: list[ResidualSite]) -> list[Owner]:
@@ -151,20 +151,23 @@ class _Planner:
         inside = (*site.skip_path, site.add, site.fork, *site.side_inputs)
         return all(tree.in_region(n, index) or n in given for n in inside)
 
-    def clean(self, index: int) -> bool:
-        """Whether call ``index`` can be cut out as a function of its arguments."""
-        if index not in self._clean:
+    def clean(self, index: int, as_call: bool = False) -> bool:
+        """Whether call ``index`` can be cut out as a function of its arguments (``as_call``:
+        kept whole as one call of its module, which may then hand itself to a function, as a
+        Hugging Face attention module hands itself to its attention kernel)."""
+        key = (index, as_call)
+        if key not in self._clean:
             tree = self.tree
             call = tree.calls[index]
             reads, escapes = tree.boundary(index)
             constants = [v for v in leaves((call.args, call.kwargs))
                          if not isinstance(v, (Node, torch.Tensor))]
             ok = not reads and not escapes and all(is_literal(v) for v in constants)
-            ok = ok and _binds(call) and self._owns_its_attributes(index)
-            self._clean[index] = ok
-        return self._clean[index]
+            ok = ok and _binds(call) and self._owns_its_attributes(index, as_call)
+            self._clean[key] = ok
+        return self._clean[key]
 
-    def _owns_its_attributes(self, index: int) -> bool:
+    def _owns_its_attributes(self, index: int, as_call: bool = False) -> bool:
         """Every module and tensor the call's region uses lives under the called module (or is a
         stateless object fxsd can hand it, such as a constant tensor or a drop-path module)."""
         tree = self.tree
@@ -177,8 +180,8 @@ class _Planner:
                 if a.op == "get_attr":
                     paths.append(str(a.target))
             for path in paths:
-                if path == tree.calls[index].path and _reads_flag_only(n, path):
-                    continue  # its own ``self.training`` (the rewrite reads the flag itself)
+                if path == tree.calls[index].path and (as_call or _reads_flag_only(n, path)):
+                    continue  # itself: its own ``self.training`` (the rewrite reads the flag)
                 if reads_argument(self.gm, path, tree.calls[index], prefix):
                     continue  # a tensor it was passed: the rewrite reads the argument
                 if not path.startswith(prefix) and not _stateless(self.gm, path):
@@ -194,6 +197,10 @@ class _Planner:
         if self.tree is None:
             return frozenset()
         protected = {s.add for s in sites}
+        for s in sites:  # a skipped branch computes what escapes it from the nodes inside
+            if s.escapes is not None:
+                e = s.escapes
+                protected.update((*e.values, *e.moved, *e.abstract, *e.shapes, *e.real))
         for s in sites:
             protected.update(n for n in s.branch if n.op == "call_module"
                              and is_drop_path(self.gm.get_submodule(str(n.target))))
@@ -210,16 +217,20 @@ class _Planner:
 
     def keeps_whole(self, index: int, protected: set[Node], branches: list[set[Node]]) -> bool:
         """Whether the owner's graph can keep call ``index`` as one call: it can be cut out, does
-        not hold a node the rewrite edits, and lies wholly inside or wholly outside each branch
-        (unused side results aside)."""
-        if not self.clean(index):
+        not hold a node the rewrite edits, and lies wholly outside each branch or has nothing
+        but its result used outside the part of it inside the branch."""
+        if not self.clean(index, as_call=True):
             return False
         region = [n for n in self.tree.region(index) if n.op != "get_attr"]
         if any(n in protected for n in region):
             return False
+        inside = set(region)
         for branch in branches:
             hits = [n in branch for n in region]
-            if any(hits) and not all(h or not n.users for n, h in zip(region, hits)):
+            # its nodes outside the branch (a rotary embedding's ``cos.unsqueeze(1)``, which
+            # reads only a side input) run inside the call, in the branch, when the call is kept
+            if any(hits) and not all(h or all(u in inside for u in n.users)
+                                     for n, h in zip(region, hits)):
                 return False
         return True
 

@@ -392,6 +392,8 @@ class _GraphFacts:
         if spec.mode != "sample":
             return replace(spec, sample_impl=chosen or "mask")
         coupling = row_coupling(self.gm, site.fork, site.branch, site.side_inputs)
+        if not coupling and site.escapes is not None and site.escapes.shared:
+            coupling = "its work feeds a second join, which takes the rows the first takes"
         if coupling and chosen is None and self.options.mode is None \
                 and spec.drop_path is DropPathAction.ADOPTED:
             return replace(spec, mode="block", sample_impl="mask", row_drops_blocked=True,

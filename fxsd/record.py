@@ -51,6 +51,10 @@ class FxsdRecord:
             example inputs, every branch kept (:mod:`fxsd.budget`); each gate's own share is
             ``gate.info.step_flops``. ``None`` without example inputs.
         step_flops_error: why counting ``step_flops`` failed, when it did.
+        pending_costs: without a ``target_saving``, the step costs are counted when first
+            asked for (:func:`fxsd.table`, :func:`fxsd.expected_saving`; or
+            :func:`fxsd.budget.count_pending`): until then ``step_flops`` is ``None`` and this
+            holds what the count takes (:class:`fxsd.budget.PendingCosts`).
         warmup: the :class:`~fxsd.DropWarmup` that :func:`fxsd.apply_stochastic_depth` created
             for ``drop_warmup``, if any.
         stripped: the modules holding this record were made by :func:`fxsd.strip` (no gates).
@@ -70,6 +74,7 @@ class FxsdRecord:
     total_flops: int | None = None
     step_flops: int | None = None
     step_flops_error: str | None = None
+    pending_costs: Any = field(default=None, repr=False, compare=False)
     warmup: DropWarmup | None = field(default=None, repr=False)
     stripped: bool = False
     traced: tuple[str, ...] = ()

@@ -50,6 +50,7 @@ from fxsd.ops import (
 )
 from fxsd.partial_join import partial_join_of
 from fxsd.profile import NodeProfile
+from fxsd.shared_work import ShareKind, find_shared
 
 __all__ = [
     "SkipKind",
@@ -310,7 +311,8 @@ class _Analyzer:
                 continue
             verdict = self.classify(node, kind)
             (rejected if isinstance(verdict, RejectedAdd) else accepted).append(verdict)
-        depths = self.depths({site.add for site in accepted}, weights)
+        accepted, rejected = self.settle_shared(accepted, rejected)
+        depths = self.depths({site.add: _second_joins(site) for site in accepted}, weights)
         sites = [replace(site, depth=depths[site.add]) for site in accepted]
         total = sum(p.flops for p in self.profiles.values()) if self.profiles else None
         levels = max([*depths.values(), *(self.offsets[n] + w for n, w in weights.items()
@@ -460,11 +462,34 @@ class _Analyzer:
                 f"'{out.name}' ({skip_weighted} and {weighted}) and no less nonlinearity, "
                 "so the add joins parallel paths (RepVGG-style), not a skip and a branch")
 
-    def depths(self, site_adds: set[Node], weights: dict[Node, int]) -> dict[Node, int]:
+    def settle_shared(self, accepted: list[ResidualSite], rejected: list[RejectedAdd]
+                      ) -> tuple[list[ResidualSite], list[RejectedAdd]]:
+        """A second join a site's work feeds (:mod:`fxsd.shared_work`) is gated with it: it
+        is no rejected add. Where that join is a site of its own, the sharing site is
+        rejected instead (one gate per join)."""
+        own = {site.add for site in accepted}
+        keep: list[ResidualSite] = []
+        for site in accepted:
+            taken = [j for j in _second_joins(site) if j in own]
+            if taken:
+                rejected.append(self.reject(
+                    site.add, site.add_kind, RejectReason.ESCAPING_VALUE,
+                    f"its branch's work also feeds '{taken[0].name}', which has a branch of "
+                    "its own: the two joins cannot share one gate"))
+            else:
+                keep.append(site)
+        shared = {j.name for site in keep for j in _second_joins(site)}
+        return keep, [r for r in rejected if r.add not in shared]
+
+    def depths(self, site_adds: dict[Node, tuple[Node, ...]], weights: dict[Node, int]
+               ) -> dict[Node, int]:
         """Depth of each site: 1 + the most sites on any path from the inputs to its add (a node
-        in ``weights`` counts as that many levels; the depth before it goes to ``offsets``)."""
+        in ``weights`` counts as that many levels; the depth before it goes to ``offsets``).
+        ``site_adds`` maps each site's add to the second joins it gates, which share its
+        depth."""
         best: dict[Node, int] = {}
         depths: dict[Node, int] = {}
+        second = {j: add for add, joins in site_adds.items() for j in joins}
         for n in self.nodes:
             d = max((best[a] for a in n.all_input_nodes), default=0)
             if n in weights:
@@ -473,8 +498,16 @@ class _Analyzer:
             if n in site_adds:
                 d += 1
                 depths[n] = d
+            elif n in second:
+                d = max(d, depths[second[n]])
             best[n] = d
         return depths
+
+
+def _second_joins(site: ResidualSite) -> tuple[Node, ...]:
+    """The adds of the second joins ``site``'s branch feeds (:mod:`fxsd.shared_work`)."""
+    shared = site.escapes.shared if site.escapes is not None else ()
+    return tuple(u.consumer for u in shared if u.kind is ShareKind.JOIN)
 
 
 def collect_branch(
@@ -514,6 +547,11 @@ def collect_branch(
     escapes = None
     if any(u not in nodes and not (n is out and u is add) for n in nodes for u in n.users):
         escapes = find_escapes(nodes, fork, out, add, order, holds_no_tensor, may_return)
+        grown = find_shared(gm, nodes, add, order) if isinstance(escapes, str) else None
+        if grown is not None:  # the work feeds a second join too: one gate for both
+            nodes.update(grown[0])
+            escapes = find_escapes(nodes, fork, out, add, order, holds_no_tensor, may_return,
+                                   grown[1])
         if isinstance(escapes, str):
             return RejectReason.ESCAPING_VALUE, escapes
         nodes.update(escapes.moved)

@@ -19,13 +19,14 @@ from torch import nn
 
 from fxsd.analysis import analyze_residuals
 from fxsd.arguments import check_choice
-from fxsd.budget import site_savings
+from fxsd.budget import count_pending, site_savings
 from fxsd.distributions import Distribution, site_rates
 from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.gate import GateInfo
 from fxsd.owners import plan_owners
 from fxsd.record import get_record
 from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite
+from fxsd.shared_work import ShareKind
 from fxsd.training import gates as all_gates
 
 __all__ = ["table", "summary", "SiteRow", "fit_table", "fill", "terminal_width", "EMPTY",
@@ -66,6 +67,7 @@ def _report(
         gates = all_gates(source)
         if gates:
             gates.sort(key=lambda g: g.info.depth)  # stable: model order within a depth
+            count_pending(source)  # a transform without target_saving left them to count
             record = get_record(source)
             costed = record.step_flops is not None and all(
                 g.info.step_flops is not None for g in gates)
@@ -101,6 +103,17 @@ def _report(
         return _Report(rows, rejected, total, tuple(u.path for u in source.units),
                        tuple(source.untraced))
     return _Report(rows, rejected, total)
+
+
+def _shared_row(line: list[Any], headers: list[str], join: str, info: GateInfo) -> list[Any]:
+    """The row of a second join a gate's work feeds (:mod:`fxsd.shared_work`): the gate's
+    depth and rate, dropped with the gate's own join."""
+    row: list[Any] = ["-"] * len(line)
+    row[:4] = [info.depth, f"{info.name} ({join})", "shared", f"the branch of {info.add}"]
+    if "drop rate" in headers:
+        at = headers.index("drop rate")
+        row[at] = line[at]
+    return row
 
 
 def _fmt_int(n: int | None) -> str:
@@ -186,6 +199,8 @@ def table(
         if with_notes:
             line.append(row.note or "-")
         body.append(line)
+        body.extend(_shared_row(line, headers, use.name, i) for use in i.shared
+                    if use.kind is ShareKind.JOIN)
     limit = terminal_width() if width is None else width
     # the gate says which block a row is: it is cut last, after less telling columns go
     shrink = [("branch", _branch), ("side inputs", _ends), ("note", _ends), (EMPTY, _ends),

@@ -14,12 +14,15 @@ model itself is never modified) and prepares its graph for analysis:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dis
 import functools
 import operator
 import os
 import random
 import sys
+import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -77,6 +80,30 @@ class JoinProxy(fx.Proxy):
         if not is_assigned_join(self.node, key, item.node if isinstance(item, fx.Proxy) else None):
             raise TypeError("'Proxy' object does not support item assignment")
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, item), {})
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        # torch.fx's own, with the caller's bytecode disassembled once per code object: fx
+        # disassembles the whole calling function at every unpacking (``b, n = x.shape[:2]``),
+        # which made up most of tracing a long ``forward`` (T5's attention) by example
+        frame = sys._getframe(1)
+        inst = _instruction_at(frame.f_code, frame.f_lasti)
+        if inst is not None and inst.opname == "UNPACK_SEQUENCE":
+            return (self[i] for i in range(inst.argval))  # type: ignore[index]
+        return self.tracer.iter(self)
+
+
+@functools.lru_cache(maxsize=512)
+def _instructions(code: types.CodeType) -> tuple[list[int], list[dis.Instruction]]:
+    found = list(dis.get_instructions(code))
+    return [i.offset for i in found], found
+
+
+def _instruction_at(code: types.CodeType, lasti: int) -> dis.Instruction | None:
+    """The instruction of ``code`` running at offset ``lasti`` (as ``fx.Proxy.__iter__``
+    finds it)."""
+    offsets, found = _instructions(code)
+    index = bisect.bisect_left(offsets, lasti) if sys.version_info >= (3, 11) else lasti // 2
+    return found[index] if index < len(found) else None
 
 
 class FxsdTracer(fx.Tracer):

@@ -315,6 +315,17 @@ def trace_unit(model: nn.Module, path: str, call: RecordedCall | None,
     progress = _progress.get()
     if progress is not None:
         progress(path)
+    try:
+        return _trace_keeping_whole(model, path, call, leaves, autowrap)
+    finally:
+        if call is not None:  # its traces are done: the values they evaluated can go
+            call.evaluated.clear()
+
+
+def _trace_keeping_whole(model: nn.Module, path: str, call: RecordedCall | None,
+                         leaves: list[LeafSpec], autowrap: tuple[Any, ...]
+                         ) -> tuple[GraphModule, CallTree | None]:
+    """:func:`_trace_flags`, retried with each descendant whose tracing fails kept whole."""
     extra: list[nn.Module] = []
     for _ in range(_RETRIES):
         try:

@@ -419,6 +419,31 @@ def _call(names: Sequence[str], values: Sequence[Any]) -> tuple[tuple[Any, ...],
     return tuple(args), kwargs
 
 
+def _detached_memo(value: Any, limit: int = 8) -> dict[int, Any]:
+    """A ``deepcopy`` memo giving each tensor autograd computed that ``value`` holds (through
+    containers and attributes, ``limit`` levels deep) a detached copy: such a tensor refuses
+    ``deepcopy``, and a cache filled under autograd (a ``DynamicCache`` after a training
+    forward) holds nothing else."""
+    memo: dict[int, Any] = {}
+    seen: set[int] = set()
+    todo = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if id(item) in seen or depth > limit or isinstance(item, nn.Module):
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            if not item.is_leaf:
+                memo[id(item)] = item.detach().clone()
+                memo.setdefault(id(memo), []).append(item)  # deepcopy's keep-alive convention
+            continue
+        inside = item.values() if isinstance(item, dict) else item if isinstance(
+            item, (list, tuple, set)) else vars(item).values() if hasattr(item, "__dict__") \
+            else ()
+        todo.extend((v, depth + 1) for v in inside)
+    return memo
+
+
 def _copied(value: Any, path: str) -> Any:
     """A copy of a call's arguments that tracing may run on and change (a cache fills up)."""
     if isinstance(value, torch.Tensor):
@@ -433,7 +458,7 @@ def _copied(value: Any, path: str) -> Any:
     if type(value) is dict:
         return {k: _copied(v, path) for k, v in value.items()}
     try:
-        return copy.deepcopy(value)
+        return copy.deepcopy(value, _detached_memo(value))
     except Exception as exc:  # noqa: BLE001 - whatever deepcopy raises, the answer is the same
         raise GuardError(
             f"'{path}' must be traced again by fxsd for a call its trace did not see, on a copy "
@@ -521,7 +546,8 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
         rewritten: dict[Node, Node] = {}
         for site, name in zip(owner.sites, owner.gate_names):
             if name in gates:
-                _gate_site(cut, analysis, site, gates[name], name, order, rewritten)
+                _gate_site(cut, analysis, site, (block, gates[name]), name, order,
+                           rewritten)
                 found.add(name)
     missing = sorted(set(gates) - found)
     if missing:
@@ -534,10 +560,12 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
     return cut
 
 
-def _gate_site(cut: Any, analysis: Any, site: Any, gate: BranchGate, name: str,
-               order: dict[Node, int], rewritten: dict[Node, Node]) -> None:
-    """Replace ``site``'s add in ``cut`` by a call of ``gate`` running the new branch (the
-    rewrite's own surgery, :mod:`fxsd.passes.gate_site`, with the gate's own settings)."""
+def _gate_site(cut: Any, analysis: Any, site: Any, owned: tuple[nn.Module, BranchGate],
+               name: str, order: dict[Node, int], rewritten: dict[Node, Node]) -> None:
+    """Replace ``site``'s add in ``cut`` by a call of the gate (``owned``: the block and its
+    gate) running the new branch (the rewrite's own surgery, :mod:`fxsd.passes.gate_site`,
+    with the gate's own settings); the new branch reads the block's children."""
+    block, gate = owned
     drops: list[Node] = []
     if gate.drop_path in (DropPathAction.ADOPTED, DropPathAction.REPLACED):
         gm = analysis.graph_module
@@ -546,7 +574,8 @@ def _gate_site(cut: Any, analysis: Any, site: Any, gate: BranchGate, name: str,
     piece = cut_site(cut, site, drops, rewritten, order, name)
     if gate.identity != piece.identity:
         raise GuardError(f"traced again on this call, the skip of {name} is another one")
-    cut.extra_attrs[name] = GateView(gate, piece.branch_module, piece.escape_path)
+    path = piece.escape_path.attach(block) if piece.escape_path is not None else None
+    cut.extra_attrs[name] = GateView(gate, piece.branch_module.attach(block), path)
     call_gate(cut.graph, piece, name, rewritten, order)
 
 
@@ -657,7 +686,6 @@ class GateView:
         state = gate.__dict__
         own = state["branch"], state.get("escape_path")
         compiled = state.pop("compiled_branch", None)
-        self.branch.training = gate.training
         state["branch"], state["escape_path"] = self.branch, self.escape_path
         try:
             return gate(*args)

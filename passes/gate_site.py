@@ -26,8 +26,9 @@ from torch.fx.node import map_aggregate
 
 from fxsd.errors import GraphError
 from fxsd.escapes import EscapePath, Escapes
-from fxsd.graph_module import FxsdGraphModule, take_name
+from fxsd.graph_module import HostedGraphModule, take_name
 from fxsd.residuals import Branch, ResidualSite, collect_branch, is_module
+from fxsd.shared_work import SharedOutput, ShareKind
 
 __all__ = ["CutSite", "cut_site", "call_gate"]
 
@@ -58,11 +59,17 @@ class CutSite:
         return self.skip is self.fork
 
     @property
+    def shared(self) -> tuple[SharedOutput, ...]:
+        """Second joins and concatenations the branch's work feeds (:mod:`fxsd.shared_work`)."""
+        return self.branch.escapes.shared if self.branch.escapes else ()
+
+    @property
     def gate_args(self) -> tuple[Node, ...]:
         """What the gate call takes: ``(x, *side)`` for an identity skip, else
-        ``(skip, fork, *side)``."""
+        ``(skip, fork, *side)``; then the skips of the second joins its work feeds."""
         rest = (self.fork, *self.branch.inputs)
-        return rest if self.identity else (self.skip, *rest)
+        skips = tuple(s.skip for s in self.shared if s.kind is ShareKind.JOIN)
+        return (*rest, *skips) if self.identity else (self.skip, *rest, *skips)
 
 
 def cut_site(cut: Any, site: ResidualSite, drops: Sequence[Node], rewritten: dict[Node, Node],
@@ -83,7 +90,9 @@ def cut_site(cut: Any, site: ResidualSite, drops: Sequence[Node], rewritten: dic
                          f"after cutting the module out: {branch[1]}")
     inputs = (fork, *branch.inputs)
     escapes = branch.escapes.values if branch.escapes else ()
-    module = _graph_module(cut, inputs, branch.nodes, (out, *escapes) if escapes else out,
+    shared = branch.escapes.shared if branch.escapes else ()
+    outputs = (out, *escapes, *(s.value for s in shared))
+    module = _graph_module(cut, inputs, branch.nodes, outputs if len(outputs) > 1 else out,
                            _class_name(name, "Branch"))
     path = _escape_path(cut, inputs, branch.escapes, name) if escapes else None
     return CutSite(add, fork, skip, branch, module, released, path)
@@ -98,13 +107,23 @@ def call_gate(graph: Graph, piece: CutSite, name: str, rewritten: dict[Node, Nod
     call.meta = {k: v for k, v in add.meta.items() if k in ("nn_module_stack", "stack_trace")}
     order[call] = order[add]
     result = call
-    if piece.escape_path is not None:  # the gate returns (sum, *escaping values)
-        escapes = piece.branch.escapes.values
+    shared = piece.shared
+    if piece.escape_path is not None or shared:  # the gate returns (sum, *escaping values,
+        escapes = piece.branch.escapes.values  # *what it hands the second joins)
+        named = (add, *escapes, *(s.consumer if s.kind is ShareKind.JOIN else s.value
+                                  for s in shared))
         with graph.inserting_after(call):
             parts = [graph.call_function(operator.getitem, (call, i))
-                     for i in range(len(escapes) + 1)]
+                     for i in range(len(named))]
         for part, value in zip(parts[1:], escapes):
             value.replace_all_uses_with(part)
+        for part, use in zip(parts[1 + len(escapes):], shared):
+            if use.kind is ShareKind.JOIN:
+                use.consumer.replace_all_uses_with(part)
+                graph.erase_node(use.consumer)
+                rewritten[use.consumer] = part  # a later site's fork or skip
+            else:
+                use.consumer.replace_input_with(use.value, part)
         result = parts[0]
         for part in parts:
             order[part] = order[add]
@@ -113,7 +132,7 @@ def call_gate(graph: Graph, piece: CutSite, name: str, rewritten: dict[Node, Nod
     for n in reversed(piece.branch.nodes):
         graph.erase_node(n)
     if result is not call:  # the parts are named after the values they stand for
-        for part, value in zip(parts, (add, *piece.branch.escapes.values)):
+        for part, value in zip(parts, named):
             take_name(part, value.name)
     rewritten[add] = result
     return call
@@ -186,5 +205,6 @@ def _graph_module(gm: Any, inputs: Sequence[Node], nodes: Sequence[Node], out: A
     attrs = {str(n.target): gm.get_submodule(str(n.target)) for n in graph.nodes
              if n.op == "call_module" or (n.op == "get_attr" and is_module(gm, str(n.target)))}
     if any(n.op == "get_attr" and n.target == "training" for n in graph.nodes):
-        attrs["training"] = gm.training  # the block's own flag: the branch's, as .train() sets
-    return FxsdGraphModule(attrs, graph, class_name=class_name)
+        attrs["training"] = gm.training
+    # it reads the block's modules and flag through the block, when it runs
+    return HostedGraphModule(attrs, graph, class_name=class_name)

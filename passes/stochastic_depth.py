@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxsd.analysis import analyze_residuals
-from fxsd.budget import record_step_costs, scale_to_target
+from fxsd.budget import defer_step_costs, record_step_costs, scale_to_target
 from fxsd.distributed import rank
 from fxsd.distributions import Distribution
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
@@ -46,6 +46,7 @@ from fxsd.preserve import guarded
 from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord, get_record
 from fxsd.residuals import ResidualAnalysis, ResidualSite
+from fxsd.shared_work import ShareKind
 from fxsd.tracing import LeafSpec
 from fxsd.training import gates
 from fxsd.variants import allow_other_calls
@@ -253,20 +254,24 @@ def _site_owners(analysis: ResidualAnalysis) -> list[str]:
 
 
 def _budget(gated: nn.Module, options: Options) -> None:
-    """Count the step costs on the examples and, given a ``target_saving``, scale the planned
-    rates to it. The costs are counted on the gated model: only there is each branch its own
-    module, so every FLOP of the step, backward included, can be charged to one site."""
+    """Given a ``target_saving``, count the step costs on the examples and scale the planned
+    rates to it; otherwise leave the count to whatever asks for the costs later (a table, the
+    bench), so that a transform pays no FLOP count it does not use. The costs are counted on
+    the gated model: only there is each branch its own module, so every FLOP of the step,
+    backward included, can be charged to one site."""
     args, kwargs = options.example_inputs, options.example_kwargs
     if args is None and kwargs is None:
         return
     args = (args,) if isinstance(args, torch.Tensor) else tuple(args or ())
-    record_step_costs(gated, args, kwargs, real_run=options.target_saving is not None)
-    if options.target_saving is not None:
-        dist = options.distribution
-        describe = (f"the {dist!r} distribution" if isinstance(dist, str) else
-                    "the given per-site rates" if not callable(dist) else
-                    "the given rate function")
-        scale_to_target(gated, options.target_saving, describe)
+    if options.target_saving is None:
+        defer_step_costs(gated, args, kwargs)
+        return
+    record_step_costs(gated, args, kwargs, real_run=True)
+    dist = options.distribution
+    describe = (f"the {dist!r} distribution" if isinstance(dist, str) else
+                "the given per-site rates" if not callable(dist) else
+                "the given rate function")
+    scale_to_target(gated, options.target_saving, describe)
 
 
 def gate_residuals(analysis: ResidualAnalysis, plan: GatePlan, sampler: DropSampler,
@@ -365,7 +370,7 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
         spec, name = plan.spec(site), owner.gate_names[i]
         piece = cut_site(cut, site, spec.drops, rewritten, order, name)
         note = join_notes(spec.note, f"returns None for unused {', '.join(piece.released)}"
-                          if piece.released else "", _escape_note(piece))
+                          if piece.released else "", _escape_note(piece), _shared_note(piece))
         cut.extra_attrs[name] = BranchGate(
             piece.branch_module, spec.drop_rate, sampler, identity=piece.identity,
             clone_on_drop=spec.clone_on_drop,
@@ -384,6 +389,14 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
     gated = module_from_graph(module, graph, cut.extra_attrs)
     gated.meta["fxsd"] = record
     return gated
+
+
+def _shared_note(piece: CutSite) -> str:
+    """What else the branch's work feeds, dropped with it (:mod:`fxsd.shared_work`)."""
+    joins = [u.consumer.name for u in piece.shared if u.kind is ShareKind.JOIN]
+    cats = [u.consumer.name for u in piece.shared if u.kind is ShareKind.ZEROS]
+    return join_notes(f"one gate for {', '.join([piece.add.name, *joins])}" if joins else "",
+                      f"gives {', '.join(cats)} zeros when dropped" if cats else "")
 
 
 def _escape_note(piece: CutSite) -> str:

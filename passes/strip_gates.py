@@ -20,6 +20,7 @@ import copy
 import operator
 from typing import Any
 
+import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node, Proxy
 from torch.fx.node import map_aggregate
@@ -31,6 +32,7 @@ from fxsd.gate import BranchGate
 from fxsd.graph_module import TreeEditor, deepest_first, module_from_graph
 from fxsd.join import branch_scale
 from fxsd.record import FxsdRecord
+from fxsd.shared_work import ShareKind
 from fxsd.training import gated_blocks, gates
 
 __all__ = ["strip"]
@@ -114,9 +116,13 @@ def _copy_node(root: GraphModule, graph: Graph, env: dict[Node, Any], node: Node
 def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[Any],
                  folded: bool) -> Any:
     skip = args[0]
+    shared = gate.info.shared
+    n = sum(use.kind is ShareKind.JOIN for use in shared)
+    args, skips = (args[:-n], args[-n:]) if n else (args, [])
     branch_args = args if gate.identity else args[1:]
     keep = 1.0 if folded else branch_scale(gate.drop_rate, gate.scale, False)
-    escapes = gate.escape_path is not None  # the branch runs for what it hands on
+    # the branch runs for what it hands on
+    escapes = gate.escape_path is not None or bool(shared)
     if keep == 0.0 and not gate.info.join.needs_branch_shape and not escapes:
         return _without_branch(graph, gate, skip)
     env: dict[Node, Any] = {}
@@ -133,8 +139,28 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
         env[node] = _copy_node(root, graph, env, node, folded)
     if escapes:
         out, *handed = out
-        return (_join(graph, gate, skip, out, keep), *handed)
+        count = len(handed) - len(shared)
+        uses = [_shared_use(graph, use, value, skip_of, keep) for use, value, skip_of in
+                zip(shared, handed[count:], _skips_for(shared, skips))]
+        return (_join(graph, gate, skip, out, keep), *handed[:count], *uses)
     return _join(graph, gate, skip, out, keep)
+
+
+def _skips_for(shared: Any, skips: list[Any]) -> list[Any]:
+    """Each second use's skip (``None`` for a concatenation), in order."""
+    found = iter(skips)
+    return [next(found) if use.kind is ShareKind.JOIN else None for use in shared]
+
+
+def _shared_use(graph: Graph, use: Any, value: Any, skip: Any, keep: float) -> Any:
+    """A second join (or a concatenation's operand) of the gate's work at eval."""
+    if use.kind is ShareKind.JOIN:
+        if keep == 0.0:
+            return _traced(graph, use.join.without_branch, skip)
+        return _traced(graph, lambda s, o: use.join(s, o, keep), skip, value)
+    if keep == 0.0:
+        return graph.call_function(torch.zeros_like, (value,))
+    return value if keep == 1.0 else graph.call_function(operator.mul, (value, keep))
 
 
 def _join(graph: Graph, gate: BranchGate, skip: Any, out: Any, keep: float) -> Any:

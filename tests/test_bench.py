@@ -240,7 +240,8 @@ def test_variants_use_the_requested_rates_and_distribution():
 def test_variant_labels_are_the_names_tables_and_json_show():
     kind = VariantKind
     assert [Variant(k, 0.5).label for k in kind] == [
-        "baseline", "fxsd p=0", "fxsd", "mask drop path", "every site dropped", "limit"]
+        "baseline", "fxsd p=0", "fxsd", "mask drop path", "every site dropped", "limit",
+        "pruned"]
     assert Variant(kind.FXSD, 0.5, mask_impl=True).label == "fxsd (mask)"
     everything = Variant(kind.ALL_DROPPED, 1.0, compiled=True)
     assert everything.label == "compiled every site dropped" and everything.group == "compiled"

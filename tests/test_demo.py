@@ -10,6 +10,7 @@ pytest.importorskip("sklearn")
 
 from fxsd import demo  # noqa: E402
 from fxsd.cli import main  # noqa: E402
+from fxsd.errors import InvalidArgumentError, InvalidTypeError  # noqa: E402
 
 
 def test_digits_are_bundled_and_split():
@@ -21,7 +22,9 @@ def test_digits_are_bundled_and_split():
 
 def test_short_demo_trains_both_variants_and_writes_its_outputs(tmp_path):
     pytest.importorskip("matplotlib")
-    result = demo.run(epochs=2, seeds=(0,), depth=8, out_dir=tmp_path, progress=False)
+    # two pruning levels, not six (given unsorted: the demo sorts them)
+    result = demo.run(epochs=2, seeds=(0,), depth=8, out_dir=tmp_path, progress=False,
+                      prune_savings=(0.3, 0.0))
     assert [(r.variant, r.seed, len(r.points)) for r in result.runs] == [
         ("baseline", 0, 2), ("fxsd", 0, 2)]
     for r in result.runs:
@@ -32,8 +35,42 @@ def test_short_demo_trains_both_variants_and_writes_its_outputs(tmp_path):
     assert saved["settings"]["depth"] == 8 and len(saved["runs"]) == 2
     text = (tmp_path / "demo.md").read_text()
     assert "baseline (mean)" in text and f"{result.time_ratio:.2f}×" in text
-    png = (tmp_path / "demo.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for name in ("demo.png", "demo_prune.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert len(saved["pruning"]) == 4 and "Pruned for inference" in text
+    _assert_both_trained_models_pruned(result)
+
+
+def _assert_both_trained_models_pruned(result: demo.DemoResult) -> None:
+    """Each trained model at each target; saving 0 is the trained model itself."""
+    assert result.settings["prune_savings"] == [0.0, 0.3]
+    trained = {(r.variant, r.seed): r for r in result.runs}
+    assert [(p.variant, p.seed, p.target) for p in result.pruning] == [
+        (v, 0, t) for v in ("baseline", "fxsd") for t in (0.0, 0.3)]
+    for p in result.pruning:
+        if p.target == 0.0:  # nothing removed: the trained model's own test accuracy, exactly
+            assert p.removed == [] and p.flops == p.full_flops
+            assert p.accuracy == trained[p.variant, p.seed].accuracy
+        else:
+            assert p.removed and p.saving >= 0.3 and p.flops < p.full_flops
+    table = result.pruning_table().splitlines()
+    rows = [line for line in table[2:] if line.strip()]
+    assert [line.split("|")[1].strip() for line in rows] == ["baseline"] * 2 + ["fxsd"] * 2
+    for variant in ("baseline", "fxsd"):  # the table's accuracy at 0% is the trained mean
+        (row,) = [line for line in rows if line.split("|")[1].strip() == variant
+                  and line.split("|")[2].strip() == "0%"]
+        assert f"{100 * result.mean(variant, 'accuracy'):.2f}%" in row
+
+
+def test_pruning_targets_are_checked_before_training():
+    with pytest.raises(InvalidArgumentError, match="at most 0.96"):
+        demo.run(epochs=1, seeds=(0,), depth=8, out_dir=None, progress=False,
+                 prune_savings=(0.99,))
+    with pytest.raises(InvalidTypeError, match="prune_savings"):
+        demo.run(epochs=1, seeds=(0,), depth=8, out_dir=None, prune_savings=0.2)
+    with pytest.raises(InvalidArgumentError, match="prune_batches"):
+        demo.run(epochs=1, seeds=(0,), depth=8, out_dir=None, prune_batches=0)
 
 
 def test_demo_command(tmp_path, capsys):
@@ -41,3 +78,4 @@ def test_demo_command(tmp_path, capsys):
                  str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "fxsd trains in" in out and (tmp_path / "demo.md").exists()
+    assert "pruned for inference" in out and (tmp_path / "demo_prune.png").exists()

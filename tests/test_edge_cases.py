@@ -371,15 +371,15 @@ class Double(nn.Module):
         return h + h
 
 
-class DenseReuse(nn.Module):  # DenseNet-style: a branch intermediate is used after the add
-    def __init__(self):
-        super().__init__()
+class DenseReuse(nn.Module):  # a branch intermediate is used after the add, and not by a
+    def __init__(self):        # second join or a concatenation (those share the gate:
+        super().__init__()     # tests/test_shared_work.py)
         self.f1, self.f2 = nn.Linear(C, C), nn.Linear(C, C)
 
     def forward(self, x):
         h = self.f1(x)
         y = x + self.f2(h)
-        return torch.cat([y, h], dim=-1)
+        return y * h.sigmoid()
 
 
 class Alpha(nn.Module):

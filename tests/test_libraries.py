@@ -68,9 +68,9 @@ CASES: dict[str, tuple[Callable[[], Any], int]] = {
     # encoder 2 resnets + mid (2 + 1); decoder mid (2 + 1) + 2 x 2 resnets
     "AutoencoderKL": (autoencoder_kl, 12),
     # JointTransformerBlock: the feed-forward joins (the image stream's in both blocks, the
-    # text stream's in the first; the last block is context_pre_only) and the first block's
-    # ... joint-attention joins share one branch (issue 25): not gated yet
-    "SD3Transformer2DModel": (sd3, 4),
+    # text stream's in the first; the last block is context_pre_only) and the attention joins
+    # (the first block's two share one gate: tests/test_shared_work.py)
+    "SD3Transformer2DModel": (sd3, 5),
     # UnetResBlock `out += residual` (res_block=True): input block, one downsample, bottleneck;
     # UnetUpBlock's conv block is a UnetBasicBlock (no join)
     "DynUNet": (dynunet, 3),

@@ -1,0 +1,160 @@
+"""What a transform by example costs: work it does once, and FLOPs counted only when asked.
+
+Counts, not times (the CI machine is shared): how often an op is evaluated on the example's
+values, how often torch.fx's bytecode lookup runs, whether the FLOP counter is entered. And the
+results must not move: the same generated code, outputs and step costs as without the reuse.
+"""
+
+from __future__ import annotations
+
+import collections
+import dis
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxsd
+import fxsd.by_example as by_example
+import fxsd.tracing as tracing
+from fxsd.budget import measure_step_costs
+from fxsd.training import gated_blocks
+
+tf = pytest.importorskip("transformers")
+
+
+def _llama() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    return tf.LlamaForCausalLM(config), {"input_ids": ids}
+
+
+def _t5() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    config = tf.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                         num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
+    gen = torch.Generator().manual_seed(0)
+    return tf.T5ForConditionalGeneration(config), {
+        "input_ids": torch.randint(0, 128, (2, 9), generator=gen),
+        "decoder_input_ids": torch.randint(0, 128, (2, 5), generator=gen)}
+
+
+def _transform(model: nn.Module, inputs: dict, **options) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxsd.stochastic_depth(model, 0.1, example_kwargs=inputs, seed=0, **options)
+
+
+class _LinearCalls:
+    """Counts the calls of one ``nn.Linear`` (a torch.nn layer the traces keep whole and
+    evaluate on the example's values)."""
+
+    def __init__(self, target: nn.Linear) -> None:
+        self.target, self.count = target, 0
+
+    def __enter__(self) -> _LinearCalls:
+        self.original = nn.Linear.forward
+        counter = self
+
+        def forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            counter.count += module is counter.target
+            return counter.original(module, x)
+
+        nn.Linear.forward = forward
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        nn.Linear.forward = self.original
+
+
+def test_a_layer_is_evaluated_once_per_mode_not_once_per_trace():
+    # Llama's layers are traced 4 times each (two ways of tracing its None arguments, each in
+    # training and eval mode), its LlamaModel 10 times: each trace evaluated every op on the
+    # example's values again (10 calls of this projection). Now a unit's traces share what was
+    # evaluated, per mode: the example run, then LlamaModel's and the layer's own traces in
+    # each mode (where the attention before it reads its module's mode).
+    model, inputs = _llama()
+    with _LinearCalls(model.model.layers[0].mlp.down_proj) as calls, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fxsd.analyze_residuals(model, example_kwargs=inputs)
+    assert calls.count <= 8
+
+
+def test_the_callers_bytecode_is_disassembled_once_per_function(monkeypatch):
+    # torch.fx's Proxy.__iter__ disassembled the whole calling function at every unpacking of a
+    # proxy (`b, n = x.shape[:2]`): 60 times T5's attention forward for a 2+2-layer T5
+    seen: collections.Counter = collections.Counter()
+    original = dis.get_instructions
+
+    def counted(code, *args, **kwargs):
+        seen[code] += 1
+        return original(code, *args, **kwargs)
+
+    monkeypatch.setattr(dis, "get_instructions", counted)
+    tracing._instructions.cache_clear()  # earlier tests of this process filled it
+    model, inputs = _t5()
+    _transform(model, inputs)
+    assert seen and max(seen.values()) == 1
+
+
+def test_no_flop_count_unless_asked_and_the_table_counts_the_same(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    entered = []
+    original = FlopCounterMode.__enter__
+
+    def enter(self):
+        entered.append(self)
+        return original(self)
+
+    monkeypatch.setattr(FlopCounterMode, "__enter__", enter)
+    model, inputs = _llama()
+    gated = _transform(model, inputs)
+    assert entered == []  # no target_saving: nothing asked for the step's FLOPs yet
+    text = fxsd.table(gated, width=0)
+    assert len(entered) == 1 and "step %" in text.splitlines()[0]
+    record = fxsd.get_record(gated)
+    eager = measure_step_costs(gated, (), inputs)
+    assert record.step_flops == eager.total > 0
+    assert {n: g.info.step_flops for n, g in fxsd.training.named_gates(gated).items()} \
+        == eager.sites
+    fxsd.expected_saving(gated)
+    assert len(entered) == 2  # the measure above; the table's count is kept, not redone
+
+
+def test_a_copy_counts_its_costs_when_asked():
+    import copy
+
+    model, inputs = _llama()
+    gated = _transform(model, inputs)
+    twin = copy.deepcopy(gated)
+    assert fxsd.expected_saving(twin) == pytest.approx(fxsd.expected_saving(gated))
+    assert fxsd.get_record(twin).step_flops == fxsd.get_record(gated).step_flops
+
+
+def test_target_saving_still_counts_at_transform_time():
+    model, inputs = _llama()
+    gated = fxsd.stochastic_depth(model, target_saving=0.05, example_kwargs=inputs, seed=0)
+    record = fxsd.get_record(gated)
+    assert record.step_flops is not None and record.pending_costs is None
+    assert fxsd.expected_saving(gated) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("build", [_llama, _t5], ids=["llama", "t5"])
+def test_reusing_evaluations_changes_no_result(build, monkeypatch):
+    model, inputs = build()
+    reused = _transform(model, inputs)
+    monkeypatch.setattr(by_example, "_memo_key", lambda *args: None)  # evaluate every time
+    fresh = _transform(model, inputs)
+    codes = {path: m.code for path, m in gated_blocks(reused).items()}
+    assert codes == {path: m.code for path, m in gated_blocks(fresh).items()}
+    for gated in (reused, fresh):
+        gated.eval()
+    torch.testing.assert_close(reused(**inputs).logits, fresh(**inputs).logits,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(reused(**inputs).logits, model.eval()(**inputs).logits,
+                               rtol=0, atol=0)
