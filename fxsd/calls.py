@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx import Graph, Node, Proxy
 from torch.fx.node import map_aggregate
 
+from fxsd.ops import node_order
 from fxsd.record import NodeRecord
 
 __all__ = ["ModuleCall", "CallTree", "DictRecord", "any_leaf", "as_nodes", "bound_parameters",
@@ -147,7 +148,7 @@ class CallTree:
     def __init__(self, calls: Sequence[ModuleCall], graph: Graph) -> None:
         self.calls = list(calls)
         self.graph = graph
-        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.order = node_order(graph)
         regions: list[list[Node]] = [[] for _ in self.calls]
         for node in graph.nodes:
             for index in calls_of(node):

@@ -3,6 +3,11 @@
 Every error derives from :class:`FxsdError`, so ``except fxsd.FxsdError`` catches all of them.
 Errors about bad argument values are also ``ValueError``\\ s and errors about wrong argument
 types are also ``TypeError``\\ s, so code written against the built-in exceptions keeps working.
+
+Two errors live beside the step that raises them, and derive from the classes here:
+:class:`fxsd.folding.FoldError` (a :class:`GraphError`: an eval scale that cannot be folded into
+weights) and :class:`fxsd.verify.VerificationError` (the transformed model broke one of its
+promises, :func:`fxsd.check`; imported from :mod:`fxsd.verify`).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ from fxsd.graph_module import (
     module_from_graph,
 )
 from fxsd.guards import GUARDS, is_guardable, passes
-from fxsd.ops import is_metadata_read, resolve_attr
+from fxsd.ops import is_metadata_read, node_order, resolve_attr
 from fxsd.passes.gate_site import call_gate, cut_site
 from fxsd.preserve import preserved
 
@@ -242,7 +242,7 @@ class _Precheck:
     @classmethod
     def of(cls, graph: Graph) -> _Precheck:
         """The guards of ``graph`` that can be checked ahead (see the module docstring)."""
-        order = {n: i for i, n in enumerate(graph.nodes)}
+        order = node_order(graph)
         chosen: set[Node] = set()
         for guard in graph.nodes:
             if guard.op != "call_function" or guard.target not in GUARDS:
@@ -542,7 +542,7 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
     cut = None
     for owner in owners:
         cut = extract_module(analysis, owner, view)
-        order = {n: i for i, n in enumerate(cut.graph.nodes)}
+        order = node_order(cut.graph)
         rewritten: dict[Node, Node] = {}
         for site, name in zip(owner.sites, owner.gate_names):
             if name in gates:

@@ -16,7 +16,8 @@ import pytest
 
 import fxsd
 
-API = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+API = (ROOT / "docs" / "api.md").read_text()
 SIGNATURE = re.compile(r"`(fxsd(?:\.\w+)+)\(([^`]*?)\)(?: -> [^`]*)?`")
 
 
@@ -133,3 +134,14 @@ def test_readme_python_examples_run(tmp_path):
     for layer in range(4):  # the Llama table: two gates per decoder layer
         assert f"model.layers.{layer}.self_attn_gate" in out.stdout
         assert f"model.layers.{layer}.mlp_gate" in out.stdout
+
+
+def test_design_module_table_lists_every_module_and_nothing_else():
+    # docs/design.md's module table is the map of the code: one row per product module
+    text = (ROOT / "docs" / "design.md").read_text()
+    table = text[text.index("| module | one concept |"):]
+    table = table[:table.index("\n\n")]
+    listed = set(re.findall(r"`((?:fxsd|passes)/[\w/]+\.py)`", table))
+    files = {str(p.relative_to(ROOT)) for d in ("fxsd", "passes") for p in (ROOT / d).rglob("*.py")
+             if p.name != "__init__.py"}
+    assert listed == files, (sorted(files - listed), sorted(listed - files))
