@@ -69,7 +69,7 @@ _EXPORTS = {
     "BlockModeWarning": "fxsd.passes.stochastic_depth",
     "stochastic_depth": "fxsd.passes.stochastic_depth",
     "strip": "fxsd.passes.strip_gates",
-    "ResidualSite": "fxsd.residuals",
+    "ResidualSite": "fxsd.sites",
     "RootJoinsWarning": "fxsd.owners",
     "analyze_residuals": "fxsd.analysis",
     "find_residuals": "fxsd.analysis",
@@ -81,7 +81,7 @@ _EXPORTS = {
     "expected_saving": "fxsd.budget",
     "check": "fxsd.verify",
     "prune": "fxsd.pruning",
-    "PruneReport": "fxsd.pruning",
+    "PruneReport": "fxsd.prune_report",
 }
 # What a user calls. Everything else stays importable from its module (fxsd.gate.BranchGate,
 # fxsd.training.named_gates, ...; docs/api.md lists it as advanced), and every submodule is
@@ -132,10 +132,11 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         stochastic_depth,
     )
     from fxsd.passes.strip_gates import strip
-    from fxsd.pruning import PruneReport, prune
+    from fxsd.prune_report import PruneReport
+    from fxsd.pruning import prune
     from fxsd.record import get_record
-    from fxsd.residuals import ResidualSite
     from fxsd.schedulers import DropSchedule, DropWarmup, progressive_layer_drop
+    from fxsd.sites import ResidualSite
     from fxsd.tables import table
     from fxsd.tracing import FrozenDropoutWarning
     from fxsd.training import gates, get_drop_rate, get_rng_state, set_drop_rate, set_rng_state

@@ -20,7 +20,7 @@ from fxsd.distributed import check_not_wrapped
 from fxsd.errors import InvalidArgumentError, InvalidTypeError, TraceError
 from fxsd.preserve import guarded, preserved
 from fxsd.profile import profile_nodes
-from fxsd.residuals import ResidualAnalysis, ResidualSite
+from fxsd.sites import ResidualAnalysis, ResidualSite
 from fxsd.tracing import LeafSpec, trace_calls
 from fxsd.units import analyze_by_example, analyze_nested, registry
 

@@ -29,21 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsd.bench import (
-    BenchConfig,
-    BenchRow,
-    Progress,
-    Variant,
-    VariantKind,
-    _autocast,
-    _checked,
-    _machine,
-    _model_and_input,
-    _time_steps,
-    _warm_up,
-)
+from fxsd.bench import _checked, _machine, _model_and_input, _time_steps, _warm_up
+from fxsd.bench_step import _autocast
+from fxsd.bench_types import BenchConfig, BenchRow, Variant, VariantKind
 from fxsd.distributions import check_rate
-from fxsd.pruning import PruneReport, prune
+from fxsd.progress import Progress
+from fxsd.prune_report import PruneReport
+from fxsd.pruning import prune
 from fxsd.tables import LEAVE_OUT, _ends, _fmt_int, fill, fit_table, terminal_width
 
 __all__ = ["PruneBenchResult", "run", "format_table", "forward_flops"]

@@ -4,7 +4,8 @@ Plain ``torch.fx`` fails at the root of most Hugging Face transformers 5.x model
 ``forward`` is wrapped by ``*args, **kwargs`` decorators, builds masks and caches with Python
 control flow on tensors, and iterates or indexes proxies. Their layers are plain code, though.
 So fxsd can run the model once on example inputs, record how each module is called
-(:func:`record_calls`), and trace modules on their own with :class:`ExampleTracer`, which
+(:func:`~fxsd.example_run.record_calls`), and trace modules on their own with
+:class:`ExampleTracer`, which
 
 * traces the module's undecorated ``forward`` (``inspect.unwrap``);
 * builds its inputs from the recorded call: a tensor becomes a placeholder; a tuple or dict of
@@ -14,8 +15,9 @@ So fxsd can run the model once on example inputs, record how each module is call
   int, float or string a constant, guarded by :func:`fxsd.guards.check_argument` in the
   generated code (a ``None`` that the module only passes on stays an input: see
   :func:`fxsd.units.trace_unit`);
-* runs each recorded op on the example's values as it goes. Sizes stay symbolic (the graph
-  must serve other sequence lengths, a decode step), but a shape can be unpacked
+* runs each recorded op on the example's values as it goes, once for all of a module's traces
+  (:mod:`fxsd.example_memo`). Sizes stay symbolic (the graph must serve other sequence
+  lengths, a decode step), but a shape can be unpacked
   (``(*input_shape, -1, d)``: its length, the rank, is the example's), and where Python control
   flow reads a dtype (T5 branches on ``hidden_states.dtype``) or a bool argument, the trace is
   repeated with those fixed to the example's, each checked by a guard;
@@ -27,12 +29,10 @@ Which modules to trace this way is decided by :func:`fxsd.analysis.analyze_resid
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import operator
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +40,14 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from fxsd.calls import any_leaf
-from fxsd.errors import FxsdError, Run
+from fxsd.example_memo import (
+    _MISSING,
+    _memo_key,
+    _memoizable,
+    _unchanged,
+    _versions,
+)
+from fxsd.example_run import RecordedCall, _copied
 from fxsd.graph_module import wrapped_call
 from fxsd.guards import (
     check_argument,
@@ -52,19 +59,10 @@ from fxsd.guards import (
     type_name,
 )
 from fxsd.ops import resolve_attr
-from fxsd.preserve import model_run
-from fxsd.tracing import (
-    FxsdTracer,
-    HostStates,
-    JoinProxy,
-    LeafSpec,
-    TracerFactory,
-    draws_unwatched,
-)
+from fxsd.random_draws import HostStates, draws_unwatched
+from fxsd.tracing import FxsdTracer, JoinProxy, LeafSpec, TracerFactory
 
-__all__ = ["RecordedCall", "record_calls", "ExampleTracer", "example_tracer"]
-
-_MISSING = object()
+__all__ = ["ExampleTracer", "example_tracer"]
 
 
 def set_item(container: Any, key: Any, value: Any) -> None:
@@ -73,88 +71,6 @@ def set_item(container: Any, key: Any, value: Any) -> None:
     unpickled, cannot assign into a proxy. (Not decorated with ``torch.fx.wrap``: that would
     patch this module's global during every trace, and the graph would call the patch.)"""
     container[key] = value
-
-
-@dataclass(eq=False)
-class RecordedCall:
-    """The first call of one module during the example run.
-
-    Attributes:
-        module: the module.
-        path: its qualified name in the model.
-        args, kwargs: what it received (the objects themselves, not copies).
-        order: position of the call's start among all recorded calls.
-    """
-
-    module: nn.Module
-    path: str
-    args: tuple[Any, ...] = field(repr=False)
-    kwargs: dict[str, Any] = field(repr=False)
-    order: int = 0
-    # the ops its traces evaluated on the example's values, shared by every trace of the
-    # module (each mode, each way of tracing its flags and Nones): see ExampleTracer._evaluate
-    evaluated: dict[Any, tuple[Any, ...]] = field(default_factory=dict, repr=False,
-                                                   compare=False)
-
-
-def record_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                 ) -> dict[int, RecordedCall]:
-    """Run ``model(*args, **kwargs)`` once without gradients; return each module's first call,
-    by ``id(module)``. The model is run as it is (its train/eval mode) and is not changed; what
-    it raises arrives as a :class:`~fxsd.errors.ModelRunError` (``Run.EXAMPLE``).
-
-    A model in training mode whose run left out modules that have a ``forward`` (its own code
-    skipped layers at random: a layer drop) runs once more in eval mode: the modules it left
-    out are recorded from that run, and every module that ran there takes its place in that
-    run's order (every layer in turn), so that each layer is traced and ordered by depth
-    whatever the example's draw skipped.
-    """
-    recorded = _record(model, args, kwargs)
-    missing = {id(m) for m in model.modules() if id(m) not in recorded and _has_forward(m)}
-    if not (model.training and missing):
-        return recorded
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for m, _ in modes:
-            m.training = False
-        again = _record(model, args, kwargs)
-    except FxsdError:  # the model cannot run in eval mode: keep the training run's record
-        return recorded
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    for key, call in again.items():
-        if key in recorded:
-            recorded[key].order = call.order
-        elif key in missing:
-            recorded[key] = call
-    return recorded
-
-
-def _has_forward(module: nn.Module) -> bool:
-    """Whether ``module`` can be called (a ``ModuleList`` or ``ModuleDict`` cannot)."""
-    return type(module).forward is not nn.Module.forward
-
-
-def _record(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-            ) -> dict[int, RecordedCall]:
-    paths = {id(m): p for p, m in model.named_modules()}
-    recorded: dict[int, RecordedCall] = {}
-
-    def pre_hook(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
-        if id(module) not in recorded:  # objects as they were at the call (a cache fills up)
-            recorded[id(module)] = RecordedCall(
-                module, paths.get(id(module), ""), tuple(_copied(a) for a in call_args),
-                {k: _copied(v) for k, v in call_kwargs.items()}, len(recorded))
-
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
-    try:
-        with torch.no_grad(), model_run(model, Run.EXAMPLE):
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return recorded
 
 
 class _ExampleProxy(JoinProxy):
@@ -361,7 +277,7 @@ class ExampleTracer(FxsdTracer):
             return _MISSING
         # a leaf module (or a function of the model's) runs for real and may draw on Python's or
         # NumPy's generator as it will at run time: not a draw tracing fixes, but one no patch
-        # sees, so the states are compared around it (see fxsd.tracing.watching_draws)
+        # sees, so the states are compared around it (see fxsd.random_draws.watching_draws)
         host = self.host_states if _model_code(self.model, kind, target) else None
         if host is not None:
             host.check(self)
@@ -475,85 +391,6 @@ def example_tracer(call: RecordedCall, model: nn.Module, *, autowrap: Iterable[A
                              fix_flags=fix_flags, free_nones=tuple(free_nones))
 
 
-# Ops that change their operands: evaluated again at every trace, never taken from the memo.
-_IN_PLACE = frozenset({operator.setitem, operator.delitem, operator.iadd, operator.isub,
-                       operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-                       operator.ipow, operator.iand, operator.ior, operator.ixor,
-                       operator.ilshift, operator.irshift, operator.imatmul})
-_SCALARS = (bool, int, float, complex, str, type(None), type(Ellipsis), torch.dtype,
-            torch.device, torch.layout, torch.memory_format)
-
-
-def _memo_key(model: nn.Module, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
-    """What determines the result of a pure op on example values, or ``None`` where that is not
-    known: the op and its arguments, each tensor by identity and version (an in-place op
-    bumps it), each plain value by value; a torch.nn layer with its mode. The model's own
-    modules (their state), in-place ops and ops on other objects (a cache, which its methods
-    change) are not keyed."""
-    mode: Any = None
-    if kind == "call_method":
-        if not isinstance(target, str) or (target.endswith("_") and not target.startswith("__")):
-            return None
-    elif kind == "call_module":  # torch.nn's own layers, in their mode (dropout's, BN's)
-        module = model.get_submodule(target)
-        if not type(module).__module__.startswith("torch.nn.modules."):
-            return None
-        mode = (id(module), module.training)
-    elif kind != "call_function" or target in _IN_PLACE:
-        return None
-    if "out" in kwargs or kwargs.get("inplace") is True:
-        return None
-    try:
-        key = (kind, target, mode, _value_key(args), _value_key(kwargs))
-        hash(key)
-    except (_Unkeyed, TypeError):
-        return None
-    return key
-
-
-class _Unkeyed(Exception):
-    """A value the memo cannot key (its result may depend on more than what a key holds)."""
-
-
-def _value_key(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("tensor", id(value), value._version)
-    if isinstance(value, _SCALARS):
-        return (type(value), value)
-    if isinstance(value, (tuple, list)):  # torch.Size too
-        return (type(value), tuple(_value_key(v) for v in value))
-    if isinstance(value, dict):
-        return (dict, tuple((k, _value_key(v)) for k, v in value.items()))
-    if isinstance(value, slice):
-        return (slice, _value_key(value.start), _value_key(value.stop), _value_key(value.step))
-    if isinstance(value, nn.Module):  # a function given its module (an attention kernel)
-        return (nn.Module, id(value), value.training)
-    raise _Unkeyed
-
-
-def _memoizable(result: Any) -> bool:
-    """Whether a result can be handed to later traces as it is: tensors, plain values and
-    tuples of them (not a list or dict, which the code may fill in afterwards)."""
-    if isinstance(result, tuple):
-        return all(_memoizable(r) for r in result)
-    return isinstance(result, (torch.Tensor, *_SCALARS)) or result is _MISSING
-
-
-def _versions(result: Any) -> tuple[int, ...]:
-    return tuple(t._version for t in _flat_tensors(result))
-
-
-def _unchanged(result: Any, versions: tuple[int, ...]) -> bool:
-    """Whether no in-place op changed a memoized result since it was computed."""
-    return _versions(result) == versions
-
-
-def _flat_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, tuple):
-        return [t for v in value for t in _flat_tensors(v)]
-    return [value] if isinstance(value, torch.Tensor) else []
-
-
 def _model_code(model: nn.Module, kind: str, target: Any) -> bool:
     """Whether a recorded call runs the model's own code: a leaf module or a function (timm's
     not-traceable functions) that is neither torch's nor an operator."""
@@ -563,13 +400,3 @@ def _model_code(model: nn.Module, kind: str, target: Any) -> bool:
         return False
     module = getattr(target, "__module__", None) or ""
     return not module.startswith(("torch", "_operator", "operator", "builtins", "math", "fxsd"))
-
-
-def _copied(value: Any) -> Any:
-    """A copy of an example value that propagating ops through may change (a cache)."""
-    if isinstance(value, torch.Tensor) or is_guardable(value):
-        return value
-    try:
-        return copy.deepcopy(value)
-    except Exception:
-        return value

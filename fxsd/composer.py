@@ -31,8 +31,8 @@ from fxsd.gate import MODES
 from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
 from fxsd.plan import Options
 from fxsd.record import get_record
-from fxsd.residuals import ResidualSite
 from fxsd.schedulers import DropWarmup
+from fxsd.sites import ResidualSite
 from fxsd.training import gates
 
 __all__ = ["apply_stochastic_depth"]

@@ -256,7 +256,7 @@ def _check(epochs: int, seeds: Sequence[int], depth: int, drop_rate: float, dist
            batch_size: int, threads: int | None, out_dir: str | Path | None) -> None:
     """Every argument of :func:`run`, checked before any training (with the API's checks)."""
     from fxsd.arguments import check_int
-    from fxsd.cli import check_output_dir
+    from fxsd.cli_arguments import check_output_dir
     from fxsd.models import check_cifar_depth
     from fxsd.plan import Options
 

@@ -40,7 +40,7 @@ from fxsd.graph_module import HostedGraphModule
 from fxsd.shared_work import SharedOutput
 
 if typing.TYPE_CHECKING:
-    from fxsd.gate import GateInfo
+    from fxsd.gate_info import GateInfo
 from fxsd.ops import data_inputs, is_metadata_read
 from fxsd.preserve import fake_tensors, hooks_silenced, model_run
 

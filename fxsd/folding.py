@@ -46,10 +46,11 @@ from fxsd.ops import (
     depends_on_input,
     dropout_training,
     is_metadata_read,
+    is_module,
     is_view,
     resolve_attr,
 )
-from fxsd.residuals import ResidualSite, is_module
+from fxsd.sites import ResidualSite
 
 __all__ = ["FoldTarget", "FoldError", "EvalScaledWeightsWarning", "fold_target",
            "plain_state_dict", "warn_on_save"]

@@ -24,189 +24,33 @@ the operand order allows it (:meth:`fxsd.join.Join.__call__` says where it does 
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxsd.distributed import check_unsynced_sharding, unsynced_sharding_generation
 from fxsd.distributions import check_rate
 from fxsd.escapes import EscapePath, TensorSpec, abstract_run
+from fxsd.gate_info import DropPathAction, GateInfo, SharedUse
 from fxsd.graph_module import HostedGraphModule
-from fxsd.join import PLAIN_JOIN, Join, JoinOp, branch_scale, row_factor
-from fxsd.partial_join import PartialJoin, partial_join_of
+from fxsd.join import Join, branch_scale, row_factor
 from fxsd.recompute import decide
+from fxsd.sampler import DropSampler
 from fxsd.shared_work import ShareKind
 
 if TYPE_CHECKING:
-    from fxsd.folding import FoldTarget
     from fxsd.record import FxsdRecord
-    from fxsd.residuals import ResidualSite
 
+# DropSampler (fxsd.sampler), GateInfo and DropPathAction (fxsd.gate_info) are re-exported:
+# docs/api.md documents them under this module's path. SharedUse too: models pickled before
+# the split name fxsd.gate.SharedUse (as they name the other three here).
 __all__ = ["BranchGate", "DropPathAction", "DropSampler", "GateInfo", "MODES", "SCALES",
-           "SAMPLE_IMPLS"]
+           "SAMPLE_IMPLS", "SharedUse"]
 
 MODES = ("block", "sample")
 SCALES = ("eval", "train", "none")
 SAMPLE_IMPLS = ("subset", "mask")
-_PARTIAL = JoinOp.PARTIAL
-
-
-class DropSampler:
-    """The random decisions a transformed model's gates share, drawn on the host.
-
-    Block decisions come from a :class:`random.Random`, per-row decisions from a CPU
-    :class:`torch.Generator`; both are seeded from ``seed``. Drawing needs no device and no
-    synchronisation, consumes nothing from torch's or Python's global generators, and the state
-    (:meth:`get_state` / :meth:`set_state`) travels with ``deepcopy`` and ``torch.save``.
-
-    Every block gate that runs draws exactly one number per training forward whatever its rate (a
-    gate nested in a dropped branch does not run), so a higher rate drops a superset of the sites
-    a lower rate drops, and the sequence depends on the seed alone.
-
-    Args:
-        seed: the seed (already offset by the rank for per-rank streams).
-        sync_ranks: whether every rank draws the same decisions. When not, each draw first makes
-            sure no FSDP2-sharded module would issue mismatched collectives
-            (:func:`fxsd.distributed.check_unsynced_sharding`).
-    """
-
-    def __init__(self, seed: int, sync_ranks: bool = True) -> None:
-        self.seed = int(seed)
-        self.sync_ranks = bool(sync_ranks)
-        self._rng = random.Random(self.seed)
-        self._rows = torch.Generator().manual_seed(self.seed & (2**63 - 1))
-        self._sharding_checked = -1
-
-    def _check_sharding(self) -> None:
-        generation = unsynced_sharding_generation()
-        if generation != self._sharding_checked:
-            check_unsynced_sharding()
-            self._sharding_checked = generation
-
-    def random(self) -> float:
-        """One uniform draw in [0, 1)."""
-        if not self.sync_ranks:
-            self._check_sharding()
-        return self._rng.random()
-
-    def rows(self, n: int) -> torch.Tensor:
-        """``n`` uniform draws in [0, 1) as a CPU tensor."""
-        if not self.sync_ranks:
-            self._check_sharding()
-        return torch.rand(n, generator=self._rows)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "block": self._rng.getstate(),
-                "rows": self._rows.get_state()}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        try:
-            self._rng.setstate(state["block"])
-            self._rows.set_state(state["rows"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            from fxsd.errors import InvalidArgumentError
-
-            raise InvalidArgumentError(
-                f"not a state returned by fxsd.get_rng_state: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.get_state(), "sync_ranks": self.sync_ranks}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["seed"], state.get("sync_ranks", True))
-        self.set_state(state)
-
-    def __repr__(self) -> str:
-        sync = "" if self.sync_ranks else ", sync_ranks=False"
-        return f"DropSampler(seed={self.seed}{sync})"
-
-
-class DropPathAction(str, Enum):
-    """What the rewrite did with a drop-path op the branch held (``existing=``)."""
-
-    ADOPTED = "adopted"
-    REPLACED = "replaced"
-    KEPT = "kept"
-
-
-@dataclass(frozen=True)
-class GateInfo:
-    """A description of the site a gate stands for, kept for tables (names, not graph nodes).
-
-    ``name`` is the gate's qualified name in the model (``layer1.0.residual_gate``): the module
-    that was rewritten, and the attribute its code calls. The other fields describe the site as
-    the analysis found it (:class:`~fxsd.ResidualSite`).
-    """
-
-    name: str
-    add: str
-    add_kind: str
-    module_path: str
-    module_type: str
-    skip_kind: str
-    depth: int
-    num_levels: int
-    branch_first: str
-    branch_last: str
-    branch_len: int
-    num_params: int
-    side_inputs: tuple[str, ...]
-    flops: int | None = None
-    fold: FoldTarget | None = None  # where the eval scale folds into weights
-    step_flops: int | None = None  # own forward + backward FLOPs per step (fxsd.budget)
-    enclosing: tuple[str, ...] = ()  # the gates whose branches hold this one, nearest first
-    part: PartialJoin | None = None  # a join into part of the branch output (fxsd.partial_join)
-    join: Join = PLAIN_JOIN  # the add as the source wrote it, which the gate computes
-    shared: tuple[SharedUse, ...] = ()  # second joins the work feeds (fxsd.shared_work)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if "join" not in state and state.get("part") is not None:  # pickled before joins were
-            state = {**state, "join": Join(_PARTIAL, branch_first=True, part=state["part"])}
-        self.__dict__.update(state)
-
-    @classmethod
-    def from_site(cls, site: ResidualSite, num_levels: int, name: str = "",
-                  fold: FoldTarget | None = None) -> GateInfo:
-        """Describe a :class:`~fxsd.ResidualSite` (by names, so it outlives the graph).
-
-        Node names are given as the gated module's code spells them: without the prefix of the
-        module that owns the gate (``conv1``, not ``layer1_0_conv1``).
-        """
-        from fxsd.graph_module import local_name
-
-        owner = name.rpartition(".")[0]
-
-        def local(node: Any) -> str:
-            return local_name(node.name, owner)
-
-        return cls(
-            name=name, fold=fold, add=site.add.name, add_kind=site.add_kind,
-            module_path=site.module_path,
-            module_type=site.module_type, skip_kind=site.skip_kind.value, depth=site.depth,
-            num_levels=num_levels, branch_first=local(site.branch[0]),
-            branch_last=local(site.branch_output), branch_len=len(site.branch),
-            num_params=site.num_params, side_inputs=tuple(local(n) for n in site.side_inputs),
-            flops=site.flops, part=partial_join_of(site.add), join=site.join,
-            shared=tuple(SharedUse(u.kind, local(u.consumer), u.join)
-                         for u in (site.escapes.shared if site.escapes else ())),
-        )
-
-
-@dataclass(frozen=True)
-class SharedUse:
-    """A second use of a gate's work (:class:`~fxsd.shared_work.SharedOutput`, by name): a
-    second join (``kind`` JOIN, with its ``join``) or a concatenation (ZEROS), named as the
-    gated module's code spells the node it stands for."""
-
-    kind: ShareKind
-    name: str
-    join: Join | None = None
 
 
 class BranchGate(nn.Module):

@@ -33,28 +33,24 @@ import copy
 import inspect
 import pickle
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from types import MethodType
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node, Tracer
-from torch.fx.graph import (
-    PythonCode,
-    _PyTreeCodeGen,
-    _snake_case,  # fx's own node naming
-)
+from torch.fx.graph import PythonCode, _PyTreeCodeGen
 from torch.fx.graph_module import _forward_from_src
 from torch.fx.node import map_aggregate, map_arg
 
-__all__ = ["FxsdBlock", "FxsdGraphModule", "HostedGraphModule", "TreeEditor", "attach_parts",
-           "block_class", "copy_graph", "copy_tree", "deepest_first", "free_name",
-           "module_from_graph", "node_name", "registrations", "shallow_copy", "wrapped_call"]
+from fxsd.graph_names import node_name
 
-T = TypeVar("T")
+__all__ = ["FxsdBlock", "FxsdGraphModule", "HostedGraphModule", "attach_parts", "block_class",
+           "copy_graph", "module_from_graph", "shallow_copy", "wrapped_call"]
+
 
 # Instance attributes GraphModule manages itself: never copied over from the source module.
 _GRAPH_MODULE_ATTRS = frozenset({
@@ -64,14 +60,6 @@ _GRAPH_MODULE_ATTRS = frozenset({
 })
 # The module tree: taken from the source module, not from the graph.
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
-
-
-def free_name(module: nn.Module, base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``... : the first name ``module`` has no attribute for."""
-    name, i = base, 1
-    while hasattr(module, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 class FxsdGraphModule(GraphModule):
@@ -145,7 +133,7 @@ class HostedGraphModule(FxsdGraphModule):
 
     def attach(self, host: nn.Module) -> HostedGraphModule:
         """This part hosted by ``host``: itself, or a copy when another block hosts it (two
-        module trees sharing a gate's part after :func:`copy_tree`)."""
+        module trees sharing a gate's part after :func:`~fxsd.module_tree.copy_tree`)."""
         if self.host is not None and self.host is not host:
             part = shallow_copy(self)
             part.__dict__[_HOST] = host
@@ -270,12 +258,12 @@ def _load_graph(state: dict[str, Any], rows: list[tuple[Any, ...]], codegen: Any
     graph = Graph()
     graph._codegen = codegen
     env: dict[str, Node] = {}
-    for op, node_name, target, args, kwargs, type_expr in rows:
+    for op, row_name, target, args, kwargs, type_expr in rows:
         resolve = partial(map_aggregate, fn=lambda a: env[a.name] if isinstance(a, _NodeRef)
                           else a)
-        node = graph.create_node(op, target, resolve(args), resolve(kwargs), name=node_name,
+        node = graph.create_node(op, target, resolve(args), resolve(kwargs), name=row_name,
                                  type_expr=type_expr)
-        env[node_name] = node
+        env[row_name] = node
     cls = block_class(source)
     res = cls.__new__(cls)
     _name_class(res, name)
@@ -334,36 +322,6 @@ def wrapped_call(where: Graph | Tracer, target: Callable[..., Any], args: tuple[
         node = made.node
     node.meta["is_wrapped"] = True
     return made
-
-
-def node_name(name: str) -> str:
-    """``name`` as a node may be called: never ``self``, which names the module itself in the
-    generated code (``self = None`` would clobber it; torch.fx does not reserve the name, and
-    Hugging Face's ``BertAttention`` has a child called ``self``)."""
-    return "self_1" if name == "self" else name
-
-
-def local_name(name: str, path: str) -> str:
-    """A node's ``name`` as the code of the module at ``path`` spells it: without the prefix
-    torch.fx gave it in the whole model's graph (the path with dots as underscores, or its
-    snake case, as fx names ``call_module`` nodes: ``swinViT.layers1`` -> ``swin_vi_t_layers1``).
-    """
-    if not path:
-        return name
-    flat = path.replace(".", "_") + "_"
-    for prefix in dict.fromkeys((flat, _snake_case(flat))):
-        if name.startswith(prefix) and len(name) > len(prefix):
-            return name[len(prefix):]
-    return name
-
-
-def take_name(node: Node, name: str) -> None:
-    """Give ``node`` the name of an erased node (the value it now stands for), so generated code
-    keeps reading as the model's did."""
-    used = getattr(node.graph._graph_namespace, "_used_names", None)
-    if isinstance(used, set):  # torch.fx keeps an erased node's name reserved
-        used.discard(name)
-    node._rename(node_name(name))
 
 
 # One gated class per original class. The gated class derives from its source, so a weak key
@@ -471,86 +429,3 @@ def shallow_copy(module: nn.Module) -> nn.Module:
         _name_class(res, type(module).__name__)
         res.graph = copy_graph(module.graph)
     return res
-
-
-def copy_tree(model: nn.Module) -> nn.Module:
-    """A new object for every module of ``model`` (:func:`shallow_copy`), sharing parameters,
-    buffers and other attributes: setting a mode, a hook or a child on one tree never reaches
-    the other, while training one trains the other. A module that appears twice (a shared
-    layer) is copied once."""
-    copies: dict[int, nn.Module] = {}
-
-    def copy_of(module: nn.Module) -> nn.Module:
-        if id(module) not in copies:
-            copies[id(module)] = copied = shallow_copy(module)
-            for name, child in copied._modules.items():
-                if child is not None:
-                    copied._modules[name] = copy_of(child)
-            attach_parts(copied)
-        return copies[id(module)]
-
-    return copy_of(model)
-
-
-def deepest_first(items: Iterable[T], path: Callable[[T], str] = str) -> list[T]:
-    """``items`` (module paths, or things with one) ordered so that each module comes before
-    the modules that contain it — a rewritten parent is built over its rewritten children — and
-    the root (``""``) last; otherwise in their given order."""
-    return sorted(items, key=lambda item: -path(item).count(".") - bool(path(item)))
-
-
-class TreeEditor:
-    """Replace modules deep in a model, at every path they are registered at.
-
-    ``TreeEditor(model)`` works on :func:`copy_tree` of ``model`` (``in_place=True``: on
-    ``model`` itself); :meth:`locate` finds a module's parent in the result and :meth:`replace`
-    puts a new module in its place.
-
-    A module object may be registered at several paths (monai's ``DynUNet`` holds each encoder
-    block as ``input_block`` and as ``skip_layers.downsample``, and its ``forward`` runs the
-    second): ``torch.fx`` and ``named_modules()`` name it by the first, and a rewrite made there
-    must reach every path, or the model would run the original through the others.
-    :meth:`replace` therefore puts the one new object at every path where the old one sits, so
-    the result keeps the model's aliasing (``result.a is result.b``).
-    """
-
-    def __init__(self, model: nn.Module, in_place: bool = False) -> None:
-        self.root = model if in_place else copy_tree(model)
-
-    def locate(self, path: str) -> tuple[nn.Module | None, str, nn.Module]:
-        """(parent, attribute name, module) at ``path`` in the result (parent ``None``: root)."""
-        if not path:
-            return None, "", self.root
-        parent, _, name = path.rpartition(".")
-        node = self.root.get_submodule(parent)
-        return node, name, node._modules[name]
-
-    def replace(self, path: str, module: nn.Module) -> None:
-        """Put ``module`` at ``path`` in the result, and at every other path that holds the
-        module now at ``path``."""
-        parent, _, old = self.locate(path)
-        if parent is None:
-            self.root = module
-            return
-        for holder, name in registrations(self.root, old):
-            holder._modules[name] = module
-
-
-def registrations(root: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every ``(parent, name)`` in ``root``'s tree with ``parent._modules[name] is module``: one
-    per path ``named_modules(remove_duplicate=False)`` lists for it, less the repeats that a
-    parent registered at several paths itself adds (it holds the child once)."""
-    found: list[tuple[nn.Module, str]] = []
-    seen: set[int] = set()
-    todo = [root]
-    while todo:
-        node = todo.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        for name, child in node._modules.items():
-            if child is module:
-                found.append((node, name))
-            elif child is not None:
-                todo.append(child)
-    return found

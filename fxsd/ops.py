@@ -1,16 +1,19 @@
-"""What fxsd needs to know about individual graph nodes: adds, in-place ops and aliasing views.
+"""What fxsd needs to know about individual graph nodes: adds, in-place ops, aliasing views,
+linear ops, checks (``torch._assert``) and what costs nothing.
 
-These predicates look at one :class:`torch.fx.Node` at a time and never touch the graph.
+These predicates look at one :class:`torch.fx.Node` at a time (or, :func:`is_linear`, at each
+node of a path) and never touch the graph.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxsd.partial_join import partial_add
@@ -33,6 +36,11 @@ __all__ = [
     "is_inplace",
     "mutated_operand",
     "is_view",
+    "is_free",
+    "is_linear",
+    "is_assertion",
+    "is_impure",
+    "is_module",
 ]
 
 # Targets of ``call_function`` nodes that add two tensors, with the name fxsd reports for them.
@@ -292,3 +300,86 @@ def is_nonlinear(node: Node, root: Any) -> bool:
             return False
         return type(module).__module__ == "torch.nn.modules.activation"
     return node.op in ("call_function", "call_method") and _target_name(node) in _NONLINEAR
+
+
+def is_free(n: Node) -> bool:
+    """Nodes that cost (almost) nothing: views, ``getitem``, attribute reads."""
+    if n.op in ("placeholder", "get_attr", "output"):
+        return True
+    if n.op == "call_function" and n.target is getattr:
+        return True
+    return is_view(n)
+
+
+# Ops that are linear in their input (batch norm: at inference); a path of these only is one
+# linear map of the fork. A subclass counts only if it keeps its base class's ``forward``.
+_LINEAR_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
+                   nn.BatchNorm3d, nn.SyncBatchNorm, nn.Identity)
+_LINEAR_FUNCTIONS = frozenset({
+    torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+    torch.nn.functional.linear, torch.nn.functional.batch_norm, torch.conv1d, torch.conv2d,
+    torch.conv3d, torch.batch_norm, operator.neg, torch.neg})
+
+
+# Products: linear in one operand when the other is not computed from it (``q @ k``, ``x * g``).
+_PRODUCT_FUNCTIONS = frozenset({operator.matmul, operator.mul, torch.matmul, torch.mul, torch.bmm,
+                                torch.mm})
+_PRODUCT_METHODS = frozenset({"matmul", "mul", "bmm", "mm"})
+
+
+def is_linear(nodes: Iterable[Node], gm: GraphModule, fork: Node) -> bool:
+    """Whether every op in ``nodes`` (a path from ``fork``) is linear in the fork: views,
+    reads, adds, linear layers, and products of one path value with a value computed
+    elsewhere."""
+    nodes = list(nodes)
+    on_path = {*nodes, fork}
+    for n in nodes:
+        if is_free(n) or add_kind(n) is not None:
+            continue
+        if (n.op == "call_function" and n.target in _PRODUCT_FUNCTIONS) or (
+                n.op == "call_method" and n.target in _PRODUCT_METHODS):
+            if sum(a in on_path for a in n.all_input_nodes) == 1 and len(n.args) == 2:
+                continue
+            return False
+        if n.op == "call_module":
+            try:
+                module = gm.get_submodule(str(n.target))
+            except AttributeError:
+                return False
+            if not _is_linear_module(module):
+                return False
+        elif not (n.op == "call_function" and n.target in _LINEAR_FUNCTIONS):
+            return False
+    return True
+
+
+def _is_linear_module(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        # a batch norm, also one with an activation slot left empty (timm's BatchNormAct2d)
+        return all(isinstance(c, nn.Identity) for c in module.children())
+    return any(isinstance(module, c) and type(module).forward is c.forward
+               for c in _LINEAR_MODULES)
+
+
+def is_assertion(node: Node) -> bool:
+    """``torch._assert(cond, msg)`` and friends: checks with no effect on values (a check on a
+    branch value need not run when the branch is skipped)."""
+    return node.op == "call_function" and node.target in _ASSERTIONS
+
+
+_ASSERTIONS = tuple(f for f in (getattr(torch, "_assert", None), getattr(torch, "_check", None),
+                                getattr(torch, "_assert_async", None)) if f is not None)
+
+
+def is_impure(node: Node) -> bool:
+    try:
+        return node.is_impure()
+    except AssertionError:  # a graph without its module (a block being cut out): be careful
+        return node.op == "call_module"
+
+
+def is_module(gm: Any, target: str) -> bool:
+    try:
+        return isinstance(gm.get_submodule(target), nn.Module)
+    except AttributeError:
+        return False

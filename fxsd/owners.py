@@ -38,7 +38,7 @@ from fxsd.calls import CallTree, ModuleCall, bound_parameters, leaves, node_leav
 from fxsd.drop_paths import is_drop_path
 from fxsd.guards import is_guardable, is_literal
 from fxsd.ops import node_order, resolve_attr
-from fxsd.residuals import ResidualAnalysis, ResidualSite
+from fxsd.sites import ResidualAnalysis, ResidualSite
 from fxsd.tracing import reads_flag_only
 
 __all__ = ["Owner", "plan_owners", "ROOT", "RootJoinsWarning", "argument_tensors",

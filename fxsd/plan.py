@@ -55,11 +55,12 @@ from fxsd.distributions import (
 from fxsd.drop_paths import DropPathSettings, drop_path_settings, is_drop_path
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import FoldTarget, fold_target
-from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES, DropPathAction
+from fxsd.gate import MODES, SAMPLE_IMPLS, SCALES
+from fxsd.gate_info import DropPathAction
 from fxsd.layer_drop import LayerDrop, layer_drop_of
 from fxsd.ops import depends_on_input, is_view, mutated_operand, node_order
-from fxsd.residuals import ResidualAnalysis, ResidualSite
 from fxsd.rows import row_coupling
+from fxsd.sites import ResidualAnalysis, ResidualSite
 from fxsd.tracing import LeafSpec
 
 __all__ = ["Options", "GateSpec", "GatePlan", "plan_gates", "select_sites", "join_notes",

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fxsd.residuals import RejectedAdd
     from fxsd.schedulers import DropWarmup
+    from fxsd.sites import RejectedAdd
 
 __all__ = ["FxsdRecord", "NodeRecord", "get_record"]
 

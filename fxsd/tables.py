@@ -22,11 +22,11 @@ from fxsd.arguments import check_choice
 from fxsd.budget import count_pending, site_savings
 from fxsd.distributions import Distribution, site_rates
 from fxsd.errors import InvalidTypeError, TraceError
-from fxsd.gate import GateInfo
+from fxsd.gate_info import GateInfo
 from fxsd.owners import plan_owners
 from fxsd.record import get_record
-from fxsd.residuals import RejectedAdd, ResidualAnalysis, ResidualSite
 from fxsd.shared_work import ShareKind
+from fxsd.sites import RejectedAdd, ResidualAnalysis, ResidualSite
 from fxsd.training import gates as all_gates
 
 __all__ = ["table", "summary", "SiteRow", "fit_table", "fill", "terminal_width", "EMPTY",

@@ -9,55 +9,56 @@ model itself is never modified) and prepares its graph for analysis:
   having the flag baked into the graph as a constant;
 * in-place ops get explicit results (see :mod:`fxsd.passes.explicit_inplace`);
 * a join into part of a tensor (``torch.cat([x[:, :C] + s, x[:, C:]])``) becomes one
-  :func:`~fxsd.partial_join.partial_add` call (see :mod:`fxsd.passes.partial_join`).
+  :func:`~fxsd.partial_join.partial_add` call (see :mod:`fxsd.passes.partial_join`);
+* code that reads ``self.training`` keeps following ``.train()``/``.eval()``: both modes are
+  traced and merged (:mod:`fxsd.train_eval`) into :func:`if_training` calls, defined here;
+* a module whose own code draws a random number while traced is kept whole
+  (:mod:`fxsd.random_draws`), so that the draw keeps deciding at run time.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dis
 import functools
 import operator
-import os
-import random
 import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.node import map_aggregate
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxsd.arguments import check_concrete_args, check_leaf_modules
-from fxsd.calls import CallTree, ModuleCall, as_nodes, calls_of, is_dict_record
+from fxsd.calls import CallTree, ModuleCall, as_nodes, is_dict_record
 from fxsd.distributed import check_not_wrapped
 from fxsd.drop_paths import is_drop_path
 from fxsd.errors import InvalidTypeError, RandomDrawError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph, wrapped_call
 from fxsd.guards import check_argument
 from fxsd.hf import opaque_attention_kernels
-from fxsd.ops import MISMATCH, NOT_DROPOUT, dropout_training, zip_arguments
+from fxsd.ops import NOT_DROPOUT, dropout_training
 from fxsd.partial_join import is_assigned_join
 from fxsd.passes.explicit_inplace import make_inplace_explicit
 from fxsd.passes.live_drop_path import make_drop_paths_live
 from fxsd.passes.partial_join import make_partial_joins_explicit
+from fxsd.random_draws import (
+    HostStates,
+    _adopted_layer_drop,
+    _draw_error,
+    _trace_keeping_draws,
+    watching_draws,
+)
 from fxsd.record import FxsdRecord, NodeRecord
 
 __all__ = ["trace", "trace_calls", "if_training", "FxsdTracer",
            "FrozenDropoutWarning"]
 
 LeafSpec = type | str | nn.Module
-# Each round of the training-aware trace that does not converge makes at least one more module a
-# live leaf and costs two full traces; a bound keeps a pathological model from looping.
-MAX_MODE_ROUNDS = 8
-# Each module whose code draws random numbers costs one more trace; a bound as for the modes.
-MAX_KEPT_DRAWS = 64
 TracerFactory = Callable[..., "FxsdTracer"]
 """Builds the tracer of one trace: called with the leaves and ``prefix=`` (the traced module's
 qualified name with a dot)."""
@@ -259,179 +260,6 @@ def _checkpoint_wrapped(module: nn.Module) -> nn.Module | None:
     return inner if isinstance(inner, nn.Module) else None
 
 
-# -- random draws on the host while tracing -------------------------------------------------
-#
-# A trace runs the model's Python once: ``if torch.rand(1).item() < p: skip`` is decided there
-# and the graph keeps that one outcome. Ops on proxies (dropout on a traced tensor,
-# ``torch.rand_like(x)``) are recorded, never run; any draw that does run while tracing is the
-# model's code on concrete values. Three sources are watched: every torch op the dispatcher
-# tags ``nondeterministic_seeded`` (rand, randn, randint, bernoulli, multinomial, normal,
-# uniform_, dropout, ... on any generator and device), seen by a dispatch mode; the functions
-# of Python's ``random`` and NumPy's ``numpy.random`` modules, patched while tracing; and, for
-# draws spelt otherwise (``from random import random``), the state of those two global
-# generators, compared before and after the trace.
-
-
-class _DrawWatch(TorchDispatchMode):
-    """Reports each random op on real tensors to the tracer (ops on proxies never get here)."""
-
-    def __init__(self, tracer: FxsdTracer) -> None:
-        super().__init__()
-        self.tracer = tracer
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        if torch.Tag.nondeterministic_seeded in func.tags:
-            self.tracer.drew(f"torch.{func.overloadpacket.__name__}", _model_frame())
-        return func(*args, **(kwargs or {}))
-
-
-def _host_generators() -> list[tuple[str, Any, list[str]]]:
-    """(name, module, drawing functions) of the global host generators: Python's ``random``
-    and, when imported, NumPy's legacy ``numpy.random`` (its functions are bound methods of
-    one hidden generator in both)."""
-    found = [("random", random, random._inst)]  # type: ignore[attr-defined]
-    numpy = sys.modules.get("numpy")
-    rand = getattr(getattr(getattr(numpy, "random", None), "mtrand", None), "_rand", None)
-    if rand is not None:
-        found.append(("numpy.random", numpy.random, rand))  # type: ignore[union-attr]
-    not_draws = {"seed", "getstate", "setstate", "get_state", "set_state"}
-    return [(name, module, [f for f in dir(module) if not f.startswith("_")
-                            and f not in not_draws
-                            and getattr(getattr(module, f), "__self__", None) is inst])
-            for name, module, inst in found]
-
-
-class HostStates:
-    """The states of the global host generators that no patch can watch, to compare."""
-
-    def __init__(self) -> None:
-        self.states = self._now()
-
-    @staticmethod
-    def _now() -> tuple[Any, ...]:
-        numpy = sys.modules.get("numpy")
-        return (random.getstate(),
-                numpy.random.get_state(legacy=False) if numpy is not None else None)
-
-    def moved(self) -> str | None:
-        """The generator whose state moved since the last :meth:`sync`, if any."""
-        now = self._now()
-        if now[0] != self.states[0]:
-            return "Python's global random"
-        a, b = now[1], self.states[1]
-        if a is not None and ((a["state"]["pos"], a["has_gauss"], a["gauss"])
-                              != (b["state"]["pos"], b["has_gauss"], b["gauss"])
-                              or (a["state"]["key"] != b["state"]["key"]).any()):
-            return "NumPy's global numpy.random"
-        return None
-
-    def sync(self) -> None:
-        self.states = self._now()
-
-    def check(self, tracer: FxsdTracer) -> None:
-        """Report a draw to ``tracer`` if a generator's state moved since the last sync."""
-        moved = self.moved()
-        if moved is not None:
-            tracer.drew(f"{moved} generator (its state moved)", "")
-
-
-@contextlib.contextmanager
-def watching_draws(tracer: FxsdTracer) -> Iterator[None]:
-    """Report the model's random draws to ``tracer`` (:meth:`FxsdTracer.drew`) while tracing."""
-    patched: list[tuple[Any, str, Any]] = []
-
-    def watched(source: str, fn: Any) -> Any:
-        @functools.wraps(fn)
-        def draw(*args: Any, **kwargs: Any) -> Any:
-            tracer.drew(source, _model_frame())
-            return fn(*args, **kwargs)
-        return draw
-
-    for name, module, functions in _host_generators():
-        for f in functions:
-            original = getattr(module, f)
-            patched.append((module, f, original))
-            setattr(module, f, watched(f"{name}.{f}", original))
-    tracer.host_states = HostStates()
-    tracer.draw_watch = _DrawWatch(tracer)
-    try:
-        with tracer.draw_watch:
-            yield
-        if tracer.draw is None:
-            tracer.host_states.check(tracer)
-    finally:
-        for module, f, original in reversed(patched):
-            setattr(module, f, original)
-
-
-@contextlib.contextmanager
-def draws_unwatched(tracer: FxsdTracer) -> Iterator[None]:
-    """Run real ops without the tracer's dispatch mode (the tracer by example evaluating
-    recorded ops on example values: its draws are not the model's, and the mode costs time)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
-
-    if tracer.draw_watch is not None and _get_current_dispatch_mode() is tracer.draw_watch:
-        with _pop_mode_temporarily():
-            yield
-    else:
-        yield
-
-
-def _fxsd_dirs() -> tuple[str, ...]:
-    """Where the code that is not the model's lives: torch, fxsd, and the generators' (with the
-    separator: torchaudio's or torchvision's code is a model's)."""
-    dirs = [os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep,
-            random.__file__]
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        dirs.append(os.path.dirname(numpy.__file__) + os.sep)
-    return tuple(dirs)
-
-
-def _model_frame() -> str:
-    """``file:line`` of the innermost frame of the model's own code on the stack."""
-    skipped = _fxsd_dirs()
-    frame = sys._getframe(1)
-    while frame is not None:
-        file = frame.f_code.co_filename
-        if not file.startswith(skipped):
-            return f"{file}:{frame.f_lineno}"
-        frame = frame.f_back
-    return ""
-
-
-def _adopted_layer_drop(module: nn.Module) -> bool:
-    """Whether ``module``'s own loop is a layer drop fxsd takes over (Hugging Face's
-    ``layerdrop``, :mod:`fxsd.layer_drop`): fxsd gives its rate to the joins of its layers and
-    switches the loop off, or warns where it does not."""
-    from fxsd.layer_drop import find_layer_drops
-
-    return any(drop.path == "" for drop in find_layer_drops(module))
-
-
-def _draw_error(path: str, kind: str, source: str, location: str) -> RandomDrawError:
-    at = f" at {location}" if location else ""
-    if path:
-        message = (
-            f"module '{path}' ({kind}) draws a random number on the host ({source}{at}): not "
-            "traced, so that the draw keeps deciding at run time (a trace would fix its "
-            "outcome); joins in its own code are not gated\n"
-            "fxsd gates the joins inside its children instead. To choose yourself which "
-            f"modules stay whole, pass leaf_modules=['{path}', ...].")
-    else:
-        message = (
-            f"the root module ({kind}) draws a random number on the host ({source}{at}) in its "
-            "own forward: a trace would fix that draw's outcome into the graph (a layer skipped "
-            "at random would then always run, or never), and the root cannot be kept whole\n"
-            "Move the random code into a submodule (fxsd keeps a module that draws whole and "
-            "gates inside its children), or give example_inputs= / example_kwargs= (fxsd then "
-            "leaves the root's own code as written and gates inside its children), or pass "
-            "leaf_modules=[...] for the submodules you want left as they are.")
-    return RandomDrawError(message, module_path=path, module_type=kind, location=location,
-                           source=source)
-
-
 def _validate_leaves(leaf_modules: Iterable[LeafSpec] | LeafSpec | None) -> list[LeafSpec]:
     """``leaf_modules`` as a list, each entry's type checked
     (:func:`fxsd.arguments.check_leaf_modules`; the entry points check names against the model
@@ -490,6 +318,9 @@ def trace_calls(
     for each trace (:class:`FxsdTracer` with ``autowrap`` by default; tracing by example passes
     :func:`fxsd.by_example.example_tracer`).
     """
+    # fxsd.train_eval traces with this module's tracer and merges into its if_training
+    from fxsd.train_eval import _guard_mode
+
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"expected an nn.Module to trace, got {type(model).__name__}")
     leaves = _validate_leaves(leaf_modules)
@@ -520,40 +351,6 @@ def trace_calls(
     make_partial_joins_explicit(gm, calls)  # first: an assigned join becomes a partial_add
     make_inplace_explicit(gm)
     return gm, None if calls is None else CallTree(calls, gm.graph)
-
-
-def _trace_keeping_draws(
-    model: nn.Module, path: str, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None,
-    make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer],
-) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall], bool | None,
-           list[RandomDrawError]]:
-    """:func:`_trace_training_aware` of the module at ``path``, keeping whole (a leaf) each
-    module inside it whose own code draws a random number while traced: as a leaf, its code runs
-    as written on every call, where a trace would fix the draw's outcome. Also returns those
-    draws (:class:`~fxsd.errors.RandomDrawError`\\ s naming the modules). A draw in the traced
-    module's own code raises."""
-    module = model.get_submodule(path) if path else model
-    drawn: list[RandomDrawError] = []
-    locate = False
-
-    def tracer(leaves: Sequence[LeafSpec]) -> FxsdTracer:
-        made = make_tracer(leaves)
-        made.locate_host_draws = locate
-        return made
-
-    while True:
-        kept = [model.get_submodule(e.module_path) for e in drawn]
-        try:
-            return (*_trace_training_aware(module, [*leaves, *kept], concrete_args, tracer,
-                                           path), drawn)
-        except RandomDrawError as exc:
-            if not exc.location and not locate:  # a global state moved: find the module
-                locate = True
-                continue
-            inside = exc.module_path.startswith(path + ".") if path else bool(exc.module_path)
-            if not inside or len(drawn) >= MAX_KEPT_DRAWS:
-                raise
-            drawn.append(exc)
 
 
 def _reason_of(error: TraceError) -> str:
@@ -608,68 +405,6 @@ def _warn_frozen_dropout(graph: fx.Graph, name: str) -> None:
             FrozenDropoutWarning, stacklevel=4)
 
 
-def _trace_training_aware(
-    model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None,
-    make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer] = FxsdTracer, prefix: str = "",
-) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall], bool | None]:
-    """Trace so that code reading ``self.training`` keeps following ``.train()``/``.eval()``.
-
-    Tracing evaluates ``if self.training`` and ``dropout_p=p if self.training else 0.0`` once, so
-    the graph would keep the mode the model had when traced (attention dropout in timm,
-    Hugging Face and torchvision's Swin is written like this). fxsd traces a second time with
-    every module's flag flipped and compares the two graphs module by module:
-
-    * where a module's ops differ only in constant arguments (``dropout_p``), the constant becomes
-      ``if_training(module, train_value, eval_value)``, read at run time;
-    * a module whose ops differ otherwise (``if self.training: x = f(x)``) is re-traced as a
-      leaf, which reads its flag at run time; those are listed in ``live_leaves``.
-
-    ``prefix`` is the traced module's qualified name in its model (``""`` for the root).
-    """
-    leaves = list(leaves)
-    live: list[str] = []
-    own_mode: bool | None = None
-    for _ in range(MAX_MODE_ROUNDS):
-        graph, extras, calls = _symbolic_trace(model, make_tracer(leaves), concrete_args)
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            for m, mode in modes:
-                m.training = not mode
-            flipped, _, flipped_calls = _symbolic_trace(model, make_tracer(leaves),
-                                                        concrete_args)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        a, b = _scope_signatures(graph, calls), _scope_signatures(flipped, flipped_calls)
-        differing = {p for p in a.keys() | b.keys() if a.get(p) != b.get(p)}
-        if not differing:
-            break
-        reshaped = {p for p in differing if _ops(a.get(p)) != _ops(b.get(p))}
-        if not reshaped and ("" not in differing or prefix) \
-                and _merge_modes(graph, flipped, calls, prefix, model.training):
-            break
-        if "" in differing:  # the traced module's own code: right in this mode only
-            own_mode = model.training
-        kept = sorted((reshaped or differing) - {""})
-        if not kept:
-            break
-        leaves += kept
-        live += kept
-    return graph, extras, live, calls, own_mode
-
-
-def _guard_mode(graph: fx.Graph, path: str, mode: bool) -> None:
-    """Guard the traced module's own ``training`` flag: its code took ``mode``'s branches
-    (``if self.training: x = x.contiguous()``), so the graph is right in that mode only. In
-    the other mode the guard refuses the call; a rewritten module then traces itself again for
-    it (:mod:`fxsd.variants`), so its own mode-dependent code keeps following
-    ``.train()``/``.eval()``."""
-    first = next(n for n in graph.nodes if n.op != "placeholder")
-    with graph.inserting_before(first):
-        flag = graph.get_attr(f"{path}.training" if path else "training")
-        wrapped_call(graph, check_argument, (flag, mode, path, "self.training"))
-
-
 @torch.fx.wrap
 def if_training(module: nn.Module | bool, train_value: Any, eval_value: Any) -> Any:
     """``train_value`` if ``module`` is in training mode, else ``eval_value``: a constant that
@@ -683,125 +418,6 @@ def reads_flag_only(read: fx.Node) -> bool:
     """Whether ``read`` (a ``get_attr`` of a module) feeds nothing but :func:`if_training`:
     the module is used for its training flag alone."""
     return bool(read.users) and all(u.target is if_training for u in read.users)
-
-
-def _ops(signature: list[Any] | None) -> list[Any] | None:
-    return None if signature is None else [(op, target) for op, target, _, _ in signature]
-
-
-def _merge_modes(graph: fx.Graph, flipped: fx.Graph, calls: list[ModuleCall], prefix: str,
-                 training: bool) -> bool:
-    """Replace each constant argument of ``graph`` that differs in ``flipped`` by an
-    :func:`if_training` of the module whose code chose it. ``False`` (``graph`` unchanged) when
-    the two graphs do not pair up node for node."""
-    edits = _mode_edits(graph, flipped, calls, prefix, training)
-    if edits is None:
-        return False
-    reads = _FlagReads(graph)
-    for node, args, kwargs in edits:
-        with graph.inserting_before(node):
-            def choose(value: Any, node: fx.Node = node) -> Any:
-                if isinstance(value, _Choice):
-                    choice = wrapped_call(
-                        graph, if_training, (reads.of(value.module), value.train, value.eval))
-                    choice.meta["fxsd"] = node.meta.get("fxsd")
-                    return choice
-                return value
-
-            node.args = map_aggregate(args, choose)
-            node.kwargs = map_aggregate(kwargs, choose)
-    return True
-
-
-def _mode_edits(graph: fx.Graph, flipped: fx.Graph, calls: list[ModuleCall], prefix: str,
-                training: bool) -> list[tuple[fx.Node, Any, Any]] | None:
-    """Each node of ``graph`` whose constant arguments differ in ``flipped``, with its arguments
-    where those constants are :class:`_Choice` s; ``None`` when the graphs do not pair up."""
-    nodes, others = list(graph.nodes), list(flipped.nodes)
-    if len(nodes) != len(others) or any(
-            x.op != y.op or x.target != y.target for x, y in zip(nodes, others)):
-        return None
-    pair = dict(zip(others, nodes))
-    edits: list[tuple[fx.Node, Any, Any]] = []
-    for x, y in zip(nodes, others):
-        chain = calls_of(x)
-        owner = calls[chain[-1]].path if chain else prefix
-        diffs: list[Any] = []
-        args = _merged(x.args, y.args, pair, owner, training, diffs)
-        kwargs = _merged(x.kwargs, y.kwargs, pair, owner, training, diffs)
-        if args is MISMATCH or kwargs is MISMATCH:
-            return None
-        if diffs:
-            if not owner:
-                return None
-            edits.append((x, args, kwargs))
-    return edits
-
-
-def _merged(u: Any, v: Any, pair: dict[fx.Node, fx.Node], owner: str, training: bool,
-            diffs: list[Any]) -> Any:
-    """One argument of a node in the two modes: the same, a :class:`_Choice` between two
-    constants (recorded in ``diffs``), or ``MISMATCH``."""
-    def leaf(x: Any, y: Any) -> Any:
-        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
-            return x if isinstance(y, fx.Node) and pair.get(y) is x else MISMATCH
-        if type(x) is type(y) and (x is y or (not isinstance(x, torch.Tensor) and x == y)):
-            return x
-        diffs.append((x, y))
-        return _Choice(owner, *((x, y) if training else (y, x)))
-
-    return zip_arguments(u, v, leaf)
-
-
-class _FlagReads:
-    """One ``get_attr`` read of each module whose flag a graph uses, after its last placeholder
-    (guards on arguments may sit between placeholders)."""
-
-    def __init__(self, graph: fx.Graph) -> None:
-        self.graph = graph
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        self.anchor = placeholders[-1] if placeholders else None
-        self.reads: dict[str, fx.Node] = {}
-
-    def of(self, path: str) -> fx.Node:
-        if path not in self.reads:
-            if self.anchor is None:
-                with self.graph.inserting_before(next(iter(self.graph.nodes))):
-                    self.reads[path] = self.anchor = self.graph.get_attr(path)
-            else:
-                with self.graph.inserting_after(self.anchor):
-                    self.reads[path] = self.anchor = self.graph.get_attr(path)
-        return self.reads[path]
-
-
-@dataclass(frozen=True)
-class _Choice:
-    module: str
-    train: Any
-    eval: Any
-
-
-def _scope_signatures(graph: fx.Graph, calls: list[ModuleCall]) -> dict[str, list[Any]]:
-    """For each module path, the ops its ``forward`` recorded (op, target, constant arguments)."""
-    def sig(x: Any) -> Any:
-        if isinstance(x, fx.Node):
-            return "%"
-        if isinstance(x, (list, tuple)):
-            return tuple(sig(v) for v in x)
-        if isinstance(x, dict):
-            return tuple((k, sig(v)) for k, v in x.items())
-        return repr(x)
-
-    drop_path = _functional_drop_path()
-    out: dict[str, list[Any]] = {}
-    for n in graph.nodes:
-        chain = calls_of(n)
-        path = calls[chain[-1]].path if chain else ""
-        args, kwargs = n.args, n.kwargs
-        if n.op == "call_function" and n.target is drop_path:  # made live by live_drop_path
-            args, kwargs = args[:3], {k: v for k, v in kwargs.items() if k != "training"}
-        out.setdefault(path, []).append((n.op, repr(n.target), sig(args), sig(kwargs)))
-    return out
 
 
 def _symbolic_trace(
@@ -850,5 +466,3 @@ def _take_new_attrs(model: nn.Module, before: tuple[set[str], ...]) -> dict[str,
         for name in set(store) - seen:
             taken[name] = store.pop(name)
     return taken
-
-

@@ -18,8 +18,9 @@ from torch.fx import GraphModule
 
 from fxsd.distributions import check_rate
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
-from fxsd.gate import BranchGate, DropSampler
+from fxsd.gate import BranchGate
 from fxsd.record import get_record
+from fxsd.sampler import DropSampler
 
 __all__ = ["gates", "named_gates", "gated_blocks", "set_drop_rate", "get_drop_rate",
            "get_rng_state", "set_rng_state"]

@@ -42,15 +42,17 @@ import torch
 from torch import fx, nn
 from torch.fx import GraphModule, Node
 
-from fxsd.by_example import RecordedCall, example_tracer, record_calls
+from fxsd.by_example import example_tracer
 from fxsd.calls import CallTree
 from fxsd.drop_paths import is_drop_path
 from fxsd.errors import RandomDrawError, TraceError
+from fxsd.example_run import RecordedCall, record_calls
 from fxsd.guards import check_argument, is_guardable
 from fxsd.hf import is_hf_attention
 from fxsd.ops import MISMATCH, zip_arguments
 from fxsd.profile import NodeProfile
-from fxsd.residuals import ResidualAnalysis, analyze_graph
+from fxsd.residuals import analyze_graph
+from fxsd.sites import ResidualAnalysis
 from fxsd.tracing import LeafSpec, _checkpoint_wrapped, _validate_leaves, trace_calls
 
 __all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit", "reporting"]

@@ -18,7 +18,8 @@ the call:
   with the block's own :class:`~fxsd.gate.BranchGate` objects, found by gate name. Rates,
   schedules, the random stream, :func:`fxsd.set_drop_rate` and the replay of decisions under
   activation checkpointing see one gate per site, as before; only the branch a gate runs is the
-  variant's (:class:`GateView`). A join the block's own trace did not gate stays a plain add.
+  variant's (:class:`~fxsd.passes.regate.GateView`). A join the block's own trace did not
+  gate stays a plain add.
 
 A guard can be checked ahead when it reads the block's arguments and attributes only through
 pure reads (attributes, items, comparisons, ``dim()``, ``dict.get``, methods named ``get_*``,
@@ -37,14 +38,13 @@ signatures. Variants are a cache: ``deepcopy`` and pickling drop them (rebuilt o
 that needs one), and ``state_dict`` never sees them.
 """
 
+
 from __future__ import annotations
 
-import contextlib
-import copy
 import inspect
 import operator
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,29 +54,16 @@ from torch.fx import Graph, Node
 from torch.fx.graph import CodeGen
 
 from fxsd.calls import any_leaf
-from fxsd.drop_paths import is_drop_path
-from fxsd.errors import FxsdError, GuardError
-from fxsd.escapes import EscapePath
-from fxsd.gate import BranchGate, DropPathAction
-from fxsd.graph_module import (
-    _GRAPH_MODULE_ATTRS,
-    FxsdGraphModule,
-    _source_class,
-    module_from_graph,
-)
+from fxsd.errors import GuardError
+from fxsd.graph_module import FxsdGraphModule
 from fxsd.guards import GUARDS, is_guardable, passes
-from fxsd.ops import is_metadata_read, node_order, resolve_attr
-from fxsd.passes.gate_site import call_gate, cut_site
-from fxsd.preserve import preserved
+from fxsd.ops import node_order, resolve_attr
+from fxsd.retrace import _TABLE, _path, _placeholders, _trace_again
 
-__all__ = ["MAX_VARIANTS", "CallSignatureCodeGen", "GateView", "allow_other_calls",
-           "variant_for"]
+__all__ = ["MAX_VARIANTS", "CallSignatureCodeGen", "allow_other_calls", "variant_for"]
 
 #: The most variants one block keeps; a call that needs another raises ``GuardError``.
 MAX_VARIANTS = 8
-
-_TABLE = "_fxsd_variants"
-_AT = "root"  # the name the model's root module is traced again under
 
 _PURE_FUNCTIONS = frozenset({
     getattr, operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
@@ -152,11 +139,6 @@ def _signature(source: type) -> list[str] | None:
     return [stars.get(p.kind, "") + p.name for p in params]
 
 
-def _placeholders(graph: Graph) -> list[str]:
-    """The targets of ``graph``'s placeholders (``x``, ``*args``, ``**kwargs``), in order."""
-    return [str(n.target) for n in graph.nodes if n.op == "placeholder"]
-
-
 # -- choosing the graph for a call -------------------------------------------------------------
 
 
@@ -218,18 +200,6 @@ class _Variants:
                              "that call too")
         self.variants.append((module, check))
         return module.forward
-
-
-def _path(block: nn.Module) -> str:
-    """The block's name in its model, as its gates (or else its guards) spell it (``""``: the
-    root)."""
-    for module in block.children():
-        if isinstance(module, BranchGate) and module.info.name:
-            return module.info.name.rpartition(".")[0]
-    for node in block.graph.nodes:
-        if node.op == "call_function" and node.target in GUARDS and isinstance(node.args[2], str):
-            return node.args[2]
-    return ""
 
 
 @dataclass
@@ -353,360 +323,3 @@ def _metadata_read(node: Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _METADATA
     return node.op == "call_method" and node.target in ("dim", "size", "is_floating_point")
-
-
-# -- tracing again -----------------------------------------------------------------------------
-
-
-def _trace_again(block: nn.Module, values: tuple[Any, ...], path: str,
-                 refused: str) -> FxsdGraphModule:
-    """A variant of ``block`` for the call with these parameter values (see the module
-    docstring); ``GuardError`` when it cannot be made."""
-    from fxsd.by_example import record_calls
-    from fxsd.units import _drift, registry, trace_unit
-
-    shown = path or "<root>"
-    view = _plain_view(block)
-    args, kwargs = _call(_placeholders(block.graph), values)
-    args, kwargs = _copied((args, kwargs), shown)
-    leaves, autowrap = registry(None)
-    try:
-        with _quietly(view):
-            recorded = record_calls(view, args, kwargs)
-            at = path or _AT
-            gm, calls = trace_unit(_holder(at, view), at, recorded[id(view)],
-                                   [*_kept_whole(block), *leaves], autowrap)
-            drift = _drift(gm, calls, recorded)
-            if drift is None:
-                cut = _gate_again(block, view, gm, calls, at)
-    except FxsdError as exc:
-        raise GuardError(f"'{shown}' was rewritten by fxsd for other calls than this one "
-                         f"({refused}), and tracing it again on this call failed: {exc}") from exc
-    if drift is not None:
-        raise GuardError(f"'{shown}' was rewritten by fxsd for other calls than this one "
-                         f"({refused}), and its trace on this call is not what it runs: {drift}")
-    return _variant_module(block, view, cut)
-
-
-def _holder(path: str, view: nn.Module) -> nn.Module:
-    """Plain modules holding ``view`` at ``path``: the block is traced again where it was
-    traced in its model, so its node names and messages are the same, and code that reads its
-    own ``training`` flag stays switchable (as for any module traced under a prefix)."""
-    *parents, name = path.split(".")
-    root = node = nn.Module()
-    for atom in parents:
-        node._modules[atom] = nn.Module()
-        node = node._modules[atom]
-    node._modules[name] = view
-    return root
-
-
-def _call(names: Sequence[str], values: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The positional and keyword arguments that give ``forward`` these parameter values."""
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    keyword = False
-    for name, value in zip(names, values):
-        if name.startswith("**"):
-            kwargs.update(value)
-        elif name.startswith("*"):
-            args.extend(value)
-            keyword = True
-        elif keyword:
-            kwargs[name] = value
-        else:
-            args.append(value)
-    return tuple(args), kwargs
-
-
-def _detached_memo(value: Any, limit: int = 8) -> dict[int, Any]:
-    """A ``deepcopy`` memo giving each tensor autograd computed that ``value`` holds (through
-    containers and attributes, ``limit`` levels deep) a detached copy: such a tensor refuses
-    ``deepcopy``, and a cache filled under autograd (a ``DynamicCache`` after a training
-    forward) holds nothing else."""
-    memo: dict[int, Any] = {}
-    seen: set[int] = set()
-    todo = [(value, 0)]
-    while todo:
-        item, depth = todo.pop()
-        if id(item) in seen or depth > limit or isinstance(item, nn.Module):
-            continue
-        seen.add(id(item))
-        if isinstance(item, torch.Tensor):
-            if not item.is_leaf:
-                memo[id(item)] = item.detach().clone()
-                memo.setdefault(id(memo), []).append(item)  # deepcopy's keep-alive convention
-            continue
-        inside = item.values() if isinstance(item, dict) else item if isinstance(
-            item, (list, tuple, set)) else vars(item).values() if hasattr(item, "__dict__") \
-            else ()
-        todo.extend((v, depth + 1) for v in inside)
-    return memo
-
-
-def _copied(value: Any, path: str) -> Any:
-    """A copy of a call's arguments that tracing may run on and change (a cache fills up)."""
-    if isinstance(value, torch.Tensor):
-        copied = value.detach().clone()
-        return copied.requires_grad_() if value.requires_grad else copied
-    if is_guardable(value) or isinstance(value, nn.Module):
-        return value
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_copied(v, path) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_copied(v, path) for v in value)
-    if type(value) is dict:
-        return {k: _copied(v, path) for k, v in value.items()}
-    try:
-        return copy.deepcopy(value, _detached_memo(value))
-    except Exception as exc:  # noqa: BLE001 - whatever deepcopy raises, the answer is the same
-        raise GuardError(
-            f"'{path}' must be traced again by fxsd for a call its trace did not see, on a copy "
-            f"of its arguments, but a {type(value).__name__} cannot be copied ({exc})") from exc
-
-
-def _plain_view(block: nn.Module) -> nn.Module:
-    """An instance of the block's original class over the block's own children, parameters and
-    buffers, without its gates and hooks: what is traced again."""
-    source = _source_class(type(block))
-    view = source.__new__(source)
-    state = {k: v for k, v in block.__dict__.items()
-             if k not in _GRAPH_MODULE_ATTRS and k != _TABLE}
-    for name, value in state.items():
-        if name.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")):
-            state[name] = type(value)()
-    state["_modules"] = type(block._modules)(
-        (k, m) for k, m in block._modules.items() if not isinstance(m, BranchGate))
-    view.__dict__.update(state)
-    return view
-
-
-def _kept_whole(block: nn.Module) -> list[Any]:
-    """The modules the block's graph (and its gates' branches) call whole: leaves again, so the
-    new trace sees what the first one saw. Gated blocks inside are leaves too."""
-    kept: dict[int, nn.Module] = {}
-    owners = [block, *(g.branch for g in block.children() if isinstance(g, BranchGate))]
-    for owner in owners:
-        for node in owner.graph.nodes:
-            if node.op == "call_module":
-                module = owner.get_submodule(str(node.target))
-                if not isinstance(module, BranchGate):
-                    kept[id(module)] = module
-    return [*kept.values(), FxsdGraphModule, BranchGate]
-
-
-@contextlib.contextmanager
-def _quietly(view: nn.Module) -> Iterator[None]:
-    """Run the body leaving the model as it was: buffers, attributes, global generators (see
-    :func:`fxsd.preserve.preserved`) and the gates' random stream; gates inside compute their
-    branches without drawing (nor recording decisions for a checkpoint's replay)."""
-    gates = [m for m in view.modules() if isinstance(m, BranchGate)]
-    samplers = {id(g.sampler): (g.sampler, g.sampler.get_state()) for g in gates}
-    with preserved(view), torch.no_grad():
-        for gate in gates:
-            gate.__dict__["forward"] = _undrawn(gate)
-        try:
-            yield
-        finally:
-            for gate in gates:
-                gate.__dict__.pop("forward", None)
-            for sampler, state in samplers.values():
-                sampler.set_state(state)
-
-
-def _undrawn(gate: BranchGate) -> Callable[..., Any]:
-    """``gate``'s forward while tracing again: the branch always runs, nothing is drawn."""
-    return gate.undrawn
-
-
-# -- gating the new trace with the block's own gates ---------------------------------------------
-
-
-def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: Any,
-                path: str) -> Any:
-    """The new trace cut and gated with ``block``'s gates (an
-    :class:`~fxsd.passes.extract_module.ExtractedModule`)."""
-    from fxsd.owners import plan_owners
-    from fxsd.passes.extract_module import extract_module
-    from fxsd.residuals import analyze_graph
-
-    released = _release_like(gm.graph, block.graph)
-    analysis = analyze_graph(gm, calls, None, path)[0]
-    owners = plan_owners(analysis)
-    inner = sorted(o.path for o in owners if o.path != path)
-    if inner:
-        raise GuardError(f"traced again on this call, its joins belong to modules inside it "
-                         f"({', '.join(inner)})")
-    gates = {k: m for k, m in block._modules.items() if isinstance(m, BranchGate)}
-    found: set[str] = set()
-    cut = None
-    for owner in owners:
-        cut = extract_module(analysis, owner, view)
-        order = node_order(cut.graph)
-        rewritten: dict[Node, Node] = {}
-        for site, name in zip(owner.sites, owner.gate_names):
-            if name in gates:
-                _gate_site(cut, analysis, site, (block, gates[name]), name, order,
-                           rewritten)
-                found.add(name)
-    missing = sorted(set(gates) - found)
-    if missing:
-        rejected = "; ".join(f"{r.name}: {r.detail}" for r in analysis.rejected[:3])
-        raise GuardError(f"traced again on this call, the joins of {', '.join(missing)} are not "
-                         f"where they were (rejected adds: {rejected or 'none'})")
-    if cut is None:
-        raise GuardError("traced again on this call, it has no residual join fxsd gates")
-    _restore_released(cut.graph, released)
-    return cut
-
-
-def _gate_site(cut: Any, analysis: Any, site: Any, owned: tuple[nn.Module, BranchGate],
-               name: str, order: dict[Node, int], rewritten: dict[Node, Node]) -> None:
-    """Replace ``site``'s add in ``cut`` by a call of the gate (``owned``: the block and its
-    gate) running the new branch (the rewrite's own surgery, :mod:`fxsd.passes.gate_site`,
-    with the gate's own settings); the new branch reads the block's children."""
-    block, gate = owned
-    drops: list[Node] = []
-    if gate.drop_path in (DropPathAction.ADOPTED, DropPathAction.REPLACED):
-        gm = analysis.graph_module
-        drops = [n for n in site.branch if n.op == "call_module"
-                 and is_drop_path(gm.get_submodule(str(n.target)))]
-    piece = cut_site(cut, site, drops, rewritten, order, name)
-    if gate.identity != piece.identity:
-        raise GuardError(f"traced again on this call, the skip of {name} is another one")
-    path = piece.escape_path.attach(block) if piece.escape_path is not None else None
-    cut.extra_attrs[name] = GateView(gate, piece.branch_module.attach(block), path)
-    call_gate(cut.graph, piece, name, rewritten, order)
-
-
-def _output_pairs(new: Any, own: Any, found: list[tuple[Node, Any, Any]]) -> None:
-    """Pairs of leaves at the same place in two graphs' outputs (``(node, container, key)``
-    of ``new`` where ``own`` returns ``None``)."""
-    if isinstance(new, (tuple, list)) and isinstance(own, (tuple, list)) \
-            and len(new) == len(own):
-        for i, (a, b) in enumerate(zip(new, own)):
-            if isinstance(a, Node) and b is None:
-                found.append((a, new, i))
-            else:
-                _output_pairs(a, b, found)
-    elif isinstance(new, dict) and isinstance(own, dict) and new.keys() == own.keys():
-        for key in new:
-            if isinstance(new[key], Node) and own[key] is None:
-                found.append((new[key], new, key))
-            else:
-                _output_pairs(new[key], own[key], found)
-
-
-def _release_like(graph: Graph, own: Graph) -> list[tuple[Node, tuple[int, ...]]]:
-    """Return ``None`` where the block's own graph does (a value of a branch the model drops,
-    such as attention weights: the analysis must not take the output as a use), remembering
-    what was there."""
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    own_out = next(n for n in reversed(own.nodes) if n.op == "output")
-    structure = _thaw(out.args[0])
-    pairs: list[tuple[Node, Any, Any]] = []
-    _output_pairs(structure, own_out.args[0], pairs)
-    if not pairs:
-        return []
-    released = []
-    for node, container, key in pairs:
-        container[key] = None
-        released.append((node, _where(structure, container, key)))
-    out.args = (_freeze(structure),)
-    return released
-
-
-def _restore_released(graph: Graph, released: list[tuple[Node, tuple[int, ...]]]) -> None:
-    """Put back the released outputs that are still computed (not inside a branch)."""
-    alive = set(graph.nodes)
-    keep = [(node, where) for node, where in released if node in alive]
-    if not keep:
-        return
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    structure = _thaw(out.args[0])
-    for node, where in keep:
-        container = structure
-        for key in where[:-1]:
-            container = container[key]
-        container[where[-1]] = node
-    out.args = (_freeze(structure),)
-
-
-def _thaw(value: Any) -> Any:
-    """``value`` with its tuples as lists (to assign into), keeping other leaves."""
-    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return [_thaw(v) for v in value] if isinstance(value, tuple) else \
-            _Listed([_thaw(v) for v in value])
-    if type(value) is dict:
-        return {k: _thaw(v) for k, v in value.items()}
-    return value
-
-
-class _Listed(list):
-    """A list that was a list (not a tuple) before :func:`_thaw`."""
-
-
-def _freeze(value: Any) -> Any:
-    """Undo :func:`_thaw`."""
-    if isinstance(value, _Listed):
-        return [_freeze(v) for v in value]
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    if type(value) is dict:
-        return {k: _freeze(v) for k, v in value.items()}
-    return value
-
-
-def _where(structure: Any, container: Any, key: Any) -> tuple[Any, ...]:
-    """The path of keys from ``structure`` to ``container[key]``."""
-    if structure is container:
-        return (key,)
-    items = structure.items() if isinstance(structure, dict) else \
-        enumerate(structure) if isinstance(structure, list) else ()
-    for k, v in items:
-        if isinstance(v, (list, dict)):
-            found = _where(v, container, key)
-            if found:
-                return (k, *found)
-    return ()
-
-
-class GateView:
-    """One of a block's gates, called from a variant: the gate itself (rate, mode, random
-    stream, recorded decisions, hooks) running the variant's branch for the call."""
-
-    def __init__(self, gate: BranchGate, branch: fx.GraphModule,
-                 escape_path: EscapePath | None = None) -> None:
-        self.gate = gate
-        self.branch = branch
-        self.escape_path = escape_path
-
-    def __call__(self, *args: Any) -> Any:
-        gate = self.gate
-        state = gate.__dict__
-        own = state["branch"], state.get("escape_path")
-        compiled = state.pop("compiled_branch", None)
-        state["branch"], state["escape_path"] = self.branch, self.escape_path
-        try:
-            return gate(*args)
-        finally:
-            state["branch"], state["escape_path"] = own
-            if compiled is not None:
-                state["compiled_branch"] = compiled
-
-
-def _variant_module(block: nn.Module, view: nn.Module, cut: Any) -> FxsdGraphModule:
-    """The variant: ``cut``'s graph over the block's own (live) children, parameters and
-    buffers, with its gate views and constants as plain attributes."""
-    for node in reversed(cut.graph.nodes):  # shape reads left behind by the branches
-        if not node.users and is_metadata_read(node):
-            cut.graph.erase_node(node)
-    for node in cut.graph.nodes:  # the guards name the block in the model
-        if node.op == "call_function" and node.target in GUARDS:
-            node.args = (node.args[0], node.args[1], _path(block), *node.args[3:])
-    cut.graph.lint()
-    module = module_from_graph(view, cut.graph, keep_class=False)
-    module.__dict__.update(_parameters=block._parameters, _buffers=block._buffers,
-                           _modules=block._modules)
-    module.__dict__.update(cut.extra_attrs)
-    return module

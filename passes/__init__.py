@@ -4,6 +4,8 @@
 * :mod:`fxsd.passes.extract_module` — cut one module's ``forward`` out of the whole-model graph.
 * :mod:`fxsd.passes.gate_site` — gate one site inside a cut-out module (its branch into a
   ``GraphModule``, a gate call in place of the add).
+* :mod:`fxsd.passes.regate` — a gated block's new trace (a call its guards refuse) gated with
+  the block's own gates.
 * :mod:`fxsd.passes.partial_join` — a join into part of a tensor (``cat([y[:, :C] + s,
   y[:, C:]])``) as one ``partial_add`` node.
 * :mod:`fxsd.passes.live_drop_path` — keep ``torchvision.ops.stochastic_depth`` calls aware of

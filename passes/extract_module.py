@@ -36,11 +36,12 @@ from torch.fx.node import map_aggregate
 
 from fxsd.calls import DictRecord, any_leaf, bound_parameters, node_leaves
 from fxsd.errors import GraphError
-from fxsd.graph_module import free_name, local_name, node_name, wrapped_call
+from fxsd.graph_module import wrapped_call
+from fxsd.graph_names import free_name, local_name, node_name
 from fxsd.guards import check_argument, check_type, type_name
 from fxsd.ops import resolve_attr
 from fxsd.owners import Owner, reads_argument
-from fxsd.residuals import ResidualAnalysis
+from fxsd.sites import ResidualAnalysis
 from fxsd.tracing import reads_flag_only
 
 __all__ = ["ExtractedModule", "extract_module"]

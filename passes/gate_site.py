@@ -24,11 +24,14 @@ from typing import Any
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
 
+from fxsd.branches import Branch, collect_branch
 from fxsd.errors import GraphError
 from fxsd.escapes import EscapePath, Escapes
-from fxsd.graph_module import HostedGraphModule, take_name
-from fxsd.residuals import Branch, ResidualSite, collect_branch, is_module
+from fxsd.graph_module import HostedGraphModule
+from fxsd.graph_names import take_name
+from fxsd.ops import is_module
 from fxsd.shared_work import SharedOutput, ShareKind
+from fxsd.sites import ResidualSite
 
 __all__ = ["CutSite", "cut_site", "call_gate"]
 

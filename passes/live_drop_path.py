@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from fxsd.errors import GraphError
-from fxsd.graph_module import free_name
+from fxsd.graph_names import free_name
 
 __all__ = ["make_drop_paths_live"]
 

@@ -26,7 +26,7 @@ from torch.fx import Graph
 
 from fxsd.errors import InvalidArgumentError
 from fxsd.gate import BranchGate
-from fxsd.graph_module import copy_tree
+from fxsd.module_tree import copy_tree
 from fxsd.passes.strip_gates import strip
 from fxsd.training import named_gates
 

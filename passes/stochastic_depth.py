@@ -25,18 +25,16 @@ from torch.fx import GraphModule, Node
 
 from fxsd.analysis import analyze_residuals
 from fxsd.budget import defer_step_costs, record_step_costs, scale_to_target
+from fxsd.checks import plain_run, verify_transform
 from fxsd.distributed import rank
 from fxsd.distributions import Distribution
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import warn_on_save
-from fxsd.gate import BranchGate, DropSampler, GateInfo
-from fxsd.graph_module import (
-    TreeEditor,
-    copy_tree,
-    deepest_first,
-    module_from_graph,
-)
+from fxsd.gate import BranchGate
+from fxsd.gate_info import GateInfo
+from fxsd.graph_module import module_from_graph
 from fxsd.layer_drop import find_layer_drops, settle_layer_drops
+from fxsd.module_tree import TreeEditor, copy_tree, deepest_first
 from fxsd.ops import is_metadata_read, node_order
 from fxsd.owners import Owner, plan_owners, warn_root_joins
 from fxsd.passes.extract_module import extract_module
@@ -45,12 +43,12 @@ from fxsd.plan import GatePlan, Options, join_notes, plan_gates, select_sites
 from fxsd.preserve import guarded
 from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord, get_record
-from fxsd.residuals import ResidualAnalysis, ResidualSite
+from fxsd.sampler import DropSampler
 from fxsd.shared_work import ShareKind
+from fxsd.sites import ResidualAnalysis, ResidualSite
 from fxsd.tracing import LeafSpec
 from fxsd.training import gates
 from fxsd.variants import allow_other_calls
-from fxsd.verify import plain_run, verify_transform
 
 __all__ = ["stochastic_depth", "gate_residuals", "InlinedHooksWarning",
            "NoResidualSitesWarning", "NoSavingWarning", "BlockModeWarning"]

@@ -29,8 +29,9 @@ from torch.fx.proxy import GraphAppendingTracer
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.folding import plain_state_dict
 from fxsd.gate import BranchGate
-from fxsd.graph_module import TreeEditor, deepest_first, module_from_graph
+from fxsd.graph_module import module_from_graph
 from fxsd.join import branch_scale
+from fxsd.module_tree import TreeEditor, deepest_first
 from fxsd.record import FxsdRecord
 from fxsd.shared_work import ShareKind
 from fxsd.training import gated_blocks, gates

@@ -11,7 +11,7 @@ from torch import nn
 
 import fxsd
 from fxsd import bench
-from fxsd.bench import Variant, VariantKind
+from fxsd.bench_types import Variant, VariantKind
 from fxsd.cli import main
 from fxsd.models import cifar_resnet
 from fxsd.passes.mask_drop_path import add_mask_drop_paths

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxsd
 from fxsd import bench_prune
-from fxsd.bench import VariantKind
+from fxsd.bench_types import VariantKind
 from fxsd.cli import main
 from fxsd.errors import InvalidArgumentError
 from fxsd.models import load_model

@@ -132,7 +132,8 @@ def test_python_m_fxsd_is_the_command_line():
 
 
 def test_demo_writes_to_the_current_directory_by_default():
-    from fxsd.cli import DEFAULT_DEMO_OUT, _parser
+    from fxsd.cli import _parser
+    from fxsd.cli_arguments import DEFAULT_DEMO_OUT
 
     assert _parser().parse_args(["demo"]).out == DEFAULT_DEMO_OUT == "fxsd-demo"
     readme = (ROOT / "README.md").read_text()

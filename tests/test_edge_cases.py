@@ -11,7 +11,7 @@ from conftest import CallCounter, branch_only_modules
 from torch import nn
 
 import fxsd
-from fxsd.residuals import RejectReason, SkipKind
+from fxsd.sites import RejectReason, SkipKind
 
 torch.manual_seed(0)
 C = 8

@@ -14,7 +14,7 @@ from torch import nn
 
 import fxsd
 from fxsd.partial_join import partial_add
-from fxsd.residuals import RejectReason as Reason
+from fxsd.sites import RejectReason as Reason
 from fxsd.training import named_gates
 
 

@@ -1,0 +1,201 @@
+"""A block's new trace gated with the block's own gates: the re-gating of a variant
+(:mod:`fxsd.retrace`).
+
+The new trace is analysed like any graph and its joins are found again by gate name; each one is
+cut with the rewrite's own surgery (:mod:`fxsd.passes.gate_site`) and called through a
+:class:`GateView`: the block's gate itself (rate, mode, random stream, recorded decisions)
+running the variant's branch. Outputs the block's own graph returns as ``None`` (a value of a
+branch the model drops) are released while the analysis runs, so they do not count as uses, and
+put back afterwards. A join the block's own trace did not gate stays a plain add.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx, nn
+from torch.fx import Graph, Node
+
+from fxsd.drop_paths import is_drop_path
+from fxsd.errors import GuardError
+from fxsd.escapes import EscapePath
+from fxsd.gate import BranchGate
+from fxsd.gate_info import DropPathAction
+from fxsd.ops import node_order
+from fxsd.passes.gate_site import call_gate, cut_site
+
+__all__ = ["GateView"]
+
+
+def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: Any,
+                path: str) -> Any:
+    """The new trace cut and gated with ``block``'s gates (an
+    :class:`~fxsd.passes.extract_module.ExtractedModule`)."""
+    from fxsd.owners import plan_owners
+    from fxsd.passes.extract_module import extract_module
+    from fxsd.residuals import analyze_graph
+
+    released = _release_like(gm.graph, block.graph)
+    analysis = analyze_graph(gm, calls, None, path)[0]
+    owners = plan_owners(analysis)
+    inner = sorted(o.path for o in owners if o.path != path)
+    if inner:
+        raise GuardError(f"traced again on this call, its joins belong to modules inside it "
+                         f"({', '.join(inner)})")
+    gates = {k: m for k, m in block._modules.items() if isinstance(m, BranchGate)}
+    found: set[str] = set()
+    cut = None
+    for owner in owners:
+        cut = extract_module(analysis, owner, view)
+        order = node_order(cut.graph)
+        rewritten: dict[Node, Node] = {}
+        for site, name in zip(owner.sites, owner.gate_names):
+            if name in gates:
+                _gate_site(cut, analysis, site, (block, gates[name]), name, order,
+                           rewritten)
+                found.add(name)
+    missing = sorted(set(gates) - found)
+    if missing:
+        rejected = "; ".join(f"{r.name}: {r.detail}" for r in analysis.rejected[:3])
+        raise GuardError(f"traced again on this call, the joins of {', '.join(missing)} are not "
+                         f"where they were (rejected adds: {rejected or 'none'})")
+    if cut is None:
+        raise GuardError("traced again on this call, it has no residual join fxsd gates")
+    _restore_released(cut.graph, released)
+    return cut
+
+
+def _gate_site(cut: Any, analysis: Any, site: Any, owned: tuple[nn.Module, BranchGate],
+               name: str, order: dict[Node, int], rewritten: dict[Node, Node]) -> None:
+    """Replace ``site``'s add in ``cut`` by a call of the gate (``owned``: the block and its
+    gate) running the new branch (the rewrite's own surgery, :mod:`fxsd.passes.gate_site`,
+    with the gate's own settings); the new branch reads the block's children."""
+    block, gate = owned
+    drops: list[Node] = []
+    if gate.drop_path in (DropPathAction.ADOPTED, DropPathAction.REPLACED):
+        gm = analysis.graph_module
+        drops = [n for n in site.branch if n.op == "call_module"
+                 and is_drop_path(gm.get_submodule(str(n.target)))]
+    piece = cut_site(cut, site, drops, rewritten, order, name)
+    if gate.identity != piece.identity:
+        raise GuardError(f"traced again on this call, the skip of {name} is another one")
+    path = piece.escape_path.attach(block) if piece.escape_path is not None else None
+    cut.extra_attrs[name] = GateView(gate, piece.branch_module.attach(block), path)
+    call_gate(cut.graph, piece, name, rewritten, order)
+
+
+def _output_pairs(new: Any, own: Any, found: list[tuple[Node, Any, Any]]) -> None:
+    """Pairs of leaves at the same place in two graphs' outputs (``(node, container, key)``
+    of ``new`` where ``own`` returns ``None``)."""
+    if isinstance(new, (tuple, list)) and isinstance(own, (tuple, list)) \
+            and len(new) == len(own):
+        for i, (a, b) in enumerate(zip(new, own)):
+            if isinstance(a, Node) and b is None:
+                found.append((a, new, i))
+            else:
+                _output_pairs(a, b, found)
+    elif isinstance(new, dict) and isinstance(own, dict) and new.keys() == own.keys():
+        for key in new:
+            if isinstance(new[key], Node) and own[key] is None:
+                found.append((new[key], new, key))
+            else:
+                _output_pairs(new[key], own[key], found)
+
+
+def _release_like(graph: Graph, own: Graph) -> list[tuple[Node, tuple[int, ...]]]:
+    """Return ``None`` where the block's own graph does (a value of a branch the model drops,
+    such as attention weights: the analysis must not take the output as a use), remembering
+    what was there."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    own_out = next(n for n in reversed(own.nodes) if n.op == "output")
+    structure = _thaw(out.args[0])
+    pairs: list[tuple[Node, Any, Any]] = []
+    _output_pairs(structure, own_out.args[0], pairs)
+    if not pairs:
+        return []
+    released = []
+    for node, container, key in pairs:
+        container[key] = None
+        released.append((node, _where(structure, container, key)))
+    out.args = (_freeze(structure),)
+    return released
+
+
+def _restore_released(graph: Graph, released: list[tuple[Node, tuple[int, ...]]]) -> None:
+    """Put back the released outputs that are still computed (not inside a branch)."""
+    alive = set(graph.nodes)
+    keep = [(node, where) for node, where in released if node in alive]
+    if not keep:
+        return
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    structure = _thaw(out.args[0])
+    for node, where in keep:
+        container = structure
+        for key in where[:-1]:
+            container = container[key]
+        container[where[-1]] = node
+    out.args = (_freeze(structure),)
+
+
+def _thaw(value: Any) -> Any:
+    """``value`` with its tuples as lists (to assign into), keeping other leaves."""
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return [_thaw(v) for v in value] if isinstance(value, tuple) else \
+            _Listed([_thaw(v) for v in value])
+    if type(value) is dict:
+        return {k: _thaw(v) for k, v in value.items()}
+    return value
+
+
+class _Listed(list):
+    """A list that was a list (not a tuple) before :func:`_thaw`."""
+
+
+def _freeze(value: Any) -> Any:
+    """Undo :func:`_thaw`."""
+    if isinstance(value, _Listed):
+        return [_freeze(v) for v in value]
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if type(value) is dict:
+        return {k: _freeze(v) for k, v in value.items()}
+    return value
+
+
+def _where(structure: Any, container: Any, key: Any) -> tuple[Any, ...]:
+    """The path of keys from ``structure`` to ``container[key]``."""
+    if structure is container:
+        return (key,)
+    items = structure.items() if isinstance(structure, dict) else \
+        enumerate(structure) if isinstance(structure, list) else ()
+    for k, v in items:
+        if isinstance(v, (list, dict)):
+            found = _where(v, container, key)
+            if found:
+                return (k, *found)
+    return ()
+
+
+class GateView:
+    """One of a block's gates, called from a variant: the gate itself (rate, mode, random
+    stream, recorded decisions, hooks) running the variant's branch for the call."""
+
+    def __init__(self, gate: BranchGate, branch: fx.GraphModule,
+                 escape_path: EscapePath | None = None) -> None:
+        self.gate = gate
+        self.branch = branch
+        self.escape_path = escape_path
+
+    def __call__(self, *args: Any) -> Any:
+        gate = self.gate
+        state = gate.__dict__
+        own = state["branch"], state.get("escape_path")
+        compiled = state.pop("compiled_branch", None)
+        state["branch"], state["escape_path"] = self.branch, self.escape_path
+        try:
+            return gate(*args)
+        finally:
+            state["branch"], state["escape_path"] = own
+            if compiled is not None:
+                state["compiled_branch"] = compiled
+
