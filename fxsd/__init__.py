@@ -16,8 +16,8 @@ The public surface:
   :func:`get_record` — what fxsd recorded about a transformed model;
 * :func:`set_drop_rate`, :func:`get_rng_state`/:func:`set_rng_state` — training-loop helpers;
   :class:`DropSchedule`, :class:`DropWarmup`, :func:`progressive_layer_drop` — rates over
-  training time (:mod:`fxsd.callbacks` steps them in Lightning and the Hugging Face Trainer);
-  :func:`apply_stochastic_depth` — Composer's functional API;
+  training time (:mod:`fxsd.training.callbacks` steps them in Lightning and the Hugging Face
+  Trainer); :func:`apply_stochastic_depth` — Composer's functional API;
 * :func:`compile` — ``torch.compile`` with live decisions; :func:`strip` — a gate-free eval graph
   for deployment and ``torch.export``; :func:`prune` — that graph with residual branches removed
   to an inference FLOP budget (:class:`PruneReport` says what went);
@@ -26,9 +26,9 @@ The public surface:
 * :class:`FxsdError` and its subclasses — every error fxsd raises; the warnings a user may
   filter.
 
-Advanced names — the gate runtime (:mod:`fxsd.gate`), the records (:mod:`fxsd.record`), the
-analysis' types (:mod:`fxsd.residuals`), fxsd's tracer (:func:`fxsd.tracing.trace`), the
-decision step (:mod:`fxsd.plan`) — are imported from their modules (docs/api.md).
+Advanced names — the gate runtime (:mod:`fxsd.runtime.gate`), the records (:mod:`fxsd.record`), the
+analysis' types (:mod:`fxsd.analysis.residuals`), fxsd's tracer (:func:`fxsd.tracing.tracer.trace`),
+the decision step (:mod:`fxsd.decisions.plan`) — are imported from their modules (docs/api.md).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it. Attributes load on first use (PEP 562), so that
 # ``import fxsd`` — and ``fxsd --help`` — does not import torch until something needs it.
 _EXPORTS = {
-    "DropWarmup": "fxsd.schedulers",
-    "DropSchedule": "fxsd.schedulers",
-    "progressive_layer_drop": "fxsd.schedulers",
-    "gates": "fxsd.training",
-    "get_drop_rate": "fxsd.training",
-    "set_drop_rate": "fxsd.training",
-    "get_rng_state": "fxsd.training",
-    "set_rng_state": "fxsd.training",
+    "DropWarmup": "fxsd.training.schedulers",
+    "DropSchedule": "fxsd.training.schedulers",
+    "progressive_layer_drop": "fxsd.training.schedulers",
+    "gates": "fxsd.runtime.accessors",
+    "get_drop_rate": "fxsd.runtime.accessors",
+    "set_drop_rate": "fxsd.runtime.accessors",
+    "get_rng_state": "fxsd.runtime.accessors",
+    "set_rng_state": "fxsd.runtime.accessors",
     "FxsdError": "fxsd.errors",
     "GraphError": "fxsd.errors",
     "GuardError": "fxsd.errors",
@@ -59,9 +59,9 @@ _EXPORTS = {
     "RandomDrawError": "fxsd.errors",
     "ModelRunError": "fxsd.errors",
     "TransformError": "fxsd.errors",
-    "FoldError": "fxsd.folding",
-    "EvalScaledWeightsWarning": "fxsd.folding",
-    "plain_state_dict": "fxsd.folding",
+    "FoldError": "fxsd.training.folding",
+    "EvalScaledWeightsWarning": "fxsd.training.folding",
+    "plain_state_dict": "fxsd.training.folding",
     "get_record": "fxsd.record",
     "InlinedHooksWarning": "fxsd.passes.stochastic_depth",
     "NoResidualSitesWarning": "fxsd.passes.stochastic_depth",
@@ -69,30 +69,30 @@ _EXPORTS = {
     "BlockModeWarning": "fxsd.passes.stochastic_depth",
     "stochastic_depth": "fxsd.passes.stochastic_depth",
     "strip": "fxsd.passes.strip_gates",
-    "ResidualSite": "fxsd.sites",
-    "RootJoinsWarning": "fxsd.owners",
-    "analyze_residuals": "fxsd.analysis",
-    "find_residuals": "fxsd.analysis",
-    "show": "fxsd.listing",
-    "table": "fxsd.tables",
-    "FrozenDropoutWarning": "fxsd.tracing",
-    "compile": "fxsd.compiling",
-    "apply_stochastic_depth": "fxsd.composer",
-    "expected_saving": "fxsd.budget",
+    "ResidualSite": "fxsd.analysis.sites",
+    "RootJoinsWarning": "fxsd.decisions.owners",
+    "analyze_residuals": "fxsd.analysis.analyze",
+    "find_residuals": "fxsd.analysis.analyze",
+    "show": "fxsd.tools.listing",
+    "table": "fxsd.tools.tables",
+    "FrozenDropoutWarning": "fxsd.tracing.tracer",
+    "compile": "fxsd.training.compiling",
+    "apply_stochastic_depth": "fxsd.training.composer",
+    "expected_saving": "fxsd.decisions.budget",
     "check": "fxsd.verify",
-    "prune": "fxsd.pruning",
-    "PruneReport": "fxsd.prune_report",
+    "prune": "fxsd.pruning.prune",
+    "PruneReport": "fxsd.pruning.report",
 }
-# What a user calls. Everything else stays importable from its module (fxsd.gate.BranchGate,
-# fxsd.training.named_gates, ...; docs/api.md lists it as advanced), and every submodule is
-# reachable as an attribute (fxsd.bench, fxsd.models, fxsd.owners...).
+# What a user calls. Everything else stays importable from its module (fxsd.runtime.gate.BranchGate,
+# fxsd.runtime.accessors.named_gates, ...; docs/api.md lists it as advanced), and every submodule is
+# reachable as an attribute (fxsd.tools.bench, fxsd.tools.models, fxsd.decisions.owners...).
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    else:  # a submodule: fxsd.bench, fxsd.models, fxsd.owners...
+    else:  # a submodule: fxsd.tools.bench, fxsd.tools.models, fxsd.decisions.owners...
         try:
             value = importlib.import_module(f"fxsd.{name}")
         except ModuleNotFoundError:
@@ -106,10 +106,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
-    from fxsd.analysis import analyze_residuals, find_residuals
-    from fxsd.budget import expected_saving
-    from fxsd.compiling import compile  # noqa: A004
-    from fxsd.composer import apply_stochastic_depth
+    from fxsd.analysis.analyze import analyze_residuals, find_residuals
+    from fxsd.analysis.sites import ResidualSite
+    from fxsd.decisions.budget import expected_saving
+    from fxsd.decisions.owners import RootJoinsWarning
     from fxsd.errors import (
         FxsdError,
         GraphError,
@@ -121,9 +121,6 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         TraceError,
         TransformError,
     )
-    from fxsd.folding import EvalScaledWeightsWarning, FoldError, plain_state_dict
-    from fxsd.listing import show
-    from fxsd.owners import RootJoinsWarning
     from fxsd.passes.stochastic_depth import (
         BlockModeWarning,
         InlinedHooksWarning,
@@ -132,12 +129,21 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         stochastic_depth,
     )
     from fxsd.passes.strip_gates import strip
-    from fxsd.prune_report import PruneReport
-    from fxsd.pruning import prune
+    from fxsd.pruning.prune import prune
+    from fxsd.pruning.report import PruneReport
     from fxsd.record import get_record
-    from fxsd.schedulers import DropSchedule, DropWarmup, progressive_layer_drop
-    from fxsd.sites import ResidualSite
-    from fxsd.tables import table
-    from fxsd.tracing import FrozenDropoutWarning
-    from fxsd.training import gates, get_drop_rate, get_rng_state, set_drop_rate, set_rng_state
+    from fxsd.runtime.accessors import (
+        gates,
+        get_drop_rate,
+        get_rng_state,
+        set_drop_rate,
+        set_rng_state,
+    )
+    from fxsd.tools.listing import show
+    from fxsd.tools.tables import table
+    from fxsd.tracing.tracer import FrozenDropoutWarning
+    from fxsd.training.compiling import compile  # noqa: A004
+    from fxsd.training.composer import apply_stochastic_depth
+    from fxsd.training.folding import EvalScaledWeightsWarning, FoldError, plain_state_dict
+    from fxsd.training.schedulers import DropSchedule, DropWarmup, progressive_layer_drop
     from fxsd.verify import check

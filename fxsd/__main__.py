@@ -1,11 +1,11 @@
-"""``python -m fxsd``: the ``fxsd`` command line (:mod:`fxsd.cli`), for environments whose
+"""``python -m fxsd``: the ``fxsd`` command line (:mod:`fxsd.tools.cli`), for environments whose
 scripts folder is not on ``PATH``."""
 
 from __future__ import annotations
 
 import sys
 
-from fxsd.cli import main
+from fxsd.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsd.calls import leaves
+from fxsd.decisions.layer_drop import find_layer_drops, switch_off_layer_drops
 from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
-from fxsd.gate import BranchGate
-from fxsd.layer_drop import find_layer_drops, switch_off_layer_drops
 from fxsd.preserve import preserved
-from fxsd.training import named_gates
+from fxsd.runtime.accessors import named_gates
+from fxsd.runtime.gate import BranchGate
+from fxsd.tracing.calls import leaves
 
 __all__ = ["CheckKind", "CheckResult", "PlainRun", "VerificationError", "plain_run",
            "verify_transform"]

@@ -5,8 +5,8 @@ Errors about bad argument values are also ``ValueError``\\ s and errors about wr
 types are also ``TypeError``\\ s, so code written against the built-in exceptions keeps working.
 
 Two errors live beside the step that raises them, and derive from the classes here:
-:class:`fxsd.folding.FoldError` (a :class:`GraphError`: an eval scale that cannot be folded into
-weights) and :class:`fxsd.verify.VerificationError` (the transformed model broke one of its
+:class:`fxsd.training.folding.FoldError` (a :class:`GraphError`: an eval scale that cannot be folded
+into weights) and :class:`fxsd.verify.VerificationError` (the transformed model broke one of its
 promises, :func:`fxsd.check`; imported from :mod:`fxsd.verify`).
 """
 
@@ -78,7 +78,8 @@ class GuardError(FxsdError, ValueError):
 
 
 class DroppedValueError(FxsdError, RuntimeError):
-    """A value a dropped branch did not compute was used (:class:`fxsd.escapes.DroppedValue`)."""
+    """A value a dropped branch did not compute was used
+    (:class:`fxsd.analysis.escapes.DroppedValue`)."""
 
 
 class Run(enum.Enum):

@@ -5,8 +5,8 @@ object instead of loose ``meta`` keys:
 
 * :class:`FxsdRecord` describes one traced or transformed model. A transformed model's gates all
   share one record (``gate.record``), and every ``GraphModule`` fxsd builds for that model (the
-  gated blocks, the stripped blocks, the graphs :func:`fxsd.tracing.trace` returns) holds it as
-  ``module.meta["fxsd"]``. :func:`fxsd.get_record` finds it from the model.
+  gated blocks, the stripped blocks, the graphs :func:`fxsd.tracing.tracer.trace` returns) holds it
+  as ``module.meta["fxsd"]``. :func:`fxsd.get_record` finds it from the model.
 * :class:`NodeRecord` is ``node.meta["fxsd"]`` on the nodes of a graph fxsd traced: the module
   calls that were running when the tracer created the node, which is how fxsd knows which module's
   ``forward`` performs each residual join and which modules can stay opaque calls.
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fxsd.schedulers import DropWarmup
-    from fxsd.sites import RejectedAdd
+    from fxsd.analysis.sites import RejectedAdd
+    from fxsd.training.schedulers import DropWarmup
 
 __all__ = ["FxsdRecord", "NodeRecord", "get_record"]
 
@@ -48,13 +48,13 @@ class FxsdRecord:
         rejected: the adds the analysis did not take as residual joins, with the reasons.
         total_flops: forward FLOPs of the whole model, when example inputs were given.
         step_flops: forward + backward FLOPs of one training step of the whole model on the
-            example inputs, every branch kept (:mod:`fxsd.budget`); each gate's own share is
-            ``gate.info.step_flops``. ``None`` without example inputs.
+            example inputs, every branch kept (:mod:`fxsd.decisions.budget`); each gate's own share
+            is ``gate.info.step_flops``. ``None`` without example inputs.
         step_flops_error: why counting ``step_flops`` failed, when it did.
         pending_costs: without a ``target_saving``, the step costs are counted when first
             asked for (:func:`fxsd.table`, :func:`fxsd.expected_saving`; or
-            :func:`fxsd.budget.count_pending`): until then ``step_flops`` is ``None`` and this
-            holds what the count takes (:class:`fxsd.budget.PendingCosts`).
+            :func:`fxsd.decisions.budget.count_pending`): until then ``step_flops`` is ``None`` and
+            this holds what the count takes (:class:`fxsd.decisions.budget.PendingCosts`).
         warmup: the :class:`~fxsd.DropWarmup` that :func:`fxsd.apply_stochastic_depth` created
             for ``drop_warmup``, if any.
         stripped: the modules holding this record were made by :func:`fxsd.strip` (no gates).
@@ -62,7 +62,7 @@ class FxsdRecord:
             modules on their own), their paths.
         untraced: ``(path, class name, why)`` of the modules that could not be traced.
         schedule: the schedule in charge of the rates, held weakly (one per model:
-            :func:`fxsd.schedulers.schedule_of`); a copied or unpickled record has none.
+            :func:`fxsd.training.schedulers.schedule_of`); a copied or unpickled record has none.
     """
 
     drop_rate: float = 0.0
@@ -87,7 +87,8 @@ class NodeRecord:
     """``node.meta["fxsd"]`` on a node of a graph fxsd traced.
 
     Attributes:
-        calls: indices (into the trace's :class:`~fxsd.calls.CallTree`) of the module calls that
+        calls: indices (into the trace's :class:`~fxsd.tracing.calls.CallTree`) of the module calls
+        that
             were running when the node was created, outermost first. A leaf module's own
             ``call_module`` node is not inside its own call: its calls are its caller's.
     """
@@ -97,7 +98,8 @@ class NodeRecord:
 
 def get_record(model: Any) -> FxsdRecord:
     """The :class:`FxsdRecord` of a model :func:`fxsd.stochastic_depth`, :func:`fxsd.strip` or
-    :func:`fxsd.tracing.trace` returned (found on its gates or on its fxsd-built GraphModules).
+    :func:`fxsd.tracing.tracer.trace` returned (found on its gates or on its fxsd-built
+    GraphModules).
 
     Raises:
         InvalidArgumentError: ``model`` holds nothing fxsd built.

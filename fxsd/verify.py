@@ -62,7 +62,7 @@ from fxsd.checks import (
 )
 from fxsd.errors import FxsdError, InvalidTypeError
 from fxsd.preserve import generator_states, preserved
-from fxsd.training import named_gates
+from fxsd.runtime.accessors import named_gates
 
 __all__ = ["check", "CheckKind", "CheckReport", "VerificationError", "verify_transform"]
 
@@ -92,7 +92,7 @@ class CheckReport:
     def table(self, tablefmt: str = "simple", width: int | None = None) -> str:
         """The report as a table, one row per promise, and a verdict line. Long cells wrap to
         ``width`` columns (``None``: the terminal's, as :func:`fxsd.table`; ``0``: no limit)."""
-        from fxsd.tables import fill, terminal_width
+        from fxsd.tools.tables import fill, terminal_width
 
         limit = terminal_width() if width is None else width
         rows = [[r.kind.value, "ok" if r.ok else "-" if r.ok is None else "FAILED",

@@ -13,7 +13,7 @@ import operator
 
 from torch.fx import GraphModule
 
-from fxsd.ops import mutated_operand, node_order
+from fxsd.analysis.ops import mutated_operand, node_order
 
 __all__ = ["make_inplace_explicit"]
 

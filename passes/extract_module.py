@@ -8,12 +8,12 @@ block's call created in the whole-model graph:
 * one placeholder per parameter of the block's ``forward`` signature (defaults kept); a tensor the
   caller passed inside a tuple or dict (Llama's ``position_embeddings``) is read back with
   ``getitem``; a constant the block was traced with (``attn_mask=None``) gets a guard
-  (:func:`fxsd.guards.check_argument`), an object the trace guarded by class (a cache) keeps
-  that guard (:func:`fxsd.guards.check_type`); a tensor the tracer passed as it is
-  (:func:`fxsd.owners.argument_tensors`: a buffer, such as open_clip's causal mask) is read
-  from its placeholder wherever the block's nodes read it by ``get_attr``, guarded by class;
+  (:func:`fxsd.tracing.guards.check_argument`), an object the trace guarded by class (a cache) keeps
+  that guard (:func:`fxsd.tracing.guards.check_type`); a tensor the tracer passed as it is
+  (:func:`fxsd.decisions.owners.argument_tensors`: a buffer, such as open_clip's causal mask) is
+  read from its placeholder wherever the block's nodes read it by ``get_attr``, guarded by class;
 * the block's nodes, with module and attribute targets made relative to the block;
-* each module call the plan keeps whole (:class:`~fxsd.owners.Owner`) becomes one
+* each module call the plan keeps whole (:class:`~fxsd.decisions.owners.Owner`) becomes one
   ``call_module`` node, its results read back where the caller used them;
 * the block's return value as the output.
 
@@ -34,15 +34,15 @@ from torch import nn
 from torch.fx import Graph, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.calls import DictRecord, any_leaf, bound_parameters, node_leaves
+from fxsd.analysis.ops import resolve_attr
+from fxsd.analysis.sites import ResidualAnalysis
+from fxsd.decisions.owners import Owner, reads_argument
 from fxsd.errors import GraphError
 from fxsd.graph_module import wrapped_call
 from fxsd.graph_names import free_name, local_name, node_name
-from fxsd.guards import check_argument, check_type, type_name
-from fxsd.ops import resolve_attr
-from fxsd.owners import Owner, reads_argument
-from fxsd.sites import ResidualAnalysis
-from fxsd.tracing import reads_flag_only
+from fxsd.tracing.calls import DictRecord, any_leaf, bound_parameters, node_leaves
+from fxsd.tracing.guards import check_argument, check_type, type_name
+from fxsd.tracing.tracer import reads_flag_only
 
 __all__ = ["ExtractedModule", "extract_module"]
 
@@ -151,7 +151,7 @@ class _Extractor:
 
     def _bind_value(self, holder: Node, value: Any, name: str) -> bool:
         """Map the nodes inside ``value`` to reads of ``holder``, and the tensors the tracer
-        passed as they are (:func:`fxsd.owners.argument_tensors`) too; False if it holds
+        passed as they are (:func:`fxsd.decisions.owners.argument_tensors`) too; False if it holds
         neither."""
         if isinstance(value, Node):
             self.env.setdefault(value, holder)

@@ -2,7 +2,8 @@
 ``GraphModule`` and a gate call takes the add's place.
 
 The one piece of graph surgery that both the pass (:mod:`fxsd.passes.stochastic_depth`, which
-makes the gates) and a block tracing itself again (:mod:`fxsd.variants`, which reuses them) do:
+makes the gates) and a block tracing itself again (:mod:`fxsd.runtime.variants`, which reuses them)
+do:
 
 1. :func:`cut_site` finds the site's nodes in the cut-out graph, takes out the drop-path calls
    the plan removes, returns ``None`` where the module returned a value computed inside the
@@ -24,14 +25,14 @@ from typing import Any
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.branches import Branch, collect_branch
+from fxsd.analysis.branches import Branch, collect_branch
+from fxsd.analysis.escapes import EscapePath, Escapes
+from fxsd.analysis.ops import is_module
+from fxsd.analysis.shared_work import SharedOutput, ShareKind
+from fxsd.analysis.sites import ResidualSite
 from fxsd.errors import GraphError
-from fxsd.escapes import EscapePath, Escapes
 from fxsd.graph_module import HostedGraphModule
 from fxsd.graph_names import take_name
-from fxsd.ops import is_module
-from fxsd.shared_work import SharedOutput, ShareKind
-from fxsd.sites import ResidualSite
 
 __all__ = ["CutSite", "cut_site", "call_gate"]
 
@@ -63,7 +64,8 @@ class CutSite:
 
     @property
     def shared(self) -> tuple[SharedOutput, ...]:
-        """Second joins and concatenations the branch's work feeds (:mod:`fxsd.shared_work`)."""
+        """Second joins and concatenations the branch's work feeds
+        (:mod:`fxsd.analysis.shared_work`)."""
         return self.branch.escapes.shared if self.branch.escapes else ()
 
     @property

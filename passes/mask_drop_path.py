@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from torch.fx import GraphModule
 
+from fxsd.analysis.sites import ResidualAnalysis
 from fxsd.graph_names import free_name
-from fxsd.sites import ResidualAnalysis
 
 __all__ = ["add_mask_drop_paths"]
 

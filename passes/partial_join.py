@@ -1,5 +1,5 @@
 """Make joins into part of a tensor one node: ``torch.cat([x[:, :C] + s, x[:, C:]], dim=1)``
-becomes ``partial_add(x, s, 1, 0, C)`` (:mod:`fxsd.partial_join`), which computes the same
+becomes ``partial_add(x, s, 1, 0, C)`` (:mod:`fxsd.analysis.partial_join`), which computes the same
 expression. The residual analysis then sees ``x`` (the branch output) and ``s`` (the skip) as the
 two operands of one join, and the rewrite can gate the whole of ``x``.
 """
@@ -12,8 +12,8 @@ from typing import Any
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.ops import is_view, node_order
-from fxsd.partial_join import match_assigned_join, match_partial_join, partial_add
+from fxsd.analysis.ops import is_view, node_order
+from fxsd.analysis.partial_join import match_assigned_join, match_partial_join, partial_add
 
 __all__ = ["make_partial_joins_explicit"]
 
@@ -21,7 +21,7 @@ __all__ = ["make_partial_joins_explicit"]
 def make_partial_joins_explicit(gm: GraphModule, calls: Sequence[Any] | None = None) -> int:
     """Replace each ``cat`` of slices with an add in one of them by a :func:`partial_add` call.
 
-    ``calls``: the module calls the trace recorded (:class:`~fxsd.calls.ModuleCall`); a call
+    ``calls``: the module calls the trace recorded (:class:`~fxsd.tracing.calls.ModuleCall`); a call
     that returned a rewritten ``cat`` returns its ``partial_add`` instead. Returns the number of
     joins rewritten. Edits ``gm.graph`` and ``calls`` in place and recompiles ``gm``.
     """

@@ -1,7 +1,7 @@
 """The rewrite behind :func:`fxsd.prune`: a gated model, stripped, with some branches removed.
 
 Each removed site's join returns what the join computes without its branch
-(:meth:`fxsd.join.Join.without_branch`: the skip, or its projection where the skip has one);
+(:meth:`fxsd.runtime.join.Join.without_branch`: the skip, or its projection where the skip has one);
 every other gate becomes its eval computation, exactly as :func:`fxsd.strip` gives it. The rewrite
 goes through ``strip`` itself: on a copy of the gated tree, each removed gate is set to
 ``scale="eval"`` at rate 1, the one setting at which strip writes the join without its branch.
@@ -25,10 +25,10 @@ from torch import nn
 from torch.fx import Graph
 
 from fxsd.errors import InvalidArgumentError
-from fxsd.gate import BranchGate
 from fxsd.module_tree import copy_tree
 from fxsd.passes.strip_gates import strip
-from fxsd.training import named_gates
+from fxsd.runtime.accessors import named_gates
+from fxsd.runtime.gate import BranchGate
 
 __all__ = ["remove_branches", "branch_targets"]
 

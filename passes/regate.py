@@ -1,5 +1,5 @@
 """A block's new trace gated with the block's own gates: the re-gating of a variant
-(:mod:`fxsd.retrace`).
+(:mod:`fxsd.runtime.retrace`).
 
 The new trace is analysed like any graph and its joins are found again by gate name; each one is
 cut with the rewrite's own surgery (:mod:`fxsd.passes.gate_site`) and called through a
@@ -16,13 +16,13 @@ from typing import Any
 from torch import fx, nn
 from torch.fx import Graph, Node
 
-from fxsd.drop_paths import is_drop_path
+from fxsd.analysis.escapes import EscapePath
+from fxsd.analysis.ops import node_order
+from fxsd.decisions.drop_paths import is_drop_path
 from fxsd.errors import GuardError
-from fxsd.escapes import EscapePath
-from fxsd.gate import BranchGate
-from fxsd.gate_info import DropPathAction
-from fxsd.ops import node_order
 from fxsd.passes.gate_site import call_gate, cut_site
+from fxsd.runtime.gate import BranchGate
+from fxsd.runtime.gate_info import DropPathAction
 
 __all__ = ["GateView"]
 
@@ -31,9 +31,9 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
                 path: str) -> Any:
     """The new trace cut and gated with ``block``'s gates (an
     :class:`~fxsd.passes.extract_module.ExtractedModule`)."""
-    from fxsd.owners import plan_owners
+    from fxsd.analysis.residuals import analyze_graph
+    from fxsd.decisions.owners import plan_owners
     from fxsd.passes.extract_module import extract_module
-    from fxsd.residuals import analyze_graph
 
     released = _release_like(gm.graph, block.graph)
     analysis = analyze_graph(gm, calls, None, path)[0]

@@ -2,9 +2,9 @@
 them.
 
 Each residual add ``skip + branch(fork, *side)`` found by :func:`fxsd.analyze_residuals` becomes a
-call of a :class:`~fxsd.gate.BranchGate`. The rewrite happens in the module whose ``forward``
-owns the join (:func:`fxsd.owners.plan_owners`: a torchvision ``Bottleneck``, a ViT
-``EncoderBlock``, a BERT layer): that module is cut out of the whole-model trace
+call of a :class:`~fxsd.runtime.gate.BranchGate`. The rewrite happens in the module whose
+``forward`` owns the join (:func:`fxsd.decisions.owners.plan_owners`: a torchvision ``Bottleneck``,
+a ViT ``EncoderBlock``, a BERT layer): that module is cut out of the whole-model trace
 (:mod:`fxsd.passes.extract_module`), its branch nodes move into a small ``GraphModule`` that the
 gate runs only when the branch is kept, and the gated module takes the original's place in the
 model. Every other module, the root's class included, stays as it was.
@@ -23,32 +23,32 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxsd.analysis import analyze_residuals
-from fxsd.budget import defer_step_costs, record_step_costs, scale_to_target
+from fxsd.analysis.analyze import analyze_residuals
+from fxsd.analysis.ops import is_metadata_read, node_order
+from fxsd.analysis.shared_work import ShareKind
+from fxsd.analysis.sites import ResidualAnalysis, ResidualSite
 from fxsd.checks import plain_run, verify_transform
-from fxsd.distributed import rank
-from fxsd.distributions import Distribution
+from fxsd.decisions.budget import defer_step_costs, record_step_costs, scale_to_target
+from fxsd.decisions.distributions import Distribution
+from fxsd.decisions.layer_drop import find_layer_drops, settle_layer_drops
+from fxsd.decisions.owners import Owner, plan_owners, warn_root_joins
+from fxsd.decisions.plan import GatePlan, Options, join_notes, plan_gates, select_sites
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
-from fxsd.folding import warn_on_save
-from fxsd.gate import BranchGate
-from fxsd.gate_info import GateInfo
 from fxsd.graph_module import module_from_graph
-from fxsd.layer_drop import find_layer_drops, settle_layer_drops
 from fxsd.module_tree import TreeEditor, copy_tree, deepest_first
-from fxsd.ops import is_metadata_read, node_order
-from fxsd.owners import Owner, plan_owners, warn_root_joins
 from fxsd.passes.extract_module import extract_module
 from fxsd.passes.gate_site import CutSite, call_gate, cut_site
-from fxsd.plan import GatePlan, Options, join_notes, plan_gates, select_sites
 from fxsd.preserve import guarded
-from fxsd.recompute import checkpointing
 from fxsd.record import FxsdRecord, get_record
-from fxsd.sampler import DropSampler
-from fxsd.shared_work import ShareKind
-from fxsd.sites import ResidualAnalysis, ResidualSite
-from fxsd.tracing import LeafSpec
-from fxsd.training import gates
-from fxsd.variants import allow_other_calls
+from fxsd.runtime.accessors import gates
+from fxsd.runtime.distributed import rank
+from fxsd.runtime.gate import BranchGate
+from fxsd.runtime.gate_info import GateInfo
+from fxsd.runtime.recompute import checkpointing
+from fxsd.runtime.sampler import DropSampler
+from fxsd.runtime.variants import allow_other_calls
+from fxsd.tracing.tracer import LeafSpec
+from fxsd.training.folding import warn_on_save
 
 __all__ = ["stochastic_depth", "gate_residuals", "InlinedHooksWarning",
            "NoResidualSitesWarning", "NoSavingWarning", "BlockModeWarning"]
@@ -133,8 +133,8 @@ def stochastic_depth(
             them, a per-site list or callable included) by one factor until
             :func:`fxsd.expected_saving` is the target; like an explicit rate, it also sets the
             rates of adopted drop paths. A site saves ``p_l`` times its branch's forward and
-            backward FLOPs (:mod:`fxsd.budget`). The model-wide rate becomes the largest site
-            rate. A target beyond the distribution's reach (largest rate 1) raises
+            backward FLOPs (:mod:`fxsd.decisions.budget`). The model-wide rate becomes the largest
+            site rate. A target beyond the distribution's reach (largest rate 1) raises
             :class:`~fxsd.FxsdError` naming the largest reachable saving.
         distribution: ``"linear"`` (depth ``l`` of ``L`` drops at ``drop_rate * l / L``),
             ``"linspace"`` (``drop_rate * (l - 1) / (L - 1)``, timm's and torchvision's rule),
@@ -275,7 +275,8 @@ def _budget(gated: nn.Module, options: Options) -> None:
 def gate_residuals(analysis: ResidualAnalysis, plan: GatePlan, sampler: DropSampler,
                    model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Gate ``analysis.sites`` of ``model`` (the model ``analysis`` was made from) as ``plan``
-    says (:func:`fxsd.plan.plan_gates`). Returns ``model`` itself with ``inplace=True``, else a
+    says (:func:`fxsd.decisions.plan.plan_gates`). Returns ``model`` itself with ``inplace=True``,
+    else a
     new module tree over the same tensors."""
     parts = analysis.parts()  # one graph, or the modules traced one by one
     planned = [(part, owner) for part in parts for owner in plan_owners(part, part.sites)]
@@ -390,7 +391,7 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
 
 
 def _shared_note(piece: CutSite) -> str:
-    """What else the branch's work feeds, dropped with it (:mod:`fxsd.shared_work`)."""
+    """What else the branch's work feeds, dropped with it (:mod:`fxsd.analysis.shared_work`)."""
     joins = [u.consumer.name for u in piece.shared if u.kind is ShareKind.JOIN]
     cats = [u.consumer.name for u in piece.shared if u.kind is ShareKind.ZEROS]
     return join_notes(f"one gate for {', '.join([piece.add.name, *joins])}" if joins else "",

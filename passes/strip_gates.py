@@ -2,9 +2,9 @@
 
 Each gated block becomes a gate-free GraphModule (still an instance of the block's class) in which
 every gate call is the branch's own nodes followed by the add the source wrote, computed by the
-gate's own :class:`fxsd.join.Join` called on ``torch.fx`` proxies, so the stripped graph holds
-exactly the ops the gate runs in eval: the source's add for ``scale="train"``/``"none"`` and for
-``p = 0`` (``skip + branch``, ``branch + skip``, ``torch.add(x, b, alpha=k)``, ``x.add_(b)``);
+gate's own :class:`fxsd.runtime.join.Join` called on ``torch.fx`` proxies, so the stripped graph
+holds exactly the ops the gate runs in eval: the source's add for ``scale="train"``/``"none"`` and
+for ``p = 0`` (``skip + branch``, ``branch + skip``, ``torch.add(x, b, alpha=k)``, ``x.add_(b)``);
 for ``scale="eval"`` gates the branch's term scaled by ``1 - p`` (``torch.add(skip, branch,
 alpha=1 - p)`` where the branch is the second operand); the join without the branch for
 ``p = 1``, copied where the gate copies it. With ``fold_scale=True`` the factor ``1 - p`` is
@@ -26,15 +26,15 @@ from torch.fx import Graph, GraphModule, Node, Proxy
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import GraphAppendingTracer
 
+from fxsd.analysis.shared_work import ShareKind
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
-from fxsd.folding import plain_state_dict
-from fxsd.gate import BranchGate
 from fxsd.graph_module import module_from_graph
-from fxsd.join import branch_scale
 from fxsd.module_tree import TreeEditor, deepest_first
 from fxsd.record import FxsdRecord
-from fxsd.shared_work import ShareKind
-from fxsd.training import gated_blocks, gates
+from fxsd.runtime.accessors import gated_blocks, gates
+from fxsd.runtime.gate import BranchGate
+from fxsd.runtime.join import branch_scale
+from fxsd.training.folding import plain_state_dict
 
 __all__ = ["strip"]
 
@@ -166,7 +166,7 @@ def _shared_use(graph: Graph, use: Any, value: Any, skip: Any, keep: float) -> A
 
 def _join(graph: Graph, gate: BranchGate, skip: Any, out: Any, keep: float) -> Any:
     """The gate's join of ``skip`` and the branch output ``out`` at eval, as graph nodes: its
-    :class:`~fxsd.join.Join` run on proxies records the very ops the gate runs."""
+    :class:`~fxsd.runtime.join.Join` run on proxies records the very ops the gate runs."""
     join = gate.info.join
     if keep == 0.0 and not join.needs_branch_shape:
         return _without_branch(graph, gate, skip)

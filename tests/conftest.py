@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fxsd
-from fxsd.training import gated_blocks  # noqa: F401  (the tests import it from here)
+from fxsd.runtime.accessors import gated_blocks  # noqa: F401  (the tests import it from here)
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -21,7 +21,7 @@ def called_modules(model: nn.Module) -> list[nn.Module]:
         for n in graph.nodes:
             if n.op == "call_module":
                 module = owner.get_submodule(str(n.target))
-                if not isinstance(module, fxsd.gate.BranchGate):
+                if not isinstance(module, fxsd.runtime.gate.BranchGate):
                     found.append(module)
     return found
 
@@ -31,12 +31,12 @@ def branch_only_modules(model: nn.Module) -> dict[str, nn.Module]:
     trunk = {id(block.get_submodule(str(n.target))) for block in gated_blocks(model).values()
              for n in block.graph.nodes if n.op == "call_module"}
     found: dict[str, nn.Module] = {}
-    for name, gate in fxsd.training.named_gates(model).items():
+    for name, gate in fxsd.runtime.accessors.named_gates(model).items():
         owner = name.rpartition(".")[0]
         for n in gate.branch.graph.nodes:
             if n.op == "call_module":
                 module = gate.branch.get_submodule(str(n.target))
-                if id(module) not in trunk and not isinstance(module, fxsd.gate.BranchGate):
+                if id(module) not in trunk and not isinstance(module, fxsd.runtime.gate.BranchGate):
                     found[f"{owner}.{n.target}" if owner else str(n.target)] = module
     return found
 

@@ -14,8 +14,8 @@ from conftest import DropPath
 from torch import nn
 
 import fxsd
-from fxsd.cli import main
-from fxsd.tables import summary
+from fxsd.tools.cli import main
+from fxsd.tools.tables import summary
 
 
 class Block(nn.Module):
@@ -102,7 +102,7 @@ def test_deepcopy(net):
     assert _sd_equal(clone.state_dict(), gm.state_dict())
     assert all(id(p) not in {id(q) for q in gm.parameters()} for p in clone.parameters())
     # The clone's branches run the clone's modules, not the original's.
-    name, g = next(iter(fxsd.training.named_gates(clone).items()))
+    name, g = next(iter(fxsd.runtime.accessors.named_gates(clone).items()))
     owner = clone.get_submodule(name.rpartition(".")[0])
     first = next(n for n in g.branch.graph.nodes if n.op == "call_module")
     assert g.branch.get_submodule(str(first.target)) is owner.get_submodule(str(first.target))
@@ -136,7 +136,7 @@ def test_save_load_whole_module(net):
     for _ in range(5):
         gm(x), loaded(x)
         assert [g.dropped for g in fxsd.gates(gm)] == [g.dropped for g in fxsd.gates(loaded)]
-    name, g = next(iter(fxsd.training.named_gates(loaded).items()))
+    name, g = next(iter(fxsd.runtime.accessors.named_gates(loaded).items()))
     owner = loaded.get_submodule(name.rpartition(".")[0])
     first = next(n for n in g.branch.graph.nodes if n.op == "call_module")
     assert g.branch.get_submodule(str(first.target)) is owner.get_submodule(str(first.target))
@@ -220,7 +220,7 @@ def test_seeded_reproducibility_and_no_global_rng(net):
 
 def test_gate_names_and_code_read_naturally():
     model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.1)
-    names = list(fxsd.training.named_gates(model))
+    names = list(fxsd.runtime.accessors.named_gates(model))
     assert names[:3] == ["layer1.0.residual_gate", "layer1.1.residual_gate",
                          "layer2.0.residual_gate"]
     block = model.layer2[0]
@@ -233,7 +233,8 @@ def test_gate_names_and_code_read_naturally():
     )
     vit = fxsd.stochastic_depth(torchvision.models.vit_b_16(image_size=32), 0.1)
     layer = vit.encoder.layers.encoder_layer_0
-    assert [n for n, m in layer.named_children() if isinstance(m, fxsd.gate.BranchGate)] == [
+    gate_class = fxsd.runtime.gate.BranchGate
+    assert [n for n, m in layer.named_children() if isinstance(m, gate_class)] == [
         "self_attention_gate", "mlp_gate"]
     assert "self_attention_gate = self.self_attention_gate(input_1" in layer.code
 
@@ -515,7 +516,7 @@ class OwnDropoutBlock(nn.Module):  # the block's own flag: ``training=self.train
 def test_blocks_reading_their_own_training_flag_are_rewritten_in_place():
     model = nn.Sequential(OwnDropoutBlock(), OwnDropoutBlock()).train()
     gated = fxsd.stochastic_depth(model, 0.0)
-    assert set(fxsd.training.named_gates(gated)) == {"0.residual_gate", "1.residual_gate"}
+    assert set(fxsd.runtime.accessors.named_gates(gated)) == {"0.residual_gate", "1.residual_gate"}
     assert type(gated) is nn.Sequential  # the blocks own their joins; the root is untouched
     assert "training = self.training" in gated[0].code
     x = torch.randn(4, 8)

@@ -18,7 +18,7 @@ import fxsd
 
 
 def schedule_of(model):
-    from fxsd.schedulers import schedule_of as in_charge  # new with this file's checks
+    from fxsd.training.schedulers import schedule_of as in_charge  # new with this file's checks
 
     return in_charge(model)
 

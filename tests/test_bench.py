@@ -10,11 +10,11 @@ import torchvision
 from torch import nn
 
 import fxsd
-from fxsd import bench
-from fxsd.bench_types import Variant, VariantKind
-from fxsd.cli import main
-from fxsd.models import cifar_resnet
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
+from fxsd.tools import bench
+from fxsd.tools.bench_types import Variant, VariantKind
+from fxsd.tools.cli import main
+from fxsd.tools.models import cifar_resnet
 
 
 def test_cifar_resnet_matches_the_paper():
@@ -26,7 +26,7 @@ def test_cifar_resnet_matches_the_paper():
     sites = fxsd.find_residuals(model)
     assert len(sites) == 54
     # Option-A shortcuts are parameter-free projections (subsample + zero-pad).
-    projections = [s for s in sites if s.skip_kind is fxsd.residuals.SkipKind.PROJECTION]
+    projections = [s for s in sites if s.skip_kind is fxsd.analysis.residuals.SkipKind.PROJECTION]
     assert [s.module_path for s in projections] == ["layer2.0", "layer3.0"]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(fxsd.InvalidArgumentError, match="6n \\+ 2"):
@@ -37,7 +37,7 @@ def test_mask_drop_path_applies_torchvision_op_at_site_rates():
     model = cifar_resnet(20)
     analysis = fxsd.analyze_residuals(model)
     depths = [s.depth for s in analysis.sites]
-    rates = fxsd.distributions.site_rates(0.5, "linear", depths, analysis.num_levels)
+    rates = fxsd.decisions.distributions.site_rates(0.5, "linear", depths, analysis.num_levels)
     gm = add_mask_drop_paths(fxsd.analyze_residuals(model), rates)
     drop_paths = [(n, gm.get_submodule(str(n.target))) for n in gm.graph.nodes
                   if n.op == "call_module"
@@ -47,7 +47,7 @@ def test_mask_drop_path_applies_torchvision_op_at_site_rates():
     # Each sits between the branch output and the residual add.
     for node, _ in drop_paths:
         (user,) = node.users
-        assert fxsd.ops.add_kind(user) is not None
+        assert fxsd.analysis.ops.add_kind(user) is not None
         assert node.args[0].target.endswith("bn2")
     assert list(gm.state_dict()) == list(model.state_dict())
     # Same values as torchvision's op applied by hand with the same random state.
@@ -357,7 +357,7 @@ def test_sample_mode_limit_uses_the_row_counts_that_ran():
     gated = fxsd.stochastic_depth(vit, 0.5, distribution="uniform", mode="sample", seed=0)
     x = torch.randn(8, 3, 32, 32)
     cfg = bench.BenchConfig(branch_reps=1)
-    names = fxsd.training.named_gates(gated)
+    names = fxsd.runtime.accessors.named_gates(gated)
     curves = bench.row_times(gated, x, cfg, {name: {3, 5} for name in names})
     assert all(set(c) == {0, 3, 5, 8} for c in curves.values())
     assert all(c[8] > 0 and c[3] > 0 for c in curves.values())

@@ -11,11 +11,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxsd
-from fxsd import bench_prune
-from fxsd.bench_types import VariantKind
-from fxsd.cli import main
 from fxsd.errors import InvalidArgumentError
-from fxsd.models import load_model
+from fxsd.tools import bench_prune
+from fxsd.tools.bench_types import VariantKind
+from fxsd.tools.cli import main
+from fxsd.tools.models import load_model
 
 SMALL = dict(batch_size=2, image_size=8, seed=3)
 

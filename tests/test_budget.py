@@ -13,9 +13,9 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxsd
-from fxsd.budget import saving_at, site_savings
-from fxsd.cli import main
-from fxsd.training import named_gates
+from fxsd.decisions.budget import saving_at, site_savings
+from fxsd.runtime.accessors import named_gates
+from fxsd.tools.cli import main
 
 timm = pytest.importorskip("timm")
 
@@ -87,7 +87,7 @@ def test_timm_vit_uniform_target_adopts_drop_paths_and_meets_the_count():
     # timm's first block holds an Identity (linspace from 0): the other 10 are adopted, in
     # timm's sample mode; attention branches read a mask from outside the fork, so they run
     # sample/mask and save nothing: the MLPs' subset drops carry the whole target
-    assert sum(g.drop_path is fxsd.gate.DropPathAction.ADOPTED for g in found) == 10
+    assert sum(g.drop_path is fxsd.runtime.gate.DropPathAction.ADOPTED for g in found) == 10
     assert found[0].drop_rate != 0.1  # the target set the rates, as an explicit rate would
     check_counted(plain, gated, x, 0.3)
 
@@ -168,7 +168,7 @@ def test_site_savings_add_up_and_the_table_says_them(capsys):
     assert sum(per_site.values()) == pytest.approx(fxsd.expected_saving(gated))
     text = fxsd.table(gated, width=0)
     assert "step %" in text.splitlines()[0] and "saving %" in text.splitlines()[0]
-    last = fxsd.training.named_gates(gated)["layer4.1.residual_gate"]
+    last = fxsd.runtime.accessors.named_gates(gated)["layer4.1.residual_gate"]
     share = last.info.step_flops / fxsd.get_record(gated).step_flops
     row = next(line for line in text.splitlines() if "layer4.1.residual_gate" in line)
     assert f"{share:.1%}"[:-1] in row and f"{per_site['layer4.1.residual_gate']:.2%}"[:-1] in row
@@ -189,7 +189,7 @@ def test_inspect_shows_per_site_saving_and_the_target(capsys):
 
 
 def test_bench_rows_carry_activation_bytes_and_the_flop_saving():
-    from fxsd import bench
+    from fxsd.tools import bench
 
     result = bench.run("cifar_resnet20", drop_rates=(0.5,), distribution="uniform", steps=6,
                        warmup=1, batch_size=4, branch_reps=1)

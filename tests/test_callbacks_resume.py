@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fxsd
-from fxsd.callbacks import (
+from fxsd.training.callbacks import (
     STATE_FILE,
     STATE_KEY,
     LightningCallback,

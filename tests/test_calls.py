@@ -3,7 +3,7 @@
 A model traced by example is gated inside its layers along one recorded call; the model's
 ordinary calls pass its layers other keyword arguments and flags (``use_cache``,
 ``num_items_in_batch``, ``output_attentions``), another cache or none. A gated layer then traces
-itself again for that call, with its own gates (:mod:`fxsd.variants`). Tiny configs, random
+itself again for that call, with its own gates (:mod:`fxsd.runtime.variants`). Tiny configs, random
 weights, CPU; every result is compared with the untransformed model.
 """
 
@@ -96,7 +96,8 @@ def test_whisper_training_step():
         for _ in range(4):
             model.zero_grad()
             gated(input_features=features, labels=decoder_ids).loss.backward()
-            dropped |= {n for n, g in fxsd.training.named_gates(gated).items() if g.dropped}
+            named = fxsd.runtime.accessors.named_gates(gated)
+            dropped |= {n for n, g in named.items() if g.dropped}
         assert dropped, "at 0.9 some layers are dropped on the calls Whisper makes"
     finally:
         fxsd.set_drop_rate(gated, 0.0)

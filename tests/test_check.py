@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import fxsd
-from fxsd.gate import BranchGate
+from fxsd.runtime.gate import BranchGate
 from fxsd.verify import CheckKind, VerificationError, _Snapshot
 
 
@@ -148,7 +148,7 @@ def test_check_needs_examples_and_reports_a_failed_transform():
 
 
 def test_cli_check_passes_and_fails_with_a_table(monkeypatch, capsys):
-    from fxsd.cli import main
+    from fxsd.tools.cli import main
 
     assert main(["check", "resnet18", "--input-shape", "2,3,32,32"]) == 0
     out = capsys.readouterr().out
@@ -166,8 +166,8 @@ def aliased() -> nn.Module:
 
 
 def test_cli_check_fails_on_a_block_gated_on_one_of_its_paths(monkeypatch, capsys):
-    from fxsd.cli import main
     from fxsd.passes import stochastic_depth as pass_module
+    from fxsd.tools.cli import main
 
     assert main(["check", "tests.test_check:aliased", "--input-shape", "2,3,16,16"]) == 0
     capsys.readouterr()

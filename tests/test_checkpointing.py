@@ -222,7 +222,7 @@ def _llama_step(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, bool]
     model(input_ids=IDS, labels=IDS).loss.backward()
     for h in handles:
         h.remove()
-    gates = _unwrapped_keys(fxsd.training.named_gates(model))
+    gates = _unwrapped_keys(fxsd.runtime.accessors.named_gates(model))
     dropped = {name: gates[f"{name}.mlp_gate"].dropped for name in layers}
     return counts, dropped, _unwrapped_keys(grads(model))
 

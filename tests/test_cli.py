@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from fxsd.cli import main
+from fxsd.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_does_not_import_torch():
     # `fxsd --help` must answer at once: importing torch alone takes over a second.
-    code = ("import sys\nfrom fxsd.cli import main\ntry:\n    main(['--help'])\n"
+    code = ("import sys\nfrom fxsd.tools.cli import main\ntry:\n    main(['--help'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
@@ -39,8 +39,8 @@ def test_bench_accepts_a_callable_spec(capsys):
 
 
 def test_errors_are_one_line_without_a_traceback():
-    result = subprocess.run([sys.executable, "-m", "fxsd.cli", "inspect",
-                             "fxsd.models:BasicBlock"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "fxsd.tools.cli", "inspect",
+                             "fxsd.tools.models:BasicBlock"], capture_output=True, text=True)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fxsd: error: cannot build")
@@ -94,7 +94,7 @@ def test_readme_example_is_real_output(monkeypatch, capsys):
 
 
 def test_output_that_is_not_a_terminal_is_not_cut(monkeypatch, capsys):
-    from fxsd.tables import terminal_width
+    from fxsd.tools.tables import terminal_width
 
     monkeypatch.delenv("COLUMNS", raising=False)
     assert terminal_width() == 0  # captured: a pipe, as in `fxsd inspect > table.txt`
@@ -132,8 +132,8 @@ def test_python_m_fxsd_is_the_command_line():
 
 
 def test_demo_writes_to_the_current_directory_by_default():
-    from fxsd.cli import _parser
-    from fxsd.cli_arguments import DEFAULT_DEMO_OUT
+    from fxsd.tools.cli import _parser
+    from fxsd.tools.cli_arguments import DEFAULT_DEMO_OUT
 
     assert _parser().parse_args(["demo"]).out == DEFAULT_DEMO_OUT == "fxsd-demo"
     readme = (ROOT / "README.md").read_text()
@@ -150,7 +150,7 @@ def test_input_shape_must_be_positive_ints(shape, capsys):
 
 
 def test_input_shape_gives_the_example_input(monkeypatch):
-    from fxsd.cli import _parser
+    from fxsd.tools.cli import _parser
 
     assert _parser().parse_args(["inspect", "--input-shape", "2, 3,16,16"]).input_shape == (
         2, 3, 16, 16)
@@ -161,15 +161,15 @@ def test_input_shape_gives_the_example_input(monkeypatch):
 @pytest.fixture
 def nothing_built(monkeypatch):
     """Fail the test if the command builds a model or starts the demo's training."""
-    import fxsd.bench
-    import fxsd.demo
-    import fxsd.models
+    import fxsd.tools.bench
+    import fxsd.tools.demo
+    import fxsd.tools.models
 
     def fail(*args, **kwargs):
         pytest.fail("a model was built before the arguments were checked")
 
-    for module, name in ((fxsd.models, "load_model"), (fxsd.bench, "load_model"),
-                         (fxsd.models, "cifar_resnet"), (fxsd.demo, "load_digits")):
+    for module, name in ((fxsd.tools.models, "load_model"), (fxsd.tools.bench, "load_model"),
+                         (fxsd.tools.models, "cifar_resnet"), (fxsd.tools.demo, "load_digits")):
         monkeypatch.setattr(module, name, fail)
 
 
@@ -180,7 +180,7 @@ def nothing_built(monkeypatch):
     (["inspect", "resnet5"], "unknown model 'resnet5' (did you mean 'resnet50'"),
     (["inspect", "cifar_resnet21"], "must be 6n + 2"),
     (["inspect", "no_such_fxsd_module:make"], "cannot load 'no_such_fxsd_module:make'"),
-    (["inspect", "fxsd.models:DEFAULT_NOTHING"], "has no attribute 'DEFAULT_NOTHING'"),
+    (["inspect", "fxsd.tools.models:DEFAULT_NOTHING"], "has no attribute 'DEFAULT_NOTHING'"),
     (["bench", "nosuchnet"], "unknown model 'nosuchnet'"),
     (["bench", "cifar_resnet20", "--steps", "0"], "--steps must be an int >= 1, got 0"),
     (["bench", "cifar_resnet20", "--steps", "x"], "argument --steps: expected an int, got 'x'"),
@@ -231,13 +231,13 @@ def test_inspect_and_the_api_share_one_default_drop_rate(capsys):
     import torch
 
     import fxsd
-    from fxsd.cli import _parser
-    from fxsd.distributions import DEFAULT_DROP_RATE
+    from fxsd.decisions.distributions import DEFAULT_DROP_RATE
+    from fxsd.tools.cli import _parser
 
     assert _parser().parse_args(["inspect"]).drop_rate is None
     assert main(["inspect", "cifar_resnet20", "--wide"]) == 0
     out = capsys.readouterr().out
-    gated = fxsd.stochastic_depth(fxsd.models.cifar_resnet(20),
+    gated = fxsd.stochastic_depth(fxsd.tools.models.cifar_resnet(20),
                                   example_inputs=(torch.zeros(1, 3, 32, 32),))
     rates = [f"{g.drop_rate:.4f}" for g in fxsd.gates(gated)]
     rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
@@ -256,7 +256,7 @@ def test_target_saving_without_flops_is_refused_before_the_model_is_built(nothin
 
 
 def test_demo_prints_its_results_before_writing_them(monkeypatch, tmp_path, capsys):
-    from fxsd import demo
+    from fxsd.tools import demo
 
     runs = [demo.Run(v, 0, [(1.0 if v == "baseline" else 0.8, 0.9)])
             for v in ("baseline", "fxsd")]
@@ -275,7 +275,7 @@ def test_demo_prints_its_results_before_writing_them(monkeypatch, tmp_path, caps
 
 
 def test_ctrl_c_in_bench_prints_the_steps_timed_so_far(monkeypatch, tmp_path, capsys):
-    from fxsd import bench
+    from fxsd.tools import bench
 
     calls = {"n": 0}
     step = bench._Runner.step
@@ -303,20 +303,20 @@ def test_ctrl_c_in_bench_prints_the_steps_timed_so_far(monkeypatch, tmp_path, ca
 
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
-    import fxsd.demo
-    import fxsd.models
-    from fxsd import bench
+    import fxsd.tools.demo
+    import fxsd.tools.models
+    from fxsd.tools import bench
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fxsd.models, "load_model", ctrl_c)
+    monkeypatch.setattr(fxsd.tools.models, "load_model", ctrl_c)
     assert main(["inspect", "resnet18"]) == 130
     monkeypatch.setattr(bench, "load_model", ctrl_c)  # before any step: nothing to print
     assert main(["bench", "cifar_resnet20"]) == 130
     captured = capsys.readouterr()
     assert "before any step was timed" in captured.err and captured.out == ""
-    monkeypatch.setattr(fxsd.demo, "run", ctrl_c)
+    monkeypatch.setattr(fxsd.tools.demo, "run", ctrl_c)
     assert main(["demo"]) == 130
     assert "fxsd: interrupted" in capsys.readouterr().err
 
@@ -337,7 +337,7 @@ def test_tracing_one_module_at_a_time_reports_progress():
     from torch import nn
 
     import fxsd
-    from fxsd.units import reporting
+    from fxsd.analysis.units import reporting
 
     class Block(nn.Module):
         def __init__(self):
@@ -454,7 +454,7 @@ def test_a_transform_that_saves_nothing_warns_and_the_summary_says_why():
     assert "BatchNorm2d" in messages[0]
     assert {(g.mode, g.sample_impl) for g in fxsd.gates(gated)} == {("sample", "mask")}
     assert fxsd.expected_saving(gated) == 0.0
-    text = fxsd.tables.summary(gated)
+    text = fxsd.tools.tables.summary(gated)
     assert "expected saving per training step: 0.0%" in text
     assert "no compute saved: every gated branch runs in sample mode with the mask" in text
     # the mask computes every branch on every row, whatever it drops
@@ -469,7 +469,7 @@ def test_a_transform_that_saves_nothing_warns_and_the_summary_says_why():
     gated, kinds, _ = _transform(drop_path_net("group"))
     assert kinds == set()
     assert {(g.mode, g.sample_impl) for g in fxsd.gates(gated)} == {("sample", "subset")}
-    assert "no compute saved" not in fxsd.tables.summary(gated)
+    assert "no compute saved" not in fxsd.tools.tables.summary(gated)
 
 
 def test_inspect_says_why_nothing_is_saved(capsys):

@@ -16,7 +16,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import fxsd
 
-pytestmark = pytest.mark.filterwarnings("ignore::fxsd.folding.EvalScaledWeightsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fxsd.training.folding.EvalScaledWeightsWarning")
 BACKEND = "aot_eager"  # dynamo + AOT autograd, without inductor's C++ build time on CI
 
 
@@ -172,7 +172,7 @@ def test_strip_equals_gated_eval_and_exports(name):
     gm = fxsd.stochastic_depth(model, scale="eval", **kwargs).eval()
     plain = fxsd.strip(gm)
     assert not fxsd.gates(plain)
-    assert not any(isinstance(m, fxsd.gate.BranchGate) for m in plain.modules())
+    assert not any(isinstance(m, fxsd.runtime.gate.BranchGate) for m in plain.modules())
     assert list(plain.state_dict()) == list(model.state_dict())
     assert type(plain) is type(model)
     code = _code(plain)  # the eval scale: in the add's alpha, or on a branch written first

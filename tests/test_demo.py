@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from fxsd import demo  # noqa: E402
-from fxsd.cli import main  # noqa: E402
 from fxsd.errors import InvalidArgumentError, InvalidTypeError  # noqa: E402
+from fxsd.tools import demo  # noqa: E402
+from fxsd.tools.cli import main  # noqa: E402
 
 
 def test_digits_are_bundled_and_split():

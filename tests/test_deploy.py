@@ -8,10 +8,10 @@ import torchvision
 from torch import nn
 
 import fxsd
-from fxsd.models import cifar_resnet
+from fxsd.tools.models import cifar_resnet
 
 # Every model here is eval-scaled on purpose: its state_dict() warns, as it should.
-pytestmark = pytest.mark.filterwarnings("ignore::fxsd.folding.EvalScaledWeightsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fxsd.training.folding.EvalScaledWeightsWarning")
 
 
 def _randomised(model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fxsd
-from fxsd.gate import BranchGate
+from fxsd.runtime.gate import BranchGate
 
 D = 8
 

@@ -11,7 +11,7 @@ from conftest import CallCounter, branch_only_modules
 from torch import nn
 
 import fxsd
-from fxsd.sites import RejectReason, SkipKind
+from fxsd.analysis.sites import RejectReason, SkipKind
 
 torch.manual_seed(0)
 C = 8
@@ -231,7 +231,8 @@ def test_training_with_nothing_dropped_matches_original(case):
     x = make_x()
     if case == "skip_add_inplace":
         # x.add_ overwrites a tensor the Linear saved, so the original cannot backpropagate; the
-        # gated model computes the add the source wrote (fxsd/join.py), in place, and neither can
+        # gated model computes the add the source wrote (fxsd/runtime/join.py), in place, and
+        # neither can
         torch.testing.assert_close(gm(x.clone()), model(x.clone()), rtol=0, atol=0)
         for m in (model, gm):
             with pytest.raises(RuntimeError, match="inplace operation"):
@@ -280,8 +281,8 @@ def test_nested_depths_and_gating():
     inner_calls = [n.target for n in outer.branch.graph.nodes if n.op == "call_module"]
     assert inner_calls == ["norm", "a", "b"]
     assert outer.branch.get_submodule("a") is gm.a and isinstance(gm.a.residual_gate,
-                                                                   fxsd.gate.BranchGate)
-    assert list(fxsd.training.named_gates(gm)) == ["a.residual_gate", "b.residual_gate",
+                                                                   fxsd.runtime.gate.BranchGate)
+    assert list(fxsd.runtime.accessors.named_gates(gm)) == ["a.residual_gate", "b.residual_gate",
                                           "residual_gate"]
 
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsd
-from fxsd.partial_join import partial_add
-from fxsd.sites import RejectReason as Reason
-from fxsd.training import named_gates
+from fxsd.analysis.partial_join import partial_add
+from fxsd.analysis.sites import RejectReason as Reason
+from fxsd.runtime.accessors import named_gates
 
 
 class PartialJoin(nn.Module):  # ReXNet's LinearBottleneck: the shortcut joins the first C channels
@@ -178,7 +178,8 @@ def test_wav2vec2_layerdrop_is_adopted_not_doubled(traced_in):
     assert all(82 <= c <= 110 for c in counts.values()), counts
 
 
-# -- values that escape a branch only through shapes (fxsd.escapes) ---------------------------
+# -- values that escape a branch only through shapes (fxsd.analysis.escapes)
+# ---------------------------
 
 
 def _zero_output(module, index=None):
@@ -339,8 +340,8 @@ def _falcon(attention):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_falcon_layers_returning_attention_weights_are_gated(attention):
+    from fxsd.analysis.escapes import DroppedValue
     from fxsd.errors import DroppedValueError
-    from fxsd.escapes import DroppedValue
 
     model = _falcon(attention).eval()
     kw = {"input_ids": torch.randint(0, 99, (2, 9))}

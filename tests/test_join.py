@@ -1,4 +1,5 @@
-"""The gate computes the join the source wrote (fxsd/join.py): the same function, operand order,
+"""The gate computes the join the source wrote (fxsd/runtime/join.py): the same function, operand
+order,
 ``alpha`` and in-place spelling, so a gated model in eval equals the plain model bit for bit."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 import fxsd
-from fxsd.join import JoinOp
+from fxsd.runtime.join import JoinOp
 
 C = 8
 

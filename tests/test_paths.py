@@ -187,7 +187,7 @@ def test_root_owned_join_warns_naming_other_methods() -> None:
         gated = fxsd.stochastic_depth(RootJoin(), 0.5)
     assert len([w for w in caught if w.category is fxsd.RootJoinsWarning]) == 1
     assert fxsd.get_record(gated).rewritten == ("",)
-    assert fxsd.owners.other_entry_points(RootJoin()) == ["features"]
+    assert fxsd.decisions.owners.other_entry_points(RootJoin()) == ["features"]
 
 
 def test_root_owned_join_without_other_methods_is_silent() -> None:

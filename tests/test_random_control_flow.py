@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fxsd
-from fxsd.training import named_gates
+from fxsd.runtime.accessors import named_gates
 
 D = 8
 LAYERS = 3
@@ -188,7 +188,7 @@ def test_the_kept_module_is_listed_with_the_line_of_its_draw(draw):
 
 def test_trace_keeps_the_drawing_module_a_leaf():
     model = Model("torch")
-    gm = fxsd.tracing.trace(model)
+    gm = fxsd.tracing.tracer.trace(model)
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert calls == ["inp", "encoder", "head"]
     assert [u[0] for u in fxsd.get_record(gm).untraced] == ["encoder"]

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxsd
 
-Reason = fxsd.residuals.RejectReason
+Reason = fxsd.analysis.residuals.RejectReason
 
 
 def _reasons(model, *example):
@@ -131,13 +131,13 @@ def test_grn_internal_add_is_not_a_site():
 
 def test_parallel_convolutions_are_not_a_skip_but_the_identity_is():
     sites, reasons, analysis = _reasons(RepVGGBlock())
-    assert sites == 1 and analysis.sites[0].skip_kind is fxsd.residuals.SkipKind.IDENTITY
+    assert sites == 1 and analysis.sites[0].skip_kind is fxsd.analysis.residuals.SkipKind.IDENTITY
     assert reasons[Reason.PARALLEL_PATHS] == 1
 
 
 def test_shallow_projection_stays_a_skip():
     sites, reasons, analysis = _reasons(Downsample())
-    assert sites == 1 and analysis.sites[0].skip_kind is fxsd.residuals.SkipKind.PROJECTION
+    assert sites == 1 and analysis.sites[0].skip_kind is fxsd.analysis.residuals.SkipKind.PROJECTION
     assert not reasons
 
 
@@ -218,7 +218,7 @@ def test_repvit_keeps_the_identity_around_the_parallel_convolutions():
     model = timm.create_model("repvit_m1", pretrained=False).eval()
     analysis = fxsd.analyze_residuals(model)
     mixers = [s for s in analysis.sites if s.module_type == "RepVggDw"]
-    assert mixers and all(s.skip_kind is fxsd.residuals.SkipKind.IDENTITY for s in mixers)
+    assert mixers and all(s.skip_kind is fxsd.analysis.residuals.SkipKind.IDENTITY for s in mixers)
     parallel = [r for r in analysis.rejected if r.reason is Reason.PARALLEL_PATHS]
     assert {r.module_path.rsplit(".", 1)[-1] for r in parallel} <= {"token_mixer"}
 

@@ -159,7 +159,7 @@ def test_callbacks_import_without_frameworks():
     import sys
 
     code = ("import sys; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None; "
-            "sys.modules['transformers'] = None; import fxsd.callbacks as c; "
+            "sys.modules['transformers'] = None; import fxsd.training.callbacks as c; "
             "print(c.LightningCallback.__mro__[1].__name__, "
             "c.TransformersCallback.__mro__[1].__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -188,7 +188,7 @@ def _data(n=24):
 
 def test_lightning_callback(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    from fxsd.callbacks import LightningCallback
+    from fxsd.training.callbacks import LightningCallback
 
     class Module(pl.LightningModule):
         def __init__(self, net):
@@ -258,7 +258,7 @@ def test_lightning_callback(tmp_path):
 def test_transformers_callback(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from fxsd.callbacks import STATE_KEY, TransformersCallback, _decoded
+    from fxsd.training.callbacks import STATE_KEY, TransformersCallback, _decoded
 
     class Classifier(nn.Module):
         def __init__(self, net):

@@ -1,5 +1,5 @@
-"""One gate for joins that share a branch's work (``fxsd/shared_work.py``): diffusers' joint
-attention (SD3, Flux: one attention, two residual streams) and timm's DPN (one convolution
+"""One gate for joins that share a branch's work (``fxsd/analysis/shared_work.py``): diffusers'
+joint attention (SD3, Flux: one attention, two residual streams) and timm's DPN (one convolution
 feeding the residual add and the dense concatenation). Every join is gated; a dropped gate gives
 exactly the plain model with the work's outputs zeroed; gradients flow."""
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fxsd
-from fxsd.shared_work import ShareKind
+from fxsd.analysis.shared_work import ShareKind
 
 diffusers = pytest.importorskip("diffusers")
 timm = pytest.importorskip("timm")

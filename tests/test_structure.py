@@ -16,7 +16,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.models.vision_transformer import EncoderBlock
 
 import fxsd
-from fxsd.variants import MAX_VARIANTS
+from fxsd.runtime.variants import MAX_VARIANTS
 
 
 def _round_trip(model: nn.Module) -> nn.Module:
@@ -27,8 +27,9 @@ def _round_trip(model: nn.Module) -> nn.Module:
 
 
 def _same_tree(a: nn.Module, b: nn.Module) -> bool:
+    gate = fxsd.runtime.gate.BranchGate
     return [n for n, _ in a.named_modules()] == [n for n, _ in b.named_modules()
-                                                  if not isinstance(_, fxsd.gate.BranchGate)]
+                                                  if not isinstance(_, gate)]
 
 
 # -- class, attributes, methods ---------------------------------------------------------------
@@ -270,7 +271,7 @@ ZOO = {
     "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32, num_classes=10),
                  (2, 3, 32, 32)),
     "swin_t": (lambda: torchvision.models.swin_t(num_classes=10), (1, 3, 64, 64)),
-    "cifar_resnet20": (lambda: fxsd.models.cifar_resnet(20), (2, 3, 32, 32)),
+    "cifar_resnet20": (lambda: fxsd.tools.models.cifar_resnet(20), (2, 3, 32, 32)),
     "annotated": (lambda: AnnotatedNet(), (4, 8)),
 }
 
@@ -303,7 +304,7 @@ def test_save_load_and_deepcopy_round_trip(name):
         a.float().pow(2).mean().backward()
         assert any(p.grad is not None for p in copied.parameters())
         # the copy's branches run the copy's modules
-        for gname, gate in fxsd.training.named_gates(copied).items():
+        for gname, gate in fxsd.runtime.accessors.named_gates(copied).items():
             owner = copied.get_submodule(gname.rpartition(".")[0])
             for n in gate.branch.graph.nodes:
                 if n.op == "call_module":
@@ -314,7 +315,7 @@ def test_save_load_and_deepcopy_round_trip(name):
 @pytest.mark.parametrize("which", ["trace", "strip"])
 def test_trace_and_strip_outputs_pickle(which):
     model = AnnotatedNet().eval()
-    made = (fxsd.tracing.trace(model) if which == "trace"
+    made = (fxsd.tracing.tracer.trace(model) if which == "trace"
             else fxsd.strip(fxsd.stochastic_depth(model, 0.2)))
     loaded = _round_trip(made)
     x = torch.randn(4, 8)
@@ -324,7 +325,7 @@ def test_trace_and_strip_outputs_pickle(which):
 
 def test_swin_pickles_and_tracing_still_works_after():
     model = torchvision.models.swin_t(num_classes=10).eval()
-    for made in (fxsd.stochastic_depth(model, 0.2), fxsd.tracing.trace(model)):
+    for made in (fxsd.stochastic_depth(model, 0.2), fxsd.tracing.tracer.trace(model)):
         loaded = _round_trip(made)
         x = torch.randn(1, 3, 64, 64)
         torch.testing.assert_close(loaded.eval()(x), made.eval()(x), rtol=0, atol=0)

@@ -40,7 +40,7 @@ from torchvision.models import (
 )
 
 import fxsd
-from fxsd.training import named_gates
+from fxsd.runtime.accessors import named_gates
 
 # --------------------------------------------------------------------------------------------
 # Expected residual joins, from each model's definition.
@@ -234,7 +234,7 @@ def _branch_only(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.P
     gate_only_reads: list[tuple[str, nn.Module, str]] = []
     for path, block in blocks.items():
         gate_names = {n for n, c in block.named_children()
-                      if isinstance(c, fxsd.gate.BranchGate)}
+                      if isinstance(c, fxsd.runtime.gate.BranchGate)}
         for n in block.graph.nodes:
             target = str(n.target)
             if n.op == "call_module" and target not in gate_names:
@@ -263,7 +263,7 @@ def _branch_only(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.P
         for n in gate.branch.graph.nodes:
             if n.op == "call_module":
                 mod = gate.branch.get_submodule(str(n.target))
-                if isinstance(mod, fxsd.gate.BranchGate) or id(mod) in trunk:
+                if isinstance(mod, fxsd.runtime.gate.BranchGate) or id(mod) in trunk:
                     continue
                 qualified = f"{owner}.{n.target}" if owner else str(n.target)
                 modules[qualified] = mod
@@ -349,7 +349,7 @@ def test_no_residual_model_warns_and_is_unchanged(name: str) -> None:
     with pytest.warns(fxsd.NoResidualSitesWarning):
         gm = fxsd.stochastic_depth(model, 0.5, seed=0)
     assert type(gm) is type(model) and gm is not model, f"{name}: got {type(gm).__name__}"
-    assert not named_gates(gm), f"{name}: unexpected gates {list(fxsd.training.named_gates(gm))}"
+    assert not named_gates(gm), f"{name}: unexpected gates {list(named_gates(gm))}"
     x = _input(name)
     ref = _eval_out(model, x)
     out = _eval_out(gm, x)

@@ -35,7 +35,7 @@ class LnMlp(nn.Module):
 
 def _run(gm, x, seed=0):
     for g in fxsd.gates(gm):
-        g.sampler.set_state(fxsd.gate.DropSampler(seed).get_state())
+        g.sampler.set_state(fxsd.runtime.gate.DropSampler(seed).get_state())
     gm.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_()
     out = gm(xi)
@@ -172,7 +172,7 @@ def test_adopt_convnext_drop_paths():
     gates = fxsd.gates(gm)
     assert [g.drop_rate for g in gates] == pytest.approx(own)
     assert all(g.mode == "sample" and g.scale == "train" for g in gates)
-    assert all(g.drop_path is fxsd.gate.DropPathAction.ADOPTED for g in gates)
+    assert all(g.drop_path is fxsd.runtime.gate.DropPathAction.ADOPTED for g in gates)
     assert all(g.note.startswith("adopted StochasticDepth") for g in gates)
     assert not [m for m in called_modules(gm) if isinstance(m, torchvision.ops.StochasticDepth)]
     x = torch.randn(2, 3, 32, 32)
@@ -345,7 +345,7 @@ def test_mask_mode_computes_every_row_and_zeroes_the_dropped_ones():
 def test_adopt_torchvision_drop_paths(name):
     model = torchvision.models.get_model(name, weights=None).eval()  # default drop-path rates
     # One rate per *call* of a StochasticDepth module (Swin and MaxViT call one module twice).
-    traced = fxsd.tracing.trace(model)  # keeps drop-path modules as calls
+    traced = fxsd.tracing.tracer.trace(model)  # keeps drop-path modules as calls
     own = [traced.get_submodule(str(n.target)).p for n in traced.graph.nodes
            if n.op == "call_module"
            and isinstance(traced.get_submodule(str(n.target)), torchvision.ops.StochasticDepth)]
@@ -410,7 +410,7 @@ def test_explicit_rate_replaces_adopted_rates_everywhere():
     gates = fxsd.gates(gated)
     assert [g.drop_rate for g in gates] == [1.0] * 18
     # the drop paths still became gates (nothing drops twice), keeping their kind of dropping
-    assert all(g.drop_path is fxsd.gate.DropPathAction.ADOPTED for g in gates)
+    assert all(g.drop_path is fxsd.runtime.gate.DropPathAction.ADOPTED for g in gates)
     assert all(g.mode == "sample" and g.scale == "train" for g in gates)
     assert gates[-1].note == "adopted StochasticDepth(p=0.1), rate replaced"
     assert not [m for m in called_modules(gated)

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import fxsd
-import fxsd.by_example as by_example
-import fxsd.tracing as tracing
-from fxsd.budget import measure_step_costs
-from fxsd.training import gated_blocks
+import fxsd.tracing.by_example as by_example
+import fxsd.tracing.tracer as tracing
+from fxsd.decisions.budget import measure_step_costs
+from fxsd.runtime.accessors import gated_blocks
 
 tf = pytest.importorskip("transformers")
 
@@ -120,7 +120,7 @@ def test_no_flop_count_unless_asked_and_the_table_counts_the_same(monkeypatch):
     record = fxsd.get_record(gated)
     eager = measure_step_costs(gated, (), inputs)
     assert record.step_flops == eager.total > 0
-    assert {n: g.info.step_flops for n, g in fxsd.training.named_gates(gated).items()} \
+    assert {n: g.info.step_flops for n, g in fxsd.runtime.accessors.named_gates(gated).items()} \
         == eager.sites
     fxsd.expected_saving(gated)
     assert len(entered) == 2  # the measure above; the table's count is kept, not redone

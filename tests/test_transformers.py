@@ -74,7 +74,7 @@ FAMILIES = {
                        "bert.encoder.layer.0.residual_gate"}),
     # 10 joins: 2 encoder blocks x (attention, feed-forward), 2 decoder blocks x (self-attention,
     # cross-attention, feed-forward). Block 0's attentions also hand on the position bias they
-    # build (fxsd.escapes)
+    # build (fxsd.analysis.escapes)
     "t5": (t5, 10, {"encoder.block.0.layer.0.residual_gate",
                     "decoder.block.0.layer.0.residual_gate",
                     "decoder.block.0.layer.1.residual_gate",
@@ -113,7 +113,7 @@ def _tensors(output):
 def test_sites_are_the_residual_joins(family):
     name, model, gated, _ = family
     _, count, some = FAMILIES[name]
-    names = set(fxsd.training.named_gates(gated))
+    names = set(fxsd.runtime.accessors.named_gates(gated))
     assert len(names) == count, sorted(names)
     assert some <= names, sorted(names)
 
@@ -141,7 +141,7 @@ def test_tables_say_what_was_traced(family):
     name, model, gated, _ = family
     record = fxsd.get_record(gated)
     assert record.traced, "traced module by module"
-    owners = {gate.rpartition(".")[0] for gate in fxsd.training.named_gates(gated)}
+    owners = {gate.rpartition(".")[0] for gate in fxsd.runtime.accessors.named_gates(gated)}
     # every module holding gates lies in a module that was traced
     assert all(any(o == t or o.startswith(t + ".") or not t for t in record.traced)
                for o in owners)
@@ -155,11 +155,11 @@ def test_training_skips_dropped_layers(family):
     name, model, gated, inputs = family
     fxsd.set_drop_rate(gated, 0.5)
     gated.train()
-    gates = fxsd.training.named_gates(gated)
+    gates = fxsd.runtime.accessors.named_gates(gated)
     # the weight-bearing modules each gate's branch calls (T5's cross-attention keys and values
     # of the encoder output are computed outside: they do not depend on the skipped input and
     # they fill the cache; the position bias block 0 hands on is computed from its table when
-    # the branch is dropped, fxsd.escapes)
+    # the branch is dropped, fxsd.analysis.escapes)
     def handed_on(gate):
         path = gate.escape_path
         return set() if path is None else {str(n.target) for n in path.compute.graph.nodes
@@ -240,12 +240,12 @@ def test_t5_position_bias_is_handed_on_by_the_gates_that_build_it():
     # it next to the sum, and the generated code names it as the model's graph did
     _, gated, _ = _transform("t5")
     handing = {name: gate.escape_path.names
-               for name, gate in fxsd.training.named_gates(gated).items()
+               for name, gate in fxsd.runtime.accessors.named_gates(gated).items()
                if gate.escape_path is not None}
     assert sorted(handing) == [f"{p}.residual_gate" for p in (
         "decoder.block.0.layer.0", "decoder.block.0.layer.1", "encoder.block.0.layer.0")]
     assert not [r for r in fxsd.get_record(gated).rejected
-                if r.reason is fxsd.residuals.RejectReason.ESCAPING_VALUE]
+                if r.reason is fxsd.analysis.residuals.RejectReason.ESCAPING_VALUE]
     code = gated.encoder.block[0].layer[0].code
     assert "residual_gate = self.residual_gate(" in code
     assert f"{handing['encoder.block.0.layer.0.residual_gate'][0]} = residual_gate[1]" in code

@@ -36,8 +36,8 @@ from torch import nn
 
 import fxsd
 from fxsd.graph_module import copy_graph
-from fxsd.models import BasicBlock, cifar_resnet
-from fxsd.training import gates
+from fxsd.tools.models import BasicBlock, cifar_resnet
+from fxsd.runtime.accessors import gates
 
 NO_LAYOUT = {"layout_optimization": False}
 

@@ -1,0 +1,457 @@
+"""What the drops buy: each site's share of a training step's compute, and the rates for a target.
+
+The cost model. A training step's compute is the forward and backward FLOPs of the whole model,
+counted by ``torch.utils.flop_counter`` on the example inputs. A site's cost is what its
+branch's forward and backward do beyond the branches nested in it; the skip, the gate and the
+rest of the model are never saved. Costs are counted on the gated model itself, once
+(:func:`record_step_costs`) — at transform time for a ``target_saving``, else when first asked
+for (:func:`defer_step_costs`). One run on fake tensors, every branch kept, each FLOP charged to
+the innermost gate whose branch issued it — in the forward while the gate runs,
+in the backward by the autograd nodes its branch created. A run on fake tensors computes
+nothing, so the model, its buffers and the random generators are left as they were.
+
+A site is skipped when its own gate or a gate around it drops, so at rates ``p`` the expected
+saving is ``Σ_s cost_s · (1 − Π_{h ∋ s} (1 − p_h)) / step``. Block mode and sample mode's
+``subset`` skip what they drop (subset: the dropped rows' share, and a branch's FLOPs are linear
+in its rows); sample mode's ``mask`` computes every row and saves nothing.
+
+:func:`solve_scale` scales a distribution's rates by one factor until the expected saving meets
+a target (:func:`fxsd.stochastic_depth`'s ``target_saving``); :func:`expected_saving` reads a
+gated model's current rates, so it follows :func:`fxsd.set_drop_rate` and every schedule.
+
+>>> import torch, torchvision, fxsd
+>>> model = fxsd.stochastic_depth(torchvision.models.resnet50(), target_saving=0.25,
+...                               example_inputs=(torch.zeros(1, 3, 224, 224),))
+>>> round(fxsd.expected_saving(model), 3)
+0.25
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from fxsd.errors import FxsdError, InvalidArgumentError, ModelRunError, Run
+from fxsd.preserve import fake_tensors, guarded, model_run, preserved
+from fxsd.record import get_record
+from fxsd.runtime.accessors import _gates_or_error, named_gates
+from fxsd.runtime.gate import BranchGate
+
+__all__ = ["StepCosts", "measure_step_costs", "record_step_costs", "defer_step_costs",
+           "count_pending", "PendingCosts", "expected_saving",
+           "site_savings", "saving_at", "solve_scale", "scale_to_target", "effective_rate"]
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """FLOPs of one training step (forward + backward) on the example inputs.
+
+    Attributes:
+        total: the whole model's step.
+        sites: each gate's own branch (by gate name), nested gates' branches not included.
+        enclosing: for each gate, the gates whose branches hold it, nearest first.
+    """
+
+    total: int
+    sites: dict[str, int]
+    enclosing: dict[str, tuple[str, ...]]
+
+
+class _Attribution:
+    """Charges every FLOP the counter sees to the gate whose branch is running (``None``: the
+    trunk): gates' hooks in the forward, autograd-node pre-hooks in the backward."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+        self.last = 0
+        self.current: str | None = None
+        self.flops: dict[str | None, int] = {}
+        self.stack: list[tuple[str, set[Any]]] = []
+        self.parent: dict[str, str | None] = {}
+        self.owner: dict[Any, str] = {}  # autograd node -> gate whose branch created it
+
+    def switch(self, owner: str | None) -> None:
+        now = self.counter.get_total_flops()
+        self.flops[self.current] = self.flops.get(self.current, 0) + now - self.last
+        self.last, self.current = now, owner
+
+    def enter(self, name: str, args: tuple[Any, ...]) -> None:
+        self.parent.setdefault(name, self.stack[-1][0] if self.stack else None)
+        self.switch(name)
+        self.stack.append((name, {t.grad_fn for t in _tensors(args)}))
+
+    def leave(self, out: Any) -> None:
+        name, inputs = self.stack.pop()
+        todo = [t.grad_fn for t in _tensors(out)]
+        while todo:  # the autograd nodes made since enter(): stop at the gate's inputs
+            fn = todo.pop()
+            if fn is None or fn in inputs or fn in self.owner:
+                continue
+            self.owner[fn] = name
+            todo.extend(f for f, _ in fn.next_functions)
+        self.switch(self.stack[-1][0] if self.stack else None)
+
+    def hook_backward(self, outputs: list[torch.Tensor]) -> None:
+        seen: set[Any] = set()
+        todo = [t.grad_fn for t in outputs]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            owner = self.owner.get(fn)
+            fn.register_prehook(lambda grads, owner=owner: self.switch(owner))
+            todo.extend(f for f, _ in fn.next_functions)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def measure_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
+                       example_kwargs: Mapping[str, Any] | None = None, *,
+                       real_run: bool = False) -> StepCosts:
+    """Count one training step of the gated ``model`` on the examples, every branch kept.
+
+    Runs on fake tensors (nothing is computed, nothing the model holds changes). A model that
+    cannot run on fake tensors is run for real only with ``real_run`` (a ``target_saving`` needs
+    the costs), its buffers, gradients and generators restored.
+
+    Raises:
+        ModelRunError: the model raised during the count (names the module; a BatchNorm in
+            training on a batch of 1 is named as the cause).
+        FxsdError: the model could not be counted on the examples otherwise (says why).
+    """
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    try:
+        return _count(model, args, kwargs, fake=True)
+    except Exception as fake_error:  # noqa: BLE001 - data-dependent code: count a real run
+        if not real_run:
+            raise _counting_error(fake_error, "on fake tensors") from fake_error
+        try:
+            return _count(model, args, kwargs, fake=False)
+        except Exception as exc:
+            raise _counting_error(exc, f"on the example inputs (on fake tensors: "
+                                       f"{type(fake_error).__name__}: {fake_error})") from exc
+
+
+def _counting_error(exc: Exception, where: str) -> FxsdError:
+    message = f"could not count the FLOPs of a training step {where}: {exc}"
+    if isinstance(exc, ModelRunError):  # keep what the model raised in, for code to branch on
+        return ModelRunError(message, exc.run, exc.module_path, exc.module_type)
+    return FxsdError(f"could not count the FLOPs of a training step {where}: "
+                     f"{type(exc).__name__}: {exc}")
+
+
+def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+           fake: bool) -> StepCosts:
+    from torch.nn.utils.stateless import _reparametrize_module
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gates = named_gates(model)
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    with preserved(model), warnings.catch_warnings(), \
+            (fake_tensors() if fake else nullcontext()) as mode:
+        warnings.simplefilter("ignore")
+        state: dict[str, torch.Tensor] = {}
+        if mode is not None:
+            named = {**dict(model.named_parameters(remove_duplicate=False)),
+                     **dict(model.named_buffers(remove_duplicate=False))}
+            state = {k: mode.from_tensor(v) for k, v in named.items()}
+            args, kwargs = _faked((args, kwargs), mode)
+        reparam = _reparametrize_module(model, state, tie_weights=True) if fake else None
+        try:
+            with reparam or nullcontext(), FlopCounterMode(display=False) as counter, \
+                    model_run(model, Run.FLOP_COUNT):
+                costs = _attributed_step(model, gates, counter, args, kwargs)
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+    return costs
+
+
+def _attributed_step(model: nn.Module, gates: dict[str, BranchGate], counter: Any,
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepCosts:
+    """One forward and backward of ``model`` with every gate kept, FLOPs charged per gate."""
+    seen = _Attribution(counter)
+    handles = []
+    for name, gate in gates.items():
+        # keep every branch and draw nothing (at rate 1 a kept branch's scale would be 1/0);
+        # preserved() puts each gate's mode, rate and draw back
+        gate.mode, gate.drop_rate = "block", 0.0
+        gate._draw_block = lambda: False
+        handles.append(gate.register_forward_pre_hook(
+            lambda m, a, name=name: seen.enter(name, a)))
+        handles.append(gate.register_forward_hook(lambda m, a, out: seen.leave(out)))
+    try:
+        model.train()
+        outputs = [t for t in _tensors(model(*args, **kwargs)) if t.requires_grad]
+    finally:
+        for h in handles:
+            h.remove()
+    seen.hook_backward(outputs)
+    if outputs:
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    seen.switch(None)
+    enclosing = {}
+    for name in gates:
+        chain, up = [], seen.parent.get(name)
+        while up is not None:
+            chain.append(up)
+            up = seen.parent.get(up)
+        enclosing[name] = tuple(chain)
+    return StepCosts(int(counter.get_total_flops()),
+                     {name: int(seen.flops.get(name, 0)) for name in gates}, enclosing)
+
+
+def _faked(value: Any, mode: Any) -> Any:
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, value)
+
+
+
+class PendingCosts:
+    """What counting a gated model's step costs later takes, kept on its record
+    (``FxsdRecord.pending_costs``) until something asks for them (:func:`count_pending`).
+
+    A count runs on fake tensors, which read nothing of the examples but their shapes, strides,
+    dtypes and devices: those are kept, not the tensors (a large example batch is not held
+    alive by the model). A tensor that was on the model's device (in its dtype) follows the
+    model's later ``.to()``. The model itself is held weakly; a copied or unpickled record
+    counts on the model it is asked about, when that holds every gate.
+    """
+
+    def __init__(self, model: nn.Module, args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any] | None) -> None:
+        flat, self.spec = tree_flatten((tuple(args), dict(kwargs or {})))
+        self.device, self.dtype = _placement(model)
+        self.leaves = [_TensorSpec.of(x) if isinstance(x, torch.Tensor) else x for x in flat]
+        self.gates = tuple(named_gates(model))
+        self._model: weakref.ref[nn.Module] | None = weakref.ref(model)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_model": None}
+
+    def model_for(self, asked: nn.Module) -> nn.Module | None:
+        """The model to count on when ``asked`` (the model or one of its parts) is asked about."""
+        model = self._model() if self._model is not None else None
+        if model is not None and any(m is asked for m in model.modules()):
+            return model
+        return asked if tuple(named_gates(asked)) == self.gates else None
+
+    def inputs(self, model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Stand-ins for the examples (uninitialised: a fake run reads no value)."""
+        device, dtype = _placement(model)
+
+        def make(x: Any) -> Any:
+            if not isinstance(x, _TensorSpec):
+                return x
+            moved = x.device == self.device and device is not None
+            cast = x.dtype == self.dtype and dtype is not None
+            return torch.empty_strided(x.shape, x.stride, dtype=dtype if cast else x.dtype,
+                                       device=device if moved else x.device,
+                                       requires_grad=x.requires_grad)
+
+        return tree_unflatten([make(x) for x in self.leaves], self.spec)
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> _TensorSpec:
+        return cls(tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad)
+
+
+def _placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype of ``model``'s first floating-point parameter."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (None, None) if param is None else (param.device, param.dtype)
+
+
+def defer_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
+                     example_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Leave ``model``'s step costs to be counted when first asked for (by :func:`fxsd.table`,
+    :func:`expected_saving`, :func:`site_savings`): a count is one forward and backward on
+    fake tensors, which a transform that needs no costs (no ``target_saving``) should not pay.
+    The counts are those :func:`record_step_costs` would record now: FLOPs depend on shapes
+    alone, not on weights or rates, and every gate is kept during a count."""
+    get_record(model).pending_costs = PendingCosts(model, tuple(example_inputs), example_kwargs)
+
+
+def count_pending(model: nn.Module) -> None:
+    """Count the step costs :func:`defer_step_costs` left for later, if any, on the model
+    ``model`` belongs to (:func:`record_step_costs`: a failure is kept on the record)."""
+    record = get_record(model)
+    pending = getattr(record, "pending_costs", None)  # a record pickled before it had one
+    if pending is None or record.step_flops is not None:
+        return
+    whole = pending.model_for(model)
+    if whole is None:  # a part of a copy: the whole model is not known
+        return
+    record.pending_costs = None
+    args, kwargs = pending.inputs(whole)
+    record_step_costs(whole, args, kwargs)
+
+
+def record_step_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
+                      example_kwargs: Mapping[str, Any] | None = None, *,
+                      real_run: bool = False) -> bool:
+    """Count ``model``'s step costs (:func:`measure_step_costs`) and keep them on its gates'
+    :class:`~fxsd.runtime.gate.GateInfo` (``step_flops``, ``enclosing``) and its
+    :class:`~fxsd.record.FxsdRecord` (``step_flops``); where counting fails, the record keeps why
+    (``step_flops_error``). Returns whether the costs were recorded. With ``real_run`` the
+    costs are needed (a ``target_saving``): a failure raises, naming its cause."""
+    record = get_record(model)
+    try:
+        costs = measure_step_costs(model, example_inputs, example_kwargs, real_run=real_run)
+    except FxsdError as exc:
+        if real_run:
+            raise
+        record.step_flops_error = str(exc)
+        return False
+    for name, gate in named_gates(model).items():
+        gate.info = replace(gate.info, step_flops=costs.sites[name],
+                            enclosing=costs.enclosing[name])
+    record.step_flops, record.step_flops_error = costs.total, None
+    return True
+
+
+def effective_rate(gate: BranchGate) -> float:
+    """The share of its branch's work ``gate`` skips on average: its rate, except in sample
+    mode's ``mask`` implementation, which computes every row (0)."""
+    if gate.mode == "sample" and gate.sample_impl == "mask":
+        return 0.0
+    return gate.drop_rate
+
+
+def saving_at(rates: Mapping[str, float], sites: Mapping[str, int],
+              enclosing: Mapping[str, Sequence[str]], total: int) -> float:
+    """The expected saving, as a fraction of ``total``, at per-gate ``rates`` (see the module
+    docstring).
+
+    >>> saving_at({"a": 0.5, "b": 0.5}, {"a": 30, "b": 10}, {"a": (), "b": ("a",)}, 100)
+    0.225
+    """
+    saved = 0.0
+    for name, flops in sites.items():
+        keep = 1.0 - rates[name]
+        for up in enclosing.get(name, ()):
+            keep *= 1.0 - rates[up]
+        saved += flops * (1.0 - keep)
+    return saved / total if total else 0.0
+
+
+def _costs_or_error(model: nn.Module, what: str) -> tuple[dict[str, BranchGate], int]:
+    found = named_gates(model)
+    _gates_or_error(model)
+    count_pending(model)
+    record = get_record(model)
+    if record.step_flops is None or any(g.info.step_flops is None for g in found.values()):
+        if record.step_flops_error:  # examples were given: the count itself failed
+            raise FxsdError(
+                f"{what} needs the FLOPs of a training step, and counting them on the example "
+                f"inputs failed when the model was transformed: {record.step_flops_error}")
+        raise InvalidArgumentError(
+            f"{what} needs the FLOPs of a training step, counted when the model is transformed: "
+            "pass example_inputs= (and example_kwargs=), one forward call's inputs, to "
+            "fxsd.stochastic_depth")
+    return found, record.step_flops
+
+
+def site_savings(model: nn.Module) -> dict[str, float]:
+    """Each gate's expected saving at its current rate, as a fraction of a training step."""
+    found, total = _costs_or_error(model, "site_savings")
+    rates = {name: effective_rate(g) for name, g in found.items()}
+    return {name: saving_at(rates, {name: g.info.step_flops}, {name: g.info.enclosing}, total)
+            for name, g in found.items()}
+
+
+@guarded("expected_saving")
+def expected_saving(model: nn.Module) -> float:
+    """The expected fraction of a training step's compute (forward + backward FLOPs of the whole
+    model, on the example inputs it was transformed with) that the drops save at the model's
+    current rates: it follows :func:`fxsd.set_drop_rate` and every schedule.
+
+    Raises:
+        InvalidArgumentError: the model was transformed without example inputs (no FLOPs).
+        FxsdError: counting the FLOPs on its example inputs failed (says why).
+
+    Example:
+        >>> import torch, torchvision, fxsd
+        >>> model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.2,
+        ...                               example_inputs=(torch.zeros(1, 3, 64, 64),))
+        >>> fxsd.set_drop_rate(model, 0.0)
+        >>> fxsd.expected_saving(model)
+        0.0
+    """
+    return sum(site_savings(model).values())
+
+
+def solve_scale(shape: Mapping[str, float], saving: Callable[[dict[str, float]], float],
+                target: float, describe: str = "the distribution") -> float:
+    """The factor ``a`` for which ``saving({s: a * shape[s]})`` is ``target`` (to 1e-9), with
+    every rate at most 1.
+
+    Raises:
+        FxsdError: the target is beyond what ``shape`` reaches with its largest rate at 1; the
+            message names the largest reachable saving.
+    """
+    largest = max(shape.values(), default=0.0)
+    top = 1.0 / largest if largest > 0 else 0.0
+    reach = saving({s: min(1.0, top * w) for s, w in shape.items()})
+    if target > reach + 1e-12:
+        raise FxsdError(
+            f"target_saving={target:g} is out of reach: with {describe}, the drops save at most "
+            f"{reach:.4f} ({reach:.1%}) of a training step (its largest rate at 1). Ask for at "
+            "most that, or use a distribution that drops more of the model (e.g. 'uniform')")
+    low, high = 0.0, top
+    for _ in range(100):
+        mid = (low + high) / 2
+        if saving({s: min(1.0, mid * w) for s, w in shape.items()}) < target:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def scale_to_target(model: nn.Module, target: float, describe: str = "the distribution"
+                    ) -> float:
+    """Scale the gated ``model``'s rates (their distribution as planned) by one factor so that
+    :func:`expected_saving` is ``target``; set the model-wide rate to the largest site rate (so
+    :func:`fxsd.set_drop_rate` rescales the same shape). Returns that model-wide rate."""
+    found, total = _costs_or_error(model, "target_saving")
+    shape = {n: g.drop_rate for n, g in found.items()}
+    skips = {n: 0.0 if g.mode == "sample" and g.sample_impl == "mask" else 1.0
+             for n, g in found.items()}
+    sites = {n: g.info.step_flops for n, g in found.items()}
+    enclosing = {n: g.info.enclosing for n, g in found.items()}
+
+    def saving(rates: dict[str, float]) -> float:
+        return saving_at({n: r * skips[n] for n, r in rates.items()}, sites, enclosing, total)
+
+    factor = solve_scale(shape, saving, target, describe)
+    rates = {n: min(1.0, factor * w) for n, w in shape.items()}
+    model_rate = max(rates.values(), default=0.0)
+    largest = max(shape.values(), default=0.0)
+    for name, gate in found.items():
+        gate.drop_rate = rates[name]
+        gate.rate_weight = (rates[name] / model_rate if model_rate > 0
+                            else (shape[name] / largest if largest > 0 else 0.0))
+    get_record(model).drop_rate = model_rate
+    return model_rate
