@@ -34,6 +34,7 @@ the decision step (:mod:`fxsd.decisions.plan`) — are imported from their modul
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -89,14 +90,26 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    else:  # a submodule: fxsd.tools.bench, fxsd.tools.models, fxsd.decisions.owners...
+def _submodules(package: str) -> Callable[[str], Any]:
+    """A PEP 562 ``__getattr__`` for ``package``: ``package.<module>`` loads on first use (fxsd
+    itself and each step's folder use it, so ``import fxsd`` loads no step)."""
+    def __getattr__(name: str) -> Any:
         try:
-            value = importlib.import_module(f"fxsd.{name}")
-        except ModuleNotFoundError:
-            raise AttributeError(f"module 'fxsd' has no attribute {name!r}") from None
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{package}.{name}":
+                raise  # the module exists; something it imports does not
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+    return __getattr__
+
+
+_submodule = _submodules(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    # a public name, or a submodule: fxsd.tools.bench, fxsd.decisions.owners...
+    value = getattr(importlib.import_module(_EXPORTS[name]), name) if name in _EXPORTS \
+        else _submodule(name)
     globals()[name] = value
     return value
 

@@ -28,9 +28,10 @@ gated model's current rates, so it follows :func:`fxsd.set_drop_rate` and every 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -151,31 +152,41 @@ def _counting_error(exc: Exception, where: str) -> FxsdError:
                      f"{type(exc).__name__}: {exc}")
 
 
-def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-           fake: bool) -> StepCosts:
+@contextlib.contextmanager
+def counting_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], fake: bool,
+                 run: Run) -> Iterator[tuple[tuple[Any, ...], dict[str, Any], Any]]:
+    """The one setting of fxsd's FLOP counts (a training step here, a forward for
+    :func:`fxsd.prune`): ``model`` left as it was afterwards (:func:`~fxsd.preserve.preserved`),
+    warnings silenced, with ``fake`` its parameters, buffers and the inputs swapped for fake
+    tensors (nothing is computed); yields the inputs to run and the ``FlopCounterMode``."""
     from torch.nn.utils.stateless import _reparametrize_module
     from torch.utils.flop_counter import FlopCounterMode
 
-    gates = named_gates(model)
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
     with preserved(model), warnings.catch_warnings(), \
             (fake_tensors() if fake else nullcontext()) as mode:
         warnings.simplefilter("ignore")
-        state: dict[str, torch.Tensor] = {}
+        reparam: Any = nullcontext()
         if mode is not None:
             named = {**dict(model.named_parameters(remove_duplicate=False)),
                      **dict(model.named_buffers(remove_duplicate=False))}
             state = {k: mode.from_tensor(v) for k, v in named.items()}
             args, kwargs = _faked((args, kwargs), mode)
-        reparam = _reparametrize_module(model, state, tie_weights=True) if fake else None
-        try:
-            with reparam or nullcontext(), FlopCounterMode(display=False) as counter, \
-                    model_run(model, Run.FLOP_COUNT):
-                costs = _attributed_step(model, gates, counter, args, kwargs)
-        finally:
-            for p, g in zip(params, grads):
-                p.grad = g
+            reparam = _reparametrize_module(model, state, tie_weights=True)
+        with reparam, FlopCounterMode(display=False) as counter, model_run(model, run):
+            yield args, kwargs, counter
+
+
+def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+           fake: bool) -> StepCosts:
+    gates = named_gates(model)
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    try:
+        with counting_run(model, args, kwargs, fake, Run.FLOP_COUNT) as (args, kwargs, counter):
+            costs = _attributed_step(model, gates, counter, args, kwargs)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
     return costs
 
 

@@ -9,13 +9,10 @@ it. Removing a site saves its own cost and that of every site nested in its bran
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from fxsd.errors import FxsdError, Run
@@ -71,38 +68,24 @@ def forward_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
 
 def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
            fake: bool) -> ForwardCosts:
-    from torch.nn.utils.stateless import _reparametrize_module
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fxsd.decisions.budget import _Attribution, _faked
-    from fxsd.preserve import fake_tensors, model_run, preserved
+    from fxsd.decisions.budget import _Attribution, counting_run
 
     gates = named_gates(model)
     # with autograd on, as a training step's forward: under no_grad an nn.MultiheadAttention takes
     # its fused path, whose FLOPs torch.utils.flop_counter does not count
-    with preserved(model), warnings.catch_warnings(), \
-            (fake_tensors() if fake else nullcontext()) as mode:
-        warnings.simplefilter("ignore")
-        state: dict[str, torch.Tensor] = {}
-        if mode is not None:
-            named = {**dict(model.named_parameters(remove_duplicate=False)),
-                     **dict(model.named_buffers(remove_duplicate=False))}
-            state = {k: mode.from_tensor(v) for k, v in named.items()}
-            args, kwargs = _faked((args, kwargs), mode)
-        reparam = _reparametrize_module(model, state, tie_weights=True) if fake else None
-        with reparam or nullcontext(), FlopCounterMode(display=False) as counter, \
-                model_run(model, Run.ABSTRACT if fake else Run.EXAMPLE):
-            seen = _Attribution(counter)
-            handles = [h for name, gate in gates.items() for h in (
-                gate.register_forward_pre_hook(lambda m, a, name=name: seen.enter(name, a)),
-                gate.register_forward_hook(lambda m, a, out: seen.leave(out)))]
-            try:
-                model.eval()
-                model(*args, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-            seen.switch(None)
+    run = Run.ABSTRACT if fake else Run.EXAMPLE
+    with counting_run(model, args, kwargs, fake, run) as (args, kwargs, counter):
+        seen = _Attribution(counter)
+        handles = [h for name, gate in gates.items() for h in (
+            gate.register_forward_pre_hook(lambda m, a, name=name: seen.enter(name, a)),
+            gate.register_forward_hook(lambda m, a, out: seen.leave(out)))]
+        try:
+            model.eval()
+            model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        seen.switch(None)
     enclosing = {}
     for name in gates:
         chain, up = [], seen.parent.get(name)

@@ -5,17 +5,6 @@ Modules are imported by their full path (``fxsd.tracing.tracer.<module>``); docs
 map.
 """
 
-from __future__ import annotations
+from fxsd import _submodules
 
-import importlib
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    """``fxsd.<step>.<module>`` loads on first use, as fxsd's own names do (PEP 562)."""
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = _submodules(__name__)
