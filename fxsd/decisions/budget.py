@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -78,6 +78,17 @@ class _Attribution:
         self.stack: list[tuple[str, set[Any]]] = []
         self.parent: dict[str, str | None] = {}
         self.owner: dict[Any, str] = {}  # autograd node -> gate whose branch created it
+
+    def enclosing(self, names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """For each gate, the gates whose branches hold it, nearest first."""
+        found = {}
+        for name in names:
+            chain, up = [], self.parent.get(name)
+            while up is not None:
+                chain.append(up)
+                up = self.parent.get(up)
+            found[name] = tuple(chain)
+        return found
 
     def switch(self, owner: str | None) -> None:
         now = self.counter.get_total_flops()
@@ -213,15 +224,9 @@ def _attributed_step(model: nn.Module, gates: dict[str, BranchGate], counter: An
     if outputs:
         torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
     seen.switch(None)
-    enclosing = {}
-    for name in gates:
-        chain, up = [], seen.parent.get(name)
-        while up is not None:
-            chain.append(up)
-            up = seen.parent.get(up)
-        enclosing[name] = tuple(chain)
     return StepCosts(int(counter.get_total_flops()),
-                     {name: int(seen.flops.get(name, 0)) for name in gates}, enclosing)
+                     {name: int(seen.flops.get(name, 0)) for name in gates},
+                     seen.enclosing(gates))
 
 
 def _faked(value: Any, mode: Any) -> Any:

@@ -86,12 +86,6 @@ def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             for h in handles:
                 h.remove()
         seen.switch(None)
-    enclosing = {}
-    for name in gates:
-        chain, up = [], seen.parent.get(name)
-        while up is not None:
-            chain.append(up)
-            up = seen.parent.get(up)
-        enclosing[name] = tuple(chain)
     return ForwardCosts(int(counter.get_total_flops()),
-                        {name: int(seen.flops.get(name, 0)) for name in gates}, enclosing)
+                        {name: int(seen.flops.get(name, 0)) for name in gates},
+                        seen.enclosing(gates))
