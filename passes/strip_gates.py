@@ -118,8 +118,7 @@ def _inline_gate(root: GraphModule, graph: Graph, gate: BranchGate, args: list[A
                  folded: bool) -> Any:
     skip = args[0]
     shared = gate.info.shared
-    n = sum(use.kind is ShareKind.JOIN for use in shared)
-    args, skips = (args[:-n], args[-n:]) if n else (args, [])
+    args, skips = gate.info.split_skips(args)
     branch_args = args if gate.identity else args[1:]
     keep = 1.0 if folded else branch_scale(gate.drop_rate, gate.scale, False)
     # the branch runs for what it hands on

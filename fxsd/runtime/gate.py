@@ -171,10 +171,7 @@ class BranchGate(nn.Module):
     @torch.compiler.disable
     def forward(self, skip: torch.Tensor, *inputs: Any) -> Any:
         shared = self.info.shared
-        skips: tuple[Any, ...] = ()
-        if shared:  # the second joins' skips come last
-            n = sum(use.kind is ShareKind.JOIN for use in shared)
-            inputs, skips = (inputs[:-n], inputs[-n:]) if n else (inputs, ())
+        inputs, skips = self.info.split_skips(inputs)
         args = (skip, *inputs) if self.identity else inputs
         path = self.escape_path
         if path is None and not shared:
@@ -247,8 +244,7 @@ class BranchGate(nn.Module):
     def undrawn(self, skip: torch.Tensor, *inputs: Any) -> Any:
         """What the gate returns with its branch run and nothing drawn or scaled."""
         shared = self.info.shared
-        n = sum(use.kind is ShareKind.JOIN for use in shared)
-        inputs, skips = (inputs[:-n], inputs[-n:]) if n else (inputs, ())
+        inputs, skips = self.info.split_skips(inputs)
         out = self._branch((skip, *inputs) if self.identity else inputs)
         result = self.info.join(skip, out)
         escaped = self.__dict__.pop("_escaped", None)

@@ -64,6 +64,12 @@ class GateInfo:
     join: Join = PLAIN_JOIN  # the add as the source wrote it, which the gate computes
     shared: tuple[SharedUse, ...] = ()  # second joins the work feeds (fxsd.analysis.shared_work)
 
+    def split_skips(self, inputs: Any) -> tuple[Any, Any]:
+        """A gate call's inputs, then the skips of the second joins its work feeds (the call
+        passes those last: :mod:`fxsd.analysis.shared_work`)."""
+        n = sum(use.kind is ShareKind.JOIN for use in self.shared)
+        return (inputs[:-n], inputs[-n:]) if n else (inputs, inputs[:0])
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "join" not in state and state.get("part") is not None:  # pickled before joins were
             state = {**state, "join": Join(_PARTIAL, branch_first=True, part=state["part"])}
