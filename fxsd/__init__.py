@@ -34,8 +34,9 @@ the decision step (:mod:`fxsd.decisions.plan`) — are imported from their modul
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from fxsd._lazy import submodules
 
 __version__ = "0.1.0"
 
@@ -60,27 +61,20 @@ _EXPORTS = {
     "RandomDrawError": "fxsd.errors",
     "ModelRunError": "fxsd.errors",
     "TransformError": "fxsd.errors",
-    "FoldError": "fxsd.training.folding",
-    "EvalScaledWeightsWarning": "fxsd.training.folding",
-    "plain_state_dict": "fxsd.training.folding",
+    "FoldError": "fxsd.runtime.folding",
+    "plain_state_dict": "fxsd.runtime.folding",
     "get_record": "fxsd.record",
-    "InlinedHooksWarning": "fxsd.passes.stochastic_depth",
-    "NoResidualSitesWarning": "fxsd.passes.stochastic_depth",
-    "NoSavingWarning": "fxsd.passes.stochastic_depth",
-    "BlockModeWarning": "fxsd.passes.stochastic_depth",
-    "stochastic_depth": "fxsd.passes.stochastic_depth",
+    "stochastic_depth": "fxsd.transform",
     "strip": "fxsd.passes.strip_gates",
     "ResidualSite": "fxsd.analysis.sites",
-    "RootJoinsWarning": "fxsd.decisions.owners",
     "analyze_residuals": "fxsd.analysis.analyze",
     "find_residuals": "fxsd.analysis.analyze",
     "show": "fxsd.tools.listing",
     "table": "fxsd.tools.tables",
-    "FrozenDropoutWarning": "fxsd.tracing.tracer",
     "compile": "fxsd.training.compiling",
     "apply_stochastic_depth": "fxsd.training.composer",
     "expected_saving": "fxsd.decisions.budget",
-    "check": "fxsd.verify",
+    "check": "fxsd.tools.check",
     "prune": "fxsd.pruning.prune",
     "PruneReport": "fxsd.pruning.report",
 }
@@ -90,20 +84,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def _submodules(package: str) -> Callable[[str], Any]:
-    """A PEP 562 ``__getattr__`` for ``package``: ``package.<module>`` loads on first use (fxsd
-    itself and each step's folder use it, so ``import fxsd`` loads no step)."""
-    def __getattr__(name: str) -> Any:
-        try:
-            return importlib.import_module(f"{package}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{package}.{name}":
-                raise  # the module exists; something it imports does not
-            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
-    return __getattr__
-
-
-_submodule = _submodules(__name__)
+_submodule = submodules(__name__)
 
 
 def __getattr__(name: str) -> Any:
@@ -122,8 +103,8 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
     from fxsd.analysis.analyze import analyze_residuals, find_residuals
     from fxsd.analysis.sites import ResidualSite
     from fxsd.decisions.budget import expected_saving
-    from fxsd.decisions.owners import RootJoinsWarning
     from fxsd.errors import (
+        DroppedValueError,
         FxsdError,
         GraphError,
         GuardError,
@@ -133,13 +114,6 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         RandomDrawError,
         TraceError,
         TransformError,
-    )
-    from fxsd.passes.stochastic_depth import (
-        BlockModeWarning,
-        InlinedHooksWarning,
-        NoResidualSitesWarning,
-        NoSavingWarning,
-        stochastic_depth,
     )
     from fxsd.passes.strip_gates import strip
     from fxsd.pruning.prune import prune
@@ -152,11 +126,11 @@ if TYPE_CHECKING:  # what the lazy attributes are, for type checkers and IDEs
         set_drop_rate,
         set_rng_state,
     )
+    from fxsd.runtime.folding import FoldError, plain_state_dict
+    from fxsd.tools.check import check
     from fxsd.tools.listing import show
     from fxsd.tools.tables import table
-    from fxsd.tracing.tracer import FrozenDropoutWarning
     from fxsd.training.compiling import compile  # noqa: A004
     from fxsd.training.composer import apply_stochastic_depth
-    from fxsd.training.folding import EvalScaledWeightsWarning, FoldError, plain_state_dict
     from fxsd.training.schedulers import DropSchedule, DropWarmup, progressive_layer_drop
-    from fxsd.verify import check
+    from fxsd.transform import stochastic_depth

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsd.decisions.layer_drop import find_layer_drops, switch_off_layer_drops
 from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
 from fxsd.preserve import preserved
 from fxsd.runtime.accessors import named_gates
 from fxsd.runtime.gate import BranchGate
 from fxsd.tracing.calls import leaves
+from fxsd.tracing.layer_drop import find_layer_drops, switch_off_layer_drops
 
 __all__ = ["CheckKind", "CheckResult", "PlainRun", "VerificationError", "plain_run",
            "verify_transform"]

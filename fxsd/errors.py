@@ -5,18 +5,21 @@ Errors about bad argument values are also ``ValueError``\\ s and errors about wr
 types are also ``TypeError``\\ s, so code written against the built-in exceptions keeps working.
 
 Two errors live beside the step that raises them, and derive from the classes here:
-:class:`fxsd.training.folding.FoldError` (a :class:`GraphError`: an eval scale that cannot be folded
-into weights) and :class:`fxsd.verify.VerificationError` (the transformed model broke one of its
-promises, :func:`fxsd.check`; imported from :mod:`fxsd.verify`).
+:class:`fxsd.runtime.folding.FoldError` (a :class:`GraphError`: an eval scale that cannot be folded
+into weights) and :class:`fxsd.tools.check.VerificationError` (the transformed model broke one of
+its promises, :func:`fxsd.check`; imported from :mod:`fxsd.tools.check`).
 """
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["FxsdError", "InvalidArgumentError", "InvalidTypeError", "TraceError", "RandomDrawError",
-           "GraphError", "GuardError", "DroppedValueError", "Run", "ModelRunError",
-           "TransformError"]
+__all__ = ["FxsdError", "InvalidArgumentError", "InvalidTypeError", "TraceError",
+           "RandomDrawError", "GraphError", "GuardError", "DroppedValueError", "Run",
+           "ModelRunError", "TransformError", "EvalScaledWeightsWarning",
+           "ResumeWarning", "FrozenDropoutWarning", "LayerDropWarning",
+           "RootJoinsWarning", "NoResidualSitesWarning", "NoSavingWarning",
+           "BlockModeWarning", "InlinedHooksWarning"]
 
 
 class FxsdError(Exception):
@@ -79,7 +82,7 @@ class GuardError(FxsdError, ValueError):
 
 class DroppedValueError(FxsdError, RuntimeError):
     """A value a dropped branch did not compute was used
-    (:class:`fxsd.analysis.escapes.DroppedValue`)."""
+    (:class:`fxsd.runtime.escape_path.DroppedValue`)."""
 
 
 class Run(enum.Enum):
@@ -113,3 +116,52 @@ class ModelRunError(FxsdError, RuntimeError):
 class TransformError(FxsdError, RuntimeError):
     """An error fxsd did not foresee stopped a transform or an analysis (the original exception
     is chained). The model is as it was before the call."""
+
+
+# -- warnings (filter them by class: warnings.filterwarnings('ignore', category=...)) ----------
+
+
+class EvalScaledWeightsWarning(UserWarning):
+    """A ``state_dict`` was taken of a model whose gates scale branches at inference
+    (``scale="eval"``): a plain model loading it as it is computes other outputs."""
+
+
+class ResumeWarning(UserWarning):
+    """A run resumed from a checkpoint that holds no fxsd state (saved without the callback, or
+    by a process that died before adding it): the schedule is stepped to the restored step, so
+    the rates are right, but the drop decisions from there on are not the uninterrupted run's."""
+
+
+class FrozenDropoutWarning(UserWarning):
+    """A ``GraphModule`` given to fxsd calls dropout with a constant training flag or rate."""
+
+
+class LayerDropWarning(UserWarning):
+    """A model's own layer drop is no longer active and fxsd did not adopt its rate."""
+
+
+class RootJoinsWarning(UserWarning):
+    """The root module owns residual joins, and its class has other methods that call its
+    children (``encode_text``, ``encode_image``): those methods run the class's own code, so
+    the joins gated in the root's rewritten ``forward`` never drop through them."""
+
+
+class NoResidualSitesWarning(UserWarning):
+    """The model has no residual site (or none selected), so the pass changed nothing."""
+
+
+class NoSavingWarning(UserWarning):
+    """No gate of the transformed model can save compute: every gated branch runs in sample mode
+    with the mask implementation (its branch mixes batch rows), which computes every row and
+    multiplies the dropped ones by 0. ``mode="block"`` skips whole branches."""
+
+
+class BlockModeWarning(UserWarning):
+    """Adopted per-row drop paths (torchvision ``"row"``, timm ``DropPath``) run in block mode:
+    their branches mix batch rows (BatchNorm), so per-row drops would need the mask and save
+    nothing. ``mode="sample"`` keeps per-row drops (and saves nothing)."""
+
+
+class InlinedHooksWarning(UserWarning):
+    """A module with hooks, or one whose call is checkpointed, had to be inlined into the gated
+    module that owns a join: its hooks will not run any more, its call is not checkpointed."""

@@ -20,14 +20,74 @@ object instead of loose ``meta`` keys:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from fxsd.analysis.sites import RejectedAdd
-    from fxsd.training.schedulers import DropWarmup
+__all__ = ["FxsdRecord", "NodeRecord", "RejectReason", "RejectedAdd", "Schedule", "get_record"]
 
-__all__ = ["FxsdRecord", "NodeRecord", "get_record"]
+
+@runtime_checkable
+class Schedule(Protocol):
+    """What a drop-rate schedule offers (:mod:`fxsd.training.schedulers` defines fxsd's own; the
+    framework callbacks of :mod:`fxsd.training.callbacks` step any object that has these).
+
+    Stepped once per optimizer step, like ``torch.optim.lr_scheduler``; ``model`` is the
+    transformed model whose gates it moves and ``step_count`` the steps taken so far.
+    """
+
+    model: Any
+    step_count: int
+
+    def step(self) -> None: ...
+
+    def get_last_rate(self) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RejectReason(str, Enum):
+    """Why an add is not a residual site."""
+
+    SCALAR_OPERAND = "scalar operand"
+    NON_TENSOR_OPERAND = "non-tensor operand"
+    CONSTANT_OPERAND = "constant operand"
+    SAME_OPERAND = "same operand twice"
+    UNSUPPORTED_ARGUMENTS = "unsupported arguments"
+    BROADCAST = "broadcasting add"
+    NO_COMMON_FORK = "no common fork"
+    NO_CHEAP_SKIP = "no skip path"
+    ESCAPING_VALUE = "branch value escapes"
+    MUTATION = "in-place mutation"
+    NO_WEIGHTS = "branch holds no weights"
+    PARALLEL_PATHS = "parallel paths"
+
+
+@dataclass(frozen=True)
+class RejectedAdd:
+    """An add that is not a residual site, with the reason (kept by name, so that a transformed
+    model's :class:`~fxsd.record.FxsdRecord` can hold it without the analysed graph).
+
+    Attributes:
+        add: the add node's name; ``add_kind``: how the add was written.
+        reason, detail: which rule rejected it, and a sentence saying why.
+        module_path: the module whose ``forward`` performs the add (``""``: the root).
+    """
+
+    add: str
+    add_kind: str
+    reason: RejectReason
+    detail: str
+    module_path: str
+
+    @property
+    def name(self) -> str:
+        return self.add
+
+
 
 
 @dataclass
@@ -63,6 +123,9 @@ class FxsdRecord:
         untraced: ``(path, class name, why)`` of the modules that could not be traced.
         schedule: the schedule in charge of the rates, held weakly (one per model:
             :func:`fxsd.training.schedulers.schedule_of`); a copied or unpickled record has none.
+        regate: how a gated block is traced and gated again for a call its guards refuse
+            (:func:`fxsd.passes.regate.trace_again`, set by the rewrite). The runtime reaches
+            the rewrite through it, not by an import; it pickles by name.
     """
 
     drop_rate: float = 0.0
@@ -75,11 +138,12 @@ class FxsdRecord:
     step_flops: int | None = None
     step_flops_error: str | None = None
     pending_costs: Any = field(default=None, repr=False, compare=False)
-    warmup: DropWarmup | None = field(default=None, repr=False)
+    warmup: Schedule | None = field(default=None, repr=False)
     stripped: bool = False
     traced: tuple[str, ...] = ()
     untraced: tuple[tuple[str, str, str], ...] = ()
-    schedule: Any = field(default=None, repr=False, compare=False)
+    schedule: Schedule | None = field(default=None, repr=False, compare=False)
+    regate: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -87,9 +151,8 @@ class NodeRecord:
     """``node.meta["fxsd"]`` on a node of a graph fxsd traced.
 
     Attributes:
-        calls: indices (into the trace's :class:`~fxsd.tracing.calls.CallTree`) of the module calls
-        that
-            were running when the node was created, outermost first. A leaf module's own
+        calls: indices (into the trace's :class:`~fxsd.tracing.calls.CallTree`) of the module
+            calls that were running when the node was created, outermost first. A leaf module's own
             ``call_module`` node is not inside its own call: its calls are its caller's.
     """
 

@@ -34,7 +34,6 @@ from torch import nn
 from torch.fx import Graph, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.analysis.ops import resolve_attr
 from fxsd.analysis.sites import ResidualAnalysis
 from fxsd.decisions.owners import Owner, reads_argument
 from fxsd.errors import GraphError
@@ -42,6 +41,7 @@ from fxsd.graph_module import wrapped_call
 from fxsd.graph_names import free_name, local_name, node_name
 from fxsd.tracing.calls import DictRecord, any_leaf, bound_parameters, node_leaves
 from fxsd.tracing.guards import check_argument, check_type, type_name
+from fxsd.tracing.ops import resolve_attr
 from fxsd.tracing.tracer import reads_flag_only
 
 __all__ = ["ExtractedModule", "extract_module"]

@@ -1,7 +1,7 @@
 """Gate one residual site inside a module cut out of a trace: its branch moves into a small
 ``GraphModule`` and a gate call takes the add's place.
 
-The one piece of graph surgery that both the pass (:mod:`fxsd.passes.stochastic_depth`, which
+The one piece of graph surgery that both the pass (:mod:`fxsd.passes.gate_residuals`, which
 makes the gates) and a block tracing itself again (:mod:`fxsd.runtime.variants`, which reuses them)
 do:
 
@@ -26,13 +26,15 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
 
 from fxsd.analysis.branches import Branch, collect_branch
-from fxsd.analysis.escapes import EscapePath, Escapes
-from fxsd.analysis.ops import is_module
-from fxsd.analysis.shared_work import SharedOutput, ShareKind
+from fxsd.analysis.escapes import Escapes
+from fxsd.analysis.shared_work import SharedOutput
 from fxsd.analysis.sites import ResidualSite
 from fxsd.errors import GraphError
 from fxsd.graph_module import HostedGraphModule
 from fxsd.graph_names import take_name
+from fxsd.runtime.escape_path import EscapePath
+from fxsd.runtime.gate_info import ShareKind
+from fxsd.tracing.ops import is_module
 
 __all__ = ["CutSite", "cut_site", "call_gate"]
 

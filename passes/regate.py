@@ -16,25 +16,43 @@ from typing import Any
 from torch import fx, nn
 from torch.fx import Graph, Node
 
-from fxsd.analysis.escapes import EscapePath
-from fxsd.analysis.ops import node_order
-from fxsd.decisions.drop_paths import is_drop_path
+from fxsd.analysis.residuals import analyze_graph
+from fxsd.analysis.units import _drift, registry, trace_unit
+from fxsd.decisions.owners import plan_owners
 from fxsd.errors import GuardError
+from fxsd.passes.extract_module import extract_module
 from fxsd.passes.gate_site import call_gate, cut_site
+from fxsd.runtime.escape_path import EscapePath
 from fxsd.runtime.gate import BranchGate
 from fxsd.runtime.gate_info import DropPathAction
+from fxsd.tracing.drop_paths import is_drop_path
+from fxsd.tracing.example_run import record_calls
+from fxsd.tracing.ops import node_order
 
-__all__ = ["GateView"]
+__all__ = ["GateView", "trace_again"]
+
+
+def trace_again(block: nn.Module, view: nn.Module, holder: nn.Module, at: str,
+                args: tuple[Any, ...], kwargs: dict[str, Any], kept_whole: list[Any]
+                ) -> tuple[Any, str | None]:
+    """``view`` (a plain view of the gated ``block``, held at path ``at`` in ``holder``) traced
+    by example on this call and gated with ``block``'s gates: ``(cut, None)``, or
+    ``(None, why)`` when the trace is not what the block runs. ``kept_whole``: the modules the
+    block's own graph calls whole. What :class:`~fxsd.record.FxsdRecord.regate` holds: the
+    runtime (:mod:`fxsd.runtime.retrace`) calls it through the record."""
+    leaves, autowrap = registry(None)
+    recorded = record_calls(view, args, kwargs)
+    gm, calls = trace_unit(holder, at, recorded[id(view)], [*kept_whole, *leaves], autowrap)
+    drift = _drift(gm, calls, recorded)
+    if drift is not None:
+        return None, drift
+    return _gate_again(block, view, gm, calls, at), None
 
 
 def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: Any,
                 path: str) -> Any:
     """The new trace cut and gated with ``block``'s gates (an
     :class:`~fxsd.passes.extract_module.ExtractedModule`)."""
-    from fxsd.analysis.residuals import analyze_graph
-    from fxsd.decisions.owners import plan_owners
-    from fxsd.passes.extract_module import extract_module
-
     released = _release_like(gm.graph, block.graph)
     analysis = analyze_graph(gm, calls, None, path)[0]
     owners = plan_owners(analysis)

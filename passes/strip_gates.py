@@ -26,15 +26,15 @@ from torch.fx import Graph, GraphModule, Node, Proxy
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import GraphAppendingTracer
 
-from fxsd.analysis.shared_work import ShareKind
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.graph_module import module_from_graph
 from fxsd.module_tree import TreeEditor, deepest_first
 from fxsd.record import FxsdRecord
 from fxsd.runtime.accessors import gated_blocks, gates
+from fxsd.runtime.folding import plain_state_dict
 from fxsd.runtime.gate import BranchGate
+from fxsd.runtime.gate_info import ShareKind
 from fxsd.runtime.join import branch_scale
-from fxsd.training.folding import plain_state_dict
 
 __all__ = ["strip"]
 

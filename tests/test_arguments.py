@@ -141,7 +141,7 @@ def test_one_leaf_class_or_name_is_a_list_of_one():
     model = Net()
     assert len(fxsd.gates(fxsd.stochastic_depth(model))) == 6
     # a class alone (was: TypeError 'type' object is not iterable)
-    with pytest.warns(fxsd.NoResidualSitesWarning):
+    with pytest.warns(fxsd.errors.NoResidualSitesWarning):
         assert len(fxsd.gates(fxsd.stochastic_depth(model, leaf_modules=Block))) == 0
     # a name alone is that name, not its characters (was: silently ignored)
     assert len(fxsd.gates(fxsd.stochastic_depth(model, leaf_modules="blocks.0"))) == 5

@@ -47,7 +47,7 @@ def test_mask_drop_path_applies_torchvision_op_at_site_rates():
     # Each sits between the branch output and the residual add.
     for node, _ in drop_paths:
         (user,) = node.users
-        assert fxsd.analysis.ops.add_kind(user) is not None
+        assert fxsd.tracing.ops.add_kind(user) is not None
         assert node.args[0].target.endswith("bn2")
     assert list(gm.state_dict()) == list(model.state_dict())
     # Same values as torchvision's op applied by hand with the same random state.

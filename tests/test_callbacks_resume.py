@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 import fxsd
+from fxsd.errors import ResumeWarning
 from fxsd.training.callbacks import (
     STATE_FILE,
     STATE_KEY,
     LightningCallback,
-    ResumeWarning,
     TransformersCallback,
     _decoded,
 )

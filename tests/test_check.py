@@ -12,7 +12,7 @@ from torch import nn
 
 import fxsd
 from fxsd.runtime.gate import BranchGate
-from fxsd.verify import CheckKind, VerificationError, _Snapshot
+from fxsd.tools.check import CheckKind, VerificationError, _Snapshot
 
 
 class Block(nn.Module):
@@ -43,7 +43,7 @@ def _x() -> tuple[torch.Tensor]:
     return (torch.randn(2, 3, 16, 16),)
 
 
-def _failed(report: fxsd.verify.CheckReport) -> dict[CheckKind, str]:
+def _failed(report: fxsd.tools.check.CheckReport) -> dict[CheckKind, str]:
     return {r.kind: r.at for r in report.results if r.ok is False}
 
 
@@ -109,7 +109,7 @@ def test_a_block_gated_on_one_of_its_paths_fails_the_reached_promise():
     assert _failed(report) == {CheckKind.GATES_REACHED: "first.residual_gate"}, \
         report.table(width=0)
     with pytest.raises(VerificationError, match="first.residual_gate' is never called"):
-        fxsd.verify.verify_transform(model, planted, _x(), None)
+        fxsd.tools.check.verify_transform(model, planted, _x(), None)
 
 
 def test_depth_order_failure_names_the_gate():
@@ -166,7 +166,7 @@ def aliased() -> nn.Module:
 
 
 def test_cli_check_fails_on_a_block_gated_on_one_of_its_paths(monkeypatch, capsys):
-    from fxsd.passes import stochastic_depth as pass_module
+    from fxsd import transform as pass_module
     from fxsd.tools.cli import main
 
     assert main(["check", "tests.test_check:aliased", "--input-shape", "2,3,16,16"]) == 0

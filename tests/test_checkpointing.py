@@ -287,7 +287,7 @@ class _Attention(torch.nn.Module):
 def test_a_checkpointed_module_copied_into_its_parent_warns():
     model = torch.nn.Sequential(_Attention(), _Attention())
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, _Output))
-    with pytest.warns(fxsd.InlinedHooksWarning) as record:
+    with pytest.warns(fxsd.errors.InlinedHooksWarning) as record:
         fxsd.stochastic_depth(model, 0.5, scale="train")
     for i, warning in enumerate(record):
         assert str(warning.message).startswith(

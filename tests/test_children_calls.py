@@ -141,7 +141,7 @@ def test_pre_hook_registered_before_gating_still_fires():
     with torch.no_grad():
         gated(_ids())
     assert calls == [gated.model.layers[0].self_attn]
-    assert not [w for w in caught if issubclass(w.category, fxsd.InlinedHooksWarning)]
+    assert not [w for w in caught if issubclass(w.category, fxsd.errors.InlinedHooksWarning)]
 
 
 # -- children replaced after gating ------------------------------------------------------------

@@ -420,7 +420,7 @@ def test_adopted_row_drop_paths_on_row_mixing_branches_default_to_block_mode():
     torch.manual_seed(0)
     model = drop_path_net()
     gated, kinds, messages = _transform(model)
-    assert kinds == {fxsd.BlockModeWarning}
+    assert kinds == {fxsd.errors.BlockModeWarning}
     assert "3 adopted per-row drop paths" in messages[0] and "mode='sample'" in messages[0]
     assert [(g.mode, g.drop_rate) for g in fxsd.gates(gated)] == [("block", 0.2)] * 3
     assert all("block mode: per-row drops would save nothing" in g.note
@@ -449,7 +449,7 @@ def test_a_transform_that_saves_nothing_warns_and_the_summary_says_why():
     import fxsd
 
     gated, kinds, messages = _transform(drop_path_net(), mode="sample")
-    assert kinds == {fxsd.NoSavingWarning}
+    assert kinds == {fxsd.errors.NoSavingWarning}
     assert "save no compute" in messages[0] and "mode='block'" in messages[0]
     assert "BatchNorm2d" in messages[0]
     assert {(g.mode, g.sample_impl) for g in fxsd.gates(gated)} == {("sample", "mask")}

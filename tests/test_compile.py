@@ -16,7 +16,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import fxsd
 
-pytestmark = pytest.mark.filterwarnings("ignore::fxsd.training.folding.EvalScaledWeightsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fxsd.errors.EvalScaledWeightsWarning")
 BACKEND = "aot_eager"  # dynamo + AOT autograd, without inductor's C++ build time on CI
 
 

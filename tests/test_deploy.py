@@ -11,7 +11,7 @@ import fxsd
 from fxsd.tools.models import cifar_resnet
 
 # Every model here is eval-scaled on purpose: its state_dict() warns, as it should.
-pytestmark = pytest.mark.filterwarnings("ignore::fxsd.training.folding.EvalScaledWeightsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::fxsd.errors.EvalScaledWeightsWarning")
 
 
 def _randomised(model: nn.Module) -> nn.Module:

@@ -11,7 +11,8 @@ from conftest import CallCounter, branch_only_modules
 from torch import nn
 
 import fxsd
-from fxsd.analysis.sites import RejectReason, SkipKind
+from fxsd.analysis.sites import SkipKind
+from fxsd.record import RejectReason
 
 torch.manual_seed(0)
 C = 8
@@ -433,7 +434,7 @@ def test_rejected_with_reason(case):
 
 def test_rejected_model_warns_and_is_unchanged():
     model = DenseReuse().eval()
-    with pytest.warns(fxsd.NoResidualSitesWarning, match="no residual site"):
+    with pytest.warns(fxsd.errors.NoResidualSitesWarning, match="no residual site"):
         gm = fxsd.stochastic_depth(model, 0.5)
     x = _x()
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsd
-from fxsd.analysis.partial_join import partial_add
-from fxsd.analysis.sites import RejectReason as Reason
+from fxsd.record import RejectReason as Reason
 from fxsd.runtime.accessors import named_gates
+from fxsd.tracing.partial_join import partial_add
 
 
 class PartialJoin(nn.Module):  # ReXNet's LinearBottleneck: the shortcut joins the first C channels
@@ -340,8 +340,8 @@ def _falcon(attention):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_falcon_layers_returning_attention_weights_are_gated(attention):
-    from fxsd.analysis.escapes import DroppedValue
     from fxsd.errors import DroppedValueError
+    from fxsd.runtime.escape_path import DroppedValue
 
     model = _falcon(attention).eval()
     kw = {"input_ids": torch.randint(0, 99, (2, 9))}

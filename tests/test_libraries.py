@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxsd
-from fxsd.verify import CheckKind
+from fxsd.tools.check import CheckKind
 
 diffusers = pytest.importorskip("diffusers")
 monai = pytest.importorskip("monai")

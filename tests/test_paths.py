@@ -183,9 +183,9 @@ class RootJoin(nn.Module):
 
 
 def test_root_owned_join_warns_naming_other_methods() -> None:
-    with pytest.warns(fxsd.RootJoinsWarning, match=r"\(features\(\)\)") as caught:
+    with pytest.warns(fxsd.errors.RootJoinsWarning, match=r"\(features\(\)\)") as caught:
         gated = fxsd.stochastic_depth(RootJoin(), 0.5)
-    assert len([w for w in caught if w.category is fxsd.RootJoinsWarning]) == 1
+    assert len([w for w in caught if w.category is fxsd.errors.RootJoinsWarning]) == 1
     assert fxsd.get_record(gated).rewritten == ("",)
     assert fxsd.decisions.owners.other_entry_points(RootJoin()) == ["features"]
 
@@ -200,5 +200,5 @@ def test_root_owned_join_without_other_methods_is_silent() -> None:
             return x + self.body(x)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fxsd.RootJoinsWarning)
+        warnings.simplefilter("error", fxsd.errors.RootJoinsWarning)
         fxsd.stochastic_depth(Plain(), 0.5)

@@ -186,7 +186,7 @@ class FrozenDropout(nn.Module):
 def test_frozen_dropout_in_a_given_graph_module_warns():
     model = nn.Sequential(FrozenDropout(), FrozenDropout())
     gm = torch.fx.symbolic_trace(model.eval())  # training=False baked in
-    with pytest.warns(fxsd.FrozenDropoutWarning, match=r"dropout.*training=False"):
+    with pytest.warns(fxsd.errors.FrozenDropoutWarning, match=r"dropout.*training=False"):
         fxsd.stochastic_depth(gm, 0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -155,7 +155,7 @@ def test_a_failed_transform_leaves_the_model_as_it_was(inplace):
 def test_an_unforeseen_error_inside_the_transform_is_an_fxsd_error(monkeypatch):
     """Any exception inside the transform arrives as an FxsdError chained to it, and the model
     (registries mutated in place before the failure included) is put back."""
-    import fxsd.passes.stochastic_depth as pass_module
+    import fxsd.transform as pass_module
 
     model = Configured()
     before = _snapshot(model)
@@ -315,7 +315,7 @@ class Untraceable(nn.Module):
 def test_table_of_a_model_without_sites_says_why():
     model = Untraceable()
     x = torch.full((3, 4), 2.0)
-    with pytest.warns(fxsd.NoResidualSitesWarning):
+    with pytest.warns(fxsd.errors.NoResidualSitesWarning):
         result = fxsd.stochastic_depth(model, 0.1, example_inputs=(x,))
     text = fxsd.table(result, width=0)  # raised TraceError
     assert "no residual site" in text and "could not be traced" in text and "int()" in text

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fxsd
-from fxsd.analysis.shared_work import ShareKind
+from fxsd.runtime.gate_info import ShareKind
 
 diffusers = pytest.importorskip("diffusers")
 timm = pytest.importorskip("timm")
@@ -103,7 +103,7 @@ def test_joint_attention_strip_and_sample_mode() -> None:
     with torch.no_grad():
         assert torch.equal(stripped(**kwargs).sample, gated.eval()(**kwargs).sample)
     # sample mode: the second join drops the rows the first drops (the mask implementation)
-    with pytest.warns(fxsd.NoSavingWarning):  # every branch here reads other rows' values
+    with pytest.warns(fxsd.errors.NoSavingWarning):  # every branch here reads other rows' values
         sampled = fxsd.stochastic_depth(model, 0.5, example_kwargs=kwargs, mode="sample")
     gate = sampled.transformer_blocks[0].attn_gate
     assert gate.sample_impl == "mask"

@@ -190,7 +190,7 @@ def test_default_weights_are_the_plain_models():
 def test_eval_scaled_weights_say_what_they_need_when_saved():
     gated = fxsd.stochastic_depth(torchvision.models.resnet18(num_classes=10), 0.2,
                                   scale="eval")
-    with pytest.warns(fxsd.training.folding.EvalScaledWeightsWarning, match="plain_state_dict"):
+    with pytest.warns(fxsd.errors.EvalScaledWeightsWarning, match="plain_state_dict"):
         gated.state_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

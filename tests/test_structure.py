@@ -387,11 +387,11 @@ def test_strip_at_rate_one_never_modifies_the_callers_input():
 
 def test_no_residual_model_comes_back_unchanged():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    with pytest.warns(fxsd.NoResidualSitesWarning):
+    with pytest.warns(fxsd.errors.NoResidualSitesWarning):
         out = fxsd.stochastic_depth(model, 0.5)
     assert type(out) is nn.Sequential and out is not model and out[0] is not model[0]
     assert out[0].weight is model[0].weight
-    with pytest.warns(fxsd.NoResidualSitesWarning):
+    with pytest.warns(fxsd.errors.NoResidualSitesWarning):
         assert fxsd.stochastic_depth(model, 0.5, inplace=True) is model
 
 
@@ -454,7 +454,7 @@ class BertLike(nn.Module):
 def test_join_inside_a_child_is_gated_in_the_module_that_has_its_fork():
     model = BertLike().eval()
     model.layers[0].output.register_forward_hook(lambda m, a, o: None)
-    with pytest.warns(fxsd.InlinedHooksWarning, match="'layers.0.output' \\(SelfOutput\\)"):
+    with pytest.warns(fxsd.errors.InlinedHooksWarning, match="'layers.0.output' \\(SelfOutput\\)"):
         result = fxsd.stochastic_depth(model, 0.0)
     assert fxsd.get_record(result).rewritten == ("layers.0", "layers.1")
     layer = result.layers[0]

@@ -11,7 +11,8 @@ for the residual models:
 * eval at drop rate 0.3 (linear) matches an independent reference built with forward hooks on the
   untransformed model (ResNet-50, ViT-B/16).
 
-The no-residual models must warn :class:`fxsd.NoResidualSitesWarning` and come back unchanged.
+The no-residual models must warn :class:`fxsd.errors.NoResidualSitesWarning` and come back
+unchanged.
 """
 
 from __future__ import annotations
@@ -346,7 +347,7 @@ def test_no_residual_model_warns_and_is_unchanged(name: str) -> None:
     assert analysis.sites == [] and analysis.num_levels == 0, (
         f"{name}: expected no site, got {[s.module_path for s in analysis.sites]}"
     )
-    with pytest.warns(fxsd.NoResidualSitesWarning):
+    with pytest.warns(fxsd.errors.NoResidualSitesWarning):
         gm = fxsd.stochastic_depth(model, 0.5, seed=0)
     assert type(gm) is type(model) and gm is not model, f"{name}: got {type(gm).__name__}"
     assert not named_gates(gm), f"{name}: unexpected gates {list(named_gates(gm))}"

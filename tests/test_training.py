@@ -306,7 +306,7 @@ def test_composer_target_layer_limits_sites():
     # Composer does nothing (and logs a warning) when no layer matches; so does fxsd.
     resnet18 = torchvision.models.resnet18()
     before = [(n, type(m)) for n, m in resnet18.named_modules()]
-    with pytest.warns(fxsd.NoResidualSitesWarning, match="no residual site lies inside"):
+    with pytest.warns(fxsd.errors.NoResidualSitesWarning, match="no residual site lies inside"):
         same = fxsd.apply_stochastic_depth(resnet18, target_layer_name="Bottleneck")
     assert same is resnet18 and not fxsd.gates(resnet18)
     assert [(n, type(m)) for n, m in resnet18.named_modules()] == before

@@ -96,7 +96,7 @@ def _transform(name: str):
     model, inputs = build()
     model.eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fxsd.NoResidualSitesWarning)
+        warnings.simplefilter("error", fxsd.errors.NoResidualSitesWarning)
         gated = fxsd.stochastic_depth(model, 0.0, example_kwargs=inputs, scale="eval")
     return model, gated, inputs
 
@@ -284,7 +284,7 @@ def test_pickles_strips_and_folds(family, tmp_path):
             for key in expected:
                 assert torch.equal(got[key], expected[key]), (name, key)
     fxsd.set_drop_rate(gated, 0.3)  # a real (1 - p) scale to fold into the weights
-    warnings.simplefilter("ignore", fxsd.EvalScaledWeightsWarning)
+    warnings.simplefilter("ignore", fxsd.errors.EvalScaledWeightsWarning)
     try:
         with torch.no_grad():
             scaled = _tensors(gated.eval()(**inputs))

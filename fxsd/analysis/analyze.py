@@ -18,11 +18,10 @@ from torch.fx import GraphModule
 from fxsd.analysis.node_costs import profile_nodes
 from fxsd.analysis.sites import ResidualAnalysis, ResidualSite
 from fxsd.analysis.units import analyze_by_example, analyze_nested, registry
-from fxsd.decisions.arguments import TRACINGS, check_trace_arguments
+from fxsd.arguments import TRACINGS, LeafSpec, check_not_wrapped, check_trace_arguments
 from fxsd.errors import InvalidArgumentError, InvalidTypeError, TraceError
 from fxsd.preserve import guarded, preserved
-from fxsd.runtime.distributed import check_not_wrapped
-from fxsd.tracing.tracer import LeafSpec, trace_calls
+from fxsd.tracing.tracer import trace_calls
 
 __all__ = ["find_residuals", "analyze_residuals", "TRACINGS"]
 

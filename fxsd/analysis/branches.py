@@ -17,7 +17,9 @@ from typing import Any
 from torch.fx import GraphModule, Node
 
 from fxsd.analysis.escapes import Escapes, declared_no_tensor, find_escapes
-from fxsd.analysis.ops import (
+from fxsd.analysis.shared_work import find_shared
+from fxsd.record import RejectReason
+from fxsd.tracing.ops import (
     depends_on_input,
     is_assertion,
     is_impure,
@@ -27,8 +29,6 @@ from fxsd.analysis.ops import (
     mutated_operand,
     node_order,
 )
-from fxsd.analysis.shared_work import find_shared
-from fxsd.analysis.sites import RejectReason
 
 __all__ = ["Branch", "collect_branch"]
 

@@ -18,9 +18,8 @@ Code before the join that reads such a value (the bias computed from ``key_state
 moves into the gate with the branch. A tensor computed from the branch's values that escapes
 (DenseNet-style reuse) still makes the add a rejected one.
 
-:func:`find_escapes` is the analysis (pure: it only reads the graph); :class:`EscapePath` runs a
-skipped branch's escaping values; :func:`abstract_run` is the one abstract run fxsd makes of a
-branch at run time (also for the zeros a skipped partial join adds).
+:func:`find_escapes` is the analysis (pure: it only reads the graph); the rewrite builds from it
+the :class:`~fxsd.runtime.escape_path.EscapePath` that runs a skipped branch's escaping values.
 """
 
 from __future__ import annotations
@@ -28,24 +27,18 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import nn
-from torch.fx import GraphModule, Node
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.fx import Node
 
 from fxsd.analysis.shared_work import SharedOutput
-from fxsd.errors import GraphError, Run
-from fxsd.graph_module import HostedGraphModule
 
 if typing.TYPE_CHECKING:
-    from fxsd.runtime.gate_info import GateInfo
-from fxsd.analysis.ops import data_inputs, is_metadata_read
-from fxsd.preserve import fake_tensors, hooks_silenced, model_run
+    pass
+from fxsd.tracing.ops import data_inputs, is_metadata_read
 
-__all__ = ["Escapes", "EscapePath", "DroppedValue", "TensorSpec", "abstract_run",
-           "find_escapes", "declared_no_tensor"]
+__all__ = ["Escapes", "find_escapes", "declared_no_tensor"]
 
 
 @dataclass(frozen=True)
@@ -88,24 +81,8 @@ def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict
     ``unproduced``. ``shared``: second uses of the branch's work that the gate computes
     (:func:`fxsd.analysis.shared_work.find_shared`); their values are no escapes.
     """
-    stop = order[add]
     joins = {(out, add), *((s.value, s.consumer) for s in shared)}
-    consumers = {add, *(s.consumer for s in shared)}
-    moved: set[Node] = set()
-    stack = [u for n in nodes for u in n.users if u not in nodes and u not in consumers]
-    while stack:
-        u = stack.pop()
-        if u in moved or u in nodes or u in consumers or u.op == "output":
-            continue
-        if order[u] > stop:
-            # a dtype, shape or device read of the branch's own values placed after the join
-            # (tracing by example creates a read where its value is first used): it holds no
-            # tensor, so it moves into the gate like a read before the join
-            if is_metadata_read(u) and all(a in nodes or a in moved for a in u.all_input_nodes):
-                moved.add(u)
-            continue
-        moved.add(u)
-        stack.extend(u.users)
+    moved = _moved_into_gate(nodes, {add, *(s.consumer for s in shared)}, order, order[add])
     inside = nodes | moved
     if any(a in moved for a in add.all_input_nodes):
         skip = next(a for a in add.all_input_nodes if a in moved)
@@ -161,6 +138,28 @@ def find_escapes(nodes: set[Node], fork: Node, out: Node, add: Node, order: dict
                 "escapes it: the branch cannot be skipped as a unit")
     return Escapes(tuple(values), ordered(moved), ordered(abstract), ordered(shapes),
                    ordered(real), ordered(unproduced), shared)
+
+
+def _moved_into_gate(nodes: set[Node], consumers: set[Node], order: dict[Node, int],
+                     stop: int) -> set[Node]:
+    """The nodes before the join (index ``stop``) that use the branch ``nodes``' values and so
+    move into the gate with it (the consumers, the joins, are not among them)."""
+    moved: set[Node] = set()
+    stack = [u for n in nodes for u in n.users if u not in nodes and u not in consumers]
+    while stack:
+        u = stack.pop()
+        if u in moved or u in nodes or u in consumers or u.op == "output":
+            continue
+        if order[u] > stop:
+            # a dtype, shape or device read of the branch's own values placed after the join
+            # (tracing by example creates a read where its value is first used): it holds no
+            # tensor, so it moves into the gate like a read before the join
+            if is_metadata_read(u) and all(a in nodes or a in moved for a in u.all_input_nodes):
+                moved.add(u)
+            continue
+        moved.add(u)
+        stack.extend(u.users)
+    return moved
 
 
 def describe(node: Node) -> str:
@@ -238,161 +237,3 @@ def _holds_no_tensor(hint: Any) -> bool:
     if origin in (list, tuple, typing.Union) or str(origin) == "<class 'types.UnionType'>":
         return all(_holds_no_tensor(a) for a in typing.get_args(hint) if a is not Ellipsis)
     return False
-
-
-# -- run time ---------------------------------------------------------------------------------
-
-
-class TensorSpec(NamedTuple):
-    """What an abstract run tells of a tensor: its shape, dtype and device."""
-
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
-
-
-def abstract_run(module: GraphModule, args: tuple[Any, ...]) -> Any:
-    """``module``'s output on ``args`` from one run on fake tensors, with its modules in eval
-    mode and their forward hooks not called: each tensor in it is a :class:`TensorSpec`,
-    everything else is the value itself. Nothing is computed, drawn or updated. What the
-    module raises arrives as a :class:`~fxsd.errors.ModelRunError` (``Run.ABSTRACT``)."""
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    # a part of a block's code reads the block's modules: the block's state is what is faked
-    owner = module.host if isinstance(module, HostedGraphModule) and module.host is not None \
-        else module
-    saved = [(m, m.training) for m in owner.modules()]
-    with fake_tensors() as mode, torch.no_grad(), model_run(module, Run.ABSTRACT), \
-            hooks_silenced(owner):  # the user's hooks would see fake tensors
-        state = dict(owner.named_parameters(remove_duplicate=False))
-        state.update(owner.named_buffers(remove_duplicate=False))
-        fake = {k: mode.from_tensor(v) for k, v in state.items()}
-        inputs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        try:
-            for m, _ in saved:
-                m.training = False
-            with _reparametrize_module(owner, fake, tie_weights=True):
-                out = module(*inputs)
-        finally:
-            for m, training in saved:
-                m.training = training
-        return tree_map(lambda v: TensorSpec(v.shape, v.dtype, v.device)
-                        if isinstance(v, torch.Tensor) else v, out)
-
-
-#: Input signatures whose abstract results a gate remembers before it forgets them all.
-MAX_REMEMBERED = 256
-
-
-class EscapePath:
-    """The escaping values of a skipped branch, computed without the branch's work.
-
-    Args:
-        abstract: ``(fork, *inputs) -> tuple`` of the values holding no tensor (run abstractly).
-        compute: ``(*those values, fork, *inputs) -> tuple`` of the escaping values (run for
-            real: the branch's own nodes that compute them).
-        names: the escaping values' names, as the gated module's code spells them.
-        unproduced: positions (in ``names``) of the values ``compute`` does not return: a
-            :class:`DroppedValue` stands in for each.
-    """
-
-    def __init__(self, abstract: GraphModule, compute: GraphModule,
-                 names: tuple[str, ...], unproduced: tuple[int, ...] = ()) -> None:
-        self.abstract = abstract
-        self.compute = compute
-        self.names = names
-        self.unproduced = unproduced
-        self._memo: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-
-    def __call__(self, args: tuple[Any, ...], key: tuple[Any, ...], gate: GateInfo
-                 ) -> tuple[Any, ...]:
-        """The escaping values on ``args`` (``key``: what the abstract values depend on) for
-        ``gate``."""
-        found = self._memo.get(key)
-        if found is None:
-            try:
-                found = tuple(abstract_run(self.abstract, args))
-            except Exception as exc:
-                raise GraphError(
-                    f"a skipped branch could not produce {', '.join(self.names)} from shapes "
-                    f"alone ({type(exc).__name__}: {exc}); pass a rate of 0 for this site or "
-                    "exclude it (select=)") from exc
-            leaves, _ = tree_flatten(found)
-            if any(isinstance(v, TensorSpec) for v in leaves):
-                raise GraphError(f"a skipped branch's {', '.join(self.names)} came out as "
-                                 "tensors of an abstract run: fxsd cannot produce them")
-            if len(self._memo) >= MAX_REMEMBERED:
-                self._memo.clear()
-            self._memo[key] = found
-        computed = iter(self.compute(*found, *args))
-        return tuple(DroppedValue(name, gate.name, gate.module_path) if i in self.unproduced
-                     else next(computed) for i, name in enumerate(self.names))
-
-    def attach(self, block: nn.Module) -> EscapePath:
-        """This path with its two modules hosted by ``block`` (a copy when another block
-        hosts them: see :meth:`~fxsd.graph_module.HostedGraphModule.attach`)."""
-        abstract, compute = (m.attach(block) if isinstance(m, HostedGraphModule) else m
-                             for m in (self.abstract, self.compute))
-        if abstract is self.abstract and compute is self.compute:
-            return self
-        return EscapePath(abstract, compute, self.names, self.unproduced)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"abstract": self.abstract, "compute": self.compute, "names": self.names,
-                "unproduced": self.unproduced}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["abstract"], state["compute"], state["names"],
-                      state.get("unproduced", ()))
-
-
-
-class DroppedValue:
-    """Stands for a value a skipped branch did not compute (a tensor its module returns to a
-    caller fxsd did not trace, such as an attention layer's weights). Any use of it raises
-    :class:`~fxsd.errors.DroppedValueError`; ``is None`` checks and storing it do not.
-
-    Example:
-        >>> DroppedValue("attn_weights", "h.0.residual_gate", "h.0").sum()
-        Traceback (most recent call last):
-        ...
-        fxsd.errors.DroppedValueError: 'attn_weights', which 'h.0' returns, was not computed: ...
-    """
-
-    __slots__ = ("name", "gate", "module")
-
-    def __init__(self, name: str, gate: str = "", module: str = "") -> None:
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "gate", gate)
-        object.__setattr__(self, "module", module)
-
-    def _fail(self, *args: Any, **kwargs: Any) -> Any:
-        from fxsd.errors import DroppedValueError
-
-        returns = f", which '{self.module}' returns," if self.module else ""
-        raise DroppedValueError(
-            f"'{self.name}'{returns} was not computed: its branch was dropped by "
-            f"'{self.gate}' in this training step. Do not ask for it while training "
-            "(output_attentions=False), or leave the site out with select=")
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)  # copy, pickle and friends probe for protocols
-        return self._fail()
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
-                           ) -> Any:
-        found = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, cls)]
-        return found[0]._fail()
-
-    def __repr__(self) -> str:
-        return f"DroppedValue({self.name!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return DroppedValue, (self.name, self.gate, self.module)
-
-    __setattr__ = __bool__ = __len__ = __iter__ = __getitem__ = __float__ = __int__ = _fail
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __matmul__ = _fail
-    __rmatmul__ = __truediv__ = __rtruediv__ = __neg__ = __lt__ = __le__ = __gt__ = _fail
-    __ge__ = __index__ = _fail

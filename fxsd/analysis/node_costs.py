@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from fxsd.errors import FxsdError, Run
 from fxsd.preserve import fake_tensors, run_error
 
-__all__ = ["NodeProfile", "profile_nodes"]
+__all__ = ["NodeProfile", "profile_nodes", "short_count"]
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,14 @@ def profile_nodes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> dict[Node
             raise run_error(gm, Run.ABSTRACT, exc,
                             f" (example inputs of shapes {shapes}{at})") from exc
     return profiler.profiles
+
+
+def short_count(n: int | None) -> str:
+    """A FLOP or parameter count as tables print it (``4.1G``, ``25.6M``, ``812``; ``-`` for
+    none)."""
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)

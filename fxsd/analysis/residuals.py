@@ -32,7 +32,12 @@ from torch.fx import GraphModule, Node
 from fxsd.analysis.branches import Branch, collect_branch
 from fxsd.analysis.escapes import declared_no_tensor
 from fxsd.analysis.node_costs import NodeProfile
-from fxsd.analysis.ops import (
+from fxsd.analysis.sites import ResidualAnalysis, ResidualSite, SkipKind
+from fxsd.record import RejectedAdd, RejectReason
+from fxsd.runtime.gate_info import ShareKind
+from fxsd.runtime.join import join_alpha, join_of
+from fxsd.tracing.calls import CallTree, stack_scope
+from fxsd.tracing.ops import (
     add_kind,
     add_operands,
     data_inputs,
@@ -45,11 +50,7 @@ from fxsd.analysis.ops import (
     node_order,
     resolve_attr,
 )
-from fxsd.analysis.partial_join import partial_join_of
-from fxsd.analysis.shared_work import ShareKind
-from fxsd.analysis.sites import RejectedAdd, RejectReason, ResidualAnalysis, ResidualSite, SkipKind
-from fxsd.runtime.join import join_alpha, join_of
-from fxsd.tracing.calls import CallTree, stack_scope
+from fxsd.tracing.partial_join import partial_join_of
 
 # The analysis' types live in fxsd.analysis.sites; the four below are re-exported because
 # docs/api.md documents them under this module's path (and pickled records name

@@ -24,25 +24,18 @@ Pure analysis on a graph: nothing is traced or changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch.fx import GraphModule, Node
 
-from fxsd.analysis.ops import add_kind, add_operands, is_inplace, is_metadata_read
+from fxsd.runtime.gate_info import ShareKind
 from fxsd.runtime.join import Join, join_alpha, join_of
+from fxsd.tracing.ops import add_kind, add_operands, is_inplace, is_metadata_read
 
 __all__ = ["ShareKind", "SharedOutput", "find_shared"]
 
 #: A chain from the work to a second use holds at most this many nodes.
 MAX_CHAIN = 32
-
-class ShareKind(str, Enum):
-    """What a second use of a branch's work is."""
-
-    JOIN = "join"  #: another residual add: dropped, it returns its skip
-    ZEROS = "zeros"  #: a concatenation (DPN's dense part): dropped, it gets zeros
-
 
 @dataclass(frozen=True)
 class SharedOutput:

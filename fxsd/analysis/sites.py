@@ -2,24 +2,31 @@
 graph.
 
 A :class:`ResidualSite` is one residual join, with its fork, skip and branch as graph nodes; a
-:class:`RejectedAdd` is any other add, kept by name with its :class:`RejectReason`; a
-:class:`ResidualAnalysis` gathers both for a model (or for the units it was traced as). The
-decision step, the rewrite and the tables read these; nothing here computes them.
+:class:`~fxsd.record.RejectedAdd` (recorded on the model) is any other add, kept by name with its
+:class:`~fxsd.record.RejectReason`; a :class:`ResidualAnalysis` gathers both for a model (or for the
+units it was traced as). The decision step, the rewrite and the tables read these; nothing here
+computes them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from torch.fx import GraphModule, Node
 
 from fxsd.analysis.escapes import Escapes
 from fxsd.analysis.node_costs import NodeProfile
+from fxsd.graph_names import local_name
+from fxsd.record import RejectedAdd
+from fxsd.runtime.folding import FoldTarget
+from fxsd.runtime.gate_info import GateInfo, SharedUse
 from fxsd.runtime.join import PLAIN_JOIN, Join
 from fxsd.tracing.calls import CallTree
+from fxsd.tracing.partial_join import partial_join_of
 
-__all__ = ["SkipKind", "RejectReason", "ResidualSite", "RejectedAdd", "ResidualAnalysis"]
+__all__ = ["SkipKind", "ResidualSite", "ResidualAnalysis", "describe_site"]
 
 
 class SkipKind(str, Enum):
@@ -27,23 +34,6 @@ class SkipKind(str, Enum):
 
     IDENTITY = "identity"
     PROJECTION = "projection"
-
-
-class RejectReason(str, Enum):
-    """Why an add is not a residual site."""
-
-    SCALAR_OPERAND = "scalar operand"
-    NON_TENSOR_OPERAND = "non-tensor operand"
-    CONSTANT_OPERAND = "constant operand"
-    SAME_OPERAND = "same operand twice"
-    UNSUPPORTED_ARGUMENTS = "unsupported arguments"
-    BROADCAST = "broadcasting add"
-    NO_COMMON_FORK = "no common fork"
-    NO_CHEAP_SKIP = "no skip path"
-    ESCAPING_VALUE = "branch value escapes"
-    MUTATION = "in-place mutation"
-    NO_WEIGHTS = "branch holds no weights"
-    PARALLEL_PATHS = "parallel paths"
 
 
 @dataclass(frozen=True)
@@ -102,28 +92,6 @@ class ResidualSite:
         return self.add.name
 
 
-@dataclass(frozen=True)
-class RejectedAdd:
-    """An add that is not a residual site, with the reason (kept by name, so that a transformed
-    model's :class:`~fxsd.record.FxsdRecord` can hold it without the analysed graph).
-
-    Attributes:
-        add: the add node's name; ``add_kind``: how the add was written.
-        reason, detail: which rule rejected it, and a sentence saying why.
-        module_path: the module whose ``forward`` performs the add (``""``: the root).
-    """
-
-    add: str
-    add_kind: str
-    reason: RejectReason
-    detail: str
-    module_path: str
-
-    @property
-    def name(self) -> str:
-        return self.add
-
-
 @dataclass
 class ResidualAnalysis:
     """Everything :func:`analyze_residuals` learned about a model.
@@ -160,3 +128,29 @@ class ResidualAnalysis:
     def parts(self) -> list[ResidualAnalysis]:
         """The analyses of single graphs this one is made of (itself, or its units)."""
         return self.units or [self]
+
+
+def describe_site(site: ResidualSite, num_levels: int, name: str = "",
+                  fold: FoldTarget | None = None) -> GateInfo:
+    """``site`` as the :class:`~fxsd.runtime.gate_info.GateInfo` of the gate ``name`` (by names, so
+    it outlives the graph).
+
+    Node names are given as the gated module's code spells them: without the prefix of the
+    module that owns the gate (``conv1``, not ``layer1_0_conv1``).
+    """
+    owner = name.rpartition(".")[0]
+
+    def local(node: Any) -> str:
+        return local_name(node.name, owner)
+
+    return GateInfo(
+        name=name, fold=fold, add=site.add.name, add_kind=site.add_kind,
+        module_path=site.module_path,
+        module_type=site.module_type, skip_kind=site.skip_kind.value, depth=site.depth,
+        num_levels=num_levels, branch_first=local(site.branch[0]),
+        branch_last=local(site.branch_output), branch_len=len(site.branch),
+        num_params=site.num_params, side_inputs=tuple(local(n) for n in site.side_inputs),
+        flops=site.flops, part=partial_join_of(site.add), join=site.join,
+        shared=tuple(SharedUse(u.kind, local(u.consumer), u.join)
+                     for u in (site.escapes.shared if site.escapes else ())),
+    )

@@ -43,17 +43,18 @@ from torch import fx, nn
 from torch.fx import GraphModule, Node
 
 from fxsd.analysis.node_costs import NodeProfile
-from fxsd.analysis.ops import MISMATCH, zip_arguments
 from fxsd.analysis.residuals import analyze_graph
 from fxsd.analysis.sites import ResidualAnalysis
-from fxsd.decisions.drop_paths import is_drop_path
+from fxsd.arguments import LeafSpec
 from fxsd.errors import RandomDrawError, TraceError
 from fxsd.tracing.by_example import example_tracer
 from fxsd.tracing.calls import CallTree
+from fxsd.tracing.drop_paths import is_drop_path
 from fxsd.tracing.example_run import RecordedCall, record_calls
 from fxsd.tracing.guards import check_argument, is_guardable
 from fxsd.tracing.hf import is_hf_attention
-from fxsd.tracing.tracer import LeafSpec, _checkpoint_wrapped, _validate_leaves, trace_calls
+from fxsd.tracing.ops import MISMATCH, zip_arguments
+from fxsd.tracing.tracer import _checkpoint_wrapped, _validate_leaves, trace_calls
 
 __all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit", "reporting"]
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from numbers import Real
 from typing import Any, Union
 
+from fxsd.arguments import check_rate
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 
-__all__ = ["Distribution", "DISTRIBUTIONS", "DEFAULT_DROP_RATE", "check_rate",
+__all__ = ["Distribution", "DISTRIBUTIONS", "DEFAULT_DROP_RATE",
            "check_distribution", "site_rates"]
 
 Distribution = Union[str, Sequence[float], Callable[[int, int], float], Any]
@@ -36,16 +36,6 @@ DISTRIBUTIONS = ("linear", "linspace", "uniform", "exponential")
 #: The model-wide drop rate when none is given and the model has no drop paths of its own to
 #: adopt: :func:`fxsd.stochastic_depth` and ``fxsd inspect`` alike (defined once, here).
 DEFAULT_DROP_RATE = 0.1
-
-
-def check_rate(rate: object, what: str = "drop_rate") -> float:
-    """Return ``rate`` as a float in [0, 1], or raise a clear error."""
-    if isinstance(rate, bool) or not isinstance(rate, Real):
-        raise InvalidTypeError(f"{what} must be a number in [0, 1], got {rate!r}")
-    value = float(rate)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise InvalidArgumentError(f"{what} must lie in [0, 1], got {rate!r}")
-    return value
 
 
 def check_distribution(distribution: object, name: str = "distribution") -> Distribution:
@@ -57,7 +47,7 @@ def check_distribution(distribution: object, name: str = "distribution") -> Dist
             raise _unknown(distribution, name)
         return distribution
     if callable(distribution):
-        from fxsd.decisions.arguments import (
+        from fxsd.arguments import (
             check_callable,  # imports torch: `fxsd --help` imports us
         )
 
@@ -71,7 +61,7 @@ def check_distribution(distribution: object, name: str = "distribution") -> Dist
 
 
 def _unknown(distribution: str, name: str) -> InvalidArgumentError:
-    from fxsd.decisions.arguments import close_matches  # imports torch: `fxsd --help` imports us
+    from fxsd.arguments import close_matches  # imports torch: `fxsd --help` imports us
 
     return InvalidArgumentError(
         f"unknown {name} {distribution!r}: use one of {DISTRIBUTIONS}, a sequence of per-site "

@@ -34,24 +34,19 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from fxsd.analysis.ops import node_order, resolve_attr
 from fxsd.analysis.sites import ResidualAnalysis, ResidualSite
-from fxsd.decisions.drop_paths import is_drop_path
+from fxsd.errors import RootJoinsWarning
 from fxsd.tracing.calls import CallTree, ModuleCall, bound_parameters, leaves, node_leaves
+from fxsd.tracing.drop_paths import is_drop_path
 from fxsd.tracing.guards import is_guardable, is_literal
+from fxsd.tracing.ops import node_order, resolve_attr
 from fxsd.tracing.tracer import reads_flag_only
 
-__all__ = ["Owner", "plan_owners", "ROOT", "RootJoinsWarning", "argument_tensors",
+__all__ = ["Owner", "plan_owners", "ROOT", "argument_tensors",
            "other_entry_points", "reads_argument", "warn_root_joins"]
 
 #: The owner index of the root module.
 ROOT = None
-
-
-class RootJoinsWarning(UserWarning):
-    """The root module owns residual joins, and its class has other methods that call its
-    children (``encode_text``, ``encode_image``): those methods run the class's own code, so
-    the joins gated in the root's rewritten ``forward`` never drop through them."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 :class:`Options` into one :class:`GateSpec` per residual site — its drop rate, mode, scaling,
 sample implementation, what happens to a drop path already in its branch, whether a dropped
 gate copies its skip, where its eval scale folds, and the note tables show.
-:mod:`fxsd.passes.stochastic_depth` then only applies the specs. Planning reads the graphs; it
+:mod:`fxsd.passes.gate_residuals` then only applies the specs. Planning reads the graphs; it
 never changes them or the model.
 
 The rules, in one place:
@@ -19,7 +19,7 @@ The rules, in one place:
   model-wide rate is the largest adopted rate. Given a rate, fxsd's rates apply everywhere.
   ``mode``/``scale`` given apply everywhere; otherwise an adopted op's own, else ``"block"`` and
   ``"train"``. A model's own layer drop (Hugging Face's ``layerdrop``,
-  :mod:`fxsd.decisions.layer_drop`) is adopted the same way: the joins inside its layers take its
+  :mod:`fxsd.tracing.layer_drop`) is adopted the same way: the joins inside its layers take its
   rate, unscaled.
 * **Sample mode** runs each branch on the kept rows only (``"subset"``) where that is exact —
   the branch treats batch rows independently (:func:`fxsd.analysis.rows.row_coupling`) — else
@@ -39,14 +39,16 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxsd.analysis.ops import depends_on_input, is_view, mutated_operand, node_order
+from fxsd.analysis.fold_targets import fold_target
 from fxsd.analysis.rows import row_coupling
 from fxsd.analysis.sites import ResidualAnalysis, ResidualSite
-from fxsd.decisions.arguments import (
+from fxsd.arguments import (
+    LeafSpec,
     check_bool,
     check_callable,
     check_choice,
     check_int,
+    check_rate,
     check_trace_arguments,
     close_matches,
 )
@@ -54,16 +56,15 @@ from fxsd.decisions.distributions import (
     DEFAULT_DROP_RATE,
     Distribution,
     check_distribution,
-    check_rate,
     site_rates,
 )
-from fxsd.decisions.drop_paths import DropPathSettings, drop_path_settings, is_drop_path
-from fxsd.decisions.layer_drop import LayerDrop, layer_drop_of
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
+from fxsd.runtime.folding import FoldTarget
 from fxsd.runtime.gate import MODES, SAMPLE_IMPLS, SCALES
 from fxsd.runtime.gate_info import DropPathAction
-from fxsd.tracing.tracer import LeafSpec
-from fxsd.training.folding import FoldTarget, fold_target
+from fxsd.tracing.drop_paths import DropPathSettings, drop_path_settings, is_drop_path
+from fxsd.tracing.layer_drop import LayerDrop, layer_drop_of
+from fxsd.tracing.ops import depends_on_input, is_view, mutated_operand, node_order
 
 __all__ = ["Options", "GateSpec", "GatePlan", "plan_gates", "select_sites", "join_notes",
            "EXISTING"]
@@ -107,7 +108,7 @@ class Options:
         (``InvalidArgumentError`` / ``InvalidTypeError`` naming the option and what it takes);
         defaults filled in. With ``model``, the tracing options are checked against it too
         (``leaf_modules`` names, ``concrete_args`` names, the example call:
-        :func:`fxsd.decisions.arguments.check_trace_arguments`, which the analysis also runs).
+        :func:`fxsd.arguments.check_trace_arguments`, which the analysis also runs).
 
         ``target_saving`` replaces ``drop_rate`` (the two are refused together) and, like an
         explicit rate, sets every site's rate: the plan lays out the distribution's shape, and
@@ -252,7 +253,7 @@ def plan_gates(analysis: ResidualAnalysis, options: Options,
     """Each site's :class:`GateSpec` under ``options`` (see the module docstring).
 
     ``layer_drops``: the model's own layer drop
-    (:func:`fxsd.decisions.layer_drop.find_layer_drops`),
+    (:func:`fxsd.tracing.layer_drop.find_layer_drops`),
     adopted like drop paths: the joins inside those layers take its rate."""
     model_rate, rates, weights = _rates(analysis, options)
     facts = [_GraphFacts(part, options) for part in analysis.parts()]

@@ -4,6 +4,6 @@ Modules are imported by their full path (``fxsd.pruning.prune.<module>``); docs/
 map.
 """
 
-from fxsd import _submodules
+from fxsd._lazy import submodules
 
-__getattr__ = _submodules(__name__)
+__getattr__ = submodules(__name__)

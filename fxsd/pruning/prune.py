@@ -42,8 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsd.decisions.arguments import check_bool, check_callable, check_examples, close_matches
-from fxsd.decisions.distributions import check_rate
+from fxsd.arguments import check_bool, check_callable, check_examples, check_rate, close_matches
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.module_tree import TreeEditor, copy_tree
 from fxsd.passes.prune_branches import remove_branches, unremovable
@@ -208,7 +207,8 @@ def _examples(model: nn.Module, example_inputs: object, example_kwargs: object,
 
 def _gated(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
     """``model`` if fxsd gated it, else ``model`` gated at the default rates (a new tree)."""
-    from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
+    from fxsd.errors import NoResidualSitesWarning
+    from fxsd.transform import stochastic_depth
 
     if named_gates(model):
         return model

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
+from fxsd.analysis.node_costs import short_count
 from fxsd.passes.prune_branches import unremovable
 from fxsd.pruning.costs import ForwardCosts
 from fxsd.runtime.gate import BranchGate
-from fxsd.tools.tables import _fmt_int
 
 __all__ = ["PruneReport"]
 
@@ -66,7 +66,8 @@ class PruneReport:
         how = (f"target {self.target_saving:.1%}, strategy {self.strategy!r}"
                if self.target_saving is not None else "sites named")
         text += (f"\n{len(self.removed)} of {len(self.site_flops)} sites removed ({how}): "
-                 f"forward FLOPs {_fmt_int(self.flops_before)} -> {_fmt_int(self.flops_after)}, "
+                 f"forward FLOPs {short_count(self.flops_before)} -> "
+                 f"{short_count(self.flops_after)}, "
                  f"{self.saving:.1%} saved")
         if self.loss_before is not None:
             text += f"; loss {self.loss_before:.4g} -> {self.loss_after:.4g}"

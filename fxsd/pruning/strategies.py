@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsd.decisions.arguments import close_matches
+from fxsd.arguments import close_matches
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.passes.prune_branches import unremovable
 from fxsd.pruning.costs import ForwardCosts

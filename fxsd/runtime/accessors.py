@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 from torch.fx import GraphModule
 
-from fxsd.decisions.distributions import check_rate
+from fxsd.arguments import check_rate
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.record import get_record
 from fxsd.runtime.gate import BranchGate

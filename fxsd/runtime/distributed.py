@@ -17,15 +17,10 @@ from __future__ import annotations
 
 import os
 
-from torch import nn
-
+from fxsd.arguments import wrapper_kind
 from fxsd.errors import InvalidArgumentError
 
-__all__ = ["rank", "check_not_wrapped", "check_unsynced_sharding"]
-
-_WRAPPERS = ("FSDPModule", "FullyShardedDataParallel", "DistributedDataParallel",
-             "DataParallel", "OptimizedModule")
-
+__all__ = ["rank", "check_unsynced_sharding"]
 
 def rank() -> int:
     """The default process group's rank, else ``$RANK``, else 0."""
@@ -34,36 +29,6 @@ def rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
-
-
-def _wrapper_kind(module: nn.Module) -> str | None:
-    for cls in type(module).__mro__:
-        if cls.__name__ in _WRAPPERS:
-            return cls.__name__
-    return None
-
-
-def check_not_wrapped(model: nn.Module) -> None:
-    """Raise when ``model`` or one of its modules is already sharded, wrapped for data parallel
-    or compiled (``torch.compile``'s ``OptimizedModule``).
-
-    Raises:
-        InvalidArgumentError: names the first wrapped module and says to transform first.
-    """
-    for path, module in model.named_modules():
-        kind = _wrapper_kind(module)
-        where = f"module '{path}'" if path else "the model"
-        if kind == "OptimizedModule":
-            raise InvalidArgumentError(
-                f"{where} is compiled by torch.compile (OptimizedModule): apply "
-                "fxsd.stochastic_depth to the module it compiles (its ._orig_mod) and compile the "
-                "result with fxsd.compile(model), which keeps the gates' decisions live")
-        if kind is not None:
-            raise InvalidArgumentError(
-                f"{where} ({type(module).__name__}) is already wrapped by {kind}: apply "
-                "fxsd.stochastic_depth to the plain model first, then shard or wrap the result "
-                "(fully_shard / DistributedDataParallel); the gated blocks keep their module "
-                "boundaries, so per-block sharding works on them")
 
 
 def check_unsynced_sharding() -> None:
@@ -84,7 +49,7 @@ def check_unsynced_sharding() -> None:
     except ImportError:  # pragma: no cover - older torch: nothing to inspect
         return
     for module in list(_module_state_mapping):
-        if _wrapper_kind(module) == "FSDPModule":
+        if wrapper_kind(module) == "FSDPModule":
             raise InvalidArgumentError(
                 f"sync_ranks=False lets each rank skip other branches, but FSDP2 shards "
                 f"{type(module).__name__}: the ranks' all-gathers and reduce-scatters would "

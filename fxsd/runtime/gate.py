@@ -31,11 +31,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxsd.analysis.escapes import EscapePath, TensorSpec, abstract_run
-from fxsd.analysis.shared_work import ShareKind
-from fxsd.decisions.distributions import check_rate
+from fxsd.arguments import check_rate
 from fxsd.graph_module import HostedGraphModule
-from fxsd.runtime.gate_info import DropPathAction, GateInfo, SharedUse
+from fxsd.runtime.escape_path import EscapePath, TensorSpec, abstract_run
+from fxsd.runtime.gate_info import DropPathAction, GateInfo, SharedUse, ShareKind
 from fxsd.runtime.join import Join, branch_scale, row_factor
 from fxsd.runtime.recompute import decide
 from fxsd.runtime.sampler import DropSampler
@@ -123,7 +122,7 @@ class BranchGate(nn.Module):
     def drop_rate(self) -> float:
         """Probability of dropping the branch (block) or a row (sample) in training. May be
         changed at any time; an assignment is checked (a number in [0, 1]:
-        :func:`fxsd.decisions.distributions.check_rate`), since a rate past 1 would scale kept
+        :func:`fxsd.arguments.check_rate`), since a rate past 1 would scale kept
         branches
         by a negative ``1 / (1 - p)``."""
         return self._drop_rate
@@ -323,7 +322,7 @@ class BranchGate(nn.Module):
         factor = row_factor(kept, p, self.scale, out)
         return join(skip, out * factor.view((n,) + (1,) * (out.dim() - 1)))
 
-    # -- a join into part of the branch output (fxsd.analysis.partial_join)
+    # -- a join into part of the branch output (fxsd.tracing.partial_join)
     # ---------------------------
     def _partial(self, skip: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
         """The branch output (scaled as the gate scales; zeros where dropped) with the skip

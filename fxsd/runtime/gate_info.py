@@ -12,17 +12,22 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from fxsd.analysis.partial_join import PartialJoin, partial_join_of
-from fxsd.analysis.shared_work import ShareKind
 from fxsd.runtime.join import PLAIN_JOIN, Join, JoinOp
+from fxsd.tracing.partial_join import PartialJoin
 
 if TYPE_CHECKING:
-    from fxsd.analysis.sites import ResidualSite
-    from fxsd.training.folding import FoldTarget
+    from fxsd.runtime.folding import FoldTarget
 
-__all__ = ["DropPathAction", "GateInfo", "SharedUse"]
+__all__ = ["DropPathAction", "GateInfo", "ShareKind", "SharedUse"]
 
 _PARTIAL = JoinOp.PARTIAL
+
+
+class ShareKind(str, Enum):
+    """What a second use of a branch's work is (:mod:`fxsd.analysis.shared_work` finds them)."""
+
+    JOIN = "join"  #: another residual add: dropped, it returns its skip
+    ZEROS = "zeros"  #: a concatenation (DPN's dense part): dropped, it gets zeros
 
 
 class DropPathAction(str, Enum):
@@ -39,7 +44,8 @@ class GateInfo:
 
     ``name`` is the gate's qualified name in the model (``layer1.0.residual_gate``): the module
     that was rewritten, and the attribute its code calls. The other fields describe the site as
-    the analysis found it (:class:`~fxsd.ResidualSite`).
+    the analysis found it (:class:`~fxsd.ResidualSite`; :func:`fxsd.analysis.sites.describe_site`
+    makes one).
     """
 
     name: str
@@ -59,7 +65,7 @@ class GateInfo:
     fold: FoldTarget | None = None  # where the eval scale folds into weights
     step_flops: int | None = None  # own forward + backward FLOPs per step (fxsd.decisions.budget)
     enclosing: tuple[str, ...] = ()  # the gates whose branches hold this one, nearest first
-    # a join into part of the branch output (fxsd.analysis.partial_join)
+    # a join into part of the branch output (fxsd.tracing.partial_join)
     part: PartialJoin | None = None
     join: Join = PLAIN_JOIN  # the add as the source wrote it, which the gate computes
     shared: tuple[SharedUse, ...] = ()  # second joins the work feeds (fxsd.analysis.shared_work)
@@ -74,33 +80,6 @@ class GateInfo:
         if "join" not in state and state.get("part") is not None:  # pickled before joins were
             state = {**state, "join": Join(_PARTIAL, branch_first=True, part=state["part"])}
         self.__dict__.update(state)
-
-    @classmethod
-    def from_site(cls, site: ResidualSite, num_levels: int, name: str = "",
-                  fold: FoldTarget | None = None) -> GateInfo:
-        """Describe a :class:`~fxsd.ResidualSite` (by names, so it outlives the graph).
-
-        Node names are given as the gated module's code spells them: without the prefix of the
-        module that owns the gate (``conv1``, not ``layer1_0_conv1``).
-        """
-        from fxsd.graph_names import local_name
-
-        owner = name.rpartition(".")[0]
-
-        def local(node: Any) -> str:
-            return local_name(node.name, owner)
-
-        return cls(
-            name=name, fold=fold, add=site.add.name, add_kind=site.add_kind,
-            module_path=site.module_path,
-            module_type=site.module_type, skip_kind=site.skip_kind.value, depth=site.depth,
-            num_levels=num_levels, branch_first=local(site.branch[0]),
-            branch_last=local(site.branch_output), branch_len=len(site.branch),
-            num_params=site.num_params, side_inputs=tuple(local(n) for n in site.side_inputs),
-            flops=site.flops, part=partial_join_of(site.add), join=site.join,
-            shared=tuple(SharedUse(u.kind, local(u.consumer), u.join)
-                         for u in (site.escapes.shared if site.escapes else ())),
-        )
 
 
 @dataclass(frozen=True)

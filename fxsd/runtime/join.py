@@ -14,7 +14,7 @@ computes the join the code wrote:
 * :meth:`Join.__call__` is the one implementation of ``join(skip, branch, scale)``, used by the
   gate (:class:`fxsd.runtime.gate.BranchGate`), by :func:`fxsd.strip` (which calls it on
   ``torch.fx`` proxies, so the stripped graph holds exactly the ops the gate runs) and, through
-  :func:`branch_scale`, by the folding of eval scales (:mod:`fxsd.training.folding`);
+  :func:`branch_scale`, by the folding of eval scales (:mod:`fxsd.runtime.folding`);
 * :func:`branch_scale` and :func:`row_factor` are the one place the factor a kept branch is
   multiplied by is computed: ``1 / (1 - p)`` in training for ``scale="train"``, ``1 - p`` at
   inference for ``scale="eval"``, else 1.
@@ -42,23 +42,23 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from fxsd.analysis.ops import add_operands
-from fxsd.analysis.partial_join import PartialJoin, partial_add, partial_join_of
 from fxsd.errors import GraphError
+from fxsd.tracing.ops import add_operands
+from fxsd.tracing.partial_join import PartialJoin, partial_add, partial_join_of
 
 __all__ = ["Join", "JoinOp", "PLAIN_JOIN", "join_of", "join_alpha", "branch_scale",
            "row_factor"]
 
 
 class JoinOp(str, Enum):
-    """How the source spelled the add (the values are :func:`fxsd.analysis.ops.add_kind`'s
+    """How the source spelled the add (the values are :func:`fxsd.tracing.ops.add_kind`'s
     names)."""
 
     PLUS = "operator.add"  #: ``a + b`` (also ``a += b``, which ``torch.fx`` records as ``+``)
     TORCH_ADD = "torch.add"  #: ``torch.add(a, b)``
     METHOD_ADD = "Tensor.add"  #: ``a.add(b)``
     INPLACE = "Tensor.add_"  #: ``a.add_(b)``; also ``operator.iadd``
-    #: ``fxsd.analysis.partial_join.partial_add``: an add into part of a tensor
+    #: ``fxsd.tracing.partial_join.partial_add``: an add into part of a tensor
     PARTIAL = "partial add"
 
 
@@ -88,7 +88,7 @@ class Join:
         branch_first: the branch is the first operand ``a`` (``f(x) + x``), else the second.
         alpha: the source's ``alpha`` (it scales the second operand; 1 when not given).
         part: where a :attr:`JoinOp.PARTIAL` join adds its second operand (``(dim, start,
-            stop)``, see :mod:`fxsd.analysis.partial_join`).
+            stop)``, see :mod:`fxsd.tracing.partial_join`).
         plain: ``plain(skip, branch)`` is the source's add itself (``join(skip, branch)``
             without the call's Python work: for a branch written second, the torch function
             itself).
@@ -203,7 +203,7 @@ def join_alpha(node: Node) -> float | None:
 
 
 def join_of(node: Node, kind: str, branch: Node) -> Join:
-    """The :class:`Join` of the add ``node`` (of :func:`fxsd.analysis.ops.add_kind` ``kind``) whose
+    """The :class:`Join` of the add ``node`` (of :func:`fxsd.tracing.ops.add_kind` ``kind``) whose
     branch operand is ``branch``; its arguments have passed :func:`join_alpha`."""
     op = _KINDS[kind]
     alpha = join_alpha(node)

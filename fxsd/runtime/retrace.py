@@ -5,8 +5,10 @@ The block's original ``forward`` is traced by example on copies of the call's ar
 view of the block that shares its children, parameters and buffers (the modules its own graph
 calls whole stay whole), under :func:`fxsd.preserve.preserved`, with the gates computing their
 branches without drawing and their random stream put back. The new trace is then gated with the
-block's own gates (:mod:`fxsd.passes.regate`), and the variant is its graph over the block's
-live children, parameters and buffers.
+block's own gates, and the variant is its graph over the block's live children, parameters and
+buffers. Tracing and gating belong to earlier steps: the runtime reaches them through the
+block's record (``FxsdRecord.regate``, which the rewrite sets to
+:func:`fxsd.passes.regate.trace_again`), never by importing them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import torch
 from torch import nn
 from torch.fx import Graph
 
-from fxsd.analysis.ops import is_metadata_read
 from fxsd.errors import FxsdError, GuardError
 from fxsd.graph_module import (
     _GRAPH_MODULE_ATTRS,
@@ -31,6 +32,7 @@ from fxsd.graph_module import (
 from fxsd.preserve import preserved
 from fxsd.runtime.gate import BranchGate
 from fxsd.tracing.guards import GUARDS, is_guardable
+from fxsd.tracing.ops import is_metadata_read
 
 __all__: list[str] = []
 
@@ -59,24 +61,21 @@ def _trace_again(block: nn.Module, values: tuple[Any, ...], path: str,
                  refused: str) -> FxsdGraphModule:
     """A variant of ``block`` for the call with these parameter values (see the module
     docstring); ``GuardError`` when it cannot be made."""
-    from fxsd.analysis.units import _drift, registry, trace_unit
-    from fxsd.passes.regate import _gate_again
-    from fxsd.tracing.example_run import record_calls
-
     shown = path or "<root>"
+    record = block.meta.get("fxsd")
+    regate = getattr(record, "regate", None)
+    if regate is None:
+        raise GuardError(f"'{shown}' was rewritten by fxsd for other calls than this one "
+                         f"({refused}), and its record holds no way to gate a new trace of it "
+                         "(a model saved by an older fxsd): transform the plain model again")
     view = _plain_view(block)
     args, kwargs = _call(_placeholders(block.graph), values)
     args, kwargs = _copied((args, kwargs), shown)
-    leaves, autowrap = registry(None)
+    at = path or _AT
     try:
         with _quietly(view):
-            recorded = record_calls(view, args, kwargs)
-            at = path or _AT
-            gm, calls = trace_unit(_holder(at, view), at, recorded[id(view)],
-                                   [*_kept_whole(block), *leaves], autowrap)
-            drift = _drift(gm, calls, recorded)
-            if drift is None:
-                cut = _gate_again(block, view, gm, calls, at)
+            cut, drift = regate(block, view, _holder(at, view), at, args, kwargs,
+                                _kept_whole(block))
     except FxsdError as exc:
         raise GuardError(f"'{shown}' was rewritten by fxsd for other calls than this one "
                          f"({refused}), and tracing it again on this call failed: {exc}") from exc

@@ -53,12 +53,12 @@ from torch import fx, nn
 from torch.fx import Graph, Node
 from torch.fx.graph import CodeGen
 
-from fxsd.analysis.ops import node_order, resolve_attr
 from fxsd.errors import GuardError
 from fxsd.graph_module import FxsdGraphModule
 from fxsd.runtime.retrace import _TABLE, _path, _placeholders, _trace_again
 from fxsd.tracing.calls import any_leaf
 from fxsd.tracing.guards import GUARDS, is_guardable, passes
+from fxsd.tracing.ops import node_order, resolve_attr
 
 __all__ = ["MAX_VARIANTS", "CallSignatureCodeGen", "allow_other_calls", "variant_for"]
 
@@ -318,7 +318,7 @@ def _changed_before(cone: set[Node], guard: Node, order: dict[Node, int]) -> boo
 
 def _metadata_read(node: Node) -> bool:
     """Whether ``node`` reads tensor metadata that nothing the block runs can change — narrower
-    than :func:`fxsd.analysis.ops.is_metadata_read` (``requires_grad``, strides and contiguity can
+    than :func:`fxsd.tracing.ops.is_metadata_read` (``requires_grad``, strides and contiguity can
     change within a block), because a guard checked before the block runs relies on it."""
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _METADATA

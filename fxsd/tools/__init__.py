@@ -3,6 +3,6 @@
 Modules are imported by their full path (``fxsd.tools.<module>``); docs/design.md has the map.
 """
 
-from fxsd import _submodules
+from fxsd._lazy import submodules
 
-__getattr__ = _submodules(__name__)
+__getattr__ = submodules(__name__)

@@ -56,11 +56,11 @@ import torch
 from torch import nn
 
 from fxsd.analysis.analyze import analyze_residuals
+from fxsd.arguments import check_rate
 from fxsd.decisions.budget import expected_saving, record_step_costs
-from fxsd.decisions.distributions import check_rate, site_rates
-from fxsd.errors import InvalidArgumentError
+from fxsd.decisions.distributions import site_rates
+from fxsd.errors import InvalidArgumentError, NoSavingWarning
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
-from fxsd.passes.stochastic_depth import NoSavingWarning, stochastic_depth
 
 # docs/api.md documents fxsd.tools.bench.run's BenchResult, fxsd.tools.bench.format_table and
 # fxsd.tools.bench.transform_times under this path and lists fxsd.tools.bench as the benchmark's
@@ -83,6 +83,7 @@ from fxsd.tools.bench_transform import residual_mlp, transform_times  # noqa: F4
 from fxsd.tools.bench_types import BenchConfig, BenchResult, BenchRow, Variant, VariantKind
 from fxsd.tools.models import load_model
 from fxsd.tools.progress import Progress
+from fxsd.transform import stochastic_depth
 
 if TYPE_CHECKING:
     from fxsd.analysis.sites import ResidualAnalysis

@@ -29,14 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsd.decisions.distributions import check_rate
+from fxsd.analysis.node_costs import short_count
+from fxsd.arguments import check_rate
 from fxsd.pruning.prune import prune
 from fxsd.pruning.report import PruneReport
 from fxsd.tools.bench import _checked, _machine, _model_and_input, _time_steps, _warm_up
 from fxsd.tools.bench_step import _autocast
 from fxsd.tools.bench_types import BenchConfig, BenchRow, Variant, VariantKind
 from fxsd.tools.progress import Progress
-from fxsd.tools.tables import LEAVE_OUT, _ends, _fmt_int, fill, fit_table, terminal_width
+from fxsd.tools.tables import LEAVE_OUT, _ends, fill, fit_table, terminal_width
 
 __all__ = ["PruneBenchResult", "run", "format_table", "forward_flops"]
 
@@ -219,8 +220,8 @@ def format_table(result: PruneBenchResult, tablefmt: str = "simple",
     removed = ", ".join(name.removesuffix(".residual_gate") for name in rep.removed)
     lines = [f"fxsd.prune(strategy='rates') removed {len(rep.removed)} of "
              f"{len(rep.site_flops)} sites: {removed or 'none'}",
-             f"forward FLOPs (FlopCounterMode, this batch): {_fmt_int(result.flops_plain)} -> "
-             f"{_fmt_int(result.flops_pruned)}, ratio {result.flop_ratio:.3f}"]
+             f"forward FLOPs (FlopCounterMode, this batch): {short_count(result.flops_plain)} -> "
+             f"{short_count(result.flops_pruned)}, ratio {result.flop_ratio:.3f}"]
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join([fill(head, limit, indent="  "), table,
                       *(fill(line, limit, indent="  ") for line in lines)])
@@ -232,5 +233,5 @@ def _cells(result: PruneBenchResult, r: BenchRow) -> list[str]:
     flops = result.flops_pruned if pruned else result.flops_plain
     return [r.variant, f"{r.drop_rate:g}" if pruned else "-", f"{r.mean * 1e3:.2f}",
             f"{r.median * 1e3:.2f}", f"{r.spread * 1e3:.2f}", f"{r.median / base:.3f}",
-            f"{(1 - r.median / base) * 100:+.1f}", _fmt_int(flops),
+            f"{(1 - r.median / base) * 100:+.1f}", short_count(flops),
             f"{(result.flop_ratio if pruned else 1.0):.3f}"]

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsd.analysis.analyze import analyze_residuals
-from fxsd.passes.stochastic_depth import stochastic_depth
 from fxsd.record import get_record
 from fxsd.runtime.accessors import gates
 from fxsd.tools.models import load_model
+from fxsd.transform import stochastic_depth
 
 __all__ = ["transform_rows", "transform_times", "EXAMPLE_MODELS", "training_step_time",
            "residual_mlp"]

@@ -8,8 +8,8 @@ directory too). torch is imported only once a command runs, so ``fxsd --help`` a
 Errors print one line and exit with status 2; ``fxsd check`` exits with 1 when a promise fails.
 
 Every value and output path is checked while the arguments are parsed, before any model is
-built, with the checks the Python API runs (:func:`fxsd.decisions.distributions.check_rate`,
-:func:`fxsd.decisions.arguments.check_int`, :func:`fxsd.tools.models.check_spec`,
+built, with the checks the Python API runs (:func:`fxsd.arguments.check_rate`,
+:func:`fxsd.arguments.check_int`, :func:`fxsd.tools.models.check_spec`,
 :func:`fxsd.tools.bench.check_device`): a mistake costs a second, not a traced model. Ctrl-C exits
 with status 130 and no traceback; ``fxsd bench`` first prints the steps it has timed. Long work
 shows progress on stderr when it is a terminal.
@@ -89,9 +89,9 @@ def _check(args: argparse.Namespace) -> int:
 
     from fxsd.decisions.plan import Options
     from fxsd.errors import InvalidArgumentError
+    from fxsd.tools.check import check
     from fxsd.tools.models import load_model
     from fxsd.tools.tables import terminal_width
-    from fxsd.verify import check
 
     shape = args.input_shape
     if shape is None and ":" in args.model:
@@ -139,8 +139,9 @@ def _transform_with_progress(model: Any, args: argparse.Namespace, example: tupl
     import warnings
 
     from fxsd.analysis.units import reporting
-    from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
+    from fxsd.errors import NoResidualSitesWarning
     from fxsd.tools.progress import Progress
+    from fxsd.transform import stochastic_depth
 
     with Progress(None, prefix="[fxsd]").counter("tracing by example", "module") as tick, \
             reporting(tick), warnings.catch_warnings(record=True) as caught:

@@ -1,8 +1,8 @@
 """The ``fxsd`` command line's arguments: every subcommand's options and how each value is checked.
 
 Each value is checked while the arguments are parsed, before any model is built, with the
-checks the Python API runs (:func:`fxsd.decisions.distributions.check_rate`,
-:func:`fxsd.decisions.arguments.check_int`, :func:`fxsd.tools.models.check_spec`,
+checks the Python API runs (:func:`fxsd.arguments.check_rate`,
+:func:`fxsd.arguments.check_int`, :func:`fxsd.tools.models.check_spec`,
 :func:`fxsd.tools.bench.check_device`): an argparse ``type=`` turns fxsd's error into argparse's own
 (usage, the argument's name, status 2). Output paths are checked the same way
 (:func:`check_output_dir`, :func:`check_output_file`). Nothing here imports torch at import time,
@@ -62,10 +62,10 @@ def _number(text: str, kind: type) -> Any:
 
 def _rate(what: str) -> Callable[[str], float]:
     """A rate in [0, 1], checked as the API checks it
-    (:func:`fxsd.decisions.distributions.check_rate`)."""
+    (:func:`fxsd.arguments.check_rate`)."""
 
     def rate(text: str) -> float:
-        from fxsd.decisions.distributions import check_rate
+        from fxsd.arguments import check_rate
 
         return check_rate(_number(text, float), what)
 
@@ -74,10 +74,10 @@ def _rate(what: str) -> Callable[[str], float]:
 
 def _int(minimum: int | None, what: str) -> Callable[[str], int]:
     """An int of at least ``minimum``, checked as the API checks ints
-    (``fxsd.decisions.arguments``)."""
+    (``fxsd.arguments``)."""
 
     def integer(text: str) -> int:
-        from fxsd.decisions.arguments import check_int
+        from fxsd.arguments import check_int
 
         return check_int(_number(text, int), what, minimum=minimum)
 

@@ -217,8 +217,8 @@ def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
         prune_batches: how many training batches (of ``batch_size`` images, drawn by the run's
             seed) the greedy rule chooses sites on.
     """
-    import fxsd
     from fxsd.tools.models import cifar_resnet
+    from fxsd.transform import stochastic_depth
 
     _check(epochs, seeds, depth, drop_rate, distribution, batch_size, threads, out_dir)
     savings = _check_pruning(prune_savings, prune_batches, depth)
@@ -238,7 +238,7 @@ def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
                 torch.manual_seed(seed)
                 model = cifar_resnet(depth)  # the same initial weights for both variants
                 if variant == "fxsd":
-                    model = fxsd.stochastic_depth(model, drop_rate, distribution=distribution,
+                    model = stochastic_depth(model, drop_rate, distribution=distribution,
                                                   seed=seed)
                 bar.set_description(f"{variant} seed {seed}")
                 runs.append(Run(variant, seed, _train(model, data, epochs, batch_size, seed,
@@ -255,7 +255,7 @@ def run(*, epochs: int = 12, seeds: Sequence[int] = (0, 1, 2), depth: int = 56,
 def _check(epochs: int, seeds: Sequence[int], depth: int, drop_rate: float, distribution: str,
            batch_size: int, threads: int | None, out_dir: str | Path | None) -> None:
     """Every argument of :func:`run`, checked before any training (with the API's checks)."""
-    from fxsd.decisions.arguments import check_int
+    from fxsd.arguments import check_int
     from fxsd.decisions.plan import Options
     from fxsd.tools.cli_arguments import check_output_dir
     from fxsd.tools.models import check_cifar_depth
@@ -276,9 +276,8 @@ def _check(epochs: int, seeds: Sequence[int], depth: int, drop_rate: float, dist
 def _check_pruning(savings: Sequence[float], batches: int, depth: int) -> tuple[float, ...]:
     """The sorted, distinct ``savings``; the largest checked to be within the reach of
     ``cifar_resnet(depth)`` (FLOPs do not depend on the weights): before any training."""
-    import fxsd
-    from fxsd.decisions.arguments import check_int
-    from fxsd.decisions.distributions import check_rate
+    from fxsd.arguments import check_int, check_rate
+    from fxsd.pruning.prune import prune
     from fxsd.tools.models import cifar_resnet
 
     check_int(batches, "prune_batches", minimum=1)
@@ -288,7 +287,7 @@ def _check_pruning(savings: Sequence[float], batches: int, depth: int) -> tuple[
             f"{savings!r}")
     checked = tuple(sorted({check_rate(v, "each of prune_savings") for v in savings}))
     if checked and checked[-1] > 0:  # raises, naming the maximum, when out of reach
-        fxsd.prune(cifar_resnet(depth), checked[-1], strategy="every_other",
+        prune(cifar_resnet(depth), checked[-1], strategy="every_other",
                    example_inputs=(torch.zeros(1, 3, 8, 8),))
     return checked
 
@@ -311,7 +310,9 @@ def _prune(model: nn.Module, run: Run, data: tuple[torch.Tensor, ...],
            ) -> list[PrunePoint]:
     """``model`` pruned at each of ``savings`` (the greedy rule on ``batches[0]`` training
     batches of ``batches[1]`` images), each pruned model's test accuracy."""
-    import fxsd
+    from fxsd.pruning.prune import prune
+    from fxsd.runtime.accessors import gates
+    from fxsd.transform import stochastic_depth
 
     x, y, x_test, y_test = data
     count, size = batches
@@ -320,9 +321,9 @@ def _prune(model: nn.Module, run: Run, data: tuple[torch.Tensor, ...],
     chosen_on = list(zip(x[pick].split(size), y[pick].split(size)))
     example = (x_test[:1],)  # FLOPs per image
     model.eval()
-    if not fxsd.gates(model):  # gated once here, not by every prune call
-        model = fxsd.stochastic_depth(model, example_inputs=example, verify=False)
-    _, greedy = fxsd.prune(model, savings[-1], strategy="greedy", data=chosen_on,
+    if not gates(model):  # gated once here, not by every prune call
+        model = stochastic_depth(model, example_inputs=example, verify=False)
+    _, greedy = prune(model, savings[-1], strategy="greedy", data=chosen_on,
                            loss=_cross_entropy, example_inputs=example, return_report=True,
                            progress=progress)
 
@@ -331,7 +332,7 @@ def _prune(model: nn.Module, run: Run, data: tuple[torch.Tensor, ...],
 
     points = []
     for target in savings:
-        pruned, report = fxsd.prune(model, target, strategy=greedy_order,
+        pruned, report = prune(model, target, strategy=greedy_order,
                                     example_inputs=example, return_report=True)
         points.append(PrunePoint(run.variant, run.seed, target, list(report.removed),
                                  report.flops_before, report.flops_after,

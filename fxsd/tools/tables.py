@@ -18,16 +18,16 @@ from tabulate import tabulate
 from torch import nn
 
 from fxsd.analysis.analyze import analyze_residuals
-from fxsd.analysis.shared_work import ShareKind
-from fxsd.analysis.sites import RejectedAdd, ResidualAnalysis, ResidualSite
-from fxsd.decisions.arguments import check_choice
+from fxsd.analysis.node_costs import short_count
+from fxsd.analysis.sites import ResidualAnalysis, ResidualSite, describe_site
+from fxsd.arguments import check_choice
 from fxsd.decisions.budget import count_pending, site_savings
 from fxsd.decisions.distributions import Distribution, site_rates
 from fxsd.decisions.owners import plan_owners
 from fxsd.errors import InvalidTypeError, TraceError
-from fxsd.record import get_record
+from fxsd.record import RejectedAdd, get_record
 from fxsd.runtime.accessors import gates as all_gates
-from fxsd.runtime.gate_info import GateInfo
+from fxsd.runtime.gate_info import GateInfo, ShareKind
 
 __all__ = ["table", "summary", "SiteRow", "fit_table", "fill", "terminal_width", "EMPTY",
            "LEAVE_OUT"]
@@ -98,7 +98,7 @@ def _report(
     rates: list[float | None] = [None] * len(sites)
     if drop_rate is not None:
         rates = list(site_rates(drop_rate, distribution, [s.depth for s in sites], levels))
-    rows = [SiteRow(GateInfo.from_site(s, levels, names.get(id(s), "")), r)
+    rows = [SiteRow(describe_site(s, levels, names.get(id(s), "")), r)
             for s, r in zip(sites, rates)]
     if isinstance(source, ResidualAnalysis) and (source.untraced or len(source.units) > 1):
         return _Report(rows, rejected, total, tuple(u.path for u in source.units),
@@ -115,15 +115,6 @@ def _shared_row(line: list[Any], headers: list[str], join: str, info: GateInfo) 
         at = headers.index("drop rate")
         row[at] = line[at]
     return row
-
-
-def _fmt_int(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
 
 
 def table(
@@ -186,11 +177,11 @@ def table(
         i = row.info
         line: list[Any] = [
             i.depth, i.name or f"{i.module_path or '<root>'} ({i.add})", i.skip_kind,
-            f"{i.branch_first} → {i.branch_last}", i.branch_len, _fmt_int(i.num_params),
+            f"{i.branch_first} → {i.branch_last}", i.branch_len, short_count(i.num_params),
             ", ".join(i.side_inputs) or "-",
         ]
         if with_flops:
-            line.append(_fmt_int(i.flops))
+            line.append(short_count(i.flops))
         if with_rates:
             line.append("-" if row.drop_rate is None else f"{row.drop_rate:.4f}")
         if with_saving:
@@ -444,7 +435,7 @@ def summary(source: Any, *, drop_rate: float | None = None,
     if report.step_flops is not None:
         saved = sum(r.saving or 0.0 for r in rows)
         text += (f"; expected saving per training step: {saved:.1%} of its FLOPs (forward + "
-                 f"backward, {_fmt_int(report.step_flops)})")
+                 f"backward, {short_count(report.step_flops)})")
     if _saves_nothing(rows):
         text += ("; no compute saved: every gated branch runs in sample mode with the mask "
                  "(its branch mixes batch rows, see the note column), which computes every "
@@ -454,7 +445,8 @@ def summary(source: Any, *, drop_rate: float | None = None,
 
 def _saves_nothing(rows: Sequence[SiteRow]) -> bool:
     """Whether the gates of a transformed model are all sample-mode masks (which compute every
-    row), none that could skip work dropping (:class:`fxsd.NoSavingWarning` says the same)."""
+    row), none that could skip work dropping (:class:`fxsd.errors.NoSavingWarning` says the
+    same)."""
     masked = [r for r in rows if r.mode == "sample/mask"]
     return bool(masked) and not any(r.mode != "sample/mask" and (r.drop_rate or 0) > 0
                                     for r in rows)

@@ -39,7 +39,7 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from fxsd.analysis.ops import resolve_attr
+from fxsd.arguments import LeafSpec
 from fxsd.graph_module import wrapped_call
 from fxsd.tracing.calls import any_leaf
 from fxsd.tracing.example_memo import (
@@ -59,8 +59,9 @@ from fxsd.tracing.guards import (
     is_guardable,
     type_name,
 )
+from fxsd.tracing.ops import resolve_attr
 from fxsd.tracing.random_draws import HostStates, draws_unwatched
-from fxsd.tracing.tracer import FxsdTracer, JoinProxy, LeafSpec, TracerFactory
+from fxsd.tracing.tracer import FxsdTracer, JoinProxy, TracerFactory
 
 __all__ = ["ExampleTracer", "example_tracer"]
 

@@ -23,8 +23,8 @@ from torch import nn
 from torch.fx import Graph, Node, Proxy
 from torch.fx.node import map_aggregate
 
-from fxsd.analysis.ops import node_order
 from fxsd.record import NodeRecord
+from fxsd.tracing.ops import node_order
 
 __all__ = ["ModuleCall", "CallTree", "DictRecord", "any_leaf", "as_nodes", "bound_parameters",
            "calls_of", "leaves", "node_leaves", "stack_scope"]

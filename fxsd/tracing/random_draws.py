@@ -26,7 +26,8 @@ from fxsd.errors import RandomDrawError
 from fxsd.tracing.calls import ModuleCall
 
 if TYPE_CHECKING:
-    from fxsd.tracing.tracer import FxsdTracer, LeafSpec
+    from fxsd.arguments import LeafSpec
+    from fxsd.tracing.tracer import FxsdTracer
 
 __all__ = ["HostStates", "watching_draws", "draws_unwatched"]
 
@@ -178,10 +179,10 @@ def _model_frame() -> str:
 
 def _adopted_layer_drop(module: nn.Module) -> bool:
     """Whether ``module``'s own loop is a layer drop fxsd takes over (Hugging Face's
-    ``layerdrop``, :mod:`fxsd.decisions.layer_drop`): fxsd gives its rate to the joins of its layers
+    ``layerdrop``, :mod:`fxsd.tracing.layer_drop`): fxsd gives its rate to the joins of its layers
     and
     switches the loop off, or warns where it does not."""
-    from fxsd.decisions.layer_drop import find_layer_drops
+    from fxsd.tracing.layer_drop import find_layer_drops
 
     return any(drop.path == "" for drop in find_layer_drops(module))
 

@@ -7,9 +7,10 @@ model itself is never modified) and prepares its graph for analysis:
   and calls of the ``torch.fx.wrap``-ped function ``torchvision.ops.stochastic_depth`` become
   ``StochasticDepth`` modules, so that they still read ``self.training`` at run time instead of
   having the flag baked into the graph as a constant;
-* in-place ops get explicit results (see :mod:`fxsd.passes.explicit_inplace`);
+* in-place ops get explicit results (see :mod:`fxsd.tracing.explicit_inplace`);
 * a join into part of a tensor (``torch.cat([x[:, :C] + s, x[:, C:]])``) becomes one
-  :func:`~fxsd.analysis.partial_join.partial_add` call (see :mod:`fxsd.passes.partial_join`);
+  :func:`~fxsd.tracing.partial_join.partial_add` call (see
+  :mod:`fxsd.tracing.explicit_partial_joins`);
 * code that reads ``self.training`` keeps following ``.train()``/``.eval()``: both modes are
   traced and merged (:mod:`fxsd.tracing.train_eval`) into :func:`if_training` calls, defined here;
 * a module whose own code draws a random number while traced is kept whole
@@ -33,20 +34,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxsd.analysis.ops import NOT_DROPOUT, dropout_training
-from fxsd.analysis.partial_join import is_assigned_join
-from fxsd.decisions.arguments import check_concrete_args, check_leaf_modules
-from fxsd.decisions.drop_paths import is_drop_path
-from fxsd.errors import InvalidTypeError, RandomDrawError, TraceError
+from fxsd.arguments import LeafSpec, check_concrete_args, check_leaf_modules, check_not_wrapped
+from fxsd.errors import FrozenDropoutWarning, InvalidTypeError, RandomDrawError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph, wrapped_call
-from fxsd.passes.explicit_inplace import make_inplace_explicit
-from fxsd.passes.live_drop_path import make_drop_paths_live
-from fxsd.passes.partial_join import make_partial_joins_explicit
 from fxsd.record import FxsdRecord, NodeRecord
-from fxsd.runtime.distributed import check_not_wrapped
 from fxsd.tracing.calls import CallTree, ModuleCall, as_nodes, is_dict_record
+from fxsd.tracing.drop_paths import is_drop_path
+from fxsd.tracing.explicit_inplace import make_inplace_explicit
+from fxsd.tracing.explicit_partial_joins import make_partial_joins_explicit
 from fxsd.tracing.guards import check_argument
 from fxsd.tracing.hf import opaque_attention_kernels
+from fxsd.tracing.live_drop_path import make_drop_paths_live
+from fxsd.tracing.ops import NOT_DROPOUT, dropout_training
+from fxsd.tracing.partial_join import is_assigned_join
 from fxsd.tracing.random_draws import (
     HostStates,
     _adopted_layer_drop,
@@ -55,10 +55,8 @@ from fxsd.tracing.random_draws import (
     watching_draws,
 )
 
-__all__ = ["trace", "trace_calls", "if_training", "FxsdTracer",
-           "FrozenDropoutWarning"]
+__all__ = ["trace", "trace_calls", "if_training", "FxsdTracer"]
 
-LeafSpec = type | str | nn.Module
 TracerFactory = Callable[..., "FxsdTracer"]
 """Builds the tracer of one trace: called with the leaves and ``prefix=`` (the traced module's
 qualified name with a dot)."""
@@ -74,7 +72,8 @@ class JoinProxy(fx.Proxy):
     """A proxy that can record one item assignment: a join into part of a tensor written in
     place, ``x[:, :C] += s`` (or ``x[:, :C] = x[:, :C] + s``), which torch.fx cannot trace. It
     becomes ``operator.setitem(x, key, x[key] + s)``, which
-    :func:`fxsd.passes.partial_join.make_partial_joins_explicit` turns into one ``partial_add``.
+    :func:`fxsd.tracing.explicit_partial_joins.make_partial_joins_explicit` turns into one
+    ``partial_add``.
     Any other assignment fails as in torch.fx."""
 
     def __setitem__(self, key: Any, item: Any) -> None:
@@ -189,7 +188,7 @@ class FxsdTracer(fx.Tracer):
         """The model's code drew a random number on the host (``source``, at ``location``)
         while being traced: raise :class:`~fxsd.errors.RandomDrawError` naming the innermost
         module traced (kept in :attr:`draw` too, in case the model's code swallows it). The
-        loop of a module whose layer drop fxsd takes over (:mod:`fxsd.decisions.layer_drop`) may
+        loop of a module whose layer drop fxsd takes over (:mod:`fxsd.tracing.layer_drop`) may
         draw."""
         if not self.watches_draws():
             return
@@ -263,7 +262,7 @@ def _checkpoint_wrapped(module: nn.Module) -> nn.Module | None:
 
 def _validate_leaves(leaf_modules: Iterable[LeafSpec] | LeafSpec | None) -> list[LeafSpec]:
     """``leaf_modules`` as a list, each entry's type checked
-    (:func:`fxsd.decisions.arguments.check_leaf_modules`; the entry points check names against the
+    (:func:`fxsd.arguments.check_leaf_modules`; the entry points check names against the
     model
     before any tracing)."""
     return check_leaf_modules(leaf_modules)
@@ -376,10 +375,6 @@ def _guard_specialized_nones(graph: fx.Graph, path: str, concrete: dict[str, Any
             with graph.inserting_before(node):
                 wrapped_call(graph, check_argument, (value, None, path, name))
             graph.erase_node(node)
-
-
-class FrozenDropoutWarning(UserWarning):
-    """A ``GraphModule`` given to fxsd calls dropout with a constant training flag or rate."""
 
 
 def _warn_frozen_dropout(graph: fx.Graph, name: str) -> None:

@@ -19,17 +19,12 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from fxsd.analysis.ops import MISMATCH, zip_arguments
+from fxsd.arguments import LeafSpec
 from fxsd.graph_module import wrapped_call
 from fxsd.tracing.calls import ModuleCall, calls_of
 from fxsd.tracing.guards import check_argument
-from fxsd.tracing.tracer import (
-    FxsdTracer,
-    LeafSpec,
-    _functional_drop_path,
-    _symbolic_trace,
-    if_training,
-)
+from fxsd.tracing.ops import MISMATCH, zip_arguments
+from fxsd.tracing.tracer import FxsdTracer, _functional_drop_path, _symbolic_trace, if_training
 
 __all__: list[str] = []
 

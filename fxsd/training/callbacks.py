@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+from fxsd.errors import ResumeWarning
+from fxsd.record import Schedule
 from fxsd.runtime.accessors import get_rng_state, set_rng_state
 
-__all__ = ["LightningCallback", "ResumeWarning", "TransformersCallback"]
+__all__ = ["LightningCallback", "TransformersCallback"]
 
 try:
     from lightning.pytorch import Callback as _LightningBase
@@ -50,23 +52,17 @@ STATE_FILE = "fxsd_schedule.pt"  # where fxsd 0.1.0 kept it, in the checkpoint f
 TRAINER_STATE = "trainer_state.json"
 
 
-class ResumeWarning(UserWarning):
-    """A run resumed from a checkpoint that holds no fxsd state (saved without the callback, or
-    by a process that died before adding it): the schedule is stepped to the restored step, so
-    the rates are right, but the drop decisions from there on are not the uninterrupted run's."""
-
-
-def _catch_up(schedule: Any, global_step: int) -> None:
+def _catch_up(schedule: Schedule, global_step: int) -> None:
     """Step ``schedule`` until it has taken ``global_step`` steps."""
     while schedule.step_count < global_step:
         schedule.step()
 
 
-def _state(schedule: Any) -> dict[str, Any]:
+def _state(schedule: Schedule) -> dict[str, Any]:
     return {"schedule": schedule.state_dict(), "rng": get_rng_state(schedule.model)}
 
 
-def _load(schedule: Any, state: dict[str, Any]) -> None:
+def _load(schedule: Schedule, state: dict[str, Any]) -> None:
     schedule.load_state_dict(state["schedule"])
     set_rng_state(schedule.model, state["rng"])
 
@@ -79,7 +75,7 @@ def _warn_no_state(where: str, step: int) -> None:
         stacklevel=3)
 
 
-def _encoded(schedule: Any, step: int) -> dict[str, Any]:
+def _encoded(schedule: Schedule, step: int) -> dict[str, Any]:
     """:func:`_state` as a JSON value: the bytes ``torch.save`` writes, in base64."""
     buffer = io.BytesIO()
     torch.save(_state(schedule), buffer)
@@ -130,7 +126,7 @@ class LightningCallback(_LightningBase):  # type: ignore[misc, valid-type]
     that entry warns :class:`ResumeWarning` and steps the schedule to the restored global step.
     """
 
-    def __init__(self, schedule: Any, log_name: str | None = "drop_rate") -> None:
+    def __init__(self, schedule: Schedule, log_name: str | None = "drop_rate") -> None:
         super().__init__()
         self.schedule = schedule
         self.log_name = log_name
@@ -182,7 +178,7 @@ class TransformersCallback(_TransformersBase):  # type: ignore[misc, valid-type]
     schedule to the restored global step.
     """
 
-    def __init__(self, schedule: Any, log_name: str | None = "drop_rate") -> None:
+    def __init__(self, schedule: Schedule, log_name: str | None = "drop_rate") -> None:
         super().__init__()
         self.schedule = schedule
         self.log_name = log_name

@@ -25,15 +25,15 @@ from typing import Any
 from torch import nn
 
 from fxsd.analysis.sites import ResidualSite
-from fxsd.decisions.arguments import check_bool, check_choice, check_int, close_matches
-from fxsd.decisions.distributions import check_distribution, check_rate
+from fxsd.arguments import check_bool, check_choice, check_int, check_rate, close_matches
+from fxsd.decisions.distributions import check_distribution
 from fxsd.decisions.plan import Options
-from fxsd.errors import InvalidArgumentError, InvalidTypeError
-from fxsd.passes.stochastic_depth import NoResidualSitesWarning, stochastic_depth
+from fxsd.errors import InvalidArgumentError, InvalidTypeError, NoResidualSitesWarning
 from fxsd.record import get_record
 from fxsd.runtime.accessors import gates
 from fxsd.runtime.gate import MODES
 from fxsd.training.schedulers import DropWarmup
+from fxsd.transform import stochastic_depth
 
 __all__ = ["apply_stochastic_depth"]
 
@@ -71,7 +71,8 @@ def apply_stochastic_depth(
         target_layer_name: a module class name (``"Bottleneck"``; Composer's
             ``"ResNetBottleneck"`` is read as the same). Only sites inside modules of that class
             are gated. ``None`` gates every site. A name that matches no site leaves the model
-            unchanged, with a :class:`~fxsd.NoResidualSitesWarning` (Composer logs a warning).
+            unchanged, with a :class:`~fxsd.errors.NoResidualSitesWarning` (Composer logs a
+            warning).
         stochastic_method: ``"block"`` or ``"sample"``.
         drop_rate, drop_distribution: as fxsd's ``drop_rate`` and ``distribution``; depths are
             counted over the targeted sites. A per-site ``drop_distribution`` (a sequence or

@@ -32,8 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from fxsd.decisions.arguments import check_callable, check_int, check_number
-from fxsd.decisions.distributions import check_rate
+from fxsd.arguments import check_callable, check_int, check_number, check_rate
 from fxsd.errors import FxsdError, InvalidArgumentError, InvalidTypeError
 from fxsd.record import FxsdRecord, get_record
 from fxsd.runtime.accessors import _gates_or_error, get_drop_rate, named_gates, set_drop_rate

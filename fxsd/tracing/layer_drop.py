@@ -27,12 +27,10 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["LayerDrop", "LayerDropWarning", "find_layer_drops", "layer_drop_of",
+from fxsd.errors import LayerDropWarning
+
+__all__ = ["LayerDrop", "find_layer_drops", "layer_drop_of",
            "settle_layer_drops", "switch_off_layer_drops"]
-
-
-class LayerDropWarning(UserWarning):
-    """A model's own layer drop is no longer active and fxsd did not adopt its rate."""
 
 
 @dataclass(frozen=True)

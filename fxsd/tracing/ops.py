@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from fxsd.analysis.partial_join import partial_add
+from fxsd.tracing.partial_join import partial_add
 
 __all__ = [
     "dropout_training",
@@ -50,7 +50,7 @@ _ADD_FUNCTIONS: dict[Any, str] = {
     torch.add: "torch.add",
     torch.Tensor.add: "Tensor.add",
     torch.Tensor.add_: "Tensor.add_",
-    # torch.cat([x[:, :C] + s, x[:, C:]]): see fxsd.analysis.partial_join
+    # torch.cat([x[:, :C] + s, x[:, C:]]): see fxsd.tracing.partial_join
     partial_add: "partial add",
 }
 _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}

@@ -45,7 +45,7 @@ from tabulate import tabulate
 from torch import nn
 
 # CheckKind, VerificationError and verify_transform live in fxsd.checks; docs/api.md documents
-# them as fxsd.verify.*, so they are re-exported here.
+# them as fxsd.tools.check.*, so they are re-exported here.
 from fxsd.checks import (
     CheckKind,
     CheckResult,
@@ -126,7 +126,7 @@ def check(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None 
     Returns:
         A :class:`CheckReport`: ``report.ok`` is whether every promise holds.
     """
-    from fxsd.passes.stochastic_depth import stochastic_depth
+    from fxsd.transform import stochastic_depth
 
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"fxsd.check expects an nn.Module, got {type(model).__name__}")

@@ -1,5 +1,5 @@
 """Make joins into part of a tensor one node: ``torch.cat([x[:, :C] + s, x[:, C:]], dim=1)``
-becomes ``partial_add(x, s, 1, 0, C)`` (:mod:`fxsd.analysis.partial_join`), which computes the same
+becomes ``partial_add(x, s, 1, 0, C)`` (:mod:`fxsd.tracing.partial_join`), which computes the same
 expression. The residual analysis then sees ``x`` (the branch output) and ``s`` (the skip) as the
 two operands of one join, and the rewrite can gate the whole of ``x``.
 """
@@ -12,8 +12,8 @@ from typing import Any
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from fxsd.analysis.ops import is_view, node_order
-from fxsd.analysis.partial_join import match_assigned_join, match_partial_join, partial_add
+from fxsd.tracing.ops import is_view, node_order
+from fxsd.tracing.partial_join import match_assigned_join, match_partial_join, partial_add
 
 __all__ = ["make_partial_joins_explicit"]
 

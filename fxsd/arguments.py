@@ -22,21 +22,22 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 
-if TYPE_CHECKING:
-    from fxsd.tracing.tracer import LeafSpec
-
-__all__ = ["TRACINGS", "TraceArguments", "check_bool", "check_choice", "check_int",
+__all__ = ["LeafSpec", "TRACINGS", "TraceArguments", "check_bool", "check_choice", "check_int",
            "check_number", "check_callable", "close_matches", "check_examples",
-           "check_leaf_modules", "check_concrete_args", "check_trace_arguments"]
+           "check_leaf_modules", "check_concrete_args", "check_trace_arguments", "check_rate",
+           "check_not_wrapped"]
 
+LeafSpec = type | str | nn.Module
 TRACINGS = ("auto", "symbolic", "example")
+_WRAPPERS = ("FSDPModule", "FullyShardedDataParallel", "DistributedDataParallel",
+             "DataParallel", "OptimizedModule")
 
 
 def close_matches(word: object, candidates: Iterable[str]) -> str:
@@ -91,6 +92,16 @@ def check_number(value: object, name: str) -> float:
     if not math.isfinite(number):
         raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
     return number
+
+
+def check_rate(rate: object, what: str = "drop_rate") -> float:
+    """Return ``rate`` as a float in [0, 1], or raise a clear error."""
+    if isinstance(rate, bool) or not isinstance(rate, Real):
+        raise InvalidTypeError(f"{what} must be a number in [0, 1], got {rate!r}")
+    value = float(rate)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise InvalidArgumentError(f"{what} must lie in [0, 1], got {rate!r}")
+    return value
 
 
 def check_callable(fn: object, name: str, call: str, nargs: int) -> Callable[..., Any]:
@@ -252,3 +263,33 @@ def check_trace_arguments(model: nn.Module | None, example_inputs: object = None
     return TraceArguments(args, kwargs, check_choice(tracing, "tracing", TRACINGS),
                           check_leaf_modules(leaf_modules, model),
                           check_concrete_args(concrete_args, model))
+
+
+def wrapper_kind(module: nn.Module) -> str | None:
+    for cls in type(module).__mro__:
+        if cls.__name__ in _WRAPPERS:
+            return cls.__name__
+    return None
+
+
+def check_not_wrapped(model: nn.Module) -> None:
+    """Raise when ``model`` or one of its modules is already sharded, wrapped for data parallel
+    or compiled (``torch.compile``'s ``OptimizedModule``).
+
+    Raises:
+        InvalidArgumentError: names the first wrapped module and says to transform first.
+    """
+    for path, module in model.named_modules():
+        kind = wrapper_kind(module)
+        where = f"module '{path}'" if path else "the model"
+        if kind == "OptimizedModule":
+            raise InvalidArgumentError(
+                f"{where} is compiled by torch.compile (OptimizedModule): apply "
+                "fxsd.stochastic_depth to the module it compiles (its ._orig_mod) and compile the "
+                "result with fxsd.compile(model), which keeps the gates' decisions live")
+        if kind is not None:
+            raise InvalidArgumentError(
+                f"{where} ({type(module).__name__}) is already wrapped by {kind}: apply "
+                "fxsd.stochastic_depth to the plain model first, then shard or wrap the result "
+                "(fully_shard / DistributedDataParallel); the gated blocks keep their module "
+                "boundaries, so per-block sharding works on them")

@@ -1,16 +1,15 @@
-"""The stochastic-depth pass: gate the branch of every residual site, inside the modules that own
-them.
+"""The entry point: :func:`stochastic_depth` runs fxsd's pipeline on a model.
 
-Each residual add ``skip + branch(fork, *side)`` found by :func:`fxsd.analyze_residuals` becomes a
-call of a :class:`~fxsd.runtime.gate.BranchGate`. The rewrite happens in the module whose
-``forward`` owns the join (:func:`fxsd.decisions.owners.plan_owners`: a torchvision ``Bottleneck``,
-a ViT ``EncoderBlock``, a BERT layer): that module is cut out of the whole-model trace
-(:mod:`fxsd.passes.extract_module`), its branch nodes move into a small ``GraphModule`` that the
-gate runs only when the branch is kept, and the gated module takes the original's place in the
-model. Every other module, the root's class included, stays as it was.
+trace and analyse (:func:`fxsd.analyze_residuals`) → decide (:func:`fxsd.decisions.plan.plan_gates`)
+→ rewrite (:func:`fxsd.passes.gate_residuals.gate_residuals`) → settle the model's own layer drops,
+scale the rates to a ``target_saving`` (:mod:`fxsd.decisions.budget`) → check the promises on the
+examples (``verify=True``: :mod:`fxsd.checks`). Arguments are checked once, up front
+(:meth:`fxsd.decisions.plan.Options.validated`).
 
-Within a module, sites are rewritten in execution order, so that a site nested inside another
-site's branch is already a gate call when the outer branch is cut out.
+>>> import torchvision, fxsd
+>>> model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.1)
+>>> type(model).__name__, len(fxsd.gates(model))
+('ResNet', 8)
 """
 
 from __future__ import annotations
@@ -21,57 +20,25 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
 
 from fxsd.analysis.analyze import analyze_residuals
-from fxsd.analysis.ops import is_metadata_read, node_order
-from fxsd.analysis.shared_work import ShareKind
 from fxsd.analysis.sites import ResidualAnalysis, ResidualSite
+from fxsd.arguments import LeafSpec
 from fxsd.checks import plain_run, verify_transform
 from fxsd.decisions.budget import defer_step_costs, record_step_costs, scale_to_target
 from fxsd.decisions.distributions import Distribution
-from fxsd.decisions.layer_drop import find_layer_drops, settle_layer_drops
-from fxsd.decisions.owners import Owner, plan_owners, warn_root_joins
-from fxsd.decisions.plan import GatePlan, Options, join_notes, plan_gates, select_sites
-from fxsd.errors import InvalidArgumentError, InvalidTypeError
-from fxsd.graph_module import module_from_graph
-from fxsd.module_tree import TreeEditor, copy_tree, deepest_first
-from fxsd.passes.extract_module import extract_module
-from fxsd.passes.gate_site import CutSite, call_gate, cut_site
+from fxsd.decisions.plan import Options, plan_gates, select_sites
+from fxsd.errors import InvalidArgumentError, InvalidTypeError, NoResidualSitesWarning
+from fxsd.module_tree import copy_tree
+from fxsd.passes.gate_residuals import gate_residuals
 from fxsd.preserve import guarded
-from fxsd.record import FxsdRecord, get_record
+from fxsd.record import get_record
 from fxsd.runtime.accessors import gates
 from fxsd.runtime.distributed import rank
-from fxsd.runtime.gate import BranchGate
-from fxsd.runtime.gate_info import GateInfo
-from fxsd.runtime.recompute import checkpointing
 from fxsd.runtime.sampler import DropSampler
-from fxsd.runtime.variants import allow_other_calls
-from fxsd.tracing.tracer import LeafSpec
-from fxsd.training.folding import warn_on_save
+from fxsd.tracing.layer_drop import find_layer_drops, settle_layer_drops
 
-__all__ = ["stochastic_depth", "gate_residuals", "InlinedHooksWarning",
-           "NoResidualSitesWarning", "NoSavingWarning", "BlockModeWarning"]
-
-class NoResidualSitesWarning(UserWarning):
-    """The model has no residual site (or none selected), so the pass changed nothing."""
-
-
-class NoSavingWarning(UserWarning):
-    """No gate of the transformed model can save compute: every gated branch runs in sample mode
-    with the mask implementation (its branch mixes batch rows), which computes every row and
-    multiplies the dropped ones by 0. ``mode="block"`` skips whole branches."""
-
-
-class BlockModeWarning(UserWarning):
-    """Adopted per-row drop paths (torchvision ``"row"``, timm ``DropPath``) run in block mode:
-    their branches mix batch rows (BatchNorm), so per-row drops would need the mask and save
-    nothing. ``mode="sample"`` keeps per-row drops (and saves nothing)."""
-
-
-class InlinedHooksWarning(UserWarning):
-    """A module with hooks, or one whose call is checkpointed, had to be inlined into the gated
-    module that owns a join: its hooks will not run any more, its call is not checkpointed."""
+__all__ = ["stochastic_depth"]
 
 
 @guarded("stochastic_depth")
@@ -177,9 +144,9 @@ def stochastic_depth(
             (added to timm's not-traceable registry when timm is installed).
         concrete_args: passed to the tracer.
         verify: with example inputs, check the result before returning it (one eval forward
-            of the plain and of the gated model, :func:`fxsd.verify.verify_transform`): its
+            of the plain and of the gated model, :func:`fxsd.tools.check.verify_transform`): its
             output must be bit-identical to the plain model's and every gate must be called as
-            often as its join runs, else :class:`fxsd.verify.VerificationError` names the
+            often as its join runs, else :class:`fxsd.tools.check.VerificationError` names the
             first block or gate at fault. :func:`fxsd.check` verifies every promise.
 
     Raises:
@@ -270,148 +237,3 @@ def _budget(gated: nn.Module, options: Options) -> None:
                 "the given per-site rates" if not callable(dist) else
                 "the given rate function")
     scale_to_target(gated, options.target_saving, describe)
-
-
-def gate_residuals(analysis: ResidualAnalysis, plan: GatePlan, sampler: DropSampler,
-                   model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Gate ``analysis.sites`` of ``model`` (the model ``analysis`` was made from) as ``plan``
-    says (:func:`fxsd.decisions.plan.plan_gates`). Returns ``model`` itself with ``inplace=True``,
-    else a
-    new module tree over the same tensors."""
-    parts = analysis.parts()  # one graph, or the modules traced one by one
-    planned = [(part, owner) for part in parts for owner in plan_owners(part, part.sites)]
-    for part in parts:
-        _warn_inlined_hooks(part, [o for p, o in planned if p is part])
-    if inplace and any(not o.path for _, o in planned):
-        raise InvalidArgumentError(
-            f"the forward of {type(model).__name__} itself performs residual joins, so its root "
-            "module must be rewritten, which cannot happen in place: use the returned model "
-            "(inplace=False)")
-    warn_root_joins(model, [o for _, o in planned], stacklevel=3)
-    record = FxsdRecord(
-        drop_rate=plan.drop_rate, num_levels=analysis.num_levels,
-        live_leaves=tuple(leaf for part in parts for leaf in
-                          part.graph_module.meta["fxsd"].live_leaves),
-        rejected=tuple(analysis.rejected),
-        total_flops=analysis.total_flops,
-        traced=tuple(part.path for part in analysis.units),
-        untraced=tuple(analysis.untraced))
-    tree = TreeEditor(model, in_place=inplace)
-    for part, owner in deepest_first(planned, lambda po: po[1].path):
-        module = tree.locate(owner.path)[2]
-        tree.replace(owner.path, _gate_owner(part, owner, module, plan, sampler, record))
-    owners = [o for _, o in planned]
-    position = {path: i for i, (path, _) in enumerate(model.named_modules())}
-    rewritten = sorted(owners, key=lambda o: position[o.path])
-    record.rewritten = tuple(o.path for o in rewritten)
-    record.original_classes = tuple(type(_resolve(model, o.path)).__name__ for o in rewritten)
-    if any(g.scale == "eval" for g in gates(tree.root)):
-        warn_on_save(tree.root)
-    _warn_savings(plan, type(model).__name__)
-    return tree.root
-
-
-def _warn_savings(plan: GatePlan, name: str) -> None:
-    """Say when the plan saves no compute, or runs adopted per-row drop paths in block mode."""
-    specs = list(plan.specs.values())
-    blocked = sum(spec.row_drops_blocked for spec in specs)
-    if blocked:
-        warnings.warn(
-            f"{blocked} adopted per-row drop path{'s' * (blocked != 1)} of {name} run in block "
-            "mode (one draw per site for the whole batch): their branches mix batch rows "
-            "(BatchNorm), so per-row drops would need the mask, which computes every row and "
-            "saves nothing. Pass mode='sample' to keep per-row drops.",
-            BlockModeWarning, stacklevel=5)
-    masked = [s for s in specs if s.mode == "sample" and s.sample_impl == "mask"]
-    # a site at rate 0 whose rate never moves (weight 0: adopted, no drop path) saves nothing
-    saving = [s for s in specs if not (s.mode == "sample" and s.sample_impl == "mask")
-              and (s.drop_rate > 0 or s.rate_weight > 0)]
-    if masked and not saving:
-        why = next((s.sample_note for s in masked if s.sample_note), "")
-        warnings.warn(
-            f"fxsd's gates in {name} save no compute: every gated branch runs in sample mode "
-            "with the mask implementation, which computes every row and zeroes the dropped "
-            f"ones{f' ({why})' if why else ''}. Pass mode='block' to skip whole branches.",
-            NoSavingWarning, stacklevel=5)
-
-
-def _warn_inlined_hooks(analysis: ResidualAnalysis, owners: Sequence[Owner]) -> None:
-    for owner in owners:
-        for index in sorted(owner.inline):
-            call = analysis.calls.calls[index]
-            module = call.module
-            if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks \
-                    or getattr(module, "_backward_pre_hooks", None):
-                warnings.warn(
-                    f"'{call.path}' ({call.type_name}) has hooks, but its forward performs part "
-                    f"of a residual join that '{owner.path or '<root>'}' gates, so its code is "
-                    "copied into that module's graph and its hooks will not run. Register them "
-                    f"on '{owner.path or '<root>'}' or on the modules it calls instead.",
-                    InlinedHooksWarning, stacklevel=4)
-            how = checkpointing(module)
-            if how is not None:
-                warnings.warn(
-                    f"'{call.path}' ({call.type_name}) is {how}, but its forward performs part "
-                    f"of a residual join that '{owner.path or '<root>'}' gates, so its code is "
-                    "copied into that module's graph and its call will not be checkpointed. "
-                    f"Checkpoint '{owner.path or '<root>'}' (or a module above it) instead.",
-                    InlinedHooksWarning, stacklevel=4)
-
-
-def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, plan: GatePlan,
-                sampler: DropSampler, record: FxsdRecord) -> GraphModule:
-    """Rewrite ``module`` (the owner) as a GraphModule with one gate per owned site."""
-    cut = extract_module(analysis, owner, module)
-    graph = cut.graph
-    order = node_order(graph)
-    rewritten: dict[Node, Node] = {}  # rewritten add -> the node standing for it now
-    for i, site in enumerate(owner.sites):
-        spec, name = plan.spec(site), owner.gate_names[i]
-        piece = cut_site(cut, site, spec.drops, rewritten, order, name)
-        note = join_notes(spec.note, f"returns None for unused {', '.join(piece.released)}"
-                          if piece.released else "", _escape_note(piece), _shared_note(piece))
-        cut.extra_attrs[name] = BranchGate(
-            piece.branch_module, spec.drop_rate, sampler, identity=piece.identity,
-            clone_on_drop=spec.clone_on_drop,
-            info=GateInfo.from_site(site, record.num_levels, owner.gate_path(i), spec.fold),
-            mode=spec.mode, scale=spec.scale, sample_impl=spec.sample_impl,
-            note=join_notes(note, spec.sample_note), rate_weight=spec.rate_weight,
-            drop_path=spec.drop_path, record=record, escape_path=piece.escape_path)
-        # a new module starts in training mode: a model gated in eval mode must stay in it
-        cut.extra_attrs[name].training = module.training
-        call_gate(graph, piece, name, rewritten, order)
-    for node in reversed(graph.nodes):  # shape reads left behind (a message built from x.shape)
-        if not node.users and is_metadata_read(node):
-            graph.erase_node(node)
-    graph.lint()
-    allow_other_calls(graph, type(module))  # calls its guards refuse: it traces itself again
-    gated = module_from_graph(module, graph, cut.extra_attrs)
-    gated.meta["fxsd"] = record
-    return gated
-
-
-def _shared_note(piece: CutSite) -> str:
-    """What else the branch's work feeds, dropped with it (:mod:`fxsd.analysis.shared_work`)."""
-    joins = [u.consumer.name for u in piece.shared if u.kind is ShareKind.JOIN]
-    cats = [u.consumer.name for u in piece.shared if u.kind is ShareKind.ZEROS]
-    return join_notes(f"one gate for {', '.join([piece.add.name, *joins])}" if joins else "",
-                      f"gives {', '.join(cats)} zeros when dropped" if cats else "")
-
-
-def _escape_note(piece: CutSite) -> str:
-    path = piece.escape_path
-    if path is None:
-        return ""
-    escapes = piece.branch.escapes
-    produced = [n.name for n in escapes.values if n not in escapes.unproduced]
-    return join_notes(
-        f"hands on {', '.join(path.names)}",
-        f"when dropped, {', '.join(produced)} from shapes "
-        f"({', '.join(n.name for n in escapes.abstract)})" if produced else "",
-        f"when dropped, {', '.join(n.name for n in escapes.unproduced)} raises on use "
-        "(DroppedValue)" if escapes.unproduced else "")
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path) if path else model
-

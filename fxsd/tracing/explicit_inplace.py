@@ -13,7 +13,7 @@ import operator
 
 from torch.fx import GraphModule
 
-from fxsd.analysis.ops import mutated_operand, node_order
+from fxsd.tracing.ops import mutated_operand, node_order
 
 __all__ = ["make_inplace_explicit"]
 
