@@ -22,19 +22,20 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
-from typing import Any, NamedTuple
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["LeafSpec", "TRACINGS", "TraceArguments", "check_bool", "check_choice", "check_int",
            "check_number", "check_callable", "close_matches", "check_examples",
            "check_leaf_modules", "check_concrete_args", "check_trace_arguments", "check_rate",
            "check_not_wrapped"]
 
-LeafSpec = type | str | nn.Module
+# torch is imported by the checks that need it: `fxsd --help` checks rates without it
+LeafSpec = Union[type, str, "nn.Module"]  # noqa: UP007 - a string: torch is not imported here
 TRACINGS = ("auto", "symbolic", "example")
 _WRAPPERS = ("FSDPModule", "FullyShardedDataParallel", "DistributedDataParallel",
              "DataParallel", "OptimizedModule")
@@ -138,6 +139,8 @@ def check_examples(model: nn.Module | None, example_inputs: object, example_kwar
     ``model``, they must bind to its ``forward`` (a misspelt keyword is otherwise ignored when
     the model traces whole)."""
     args: tuple[Any, ...] | None = None
+    import torch
+
     if isinstance(example_inputs, torch.Tensor):
         args = (example_inputs,)
     elif isinstance(example_inputs, (tuple, list)):
@@ -171,6 +174,8 @@ def check_examples(model: nn.Module | None, example_inputs: object, example_kwar
 
 
 def _is_leaf_spec(leaf: object) -> bool:
+    from torch import nn
+
     return isinstance(leaf, (str, nn.Module)) or (isinstance(leaf, type)
                                                   and issubclass(leaf, nn.Module))
 
@@ -204,6 +209,8 @@ def check_leaf_modules(leaf_modules: object, model: nn.Module | None = None) -> 
 
 
 def _check_leaves_in(model: nn.Module, leaves: list[Any]) -> None:
+    from torch import nn
+
     paths = {name: m for name, m in model.named_modules(remove_duplicate=False) if name}
     ids = {id(m) for m in paths.values()} | {id(model)}
     for leaf in leaves:

@@ -6,8 +6,8 @@ types are also ``TypeError``\\ s, so code written against the built-in exception
 
 Two errors live beside the step that raises them, and derive from the classes here:
 :class:`fxsd.runtime.folding.FoldError` (a :class:`GraphError`: an eval scale that cannot be folded
-into weights) and :class:`fxsd.tools.check.VerificationError` (the transformed model broke one of
-its promises, :func:`fxsd.check`; imported from :mod:`fxsd.tools.check`).
+into weights) and :class:`fxsd.checks.VerificationError` (the transformed model broke one of
+its promises; :func:`fxsd.check` reports them).
 """
 
 from __future__ import annotations

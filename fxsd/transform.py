@@ -144,9 +144,9 @@ def stochastic_depth(
             (added to timm's not-traceable registry when timm is installed).
         concrete_args: passed to the tracer.
         verify: with example inputs, check the result before returning it (one eval forward
-            of the plain and of the gated model, :func:`fxsd.tools.check.verify_transform`): its
+            of the plain and of the gated model, :func:`fxsd.checks.verify_transform`): its
             output must be bit-identical to the plain model's and every gate must be called as
-            often as its join runs, else :class:`fxsd.tools.check.VerificationError` names the
+            often as its join runs, else :class:`fxsd.checks.VerificationError` names the
             first block or gate at fault. :func:`fxsd.check` verifies every promise.
 
     Raises:

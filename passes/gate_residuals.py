@@ -19,9 +19,9 @@ import warnings
 from collections.abc import Sequence
 
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
-from fxsd.analysis.sites import ResidualAnalysis, describe_site
+from fxsd.analysis.sites import ResidualAnalysis, ResidualSite, describe_site
 from fxsd.decisions.owners import Owner, plan_owners, warn_root_joins
 from fxsd.decisions.plan import GatePlan, join_notes
 from fxsd.errors import (
@@ -33,7 +33,7 @@ from fxsd.errors import (
 from fxsd.graph_module import module_from_graph
 from fxsd.module_tree import TreeEditor, deepest_first
 from fxsd.passes.extract_module import extract_module
-from fxsd.passes.gate_site import CutSite, call_gate, cut_site
+from fxsd.passes.gate_site import CutSite, gate_sites
 from fxsd.passes.regate import trace_again
 from fxsd.record import FxsdRecord
 from fxsd.runtime.accessors import gates
@@ -43,7 +43,7 @@ from fxsd.runtime.gate_info import ShareKind
 from fxsd.runtime.recompute import checkpointing
 from fxsd.runtime.sampler import DropSampler
 from fxsd.runtime.variants import allow_other_calls
-from fxsd.tracing.ops import is_metadata_read, node_order
+from fxsd.tracing.ops import is_metadata_read
 
 __all__ = ["gate_residuals"]
 
@@ -138,23 +138,25 @@ def _gate_owner(analysis: ResidualAnalysis, owner: Owner, module: nn.Module, pla
     """Rewrite ``module`` (the owner) as a GraphModule with one gate per owned site."""
     cut = extract_module(analysis, owner, module)
     graph = cut.graph
-    order = node_order(graph)
-    rewritten: dict[Node, Node] = {}  # rewritten add -> the node standing for it now
-    for i, site in enumerate(owner.sites):
-        spec, name = plan.spec(site), owner.gate_names[i]
-        piece = cut_site(cut, site, spec.drops, rewritten, order, name)
+    paths = {name: owner.gate_path(i) for i, name in enumerate(owner.gate_names)}
+
+    def make_gate(site: ResidualSite, name: str, piece: CutSite) -> BranchGate:
+        spec = plan.spec(site)
         note = join_notes(spec.note, f"returns None for unused {', '.join(piece.released)}"
                           if piece.released else "", _escape_note(piece), _shared_note(piece))
-        cut.extra_attrs[name] = BranchGate(
+        gate = BranchGate(
             piece.branch_module, spec.drop_rate, sampler, identity=piece.identity,
             clone_on_drop=spec.clone_on_drop,
-            info=describe_site(site, record.num_levels, owner.gate_path(i), spec.fold),
+            info=describe_site(site, record.num_levels, paths[name], spec.fold),
             mode=spec.mode, scale=spec.scale, sample_impl=spec.sample_impl,
             note=join_notes(note, spec.sample_note), rate_weight=spec.rate_weight,
             drop_path=spec.drop_path, record=record, escape_path=piece.escape_path)
         # a new module starts in training mode: a model gated in eval mode must stay in it
-        cut.extra_attrs[name].training = module.training
-        call_gate(graph, piece, name, rewritten, order)
+        gate.training = module.training
+        return gate
+
+    gate_sites(cut, [(site, name, plan.spec(site).drops)
+                     for site, name in zip(owner.sites, owner.gate_names)], make_gate)
     for node in reversed(graph.nodes):  # shape reads left behind (a message built from x.shape)
         if not node.users and is_metadata_read(node):
             graph.erase_node(node)

@@ -18,10 +18,11 @@ inside another's branch is a gate call when the outer one is cut.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
 
@@ -34,9 +35,9 @@ from fxsd.graph_module import HostedGraphModule
 from fxsd.graph_names import take_name
 from fxsd.runtime.escape_path import EscapePath
 from fxsd.runtime.gate_info import ShareKind
-from fxsd.tracing.ops import is_module
+from fxsd.tracing.ops import is_module, node_order
 
-__all__ = ["CutSite", "cut_site", "call_gate"]
+__all__ = ["CutSite", "cut_site", "call_gate", "gate_sites"]
 
 
 @dataclass
@@ -143,6 +144,20 @@ def call_gate(graph: Graph, piece: CutSite, name: str, rewritten: dict[Node, Nod
             take_name(part, value.name)
     rewritten[add] = result
     return call
+
+
+def gate_sites(cut: Any, sites: Sequence[tuple[ResidualSite, str, Sequence[Node]]],
+               make_gate: Callable[[ResidualSite, str, CutSite], nn.Module]) -> None:
+    """Gate each of ``sites`` (``(site, gate name, drop-path calls to take out)``, in execution
+    order) inside ``cut``: its branch cut out (step 1), the module ``make_gate(site, name,
+    piece)`` returns set as the gate ``name``, and called where the add was (step 2). The one
+    loop over an owner's sites, for the rewrite and for a block's re-gating."""
+    order = node_order(cut.graph)
+    rewritten: dict[Node, Node] = {}  # rewritten add -> the node standing for it now
+    for site, name, drops in sites:
+        piece = cut_site(cut, site, drops, rewritten, order, name)
+        cut.extra_attrs[name] = make_gate(site, name, piece)
+        call_gate(cut.graph, piece, name, rewritten, order)
 
 
 def _remove_drop_paths(graph: Graph, drops: list[Node], out: Node) -> Node:

@@ -21,13 +21,12 @@ from fxsd.analysis.units import _drift, registry, trace_unit
 from fxsd.decisions.owners import plan_owners
 from fxsd.errors import GuardError
 from fxsd.passes.extract_module import extract_module
-from fxsd.passes.gate_site import call_gate, cut_site
+from fxsd.passes.gate_site import gate_sites
 from fxsd.runtime.escape_path import EscapePath
 from fxsd.runtime.gate import BranchGate
 from fxsd.runtime.gate_info import DropPathAction
 from fxsd.tracing.drop_paths import is_drop_path
 from fxsd.tracing.example_run import record_calls
-from fxsd.tracing.ops import node_order
 
 __all__ = ["GateView", "trace_again"]
 
@@ -65,13 +64,11 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
     cut = None
     for owner in owners:
         cut = extract_module(analysis, owner, view)
-        order = node_order(cut.graph)
-        rewritten: dict[Node, Node] = {}
-        for site, name in zip(owner.sites, owner.gate_names):
-            if name in gates:
-                _gate_site(cut, analysis, site, (block, gates[name]), name, order,
-                           rewritten)
-                found.add(name)
+        own = [(site, name) for site, name in zip(owner.sites, owner.gate_names) if name in gates]
+        gate_sites(cut, [(site, name, _drop_paths(analysis, site, gates[name]))
+                         for site, name in own],
+                   lambda site, name, piece: _gate_view(block, gates[name], name, piece))
+        found.update(name for _, name in own)
     missing = sorted(set(gates) - found)
     if missing:
         rejected = "; ".join(f"{r.name}: {r.detail}" for r in analysis.rejected[:3])
@@ -83,23 +80,23 @@ def _gate_again(block: nn.Module, view: nn.Module, gm: fx.GraphModule, calls: An
     return cut
 
 
-def _gate_site(cut: Any, analysis: Any, site: Any, owned: tuple[nn.Module, BranchGate],
-               name: str, order: dict[Node, int], rewritten: dict[Node, Node]) -> None:
-    """Replace ``site``'s add in ``cut`` by a call of the gate (``owned``: the block and its
-    gate) running the new branch (the rewrite's own surgery, :mod:`fxsd.passes.gate_site`,
-    with the gate's own settings); the new branch reads the block's children."""
-    block, gate = owned
-    drops: list[Node] = []
-    if gate.drop_path in (DropPathAction.ADOPTED, DropPathAction.REPLACED):
-        gm = analysis.graph_module
-        drops = [n for n in site.branch if n.op == "call_module"
-                 and is_drop_path(gm.get_submodule(str(n.target)))]
-    piece = cut_site(cut, site, drops, rewritten, order, name)
+def _drop_paths(analysis: Any, site: Any, gate: BranchGate) -> list[Node]:
+    """The drop-path calls in ``site``'s new branch that the gate took over (adopted or
+    replaced), taken out as the rewrite took them out."""
+    if gate.drop_path not in (DropPathAction.ADOPTED, DropPathAction.REPLACED):
+        return []
+    gm = analysis.graph_module
+    return [n for n in site.branch if n.op == "call_module"
+            and is_drop_path(gm.get_submodule(str(n.target)))]
+
+
+def _gate_view(block: nn.Module, gate: BranchGate, name: str, piece: Any) -> GateView:
+    """The block's own ``gate`` running the new branch ``piece`` (which reads the block's
+    children), with the gate's own settings."""
     if gate.identity != piece.identity:
         raise GuardError(f"traced again on this call, the skip of {name} is another one")
     path = piece.escape_path.attach(block) if piece.escape_path is not None else None
-    cut.extra_attrs[name] = GateView(gate, piece.branch_module.attach(block), path)
-    call_gate(cut.graph, piece, name, rewritten, order)
+    return GateView(gate, piece.branch_module.attach(block), path)
 
 
 def _output_pairs(new: Any, own: Any, found: list[tuple[Node, Any, Any]]) -> None:

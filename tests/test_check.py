@@ -11,8 +11,9 @@ import torchvision
 from torch import nn
 
 import fxsd
+from fxsd.checks import CheckKind, VerificationError
 from fxsd.runtime.gate import BranchGate
-from fxsd.tools.check import CheckKind, VerificationError, _Snapshot
+from fxsd.tools.check import _Snapshot
 
 
 class Block(nn.Module):
@@ -109,7 +110,7 @@ def test_a_block_gated_on_one_of_its_paths_fails_the_reached_promise():
     assert _failed(report) == {CheckKind.GATES_REACHED: "first.residual_gate"}, \
         report.table(width=0)
     with pytest.raises(VerificationError, match="first.residual_gate' is never called"):
-        fxsd.tools.check.verify_transform(model, planted, _x(), None)
+        fxsd.checks.verify_transform(model, planted, _x(), None)
 
 
 def test_depth_order_failure_names_the_gate():

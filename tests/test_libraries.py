@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxsd
-from fxsd.tools.check import CheckKind
+from fxsd.checks import CheckKind
 
 diffusers = pytest.importorskip("diffusers")
 monai = pytest.importorskip("monai")

@@ -44,8 +44,6 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-# CheckKind, VerificationError and verify_transform live in fxsd.checks; docs/api.md documents
-# them as fxsd.tools.check.*, so they are re-exported here.
 from fxsd.checks import (
     CheckKind,
     CheckResult,
