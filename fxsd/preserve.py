@@ -25,9 +25,11 @@ activations must not log fxsd's runs, nor see the fake tensors of its abstract o
 :func:`guarded` is what the public entry points run under: a failure anywhere inside puts
 the model's attributes and the generators back and surfaces as an :class:`~fxsd.FxsdError` (the
 original exception chained). :func:`model_run` wraps what the model itself raises during one of
-fxsd's runs of it in a :class:`~fxsd.errors.ModelRunError` naming the run and the module, and
+fxsd's runs of it in a :class:`~fxsd.errors.ModelRunError` naming the run and the module,
 :func:`fake_tensors` is the one fake-tensor mode every abstract run uses, with torch's loggers
-quiet (a failed fake kernel that fxsd handles is not a crash to print).
+quiet (a failed fake kernel that fxsd handles is not a crash to print), and :func:`fake_weights`
+the one setting of a run on fake tensors: the module's weights swapped for fakes, its hooks
+silent, and everything put back.
 
 Parameters are not copied (a forward without an optimizer does not write them, and copying a
 large model's weights would double its memory).
@@ -56,6 +58,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from fxsd.errors import (
     FxsdError,
@@ -67,7 +70,7 @@ from fxsd.errors import (
 )
 
 __all__ = ["hooks_silenced", "preserved", "restored_on_failure", "guarded", "model_run",
-           "run_error", "fake_tensors", "generator_states"]
+           "run_error", "fake_tensors", "fake_weights", "generator_states"]
 
 #: The registries of the hooks a module call runs (each a dict, swapped for an empty one while
 #: fxsd runs it).
@@ -269,6 +272,62 @@ def fake_tensors() -> Iterator[Any]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def fake_weights(module: nn.Module, inputs: Any, *, run: Run, eval_mode: bool) -> Iterator[Any]:
+    """Run the body on fake tensors (:func:`fake_tensors`): ``module``'s parameters and buffers
+    swapped for fake copies (tied weights stay tied), and ``inputs`` (any nesting of tuples,
+    lists and dicts) yielded with each tensor in it a fake one. Nothing is computed, and the
+    module comes back as it was: its own tensors (a BatchNorm update in the body lands on the
+    copy), its ``training`` flags, its hook registries. What the module raises arrives as a
+    :class:`~fxsd.errors.ModelRunError` naming ``run`` (:func:`model_run`).
+
+    The user's forward and backward hooks are not called (:func:`hooks_silenced`), in every fake
+    run: they are the user's, for the user's calls, and would see fake tensors; none of fxsd's
+    fake runs needs them (a symbolic trace does not call them either). Hooks the body registers
+    (a FLOP count's own) are gone on exit.
+
+    Args:
+        module: whose state is faked; the body may run it or a part reading its state (a gated
+            block's branch, hosted by the block).
+        inputs: the example inputs, faked for the body.
+        run: the run a failure names (``Run.ABSTRACT``, ``Run.FLOP_COUNT``).
+        eval_mode: every module in eval mode for the body. A run that must draw and update
+            nothing and give the shapes of an eval-mode call (the zeros and escaping values of
+            a skipped branch, :func:`fxsd.runtime.escape_path.abstract_run`) asks for it; a run
+            in the model's own mode (each node's shapes and FLOPs in the mode the graph was
+            traced in, :func:`fxsd.analysis.node_costs.profile_nodes`) or in a mode it sets
+            itself (a FLOP count: train for a training step, eval for :func:`fxsd.prune`'s
+            forward) does not.
+
+    Example:
+        >>> layer = nn.Linear(2, 3)
+        >>> with fake_weights(layer, (torch.ones(4, 2),), run=Run.ABSTRACT,
+        ...                   eval_mode=True) as (x,):
+        ...     print(tuple(layer(x).shape), type(layer.weight).__name__)
+        (4, 3) FakeTensor
+        >>> type(layer.weight).__name__
+        'Parameter'
+    """
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    flags = [(m, m.training) for m in _modules(module)]
+    with fake_tensors() as mode, model_run(module, run), hooks_silenced(module):
+        state = {**dict(module.named_parameters(remove_duplicate=False)),
+                 **dict(module.named_buffers(remove_duplicate=False))}
+        fake = {name: mode.from_tensor(t) for name, t in state.items()}
+        faked = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x,
+                         inputs)
+        try:
+            if eval_mode:
+                for m, _ in flags:
+                    m.training = False
+            with _reparametrize_module(module, fake, tie_weights=True):
+                yield faked
+        finally:
+            for m, training in flags:
+                m.training = training
 
 
 def _modules(model: nn.Module) -> list[nn.Module]:

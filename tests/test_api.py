@@ -441,8 +441,9 @@ def test_cli_inspect_default_is_resnet50(capsys):
     out = capsys.readouterr().out
     table_lines = [ln for ln in out.splitlines() if ln[:1].isdigit()]
     assert len(table_lines) == 16
-    assert "resnet50: 16 residual sites, 0 adds rejected" in out
-    assert "expected branch work dropped per training step" in out
+    # without FLOPs there is no saving to print (a parameter count is not one)
+    assert "resnet50: 16 residual sites, 0 adds rejected\n" in out
+    assert "expected" not in out
 
 
 def test_cli_inspect_callable_and_errors(capsys):

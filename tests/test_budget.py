@@ -188,6 +188,55 @@ def test_inspect_shows_per_site_saving_and_the_target(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+class _Inner(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        z = self.a(x)
+        return z + self.b(torch.relu(z))
+
+
+class _Nested(torch.nn.Module):
+    """Two sites, one inside the other's branch: ``x + inner(x)`` holds ``z + b(relu(z))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = _Inner(), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.head(x + self.inner(x))
+
+
+def _one_saving(line: str) -> str:
+    """The one expected saving a summary line prints (``34.4%``)."""
+    assert line.count("expected") == 1, line
+    return line.split("expected saving per ")[1].split(": ")[1].split()[0]
+
+
+def test_the_summary_prints_one_saving_the_budgets():
+    """A gated model's summary says :func:`fxsd.expected_saving`; a plan's (an untransformed
+    model with example inputs) the budget's :func:`saving_at` on forward FLOPs, the nested site
+    saved once, not each branch's FLOPs times its rate."""
+    x = torch.randn(4, 8)
+    gated = fxsd.stochastic_depth(_Nested(), 0.5, distribution="uniform", example_inputs=(x,))
+    line = fxsd.tools.tables.summary(gated)
+    assert "per training step" in line
+    assert _one_saving(line) == f"{fxsd.expected_saving(gated):.1%}"
+    analysis = fxsd.analyze_residuals(_Nested(), (x,))
+    outer, inner = sorted(analysis.sites, key=lambda s: -s.flops)
+    assert inner.add in outer.branch  # nested
+    line = fxsd.tools.tables.summary(analysis, drop_rate=0.5, distribution="uniform")
+    assert "per forward" in line and "forward only" in line
+    own = {"outer": outer.flops - inner.flops, "inner": inner.flops}
+    expected = saving_at({"outer": 0.5, "inner": 0.5}, own, {"inner": ("outer",)},
+                         analysis.total_flops)
+    assert _one_saving(line) == f"{expected:.1%}"
+    # each branch's FLOPs times its rate counts the inner branch twice
+    assert expected < 0.5 * (outer.flops + inner.flops) / analysis.total_flops - 0.05
+
+
 def test_bench_rows_carry_activation_bytes_and_the_flop_saving():
     from fxsd.tools import bench
 

@@ -19,8 +19,13 @@ import torch
 from torch import nn
 
 import fxsd
+from fxsd.analysis.node_costs import profile_nodes
+from fxsd.decisions.budget import measure_step_costs
 from fxsd.errors import ModelRunError, Run, TransformError
 from fxsd.preserve import fake_tensors, hooks_silenced, preserved
+from fxsd.pruning.costs import forward_costs
+from fxsd.runtime.escape_path import abstract_run
+from fxsd.runtime.gate import BranchGate
 
 
 class FrozenConfig(OrderedDict):
@@ -357,3 +362,65 @@ def test_deepseek_v3_transform_logs_no_error(caplog, capfd):
     assert len(fxsd.gates(gated)) == 4
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def _skipped_branch(model: nn.Module, x: torch.Tensor):
+    """The user's call of a model whose gates all drop: each branch's zeros come from an
+    abstract run of the branch, hosted by its block (whose children the user's hooks are on)."""
+    for gate in fxsd.gates(model):
+        gate.drop_rate = 1.0
+    return lambda: model(x)
+
+
+def _traced(run):
+    """``run`` on the model's trace, made before the hooks are (tracing calls them)."""
+    def prepare(model: nn.Module, x: torch.Tensor):
+        gm = torch.fx.symbolic_trace(model)
+        return lambda: run(gm, (x,))
+    return prepare
+
+
+#: Every run fxsd makes on fake tensors (fxsd.preserve.fake_weights): whether it runs on a gated
+#: model, and the run (made ready before the hooks are registered).
+FAKE_RUNS = {
+    "node shapes and FLOPs": (False, _traced(profile_nodes)),
+    "abstract run": (False, _traced(abstract_run)),
+    "skipped branch": (True, _skipped_branch),
+    "step costs": (True, lambda model, x: lambda: measure_step_costs(model, (x,))),
+    "prune's forward costs": (True, lambda model, x: lambda: forward_costs(model, (x,))),
+}
+
+
+@pytest.mark.parametrize("run", list(FAKE_RUNS))
+def test_every_fake_run_silences_the_users_hooks_and_puts_the_model_back(run):
+    """The user's hooks are the user's, for the user's calls: none of fxsd's runs on fake
+    tensors calls them (they would see fake tensors). Each run leaves the modules' ``training``
+    flags, parameters and buffers (the same objects, with the same values) as they were."""
+    gated, prepare = FAKE_RUNS[run]
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block(), nn.Linear(8, 2)).train()
+    if gated:
+        model = fxsd.stochastic_depth(model, 0.2)
+    model[0].norm.eval()  # mixed flags, each kept
+    x = torch.randn(4, 8)
+    fake_run = prepare(model, x)
+    seen = []
+    handles = [h for name, m in model.named_modules() if not isinstance(m, BranchGate) for h in (
+        m.register_forward_pre_hook(lambda m, a, name=name: seen.append(("pre", name))),
+        m.register_forward_hook(lambda m, a, o, name=name: seen.append(("post", name))))]
+    tensors = {k: (t, t.detach().clone()) for k, t in
+               [*model.named_parameters(), *model.named_buffers()]}
+    flags = [(m, m.training) for m in model.modules()]
+    fake_run()
+    if run == "skipped branch":  # the user's call runs its hooks, but no branch runs
+        assert ("post", "") in seen and ("post", "1") in seen
+        assert not any(name.startswith(("0.", "1.")) for _, name in seen)
+    else:
+        assert seen == []
+    assert [(m, m.training) for m in model.modules()] == flags
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == tensors.keys()
+    for name, (tensor, value) in tensors.items():
+        assert now[name] is tensor and torch.equal(tensor, value), name
+    for h in handles:
+        h.remove()

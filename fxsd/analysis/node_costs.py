@@ -1,8 +1,9 @@
 """Shapes and FLOPs of every node, from one abstract run of the graph on fake tensors.
 
 Nothing is computed for real and nothing the model holds changes: parameters and buffers are
-swapped for fake copies for the duration of the run (so BatchNorm's running-stat updates land on
-the copies), and ``torch.utils.flop_counter`` counts each node's FLOPs from shapes alone.
+swapped for fake copies for the duration of the run (:func:`fxsd.preserve.fake_weights`: so
+BatchNorm's running-stat updates land on the copies, and the user's hooks are not called), and
+``torch.utils.flop_counter`` counts each node's FLOPs from shapes alone.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from fxsd.errors import FxsdError, Run
-from fxsd.preserve import fake_tensors, run_error
+from fxsd.preserve import fake_weights, run_error
 
 __all__ = ["NodeProfile", "profile_nodes", "short_count"]
 
@@ -89,27 +90,21 @@ def profile_nodes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> dict[Node
         ModelRunError: the model raised on inputs of these shapes (names the module and the
             node; the model's exception is chained).
     """
-    from torch.nn.utils.stateless import _reparametrize_module
     from torch.utils.flop_counter import FlopCounterMode
 
-    flat, spec = tree_flatten(example_inputs)
-    with fake_tensors() as mode:
-        state = dict(gm.named_parameters(remove_duplicate=False))
-        state.update(gm.named_buffers(remove_duplicate=False))
-        fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
-        fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
-        args = tree_unflatten(fake_inputs, spec)
+    # in the model's own mode, as it will run (a module that draws on the host: eval, above)
+    with fake_weights(gm, example_inputs, run=Run.ABSTRACT, eval_mode=False) as args:
         profiler = None
         try:
-            with _reparametrize_module(gm, fake_state, tie_weights=True), \
-                    FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False) as counter:
                 profiler = _Profiler(gm, counter)
                 profiler.run(*args)
         except FxsdError:
             raise
         except Exception as exc:
             node = profiler.current if profiler is not None else None
-            shapes = [tuple(x.shape) for x in flat if isinstance(x, torch.Tensor)]
+            shapes = [tuple(x.shape) for x in tree_flatten(example_inputs)[0]
+                      if isinstance(x, torch.Tensor)]
             at = f", at node {node.name}" if node is not None else ""
             raise run_error(gm, Run.ABSTRACT, exc,
                             f" (example inputs of shapes {shapes}{at})") from exc

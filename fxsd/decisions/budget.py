@@ -32,23 +32,25 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fxsd.errors import FxsdError, InvalidArgumentError, ModelRunError, Run
-from fxsd.preserve import fake_tensors, guarded, model_run, preserved
+from fxsd.preserve import fake_weights, guarded, model_run, preserved
 from fxsd.record import get_record
 from fxsd.runtime.accessors import _gates_or_error, named_gates
 from fxsd.runtime.gate import BranchGate
 
+if TYPE_CHECKING:
+    from fxsd.analysis.sites import ResidualSite
+
 __all__ = ["StepCosts", "measure_step_costs", "record_step_costs", "defer_step_costs",
-           "count_pending", "PendingCosts", "expected_saving",
-           "site_savings", "saving_at", "solve_scale", "scale_to_target", "effective_rate"]
+           "count_pending", "PendingCosts", "expected_saving", "site_savings", "saving_at",
+           "plan_saving", "solve_scale", "scale_to_target", "effective_rate"]
 
 
 @dataclass(frozen=True)
@@ -169,22 +171,24 @@ def counting_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     """The one setting of fxsd's FLOP counts (a training step here, a forward for
     :func:`fxsd.prune`): ``model`` left as it was afterwards (:func:`~fxsd.preserve.preserved`),
     warnings silenced, with ``fake`` its parameters, buffers and the inputs swapped for fake
-    tensors (nothing is computed); yields the inputs to run and the ``FlopCounterMode``."""
-    from torch.nn.utils.stateless import _reparametrize_module
+    tensors (:func:`~fxsd.preserve.fake_weights`: nothing is computed); yields the inputs to run
+    and the ``FlopCounterMode``. The body sets the mode it counts in (train for a step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with preserved(model), warnings.catch_warnings(), \
-            (fake_tensors() if fake else nullcontext()) as mode:
+    with preserved(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reparam: Any = nullcontext()
-        if mode is not None:
-            named = {**dict(model.named_parameters(remove_duplicate=False)),
-                     **dict(model.named_buffers(remove_duplicate=False))}
-            state = {k: mode.from_tensor(v) for k, v in named.items()}
-            args, kwargs = _faked((args, kwargs), mode)
-            reparam = _reparametrize_module(model, state, tie_weights=True)
-        with reparam, FlopCounterMode(display=False) as counter, model_run(model, run):
+        inputs = fake_weights(model, (args, kwargs), run=run, eval_mode=False) if fake \
+            else _real_run(model, (args, kwargs), run)
+        with inputs as (args, kwargs), FlopCounterMode(display=False) as counter:
             yield args, kwargs, counter
+
+
+@contextlib.contextmanager
+def _real_run(model: nn.Module, inputs: Any, run: Run) -> Iterator[Any]:
+    """A counting run on the examples themselves (the model's own hooks silenced by
+    :func:`~fxsd.preserve.preserved`, as in a fake run)."""
+    with model_run(model, run):
+        yield inputs
 
 
 def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -229,13 +233,6 @@ def _attributed_step(model: nn.Module, gates: dict[str, BranchGate], counter: An
                      seen.enclosing(gates))
 
 
-def _faked(value: Any, mode: Any) -> Any:
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, value)
-
-
-
 class PendingCosts:
     """What counting a gated model's step costs later takes, kept on its record
     (``FxsdRecord.pending_costs``) until something asks for them (:func:`count_pending`).
@@ -251,7 +248,7 @@ class PendingCosts:
                  kwargs: Mapping[str, Any] | None) -> None:
         flat, self.spec = tree_flatten((tuple(args), dict(kwargs or {})))
         self.device, self.dtype = _placement(model)
-        self.leaves = [_TensorSpec.of(x) if isinstance(x, torch.Tensor) else x for x in flat]
+        self.leaves = [_ExampleSpec.of(x) if isinstance(x, torch.Tensor) else x for x in flat]
         self.gates = tuple(named_gates(model))
         self._model: weakref.ref[nn.Module] | None = weakref.ref(model)
 
@@ -270,7 +267,7 @@ class PendingCosts:
         device, dtype = _placement(model)
 
         def make(x: Any) -> Any:
-            if not isinstance(x, _TensorSpec):
+            if not isinstance(x, _ExampleSpec):
                 return x
             moved = x.device == self.device and device is not None
             cast = x.dtype == self.dtype and dtype is not None
@@ -282,7 +279,12 @@ class PendingCosts:
 
 
 @dataclass(frozen=True)
-class _TensorSpec:
+class _ExampleSpec:
+    """What a deferred count keeps of an example tensor. More than an abstract run's
+    :class:`~fxsd.runtime.escape_path.TensorSpec` (shape, dtype, device): the count must run on
+    what :func:`record_step_costs` would have run on, and an example that requires grad adds
+    its gradient's FLOPs to the backward (its stride is kept with it, as the layout it came in)."""
+
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
@@ -290,7 +292,7 @@ class _TensorSpec:
     requires_grad: bool
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> _TensorSpec:
+    def of(cls, x: torch.Tensor) -> _ExampleSpec:
         return cls(tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad)
 
 
@@ -356,10 +358,10 @@ def effective_rate(gate: BranchGate) -> float:
     return gate.drop_rate
 
 
-def saving_at(rates: Mapping[str, float], sites: Mapping[str, int],
-              enclosing: Mapping[str, Sequence[str]], total: int) -> float:
+def saving_at(rates: Mapping[str, float], sites: Mapping[str, float],
+              enclosing: Mapping[str, Sequence[str]], total: float) -> float:
     """The expected saving, as a fraction of ``total``, at per-gate ``rates`` (see the module
-    docstring).
+    docstring); ``sites``: each gate's own cost (FLOPs; the bench's limit: seconds).
 
     >>> saving_at({"a": 0.5, "b": 0.5}, {"a": 30, "b": 10}, {"a": (), "b": ("a",)}, 100)
     0.225
@@ -371,6 +373,25 @@ def saving_at(rates: Mapping[str, float], sites: Mapping[str, int],
             keep *= 1.0 - rates[up]
         saved += flops * (1.0 - keep)
     return saved / total if total else 0.0
+
+
+def plan_saving(sites: Sequence[ResidualSite], rates: Sequence[float], total: int) -> float:
+    """The expected saving of a plan at per-site ``rates`` on the untransformed model, as a
+    fraction of ``total``, its forward FLOPs: :func:`saving_at` with each site's forward FLOPs
+    beyond the sites nested in it as its cost (a site is nested in another when its add is one of
+    the other's branch nodes). A forward's counterpart of a gated model's step costs, for a model
+    not transformed yet; every site's ``flops`` must be known (example inputs)."""
+    branches = [set(s.branch) for s in sites]
+    enclosing = {str(i): tuple(str(j) for j in sorted(
+        (j for j, branch in enumerate(branches) if j != i and site.add in branch),
+        key=lambda j: len(branches[j])))  # nearest (smallest) first
+        for i, site in enumerate(sites)}
+    own = {str(i): site.flops or 0 for i, site in enumerate(sites)}
+    for i, site in enumerate(sites):
+        if enclosing[str(i)]:  # the nearest encloser's branch holds this one's
+            own[enclosing[str(i)][0]] -= site.flops or 0
+    costs = {name: max(0, flops) for name, flops in own.items()}
+    return saving_at({str(i): r for i, r in enumerate(rates)}, costs, enclosing, total)
 
 
 def _costs_or_error(model: nn.Module, what: str) -> tuple[dict[str, BranchGate], int]:

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fxsd.errors import GraphError, Run
 from fxsd.graph_module import HostedGraphModule
-from fxsd.preserve import fake_tensors, hooks_silenced, model_run
+from fxsd.preserve import fake_weights
 
 if typing.TYPE_CHECKING:
     from fxsd.runtime.gate_info import GateInfo
@@ -37,30 +37,18 @@ class TensorSpec(NamedTuple):
 
 
 def abstract_run(module: GraphModule, args: tuple[Any, ...]) -> Any:
-    """``module``'s output on ``args`` from one run on fake tensors, with its modules in eval
-    mode and their forward hooks not called: each tensor in it is a :class:`TensorSpec`,
-    everything else is the value itself. Nothing is computed, drawn or updated. What the
-    module raises arrives as a :class:`~fxsd.errors.ModelRunError` (``Run.ABSTRACT``)."""
-    from torch.nn.utils.stateless import _reparametrize_module
-
+    """``module``'s output on ``args`` from one run on fake tensors
+    (:func:`~fxsd.preserve.fake_weights`), with its modules in eval mode and their hooks not
+    called: each tensor in it is a :class:`TensorSpec`, everything else is the value itself.
+    Nothing is computed, drawn or updated. Eval mode, because a skipped branch's zeros and
+    escaping values are asked for in either mode and must neither draw (a dropout, the
+    model's own drop path) nor depend on a draw. What the module raises arrives as a
+    :class:`~fxsd.errors.ModelRunError` (``Run.ABSTRACT``)."""
     # a part of a block's code reads the block's modules: the block's state is what is faked
     owner = module.host if isinstance(module, HostedGraphModule) and module.host is not None \
         else module
-    saved = [(m, m.training) for m in owner.modules()]
-    with fake_tensors() as mode, torch.no_grad(), model_run(module, Run.ABSTRACT), \
-            hooks_silenced(owner):  # the user's hooks would see fake tensors
-        state = dict(owner.named_parameters(remove_duplicate=False))
-        state.update(owner.named_buffers(remove_duplicate=False))
-        fake = {k: mode.from_tensor(v) for k, v in state.items()}
-        inputs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        try:
-            for m, _ in saved:
-                m.training = False
-            with _reparametrize_module(owner, fake, tie_weights=True):
-                out = module(*inputs)
-        finally:
-            for m, training in saved:
-                m.training = training
+    with torch.no_grad(), fake_weights(owner, args, run=Run.ABSTRACT, eval_mode=True) as inputs:
+        out = module(*inputs)
         return tree_map(lambda v: TensorSpec(v.shape, v.dtype, v.device)
                         if isinstance(v, torch.Tensor) else v, out)
 

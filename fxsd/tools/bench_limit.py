@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fxsd.decisions.budget import saving_at
 from fxsd.decisions.distributions import site_rates
 from fxsd.runtime.accessors import named_gates
 from fxsd.runtime.gate import BranchGate
@@ -157,18 +158,12 @@ def gate_ancestors(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> dict[
 
 def limit_saving(times: dict[str, float], rates: dict[str, float],
                  ancestors: dict[str, list[str]]) -> float:
-    """Expected seconds saved per step by perfect skipping: Σ t_l · P(branch l skipped).
+    """Expected seconds saved per step by perfect skipping: Σ t_l · P(branch l skipped), the
+    budget's :func:`~fxsd.decisions.budget.saving_at` with times as the costs.
 
     A branch is skipped when its own gate or any gate enclosing it drops.
     """
-    total = 0.0
-    for name, t in times.items():
-        keep = 1.0 - rates[name]
-        for a in ancestors.get(name, []):
-            keep *= 1.0 - rates[a]
-        total += t * (1.0 - keep)
-    return total
-
+    return saving_at(rates, times, ancestors, 1)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from fxsd.analysis.analyze import analyze_residuals
 from fxsd.analysis.node_costs import short_count
 from fxsd.analysis.sites import ResidualAnalysis, ResidualSite, describe_site
 from fxsd.arguments import check_choice
-from fxsd.decisions.budget import count_pending, site_savings
+from fxsd.decisions.budget import count_pending, plan_saving, site_savings
 from fxsd.decisions.distributions import Distribution, site_rates
 from fxsd.decisions.owners import plan_owners
 from fxsd.errors import InvalidTypeError, TraceError
@@ -58,6 +58,9 @@ class _Report:
     untraced: tuple[tuple[str, str, str], ...] = ()
     step_flops: int | None = None  # forward + backward FLOPs of a training step
     failure: str = ""  # why the model could not be traced (then there are no rows)
+    # the expected saving (fxsd.decisions.budget): of a training step's FLOPs with step_flops
+    # (fxsd.expected_saving), else of a forward's (plan_saving); None: no FLOPs to weigh by
+    saving: float | None = None
 
 
 def _report(
@@ -77,7 +80,8 @@ def _report(
                             g.mode if g.mode == "block" else f"{g.mode}/{g.sample_impl}",
                             g.scale, g.note, savings.get(g.info.name)) for g in gates]
             return _Report(rows, list(record.rejected), record.total_flops, record.traced,
-                           record.untraced, record.step_flops if costed else None)
+                           record.untraced, record.step_flops if costed else None,
+                           saving=sum(savings.values()) if costed else None)
         try:
             source = analyze_residuals(source, example_inputs)
         except TraceError as exc:  # nothing to tabulate: the table says why instead
@@ -100,10 +104,13 @@ def _report(
         rates = list(site_rates(drop_rate, distribution, [s.depth for s in sites], levels))
     rows = [SiteRow(describe_site(s, levels, names.get(id(s), "")), r)
             for s, r in zip(sites, rates)]
+    saving = None
+    if drop_rate is not None and total and all(s.flops is not None for s in sites):
+        saving = plan_saving(sites, [r or 0.0 for r in rates], total)
     if isinstance(source, ResidualAnalysis) and (source.untraced or len(source.units) > 1):
         return _Report(rows, rejected, total, tuple(u.path for u in source.units),
-                       tuple(source.untraced))
-    return _Report(rows, rejected, total)
+                       tuple(source.untraced), saving=saving)
+    return _Report(rows, rejected, total, saving=saving)
 
 
 def _shared_row(line: list[Any], headers: list[str], join: str, info: GateInfo) -> list[Any]:
@@ -410,10 +417,14 @@ def _paths(cells: list[str], n: int) -> list[str]:
 def summary(source: Any, *, drop_rate: float | None = None,
             distribution: Distribution = "linear",
             example_inputs: Sequence[Any] | None = None) -> str:
-    """One line: sites found, adds rejected, and the expected share of work dropped per step.
+    """One line: sites found, adds rejected, and the expected saving of the drops.
 
-    The share weighs each site's drop rate by its branch's forward FLOPs when they are known
-    (example inputs given) and by its parameter count otherwise.
+    The saving is :mod:`fxsd.decisions.budget`'s one computation, nested sites counted once
+    (a site is skipped when its own gate or one around it drops). For a gated model with step
+    costs it is :func:`fxsd.expected_saving`: a share of a training step's forward + backward
+    FLOPs. For a plan (an untransformed model and a ``drop_rate``) with example inputs it is
+    :func:`~fxsd.decisions.budget.plan_saving`, said as such: a share of a forward's FLOPs
+    (the backward is counted on a gated model only). Without FLOPs, no saving is printed.
     """
     report = _report(source, drop_rate, distribution, example_inputs)
     if report.failure:
@@ -422,20 +433,12 @@ def summary(source: Any, *, drop_rate: float | None = None,
     n_rej = len(report.rejected)
     text = (f"{len(rows)} residual site{'s' * (len(rows) != 1)}, "
             f"{n_rej} add{'s' * (n_rej != 1)} rejected")
-    if rows and any(r.drop_rate is not None for r in rows):
-        by_flops = all(r.info.flops is not None for r in rows)
-        weight = [(r.info.flops if by_flops else r.info.num_params) or 0 for r in rows]
-        dropped = sum(w * (r.drop_rate or 0.0) for w, r in zip(weight, rows))
-        share = dropped / sum(weight) if sum(weight) else 0.0
-        unit = "FLOPs" if by_flops else "parameters (by count)"
-        text += (f"; expected branch work dropped per training step: {share:.1%} of branch "
-                 f"{unit}")
-        if by_flops and report.total_flops:
-            text += f", {dropped / report.total_flops:.1%} of the model's forward FLOPs"
-    if report.step_flops is not None:
-        saved = sum(r.saving or 0.0 for r in rows)
-        text += (f"; expected saving per training step: {saved:.1%} of its FLOPs (forward + "
-                 f"backward, {short_count(report.step_flops)})")
+    if report.saving is not None and report.step_flops is not None:
+        text += (f"; expected saving per training step: {report.saving:.1%} of its FLOPs "
+                 f"(forward + backward, {short_count(report.step_flops)})")
+    elif report.saving is not None:
+        text += (f"; expected saving per forward: {report.saving:.1%} of its FLOPs (forward "
+                 f"only, {short_count(report.total_flops)})")
     if _saves_nothing(rows):
         text += ("; no compute saved: every gated branch runs in sample mode with the mask "
                  "(its branch mixes batch rows, see the note column), which computes every "
