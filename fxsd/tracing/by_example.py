@@ -188,6 +188,7 @@ class ExampleTracer(FxsdTracer):
         self._guarded: set[str] = set()
         self._next: Any = _MISSING  # the value of the proxy being made
         self._evaluating = 0
+        self._submodules: dict[str, nn.Module] | None = None
 
     @contextlib.contextmanager
     def _evaluation(self) -> Iterator[None]:
@@ -279,32 +280,44 @@ class ExampleTracer(FxsdTracer):
         # a leaf module (or a function of the model's) runs for real and may draw on Python's or
         # NumPy's generator as it will at run time: not a draw tracing fixes, but one no patch
         # sees, so the states are compared around it (see fxsd.tracing.random_draws.watching_draws)
-        host = self.host_states if _model_code(self.model, kind, target) else None
+        # a call_module's module, looked up once: its path is what the node records
+        called = self.submodule(target) if kind == "call_module" else target
+        host = self.host_states if _model_code(called, kind) else None
         if host is not None:
             host.check(self)
         # not run again, a function of the model's draws nothing: the draws it would make are
         # its own anyway (the states are synced after it), not the traced code's
-        key = _memo_key(self.model, kind, target, real_args, real_kwargs)
+        key = _memo_key(called if kind == "call_module" else None, kind, target, real_args,
+                        real_kwargs)
         found = self.call.evaluated.get(key) if key is not None else None
         if found is not None and _unchanged(found[0], found[1]):
             return found[0]
-        result = self._run(kind, target, real_args, real_kwargs, host)
+        result = self._run(kind, called, real_args, real_kwargs, host)
         if key is not None and _memoizable(result):
             # the inputs stay referenced, so that no other object takes their ids
             self.call.evaluated[key] = (result, _versions(result), real_args, real_kwargs)
         return result
 
+    def submodule(self, path: str) -> nn.Module:
+        """The model's module at ``path``, from a table built once per trace: while tracing,
+        ``get_submodule`` goes through torch.fx's patched ``__getattr__`` at every level."""
+        if self._submodules is None:
+            self._submodules = dict(self.model.named_modules(remove_duplicate=False))
+        found = self._submodules.get(path)
+        return found if found is not None else self.model.get_submodule(path)
+
     def _run(self, kind: str, target: Any, real_args: tuple, real_kwargs: dict,
              host: HostStates | None) -> Any:
-        """One recorded op on the example's values (``_MISSING`` when it raises)."""
+        """One recorded op on the example's values (``_MISSING`` when it raises); a
+        ``call_module``'s ``target`` is the module."""
         try:
             with torch.no_grad(), self._evaluation():
                 if kind == "call_function":
                     return target(*real_args, **real_kwargs)
                 if kind == "call_method":
                     return getattr(real_args[0], target)(*real_args[1:], **real_kwargs)
-                if kind == "call_module":
-                    return self.model.get_submodule(target)(*real_args, **real_kwargs)
+                if kind == "call_module":  # ``target``: the module itself
+                    return target(*real_args, **real_kwargs)
                 return resolve_attr(self.root, str(target))
         except Exception:
             return _MISSING
@@ -392,11 +405,11 @@ def example_tracer(call: RecordedCall, model: nn.Module, *, autowrap: Iterable[A
                              fix_flags=fix_flags, free_nones=tuple(free_nones))
 
 
-def _model_code(model: nn.Module, kind: str, target: Any) -> bool:
-    """Whether a recorded call runs the model's own code: a leaf module or a function (timm's
-    not-traceable functions) that is neither torch's nor an operator."""
+def _model_code(target: Any, kind: str) -> bool:
+    """Whether a recorded call runs the model's own code: a leaf module (``target``: the module)
+    or a function (timm's not-traceable functions) that is neither torch's nor an operator."""
     if kind == "call_module":
-        target = type(model.get_submodule(target))
+        target = type(target)
     elif kind != "call_function":
         return False
     module = getattr(target, "__module__", None) or ""

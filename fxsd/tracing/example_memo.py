@@ -29,18 +29,18 @@ _SCALARS = (bool, int, float, complex, str, type(None), type(Ellipsis), torch.dt
             torch.device, torch.layout, torch.memory_format)
 
 
-def _memo_key(model: nn.Module, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+def _memo_key(module: nn.Module | None, kind: str, target: Any, args: tuple, kwargs: dict
+              ) -> Any:
     """What determines the result of a pure op on example values, or ``None`` where that is not
     known: the op and its arguments, each tensor by identity and version (an in-place op
     bumps it), each plain value by value; a torch.nn layer with its mode. The model's own
     modules (their state), in-place ops and ops on other objects (a cache, which its methods
-    change) are not keyed."""
+    change) are not keyed. ``module`` is the called module of a ``call_module``."""
     mode: Any = None
     if kind == "call_method":
         if not isinstance(target, str) or (target.endswith("_") and not target.startswith("__")):
             return None
     elif kind == "call_module":  # torch.nn's own layers, in their mode (dropout's, BN's)
-        module = model.get_submodule(target)
         if not type(module).__module__.startswith("torch.nn.modules."):
             return None
         mode = (id(module), module.training)
