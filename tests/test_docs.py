@@ -90,6 +90,7 @@ def test_documented_names_exist():
         _resolve(path)
 
 
+@pytest.mark.slow
 def test_documented_names_exist_in_a_fresh_interpreter():
     # Attributes load lazily: each documented path must resolve from a bare `import fxsd`.
     paths = sorted(set(re.findall(r"`(fxsd(?:\.\w+)+)", API)))

@@ -85,6 +85,7 @@ def test_parallel_linear_paths_are_one_layer():
 timm = pytest.importorskip("timm")
 
 
+@pytest.mark.slow
 def test_rexnet_partial_channel_joins():
     # timm 1.0.31 rexnet.py, LinearBottleneck.forward: with use_shortcut (stride 1, in_chs <=
     # out_chs) `torch.cat([x[:, 0:self.in_channels] + shortcut, x[:, self.in_channels:]], 1)`;
@@ -406,6 +407,7 @@ def test_bloom_joins_performed_by_the_modules_a_block_calls_are_owned_by_the_blo
     _assert_skips_like_zeroed(dropped, plain, kw, projections)
 
 
+@pytest.mark.slow
 def test_deepseek_v3_attention_writes_into_its_own_buffer():
     # transformers 5.25 modeling_deepseek_v3.py, DeepseekV3Attention.expand_kv: `key_states =
     # kv_nope.new_empty(...)`, then `key_states[..., :d].copy_(k_nope)` and

@@ -80,7 +80,8 @@ CASES: dict[str, tuple[Callable[[], Any], int]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "UNet2DModel"
+                                  else n for n in CASES])
 def test_library_model_checks(name: str) -> None:
     build, sites = CASES[name]
     torch.manual_seed(0)

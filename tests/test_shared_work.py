@@ -113,6 +113,7 @@ def test_joint_attention_strip_and_sample_mode() -> None:
     assert gate.kept_rows is not None
 
 
+@pytest.mark.slow
 def test_dpn_residual_and_dense_parts_share_one_gate() -> None:
     torch.manual_seed(0)
     model = timm.create_model("dpn68", pretrained=False).eval()

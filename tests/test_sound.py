@@ -71,7 +71,8 @@ def _assert_untouched(model: nn.Module, before: tuple) -> None:
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p == "timm-units"
+                                  else p for p in PATHS])
 def test_transforming_and_analysing_leave_the_model_and_the_rng_alone(path, train):
     model, kwargs = PATHS[path](train)
     before = _fingerprint(model)

@@ -86,6 +86,7 @@ def test_a_layer_is_evaluated_once_per_mode_not_once_per_trace():
     assert calls.count <= 8
 
 
+@pytest.mark.slow
 def test_the_callers_bytecode_is_disassembled_once_per_function(monkeypatch):
     # torch.fx's Proxy.__iter__ disassembled the whole calling function at every unpacking of a
     # proxy (`b, n = x.shape[:2]`): 60 times T5's attention forward for a 2+2-layer T5
@@ -103,6 +104,7 @@ def test_the_callers_bytecode_is_disassembled_once_per_function(monkeypatch):
     assert seen and max(seen.values()) == 1
 
 
+@pytest.mark.slow
 def test_evaluating_an_op_looks_no_module_up_by_its_path(monkeypatch):
     # Each op evaluated on the example's values looked its module up by path up to three times
     # (its memo key, whether it is the model's code, the call), and while a trace runs,
@@ -167,6 +169,7 @@ def test_target_saving_still_counts_at_transform_time():
     assert fxsd.expected_saving(gated) == pytest.approx(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [_llama, _t5], ids=["llama", "t5"])
 def test_reusing_evaluations_changes_no_result(build, monkeypatch):
     model, inputs = build()
