@@ -1,5 +1,5 @@
 """A block's new trace gated with the block's own gates: the re-gating of a variant
-(:mod:`fxsd.runtime.retrace`).
+(:mod:`fxsd.runtime._retrace`).
 
 The new trace is analysed like any graph and its joins are found again by gate name; each one is
 cut with the rewrite's own surgery (:mod:`fxsd.passes.gate_site`) and called through a
@@ -38,7 +38,7 @@ def trace_again(block: nn.Module, view: nn.Module, holder: nn.Module, at: str,
     by example on this call and gated with ``block``'s gates: ``(cut, None)``, or
     ``(None, why)`` when the trace is not what the block runs. ``kept_whole``: the modules the
     block's own graph calls whole. What :class:`~fxsd.record.FxsdRecord.regate` holds: the
-    runtime (:mod:`fxsd.runtime.retrace`) calls it through the record."""
+    runtime (:mod:`fxsd.runtime._retrace`) calls it through the record."""
     leaves, autowrap = registry(None)
     recorded = record_calls(view, args, kwargs)
     gm, calls = trace_unit(holder, at, recorded[id(view)], [*kept_whole, *leaves], autowrap)

@@ -11,8 +11,8 @@ from torch import nn
 
 import fxsd
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
-from fxsd.tools import bench
-from fxsd.tools.bench_types import Variant, VariantKind
+from fxsd.tools import _bench_limit, _bench_report, bench, bench_transform
+from fxsd.tools._bench_types import Variant, VariantKind
 from fxsd.tools.cli import main
 from fxsd.tools.models import cifar_resnet
 
@@ -68,11 +68,11 @@ def test_mask_drop_path_applies_torchvision_op_at_site_rates():
 def test_limit_saving_with_known_branch_costs():
     times = {"a": 1.0, "b": 2.0, "c": 4.0}
     rates = {"a": 0.5, "b": 0.25, "c": 0.0}
-    assert bench.limit_saving(times, rates, {}) == pytest.approx(0.5 + 0.5)
+    assert _bench_limit.limit_saving(times, rates, {}) == pytest.approx(0.5 + 0.5)
     # c nested in a's branch: c is skipped whenever a drops.
-    assert bench.limit_saving(times, rates, {"c": ["a"]}) == pytest.approx(0.5 + 0.5 + 2.0)
+    assert _bench_limit.limit_saving(times, rates, {"c": ["a"]}) == pytest.approx(0.5 + 0.5 + 2.0)
     both = {"a": 0.5, "b": 0.0, "c": 0.5}
-    assert bench.limit_saving(times, both, {"c": ["a"]}) == pytest.approx(0.5 + 4.0 * 0.75)
+    assert _bench_limit.limit_saving(times, both, {"c": ["a"]}) == pytest.approx(0.5 + 4.0 * 0.75)
 
 
 def test_site_times_are_exclusive_for_nested_branches():
@@ -138,7 +138,7 @@ def test_run_builds_every_variant(small_result):
 def test_table_columns(small_result):
     text = bench.format_table(small_result, width=0)
     header = text.splitlines()[1]
-    for col in bench.HEADERS:
+    for col in _bench_report.HEADERS:
         assert col in header
     assert "2 timed steps per variant (interleaved, after 1 warm-up)" in text
     assert "sync check: not run (CPU)" in text
@@ -298,7 +298,7 @@ def test_transform_times_rows():
     rows = bench.transform_times(block_counts=(5,), torchvision_models=(), repeats=1)
     (row,) = rows
     assert row["model"] == "residual MLP x5" and row["sites"] == 5 and row["blocks"] == 5
-    analysed = fxsd.analyze_residuals(bench.residual_mlp(5))
+    analysed = fxsd.analyze_residuals(bench_transform.residual_mlp(5))
     assert row["nodes"] == len(analysed.graph_module.graph.nodes)
     assert row["us_per_node"] == pytest.approx(row["seconds"] / row["nodes"] * 1e6)
 
@@ -338,14 +338,14 @@ def test_noise_warnings_flag_effects_within_the_baselines_spread():
     warnings = bench.noise_warnings(bench.BenchResult(cfg, rows, {}, {}))
     assert any("efficiency 3.00 is outside [0, 1.1]" in w for w in warnings)
     assert warnings[-1].startswith("the machine was likely busy")
-    assert "IQR ms" in bench.HEADERS and rows[0].spread == pytest.approx(0.005)
+    assert "IQR ms" in _bench_report.HEADERS and rows[0].spread == pytest.approx(0.005)
 
 
 def test_interpolated_branch_cost_between_measured_row_counts():
     curve = {0: 0.0, 4: 2.0, 16: 5.0}
-    assert bench._interpolate(curve, 4) == 2.0
-    assert bench._interpolate(curve, 10) == pytest.approx(3.5)
-    assert bench._interpolate(curve, 2) == pytest.approx(1.0)
+    assert _bench_limit._interpolate(curve, 4) == 2.0
+    assert _bench_limit._interpolate(curve, 10) == pytest.approx(3.5)
+    assert _bench_limit._interpolate(curve, 2) == pytest.approx(1.0)
 
 
 def test_sample_mode_limit_uses_the_row_counts_that_ran():
@@ -358,7 +358,7 @@ def test_sample_mode_limit_uses_the_row_counts_that_ran():
     x = torch.randn(8, 3, 32, 32)
     cfg = bench.BenchConfig(branch_reps=1)
     names = fxsd.runtime.accessors.named_gates(gated)
-    curves = bench.row_times(gated, x, cfg, {name: {3, 5} for name in names})
+    curves = _bench_limit.row_times(gated, x, cfg, {name: {3, 5} for name in names})
     assert all(set(c) == {0, 3, 5, 8} for c in curves.values())
     assert all(c[8] > 0 and c[3] > 0 for c in curves.values())
 

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxsd
 from fxsd.errors import InvalidArgumentError
 from fxsd.tools import bench_prune
-from fxsd.tools.bench_types import VariantKind
+from fxsd.tools._bench_types import VariantKind
 from fxsd.tools.cli import main
 from fxsd.tools.models import load_model
 

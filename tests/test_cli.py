@@ -132,8 +132,8 @@ def test_python_m_fxsd_is_the_command_line():
 
 
 def test_demo_writes_to_the_current_directory_by_default():
+    from fxsd.tools._cli_arguments import DEFAULT_DEMO_OUT
     from fxsd.tools.cli import _parser
-    from fxsd.tools.cli_arguments import DEFAULT_DEMO_OUT
 
     assert _parser().parse_args(["demo"]).out == DEFAULT_DEMO_OUT == "fxsd-demo"
     readme = (ROOT / "README.md").read_text()
@@ -161,15 +161,15 @@ def test_input_shape_gives_the_example_input(monkeypatch):
 @pytest.fixture
 def nothing_built(monkeypatch):
     """Fail the test if the command builds a model or starts the demo's training."""
+    import fxsd.tools._demo
     import fxsd.tools.bench
-    import fxsd.tools.demo
     import fxsd.tools.models
 
     def fail(*args, **kwargs):
         pytest.fail("a model was built before the arguments were checked")
 
     for module, name in ((fxsd.tools.models, "load_model"), (fxsd.tools.bench, "load_model"),
-                         (fxsd.tools.models, "cifar_resnet"), (fxsd.tools.demo, "load_digits")):
+                         (fxsd.tools.models, "cifar_resnet"), (fxsd.tools._demo, "load_digits")):
         monkeypatch.setattr(module, name, fail)
 
 
@@ -256,7 +256,7 @@ def test_target_saving_without_flops_is_refused_before_the_model_is_built(nothin
 
 
 def test_demo_prints_its_results_before_writing_them(monkeypatch, tmp_path, capsys):
-    from fxsd.tools import demo
+    from fxsd.tools import _demo as demo
 
     runs = [demo.Run(v, 0, [(1.0 if v == "baseline" else 0.8, 0.9)])
             for v in ("baseline", "fxsd")]
@@ -303,7 +303,7 @@ def test_ctrl_c_in_bench_prints_the_steps_timed_so_far(monkeypatch, tmp_path, ca
 
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
-    import fxsd.tools.demo
+    import fxsd.tools._demo
     import fxsd.tools.models
     from fxsd.tools import bench
 
@@ -316,7 +316,7 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     assert main(["bench", "cifar_resnet20"]) == 130
     captured = capsys.readouterr()
     assert "before any step was timed" in captured.err and captured.out == ""
-    monkeypatch.setattr(fxsd.tools.demo, "run", ctrl_c)
+    monkeypatch.setattr(fxsd.tools._demo, "run", ctrl_c)
     assert main(["demo"]) == 130
     assert "fxsd: interrupted" in capsys.readouterr().err
 

@@ -23,7 +23,7 @@ from fxsd.analysis.node_costs import profile_nodes
 from fxsd.decisions.budget import measure_step_costs
 from fxsd.errors import ModelRunError, Run, TransformError
 from fxsd.preserve import fake_tensors, hooks_silenced, preserved
-from fxsd.pruning.costs import forward_costs
+from fxsd.pruning._costs import forward_costs
 from fxsd.runtime.escape_path import abstract_run
 from fxsd.runtime.gate import BranchGate
 

@@ -46,9 +46,9 @@ from fxsd.arguments import check_bool, check_callable, check_examples, check_rat
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.module_tree import TreeEditor, copy_tree
 from fxsd.passes.prune_branches import remove_branches, unremovable
-from fxsd.pruning.costs import forward_costs
+from fxsd.pruning._costs import forward_costs
+from fxsd.pruning._strategies import Loss, Strategy, _call_of, _choose, _default_loss, _mean_loss
 from fxsd.pruning.report import _report
-from fxsd.pruning.strategies import Loss, Strategy, _call_of, _choose, _default_loss, _mean_loss
 from fxsd.runtime.accessors import gated_blocks, named_gates
 from fxsd.runtime.gate import BranchGate
 

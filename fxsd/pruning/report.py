@@ -13,7 +13,7 @@ from tabulate import tabulate
 
 from fxsd.analysis.node_costs import short_count
 from fxsd.passes.prune_branches import unremovable
-from fxsd.pruning.costs import ForwardCosts
+from fxsd.pruning._costs import ForwardCosts
 from fxsd.runtime.gate import BranchGate
 
 __all__ = ["PruneReport"]

@@ -55,7 +55,7 @@ from torch.fx.graph import CodeGen
 
 from fxsd.errors import GuardError
 from fxsd.graph_module import FxsdGraphModule
-from fxsd.runtime.retrace import _TABLE, _path, _placeholders, _trace_again
+from fxsd.runtime._retrace import _TABLE, _path, _placeholders, _trace_again
 from fxsd.tracing.calls import any_leaf
 from fxsd.tracing.guards import GUARDS, is_guardable, passes
 from fxsd.tracing.ops import node_order, resolve_attr

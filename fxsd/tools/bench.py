@@ -38,9 +38,9 @@ fixed seed, so reruns skip the same branches. Every row reports the spread of it
 an effect the table reports, or an efficiency lies outside [0, 1.1] — signs of a busy machine.
 
 This module is the runner; the rest of the bench lives beside it: the rows and result in
-:mod:`fxsd.tools.bench_types`, one variant's step in :mod:`fxsd.tools.bench_step`, the limit in
-:mod:`fxsd.tools.bench_limit`, activation counting in :mod:`fxsd.tools.bench_memory`, the table in
-:mod:`fxsd.tools.bench_report` and ``fxsd bench --transform`` in :mod:`fxsd.tools.bench_transform`.
+:mod:`fxsd.tools._bench_types`, one variant's step in :mod:`fxsd.tools._bench_step`, the limit in
+:mod:`fxsd.tools._bench_limit`, activation counting in :mod:`fxsd.tools._bench_memory`, the table in
+:mod:`fxsd.tools._bench_report` and ``fxsd bench --transform`` in :mod:`fxsd.tools.bench_transform`.
 """
 
 from __future__ import annotations
@@ -62,27 +62,23 @@ from fxsd.decisions.distributions import site_rates
 from fxsd.errors import InvalidArgumentError, NoSavingWarning
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
 
-# docs/api.md documents fxsd.tools.bench.run's BenchResult, fxsd.tools.bench.format_table and
-# fxsd.tools.bench.transform_times under this path and lists fxsd.tools.bench as the benchmark's
-# import path: those names, and the rows, limit and tables the bench's tests reach through it, stay
-# importable from here (re-exports marked F401).
-from fxsd.tools.bench_limit import (
-    _interpolate,  # noqa: F401
+# docs/api.md documents fxsd.tools.bench.format_table and fxsd.tools.bench.transform_times under
+# this path, the benchmark's public one: they are re-exported (marked F401).
+from fxsd.tools._bench_limit import (
     _measure_branches,
     _rows_with_limits,
     exclusive_times,
     gate_ancestors,
     limit_saving,
-    row_times,  # noqa: F401
     site_times,
 )
-from fxsd.tools.bench_memory import _count_activations
-from fxsd.tools.bench_report import HEADERS, format_table, noise_warnings  # noqa: F401
-from fxsd.tools.bench_step import _find, _gated, _rows_needed, _Runner, _sync
-from fxsd.tools.bench_transform import residual_mlp, transform_times  # noqa: F401
-from fxsd.tools.bench_types import BenchConfig, BenchResult, BenchRow, Variant, VariantKind
+from fxsd.tools._bench_memory import _count_activations
+from fxsd.tools._bench_report import format_table, noise_warnings  # noqa: F401
+from fxsd.tools._bench_step import _find, _gated, _rows_needed, _Runner, _sync
+from fxsd.tools._bench_types import BenchConfig, BenchResult, BenchRow, Variant, VariantKind
+from fxsd.tools._progress import Progress
+from fxsd.tools.bench_transform import transform_times  # noqa: F401
 from fxsd.tools.models import load_model
-from fxsd.tools.progress import Progress
 from fxsd.transform import stochastic_depth
 
 if TYPE_CHECKING:

@@ -33,10 +33,10 @@ from fxsd.analysis.node_costs import short_count
 from fxsd.arguments import check_rate
 from fxsd.pruning.prune import prune
 from fxsd.pruning.report import PruneReport
+from fxsd.tools._bench_step import _autocast
+from fxsd.tools._bench_types import BenchConfig, BenchRow, Variant, VariantKind
+from fxsd.tools._progress import Progress
 from fxsd.tools.bench import _checked, _machine, _model_and_input, _time_steps, _warm_up
-from fxsd.tools.bench_step import _autocast
-from fxsd.tools.bench_types import BenchConfig, BenchRow, Variant, VariantKind
-from fxsd.tools.progress import Progress
 from fxsd.tools.tables import LEAVE_OUT, _ends, fill, fit_table, terminal_width
 
 __all__ = ["PruneBenchResult", "run", "format_table", "forward_flops"]

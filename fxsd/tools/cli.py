@@ -15,8 +15,8 @@ with status 130 and no traceback; ``fxsd bench`` first prints the steps it has t
 shows progress on stderr when it is a terminal.
 
 A subcommand is a function that adds its arguments and a function that runs it, both named in
-:data:`COMMANDS`. The arguments and their checks live in :mod:`fxsd.tools.cli_arguments`, ``fxsd
-bench``'s runs in :mod:`fxsd.tools.cli_bench`.
+:data:`COMMANDS`. The arguments and their checks live in :mod:`fxsd.tools._cli_arguments`, ``fxsd
+bench``'s runs in :mod:`fxsd.tools._cli_bench`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Any
 from fxsd.decisions.distributions import DEFAULT_DROP_RATE
 
 # imports no torch, so that `fxsd --help` stays quick
-from fxsd.tools.cli_arguments import (
+from fxsd.tools._cli_arguments import (
     _bench_arguments,
     _check_arguments,
     _demo_arguments,
     _inspect_arguments,
 )
-from fxsd.tools.cli_bench import _bench
+from fxsd.tools._cli_bench import _bench
 
 __all__ = ["main"]
 
@@ -140,7 +140,7 @@ def _transform_with_progress(model: Any, args: argparse.Namespace, example: tupl
 
     from fxsd.analysis.units import reporting
     from fxsd.errors import NoResidualSitesWarning
-    from fxsd.tools.progress import Progress
+    from fxsd.tools._progress import Progress
     from fxsd.transform import stochastic_depth
 
     with Progress(None, prefix="[fxsd]").counter("tracing by example", "module") as tick, \
@@ -155,7 +155,7 @@ def _transform_with_progress(model: Any, args: argparse.Namespace, example: tupl
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from fxsd.tools import demo
+    from fxsd.tools import _demo as demo
 
     result = demo.run(epochs=args.epochs, seeds=args.seeds, depth=args.depth,
                       drop_rate=args.drop_rate, distribution=args.distribution,

@@ -19,7 +19,7 @@ from torch import nn
 
 from fxsd.runtime.accessors import gates
 from fxsd.runtime.gate import BranchGate
-from fxsd.tools.bench_types import BenchConfig, BenchRow, Variant, VariantKind
+from fxsd.tools._bench_types import BenchConfig, BenchRow, Variant, VariantKind
 from fxsd.training.compiling import compile as compile_gated
 
 

@@ -2,7 +2,7 @@
 ``"every_other"``, ``"greedy"``, a callable) and the loss on ``data`` they are judged by.
 
 Each strategy orders the sites that can be removed, and the shortest prefix of the order whose
-saving (:class:`~fxsd.pruning.costs.ForwardCosts`) meets the target is removed. ``"greedy"`` builds
+saving (:class:`~fxsd.pruning._costs.ForwardCosts`) meets the target is removed. ``"greedy"`` builds
 its order one site at a time: it evaluates the loss on ``data`` with each candidate removed as
 well (the gated model itself, its removed gates skipping their branches for good, as the
 stripped model will) and takes the one that raises the loss least per FLOP saved.
@@ -23,7 +23,7 @@ from torch import nn
 from fxsd.arguments import close_matches
 from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.passes.prune_branches import unremovable
-from fxsd.pruning.costs import ForwardCosts
+from fxsd.pruning._costs import ForwardCosts
 from fxsd.runtime.accessors import named_gates
 from fxsd.runtime.gate import BranchGate
 

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fxsd.tools.bench_step import _Runner
-from fxsd.tools.bench_types import BenchConfig
-from fxsd.tools.progress import Progress
+from fxsd.tools._bench_step import _Runner
+from fxsd.tools._bench_types import BenchConfig
+from fxsd.tools._progress import Progress
 
 
 class _SavedBytes:

@@ -1,6 +1,6 @@
 """``fxsd bench``'s table, and the warnings that say when a busy machine may have made a row up.
 
-:func:`format_table` renders a :class:`~fxsd.tools.bench_types.BenchResult` fitted to the terminal
+:func:`format_table` renders a :class:`~fxsd.tools._bench_types.BenchResult` fitted to the terminal
 as :func:`fxsd.table` does (:func:`fxsd.tools.tables.fit_table`): all-``-`` columns, then the
 redundant ones are left out and variant names shortened. :func:`noise_warnings` flags an fxsd
 saving smaller than the baseline's own spread, or an efficiency outside [0, 1.1].
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from fxsd.tools.bench_types import BenchResult, BenchRow, VariantKind
+from fxsd.tools._bench_types import BenchResult, BenchRow, VariantKind
 from fxsd.tools.tables import EMPTY, LEAVE_OUT, _ends, fill, fit_table, terminal_width
 
 __all__ = ["HEADERS", "format_table", "noise_warnings"]

@@ -26,7 +26,7 @@ what ``strategy="greedy"`` at that target would remove. FLOPs are per test image
 
 Needs the ``demo`` extra: ``pip install 'fxsd[demo]'`` (scikit-learn, matplotlib, tqdm).
 
->>> from fxsd.tools import demo
+>>> from fxsd.tools import _demo as demo
 >>> result = demo.run(epochs=1, seeds=(0,), depth=8, out_dir=None, progress=False)  # doctest: +SKIP
 """
 
@@ -257,7 +257,7 @@ def _check(epochs: int, seeds: Sequence[int], depth: int, drop_rate: float, dist
     """Every argument of :func:`run`, checked before any training (with the API's checks)."""
     from fxsd.arguments import check_int
     from fxsd.decisions.plan import Options
-    from fxsd.tools.cli_arguments import check_output_dir
+    from fxsd.tools._cli_arguments import check_output_dir
     from fxsd.tools.models import check_cifar_depth
 
     check_int(epochs, "epochs", minimum=1)

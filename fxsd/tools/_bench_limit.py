@@ -25,8 +25,8 @@ from fxsd.decisions.budget import saving_at
 from fxsd.decisions.distributions import site_rates
 from fxsd.runtime.accessors import named_gates
 from fxsd.runtime.gate import BranchGate
-from fxsd.tools.bench_step import _autocast, _find, _gated, _Runner, _sync
-from fxsd.tools.bench_types import BenchConfig, BenchRow, Variant, VariantKind
+from fxsd.tools._bench_step import _autocast, _find, _gated, _Runner, _sync
+from fxsd.tools._bench_types import BenchConfig, BenchRow, Variant, VariantKind
 
 if TYPE_CHECKING:
     from fxsd.analysis.sites import ResidualAnalysis
