@@ -1,10 +1,10 @@
 """The entry point: :func:`stochastic_depth` runs fxsd's pipeline on a model.
 
-trace and analyse (:func:`fxsd.analyze_residuals`) → decide (:func:`fxsd.decisions.plan.plan_gates`)
-→ rewrite (:func:`fxsd.passes.gate_residuals.gate_residuals`) → settle the model's own layer drops,
-scale the rates to a ``target_saving`` (:mod:`fxsd.decisions.budget`) → check the promises on the
-examples (``verify=True``: :mod:`fxsd.checks`). Arguments are checked once, up front
-(:meth:`fxsd.decisions.plan.Options.validated`).
+trace and analyse (:func:`fxsd.analyze_residuals`) → decide (:func:`fxsd.decisions.plan.plan_gates`,
+the model's own drops included) → rewrite (:func:`fxsd.passes.gate_residuals.gate_residuals`,
+which applies the plan) → scale the rates to a ``target_saving`` (:mod:`fxsd.decisions.budget`)
+→ check the promises on the examples (``verify=True``: :mod:`fxsd.checks`). Arguments are
+checked once, up front (:meth:`fxsd.decisions.plan.Options.validated`).
 
 >>> import torchvision, fxsd
 >>> model = fxsd.stochastic_depth(torchvision.models.resnet18(), 0.1)
@@ -32,11 +32,10 @@ from fxsd.errors import InvalidArgumentError, InvalidTypeError, NoResidualSitesW
 from fxsd.module_tree import copy_tree
 from fxsd.passes.gate_residuals import gate_residuals
 from fxsd.preserve import guarded
-from fxsd.record import get_record
 from fxsd.runtime.accessors import gates
 from fxsd.runtime.distributed import rank
 from fxsd.runtime.sampler import DropSampler
-from fxsd.tracing.layer_drop import find_layer_drops, settle_layer_drops
+from fxsd.tracing.layer_drop import find_layer_drops
 
 __all__ = ["stochastic_depth"]
 
@@ -201,8 +200,6 @@ def stochastic_depth(
         if verifying and inplace else model
     gated = gate_residuals(analysis, plan_gates(analysis, options, layer_drops),
                            DropSampler(base, sync_ranks), model, inplace=inplace)
-    settle_layer_drops(gated, layer_drops, analysis.sites, get_record(gated).rewritten,
-                       existing)
     _budget(gated, options)
     if verifying:
         verify_transform(reference, gated, *examples)

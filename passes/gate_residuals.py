@@ -7,7 +7,11 @@ a ViT ``EncoderBlock``, a BERT layer): that module is cut out of the whole-model
 (:mod:`fxsd.passes.extract_module`), its branch nodes move into a small ``GraphModule`` that the
 gate runs only when the branch is kept (:mod:`fxsd.passes.gate_site`), and the gated module takes
 the original's place in the model. Every other module, the root's class included, stays as it
-was. :func:`fxsd.stochastic_depth` (:mod:`fxsd.transform`) runs the steps before and after it.
+was. Last, the model's own layer drops are settled as the plan says
+(:class:`~fxsd.decisions.plan.LayerDropPlan`): a loop whose layers fxsd now gates is switched off,
+as an adopted drop path's op is taken out of its branch, so that the rewrite applies every
+decision the plan made about the model's own drops. :func:`fxsd.stochastic_depth`
+(:mod:`fxsd.transform`) runs the steps before and after it.
 
 Within a module, sites are rewritten in execution order, so that a site nested inside another
 site's branch is already a gate call when the outer branch is cut out.
@@ -28,6 +32,7 @@ from fxsd.errors import (
     BlockModeWarning,
     InlinedHooksWarning,
     InvalidArgumentError,
+    LayerDropWarning,
     NoSavingWarning,
 )
 from fxsd.graph_module import module_from_graph
@@ -43,6 +48,7 @@ from fxsd.runtime.gate_info import ShareKind
 from fxsd.runtime.recompute import checkpointing
 from fxsd.runtime.sampler import DropSampler
 from fxsd.runtime.variants import allow_other_calls
+from fxsd.tracing.layer_drop import switch_off_layer_drops
 from fxsd.tracing.ops import is_metadata_read
 
 __all__ = ["gate_residuals"]
@@ -83,7 +89,26 @@ def gate_residuals(analysis: ResidualAnalysis, plan: GatePlan, sampler: DropSamp
     if any(g.scale == "eval" for g in gates(tree.root)):
         warn_on_save(tree.root)
     _warn_savings(plan, type(model).__name__)
+    _settle_layer_drops(tree.root, plan, record.rewritten)
     return tree.root
+
+
+def _settle_layer_drops(root: nn.Module, plan: GatePlan, rewritten: Sequence[str]) -> None:
+    """Switch off each layer drop of the model whose layers fxsd now gates, as the plan says
+    (a config is copied first: :func:`~fxsd.tracing.layer_drop.switch_off_layer_drops`); warn
+    about one that the rewrite removed (its module rewritten) without fxsd taking it over."""
+    for settled in plan.layer_drops:
+        drop = settled.drop
+        if settled.switch_off:
+            switch_off_layer_drops(root, [drop])
+        elif drop.path in rewritten:
+            warnings.warn(
+                f"'{drop.path or '<root>'}' drops its layers in training (rate {drop.rate:g}), "
+                "but fxsd rewrote its forward, which removes that code, and "
+                + ("existing='keep' leaves its layers' joins at fxsd's rates." if settled.gated
+                   else "gates none of its layers' joins.")
+                + " Use existing='adopt' to give those joins its rate.",
+                LayerDropWarning, stacklevel=5)
 
 
 def _warn_savings(plan: GatePlan, name: str) -> None:

@@ -2,10 +2,11 @@
 
 :func:`plan_gates` turns an analysis (:func:`fxsd.analyze_residuals`) and the user's validated
 :class:`Options` into one :class:`GateSpec` per residual site — its drop rate, mode, scaling,
-sample implementation, what happens to a drop path already in its branch, whether a dropped
-gate copies its skip, where its eval scale folds, and the note tables show.
-:mod:`fxsd.passes.gate_residuals` then only applies the specs. Planning reads the graphs; it
-never changes them or the model.
+sample implementation, what happens to the model's own drop there (a drop path in its branch,
+a layer drop around it), whether a dropped gate copies its skip, where its eval scale folds, and
+the note tables show — and which of the model's own layer-drop loops go off
+(:class:`LayerDropPlan`). :mod:`fxsd.passes.gate_residuals` then only applies the plan.
+Planning reads the graphs; it never changes them or the model.
 
 The rules, in one place:
 
@@ -13,14 +14,15 @@ The rules, in one place:
 (:func:`fxsd.decisions.distributions.site_rates`);
   each spec keeps its ``rate_weight`` (its rate over the model-wide rate), so
   :func:`fxsd.set_drop_rate` and the schedules rescale the same shape.
-* **Explicit beats adopted.** With ``existing="adopt"`` and no rate or distribution given, a
-  model that carries its own drop paths keeps its own regularisation: a site whose branch ends
-  in one drop path takes that op's rate, mode and scaling; other sites get rate 0; the
-  model-wide rate is the largest adopted rate. Given a rate, fxsd's rates apply everywhere.
-  ``mode``/``scale`` given apply everywhere; otherwise an adopted op's own, else ``"block"`` and
-  ``"train"``. A model's own layer drop (Hugging Face's ``layerdrop``,
-  :mod:`fxsd.tracing.layer_drop`) is adopted the same way: the joins inside its layers take its
-  rate, unscaled.
+* **Explicit beats adopted.** With ``existing="adopt"``, a model's own drops are adopted by
+  one rule (:func:`_adopt`), whichever kind (:class:`~fxsd.tracing.drop_paths.OwnDrop`): a
+  drop-path op ending the site's branch (:mod:`fxsd.tracing.drop_paths`) or, where the branch
+  has no drop path, a layer drop around the site (Hugging Face's ``layerdrop``,
+  :mod:`fxsd.tracing.layer_drop`: block mode, unscaled). With no rate or distribution given,
+  the model keeps its own regularisation: a site takes its own drop's rate; sites without an
+  own drop get rate 0; the model-wide rate is the largest own rate. Given a rate, fxsd's rates
+  apply everywhere ("rate replaced"). ``mode``/``scale`` given apply everywhere; otherwise an
+  adopted drop's own, else ``"block"`` and ``"train"``.
 * **Sample mode** runs each branch on the kept rows only (``"subset"``) where that is exact —
   the branch treats batch rows independently (:func:`fxsd.analysis.rows.row_coupling`) — else
   multiplies by the row mask (``"mask"``, noted in the table); ``sample_impl="subset"`` where rows
@@ -62,12 +64,12 @@ from fxsd.errors import InvalidArgumentError, InvalidTypeError
 from fxsd.runtime.folding import FoldTarget
 from fxsd.runtime.gate import MODES, SAMPLE_IMPLS, SCALES
 from fxsd.runtime.gate_info import DropPathAction
-from fxsd.tracing.drop_paths import DropPathSettings, drop_path_settings, is_drop_path
+from fxsd.tracing.drop_paths import OwnDrop, is_drop_path, own_drop_path
 from fxsd.tracing.layer_drop import LayerDrop, layer_drop_of
 from fxsd.tracing.ops import depends_on_input, is_view, mutated_operand, node_order
 
-__all__ = ["Options", "GateSpec", "GatePlan", "plan_gates", "select_sites", "join_notes",
-           "EXISTING"]
+__all__ = ["Options", "GateSpec", "GatePlan", "LayerDropPlan", "plan_gates", "select_sites",
+           "join_notes", "EXISTING"]
 
 EXISTING = ("adopt", "replace", "keep")
 
@@ -210,12 +212,30 @@ class GateSpec:
     row_drops_blocked: bool = False
 
 
+@dataclass(frozen=True)
+class LayerDropPlan:
+    """What the rewrite does with one of the model's own layer drops.
+
+    Attributes:
+        drop: the layer drop (:func:`fxsd.tracing.layer_drop.find_layer_drops`).
+        gated: a gated site lies inside its layers.
+        switch_off: its loop goes off in the result (gated, and ``existing`` is not
+            ``"keep"``): fxsd's gates drop those layers now, adopted or at fxsd's rates.
+    """
+
+    drop: LayerDrop
+    gated: bool
+    switch_off: bool
+
+
 @dataclass
 class GatePlan:
-    """Every site's :class:`GateSpec` (by ``id(site)``) and the model-wide rate."""
+    """Every site's :class:`GateSpec` (by ``id(site)``), the model-wide rate, and what becomes
+    of the model's own layer drops."""
 
     drop_rate: float
     specs: dict[int, GateSpec]
+    layer_drops: tuple[LayerDropPlan, ...] = ()
 
     def spec(self, site: ResidualSite) -> GateSpec:
         return self.specs[id(site)]
@@ -252,42 +272,40 @@ def plan_gates(analysis: ResidualAnalysis, options: Options,
                layer_drops: Sequence[LayerDrop] = ()) -> GatePlan:
     """Each site's :class:`GateSpec` under ``options`` (see the module docstring).
 
-    ``layer_drops``: the model's own layer drop
-    (:func:`fxsd.tracing.layer_drop.find_layer_drops`),
-    adopted like drop paths: the joins inside those layers take its rate."""
+    ``layer_drops``: the model's own layer drops
+    (:func:`fxsd.tracing.layer_drop.find_layer_drops`), adopted like drop paths; the plan says
+    which of them the rewrite switches off."""
     model_rate, rates, weights = _rates(analysis, options)
-    facts = [_GraphFacts(part, options) for part in analysis.parts()]
-    layered = {id(site): drop.rate for site in analysis.sites if options.existing == "adopt"
-               and (drop := layer_drop_of(site.module_path, site.scope, layer_drops))}
-    adopting = options.existing == "adopt" and not options.explicit and (bool(layered) or any(
-        f.has_drop_path(site) for f in facts for site in f.analysis.sites))
+    facts = [_GraphFacts(part, options, layer_drops) for part in analysis.parts()]
+    sited = [(f, site) for f in facts for site in f.analysis.sites]
+    adopting = options.existing == "adopt" and not options.explicit and any(
+        f.has_own_drop(site) for f, site in sited)
     drop_rate = model_rate
-    if adopting:  # the model-wide rate is its largest drop-path or layer-drop rate
-        drop_rate = max([*(a.rate for f in facts for site in f.analysis.sites
-                           if (a := f.adoptable(site)) is not None), *layered.values()],
+    if adopting:  # the model-wide rate is the largest rate of the model's own drops
+        drop_rate = max((own.settings.rate for f, site in sited for own in f.own_drops(site)),
                         default=0.0)
     rate_of = {id(site): (r, w) for site, r, w in zip(analysis.sites, rates, weights)}
-    specs = {}
-    for f in facts:
-        for site in f.analysis.sites:
-            rate, weight = rate_of[id(site)]
-            specs[id(site)] = f.spec(site, rate, weight, drop_rate, adopting)
-    for key, rate in layered.items():
-        specs[key] = _layer_drop_spec(specs[key], rate, drop_rate, adopting, options)
-    return GatePlan(drop_rate, specs)
+    specs = {id(site): f.spec(site, *rate_of[id(site)], drop_rate, adopting)
+             for f, site in sited}
+    settled = []
+    for drop in layer_drops:
+        gated = any(layer_drop_of(s.module_path, s.scope, [drop]) for s in analysis.sites)
+        settled.append(LayerDropPlan(drop, gated, gated and options.existing != "keep"))
+    return GatePlan(drop_rate, specs, tuple(settled))
 
 
-def _layer_drop_spec(spec: GateSpec, rate: float, model_rate: float, adopting: bool,
-                     options: Options) -> GateSpec:
-    """A join inside a layer the model drops itself: adopt that rate (block mode, unscaled, as
-    LayerDrop does, unless given), or say that fxsd's rate replaced it."""
-    if spec.drop_path is not None:  # a drop path in the branch decides
-        return spec
-    if not adopting:
-        return replace(spec, note=join_notes(spec.note, f"layer drop (p={rate:g}) replaced"))
-    weight = rate / model_rate if model_rate > 0 else rate
-    return replace(spec, drop_rate=rate, rate_weight=weight, scale=options.scale or "none",
-                   note=join_notes(spec.note, f"adopted layer drop (p={rate:g})"))
+def _adopt(spec: GateSpec, own: OwnDrop, explicit: bool, model_rate: float) -> GateSpec:
+    """``spec`` taking over a drop the model already does at its site, whichever kind: the
+    drop's rate and its weight against the model-wide rate (unless rates are ``explicit``: the
+    note then says the rate was replaced), its mode and scaling (unless given), and a note."""
+    rate, weight, note = spec.drop_rate, spec.rate_weight, f"adopted {own.label}"
+    if explicit:
+        note += ", rate replaced"
+    else:
+        rate = own.settings.rate
+        weight = rate / model_rate if model_rate > 0 else rate
+    return replace(spec, drop_rate=rate, rate_weight=weight, mode=spec.mode or own.settings.mode,
+                   scale=spec.scale or own.settings.scale, note=join_notes(spec.note, note))
 
 
 def join_notes(*notes: str) -> str:
@@ -316,12 +334,14 @@ def _rates(analysis: ResidualAnalysis, options: Options
 
 
 class _GraphFacts:
-    """What the plan reads about each site of one analysed graph: its drop paths, whether
-    in-place ops follow the join, whether its branch mixes batch rows."""
+    """What the plan reads about each site of one analysed graph: the drops the model already
+    does there, whether in-place ops follow the join, whether its branch mixes batch rows."""
 
-    def __init__(self, analysis: ResidualAnalysis, options: Options) -> None:
+    def __init__(self, analysis: ResidualAnalysis, options: Options,
+                 layer_drops: Sequence[LayerDrop] = ()) -> None:
         self.analysis = analysis
         self.options = options
+        self.layer_drops = layer_drops
         self.gm = analysis.graph_module
         self.order = analysis.order or node_order(self.gm.graph)
 
@@ -332,23 +352,41 @@ class _GraphFacts:
     def has_drop_path(self, site: ResidualSite) -> bool:
         return bool(self.drop_paths(site))
 
-    def adoptable(self, site: ResidualSite) -> DropPathSettings | None:
-        """The settings of the site's single drop path at its branch output."""
+    def layer_drop(self, site: ResidualSite) -> LayerDrop | None:
+        """The model's own layer drop around the site (only under ``existing="adopt"``: the
+        other choices leave the site to fxsd; the rewrite still switches the loop off)."""
+        if self.options.existing != "adopt":
+            return None
+        return layer_drop_of(site.module_path, site.scope, self.layer_drops)
+
+    def has_own_drop(self, site: ResidualSite) -> bool:
+        """Whether the model drops at the site itself: a drop path in its branch (adoptable or
+        not) or a layer drop around it."""
+        return self.has_drop_path(site) or self.layer_drop(site) is not None
+
+    def adoptable(self, site: ResidualSite) -> OwnDrop | None:
+        """The site's single drop path at its branch output, as an own drop to adopt."""
         if self.options.existing != "adopt":
             return None
         drops = self.drop_paths(site)
         if len(drops) != 1 or not _on_output_path(drops[0], site.branch_output):
             return None
-        return drop_path_settings(self.gm.get_submodule(str(drops[0].target)))
+        return own_drop_path(self.gm.get_submodule(str(drops[0].target)))
+
+    def own_drops(self, site: ResidualSite) -> list[OwnDrop]:
+        """The model's own drops at the site that could be adopted, the drop path first."""
+        layer = self.layer_drop(site)
+        found = (self.adoptable(site), None if layer is None else layer.own)
+        return [own for own in found if own is not None]
 
     def spec(self, site: ResidualSite, rate: float, weight: float, model_rate: float,
              adopting: bool) -> GateSpec:
         spec = GateSpec(rate, weight, self.options.mode, self.options.scale)
-        if adopting and not self.has_drop_path(site):
-            # A model that carries its own drop paths keeps its own regularisation under
-            # "adopt": sites without a drop path had rate 0 in the model, and keep it.
+        if adopting and not self.has_own_drop(site):
+            # A model that carries its own drops keeps its own regularisation under "adopt":
+            # sites without one had rate 0 in the model, and keep it.
             spec = replace(spec, drop_rate=0.0, rate_weight=0.0)
-        spec = self.drop_path_plan(site, spec, model_rate)
+        spec = self.own_drop_plan(site, spec, model_rate)
         if adopting and spec.drop_path is DropPathAction.KEPT:
             # The model's own drop path stays and regularises this site: no second one on top.
             spec = replace(spec, drop_rate=0.0, rate_weight=0.0, note=spec.note + "; fxsd rate 0")
@@ -357,35 +395,35 @@ class _GraphFacts:
                        fold=fold_target(self.gm, site))
         return self.sample_plan(site, spec)
 
+    def own_drop_plan(self, site: ResidualSite, spec: GateSpec, model_rate: float
+                      ) -> GateSpec:
+        """What to do with the drops the model already does at the site: a drop path in the
+        branch decides (kept, replaced or adopted); else a layer drop around the site is
+        adopted (:func:`_adopt`, the one rule for both)."""
+        if self.has_drop_path(site):
+            return self.drop_path_plan(site, spec, model_rate)
+        layer = self.layer_drop(site)
+        if layer is None:
+            return spec
+        return _adopt(spec, layer.own, self.options.explicit, model_rate)
+
     def drop_path_plan(self, site: ResidualSite, spec: GateSpec, model_rate: float
                        ) -> GateSpec:
         """What to do with the drop-path ops of the site's branch: keep, replace or adopt
-        them (an adopted op's own rate unless rates are explicit, its mode and scaling unless
-        those are given)."""
+        them (:func:`_adopt`; adopted, the ops are taken out in the cut)."""
         drops = self.drop_paths(site)
         existing, explicit = self.options.existing, self.options.explicit
-        if not drops:
-            return spec
         if existing == "keep":
             return replace(spec, drop_path=DropPathAction.KEPT, note="kept existing drop path")
-        settings = self.adoptable(site)
-        if settings is None:
+        own = self.adoptable(site)
+        if own is None:
             if existing == "adopt" and not explicit:
                 return replace(spec, drop_path=DropPathAction.KEPT, note="kept existing drop "
                                "path (not a single op at the branch output)")
             return replace(spec, drop_path=DropPathAction.REPLACED, drops=tuple(drops),
                            note="replaced existing drop path")
-        name = type(self.gm.get_submodule(str(drops[0].target))).__name__
-        rate, weight = spec.drop_rate, spec.rate_weight
-        note = f"adopted {name}(p={settings.rate:g})"
-        if explicit:
-            note += ", rate replaced"
-        else:
-            rate = settings.rate
-            weight = rate / model_rate if model_rate > 0 else rate
-        return replace(spec, drop_rate=rate, rate_weight=weight,
-                       mode=spec.mode or settings.mode, scale=spec.scale or settings.scale,
-                       drop_path=DropPathAction.ADOPTED, drops=tuple(drops), note=note)
+        return replace(_adopt(spec, own, explicit, model_rate), drop_path=DropPathAction.ADOPTED,
+                       drops=tuple(drops))
 
     def sample_plan(self, site: ResidualSite, spec: GateSpec) -> GateSpec:
         """The sample implementation: subset where the branch treats rows independently.

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["DropPathSettings", "DropPathKind", "register_drop_path", "drop_path_kind",
-           "is_drop_path", "drop_path_settings"]
+__all__ = ["DropPathSettings", "DropPathKind", "OwnDrop", "register_drop_path", "drop_path_kind",
+           "is_drop_path", "drop_path_settings", "own_drop_path"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,18 @@ class DropPathSettings:
     rate: float
     mode: str
     scale: str
+
+
+@dataclass(frozen=True)
+class OwnDrop:
+    """A drop the model already does at a residual site, as fxsd adopts it: a drop-path op at
+    the end of the branch (:func:`own_drop_path`) or a layer drop around the site
+    (:attr:`fxsd.tracing.layer_drop.LayerDrop.own`). Both adopt by one rule
+    (:mod:`fxsd.decisions.plan`): ``settings`` are what the gate takes over, ``label`` names the
+    drop in the table's note (``"DropPath(p=0.1)"``, ``"layer drop (p=0.5)"``)."""
+
+    settings: DropPathSettings
+    label: str
 
 
 @dataclass(frozen=True)
@@ -114,3 +126,12 @@ def drop_path_settings(module: nn.Module) -> DropPathSettings | None:
     """The rate, mode and scaling of the drop path ``module`` (``None``: not readable)."""
     kind = drop_path_kind(module)
     return kind.settings(module) if kind is not None else None
+
+
+def own_drop_path(module: nn.Module) -> OwnDrop | None:
+    """The drop path ``module`` as an :class:`OwnDrop`, labelled by its class (``None``: its
+    settings cannot be read, so it cannot be adopted)."""
+    settings = drop_path_settings(module)
+    if settings is None:
+        return None
+    return OwnDrop(settings, f"{type(module).__name__}(p={settings.rate:g})")

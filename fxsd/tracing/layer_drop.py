@@ -8,29 +8,28 @@ training inside the loop over their ``ModuleList`` of layers::
 
 fxsd finds such a module by what its ``forward`` reads (the name ``layerdrop`` among its
 attribute reads) and the rate it holds (``module.layerdrop`` or ``module.config.layerdrop``).
-Under ``existing="adopt"`` without an explicit rate, the joins inside those layers take that rate
-(block mode, unscaled as LayerDrop is, unless ``mode``/``scale`` are given), as adopted drop paths
-do; with an explicit rate, fxsd's rates apply. Either way the model's own loop is switched off in
-the result (its module's rate set to 0), so nothing drops twice. ``existing="keep"`` leaves it;
-where the module that loops was itself rewritten (its ``forward`` is then fxsd's traced code,
-which has no such loop), :class:`LayerDropWarning` says so.
+Under ``existing="adopt"`` such a drop is one of the model's own drops, adopted by the rule that
+adopts drop paths (:mod:`fxsd.decisions.plan`): the joins inside its layers take its settings
+(:attr:`LayerDrop.own`: its rate unless rates are explicit; block mode, unscaled as LayerDrop
+is, unless ``mode``/``scale`` are given). The rewrite (:mod:`fxsd.passes.gate_residuals`)
+switches the model's own loop off in the result (its module's rate set to 0) wherever fxsd gates
+those layers, so nothing drops twice. ``existing="keep"`` leaves it; where the module that loops
+was itself rewritten (its ``forward`` is then fxsd's traced code, which has no such loop),
+:class:`~fxsd.errors.LayerDropWarning` says so.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
-from fxsd.errors import LayerDropWarning
+from fxsd.tracing.drop_paths import DropPathSettings, OwnDrop
 
-__all__ = ["LayerDrop", "find_layer_drops", "layer_drop_of",
-           "settle_layer_drops", "switch_off_layer_drops"]
+__all__ = ["LayerDrop", "find_layer_drops", "layer_drop_of", "switch_off_layer_drops"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,14 @@ class LayerDrop:
     rate: float
     layers: tuple[str, ...]
     attribute: str
+
+    @property
+    def own(self) -> OwnDrop:
+        """What the joins inside its layers adopt, as a drop path's settings: its rate, one
+        draw for the whole batch (``"block"``) and no rescaling (``"none"``), as LayerDrop
+        does."""
+        return OwnDrop(DropPathSettings(self.rate, "block", "none"),
+                       f"layer drop (p={self.rate:g})")
 
 
 def find_layer_drops(model: nn.Module) -> list[LayerDrop]:
@@ -101,22 +108,3 @@ def switch_off_layer_drops(root: nn.Module, drops: Sequence[LayerDrop]) -> None:
         elif getattr(module, "config", None) is not None:
             module.config = copy.copy(module.config)
             module.config.layerdrop = 0.0
-
-
-def settle_layer_drops(root: nn.Module, drops: Sequence[LayerDrop], sites: Sequence[Any],
-                       rewritten: Sequence[str], existing: str) -> None:
-    """After the rewrite: switch off each layer drop whose layers now hold gates (fxsd drops
-    them, adopted or at its own rate), unless ``existing="keep"``; warn about one that a
-    rewrite removed without fxsd taking it over."""
-    for drop in drops:
-        gated = any(layer_drop_of(s.module_path, s.scope, [drop]) for s in sites)
-        if gated and existing != "keep":
-            switch_off_layer_drops(root, [drop])
-        elif drop.path in rewritten:
-            warnings.warn(
-                f"'{drop.path or '<root>'}' drops its layers in training (rate {drop.rate:g}), "
-                "but fxsd rewrote its forward, which removes that code, and "
-                + ("existing='keep' leaves its layers' joins at fxsd's rates." if gated else
-                   "gates none of its layers' joins.")
-                + " Use existing='adopt' to give those joins its rate.",
-                LayerDropWarning, stacklevel=3)
