@@ -179,6 +179,20 @@ def test_wav2vec2_layerdrop_is_adopted_not_doubled(traced_in):
     assert all(82 <= c <= 110 for c in counts.values()), counts
 
 
+
+def test_a_layer_the_models_own_layer_drop_skips_while_fxsd_traces_is_still_gated():
+    # in training mode the example run draws the model's layer drop: before, a skipped layer
+    # was not traced and its joins silently not gated (seed 0: 1 gate of 5)
+    x = torch.randn(2, 400)
+    for seed in range(3):
+        model = _wav2vec2(0.5).train()
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gated = fxsd.stochastic_depth(model, example_inputs=(x,), seed=0)
+        assert len(named_gates(gated)) == 5, seed
+        assert model.config.layerdrop == 0.5 and model.encoder.config.layerdrop == 0.5
+
 # -- values that escape a branch only through shapes (fxsd.analysis.escapes)
 # ---------------------------
 

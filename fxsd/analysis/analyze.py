@@ -21,6 +21,7 @@ from fxsd.analysis.units import analyze_by_example, analyze_nested, registry
 from fxsd.arguments import TRACINGS, LeafSpec, check_not_wrapped, check_trace_arguments
 from fxsd.errors import InvalidArgumentError, InvalidTypeError, TraceError
 from fxsd.preserve import guarded, preserved
+from fxsd.tracing.layer_drop import layer_drops_off
 from fxsd.tracing.tracer import trace_calls
 
 __all__ = ["find_residuals", "analyze_residuals", "TRACINGS"]
@@ -94,7 +95,8 @@ def analyze_residuals(
         check_trace_arguments(model, example_inputs, example_kwargs, tracing, leaf_modules,
                               concrete_args)
     check_not_wrapped(model)
-    with preserved(model):  # a run by example must not leave BatchNorm statistics or RNG moved
+    # a run by example must not leave BatchNorm statistics or RNG moved, nor skip layers
+    with preserved(model), layer_drops_off(model):
         return _analyze(model, example_inputs, example_kwargs, tracing, leaf_modules,
                         concrete_args)
 

@@ -20,9 +20,11 @@ was itself rewritten (its ``forward`` is then fxsd's traced code, which has no s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -108,3 +110,40 @@ def switch_off_layer_drops(root: nn.Module, drops: Sequence[LayerDrop]) -> None:
         elif getattr(module, "config", None) is not None:
             module.config = copy.copy(module.config)
             module.config.layerdrop = 0.0
+
+
+#: The layer-drop loops switched off while fxsd analyses their model (:func:`layer_drops_off`).
+_OFF: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def layer_drops_off(model: nn.Module) -> Iterator[list[LayerDrop]]:
+    """While fxsd runs and traces ``model``, its own layer-drop loops skip nothing: a layer the
+    loop skipped in the example run would not be traced, and its joins would silently not be
+    gated (in training mode, a Wav2Vec2 gated 1 of its 5 joins for one seed in six). The
+    modules still count as layer-drop loops for the tracer (their draw is the loop's, which
+    fxsd takes over: :func:`is_layer_drop_loop`). Everything is put back on exit. Yields the
+    layer drops found (rates as they were)."""
+    drops = find_layer_drops(model)
+    modules = [model.get_submodule(d.path) if d.path else model for d in drops]
+    saved = [(m, m.__dict__.get("layerdrop", _MISSING), m.__dict__.get("config", _MISSING))
+             for m in modules]
+    try:
+        switch_off_layer_drops(model, drops)
+        _OFF.update(modules)
+        yield drops
+    finally:
+        for module, layerdrop, config in saved:
+            _OFF.discard(module)
+            for name, value in (("layerdrop", layerdrop), ("config", config)):
+                if value is not _MISSING:
+                    module.__dict__[name] = value
+
+
+_MISSING = object()
+
+
+def is_layer_drop_loop(module: nn.Module) -> bool:
+    """Whether ``module``'s own ``forward`` is a layer-drop loop fxsd takes over (a rate above 0,
+    or switched off by :func:`layer_drops_off` while fxsd analyses it)."""
+    return module in _OFF or any(drop.path == "" for drop in find_layer_drops(module))

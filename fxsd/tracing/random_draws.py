@@ -177,16 +177,6 @@ def _model_frame() -> str:
     return ""
 
 
-def _adopted_layer_drop(module: nn.Module) -> bool:
-    """Whether ``module``'s own loop is a layer drop fxsd takes over (Hugging Face's
-    ``layerdrop``, :mod:`fxsd.tracing.layer_drop`): fxsd gives its rate to the joins of its layers
-    and
-    switches the loop off, or warns where it does not."""
-    from fxsd.tracing.layer_drop import find_layer_drops
-
-    return any(drop.path == "" for drop in find_layer_drops(module))
-
-
 def _draw_error(path: str, kind: str, source: str, location: str) -> RandomDrawError:
     at = f" at {location}" if location else ""
     if path:

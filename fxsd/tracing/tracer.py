@@ -44,12 +44,12 @@ from fxsd.tracing.explicit_inplace import make_inplace_explicit
 from fxsd.tracing.explicit_partial_joins import make_partial_joins_explicit
 from fxsd.tracing.guards import check_argument
 from fxsd.tracing.hf import opaque_attention_kernels
+from fxsd.tracing.layer_drop import is_layer_drop_loop
 from fxsd.tracing.live_drop_path import make_drop_paths_live
 from fxsd.tracing.ops import NOT_DROPOUT, dropout_training
 from fxsd.tracing.partial_join import is_assigned_join
 from fxsd.tracing.random_draws import (
     HostStates,
-    _adopted_layer_drop,
     _draw_error,
     _trace_keeping_draws,
     watching_draws,
@@ -199,7 +199,7 @@ class FxsdTracer(fx.Tracer):
                 path, kind = entry
                 break
         local = path[len(self.prefix):] if self.prefix else path
-        if _adopted_layer_drop(self.root.get_submodule(local)):
+        if is_layer_drop_loop(self.root.get_submodule(local)):
             return
         error = _draw_error(path, kind, source, location)
         self.draw = self.draw or error
