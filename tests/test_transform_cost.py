@@ -184,3 +184,79 @@ def test_reusing_evaluations_changes_no_result(build, monkeypatch):
                                rtol=0, atol=0)
     torch.testing.assert_close(reused(**inputs).logits, model.eval()(**inputs).logits,
                                rtol=0, atol=0)
+
+
+class _Traces:
+    """Counts the symbolic traces of each unit (by its path), failed ones included."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import fxsd.tracing.train_eval as train_eval
+
+        self.counts: collections.Counter[str] = collections.Counter()
+        original = train_eval._symbolic_trace
+
+        def counted(model, tracer, concrete_args):
+            self.counts[tracer.prefix.rstrip(".")] += 1
+            return original(model, tracer, concrete_args)
+
+        monkeypatch.setattr(train_eval, "_symbolic_trace", counted)
+
+
+def test_none_arguments_are_searched_in_one_mode(monkeypatch):
+    # The search for the None arguments a unit only passes on traced every candidate in
+    # training and eval mode: T5's encoder 16 times, its first decoder block 15 (4 arguments,
+    # of which 2 only passed on). Candidates alone are now traced in one mode; the set chosen
+    # is traced in both, and must match there as a whole.
+    model, inputs = _t5()
+    traces = _Traces(monkeypatch)
+    gated = _transform(model, inputs)
+    assert traces.counts["encoder"] <= 12
+    assert traces.counts["decoder.block.0"] <= 11
+    model.eval()
+    gated.eval()
+    with torch.no_grad():
+        assert torch.equal(gated(**inputs).logits, model(**inputs).logits)
+
+
+class _Passes(nn.Module):
+    """Decides by ``a is None`` in eval mode only: ``a`` may stay an input in training mode,
+    not in both."""
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+        return x * (2.0 if self.training or a is None else 3.0)
+
+
+class _Unit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Passes()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, a=None, b=None, c=None):
+        y = self.inner(self.lin(x), a)
+        if b is None:  # steers the code: stays a constant
+            y = y + 1
+        return y, c  # c is only passed on: stays an input
+
+
+def test_none_search_falls_back_to_both_modes():
+    # In training mode alone, a and c each pass (the set {a, c} is chosen); traced in eval
+    # mode too, {a, c} does not match, and the search runs again in both modes: only c stays
+    # an input, as the search in both modes always chose.
+    from fxsd.analysis.free_nones import trace_freeing_nones
+    from fxsd.tracing.example_run import record_calls
+    from fxsd.tracing.guards import check_argument
+
+    model = _Unit().train()
+    x = torch.randn(2, 4)
+    recorded = record_calls(model, (x,), {})
+    gm, _ = trace_freeing_nones(model, "", recorded[id(model)], [], ())
+    guarded = {n.args[3] for n in gm.graph.nodes
+               if n.op == "call_function" and n.target is check_argument}
+    assert guarded == {"a", "b"}
+    assert "c" in {n.target for n in gm.graph.nodes if n.op == "placeholder"}
+    for mode in (True, False):
+        model.train(mode)
+        out, passed = gm(x, c=x)
+        expected, _ = model(x)
+        assert torch.equal(out, expected) and passed is x

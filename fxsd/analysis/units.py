@@ -39,22 +39,24 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxsd.analysis.free_nones import trace_freeing_nones
 from fxsd.analysis.node_costs import NodeProfile
 from fxsd.analysis.residuals import analyze_graph
 from fxsd.analysis.sites import ResidualAnalysis
 from fxsd.arguments import LeafSpec
-from fxsd.errors import RandomDrawError, TraceError
-from fxsd.tracing.by_example import example_tracer
+from fxsd.errors import TraceError
 from fxsd.tracing.calls import CallTree
 from fxsd.tracing.drop_paths import is_drop_path
 from fxsd.tracing.example_run import RecordedCall, record_calls
-from fxsd.tracing.guards import check_argument, is_guardable
+from fxsd.tracing.guards import is_guardable
 from fxsd.tracing.hf import is_hf_attention
-from fxsd.tracing.ops import MISMATCH, zip_arguments
-from fxsd.tracing.tracer import _checkpoint_wrapped, _validate_leaves, trace_calls
+from fxsd.tracing.tracer import (
+    _checkpoint_wrapped,
+    _validate_leaves,
+)
 
 __all__ = ["registry", "analyze_nested", "analyze_by_example", "trace_unit", "reporting"]
 
@@ -328,11 +330,12 @@ def trace_unit(model: nn.Module, path: str, call: RecordedCall | None,
 def _trace_keeping_whole(model: nn.Module, path: str, call: RecordedCall | None,
                          leaves: list[LeafSpec], autowrap: tuple[Any, ...]
                          ) -> tuple[GraphModule, CallTree | None]:
-    """:func:`_trace_flags`, retried with each descendant whose tracing fails kept whole."""
+    """:func:`fxsd.analysis.free_nones.trace_freeing_nones`, retried with each descendant whose
+    tracing fails kept whole."""
     extra: list[nn.Module] = []
     for _ in range(_RETRIES):
         try:
-            return _trace_flags(model, path, call, [*leaves, *extra], autowrap)
+            return trace_freeing_nones(model, path, call, [*leaves, *extra], autowrap)
         except TraceError as exc:
             inner = exc.module_path
             inside = inner and inner != path and (not path or inner.startswith(path + "."))
@@ -341,83 +344,6 @@ def _trace_keeping_whole(model: nn.Module, path: str, call: RecordedCall | None,
             extra.append(model.get_submodule(inner))
     raise TraceError(f"'{path or '<root>'}' still fails after keeping {_RETRIES} of its modules "
                      "whole", path, type(model.get_submodule(path)).__name__)
-
-
-def _trace_flags(model: nn.Module, path: str, call: RecordedCall | None,
-                 leaves: list[LeafSpec], autowrap: tuple[Any, ...]
-                 ) -> tuple[GraphModule, CallTree | None]:
-    if call is None:
-        return trace_calls(model, leaf_modules=leaves, path=path, autowrap=autowrap)
-    fix = False
-    try:
-        traced = trace_calls(model, leaf_modules=leaves, path=path,
-                             tracer=example_tracer(call, model, autowrap=autowrap))
-    except RandomDrawError:
-        raise  # not a flag: fixing flags cannot help
-    except TraceError:
-        fix = True  # control flow on a flag or a dtype
-        traced = trace_calls(model, leaf_modules=leaves, path=path, tracer=example_tracer(
-            call, model, autowrap=autowrap, fix_flags=True))
-    nones = _none_guards(traced[0].graph)
-    if not nones:
-        return traced
-
-    def freed(names: Iterable[str]) -> tuple[GraphModule, CallTree | None] | None:
-        names = tuple(names)
-        try:
-            free = trace_calls(model, leaf_modules=leaves, path=path, tracer=example_tracer(
-                call, model, autowrap=autowrap, fix_flags=fix, free_nones=names))
-        except TraceError:
-            return None
-        guards = {k: v for k, v in nones.items() if k in names}
-        return free if _same_but_nones(traced[0].graph, free[0].graph, guards) else None
-
-    best = freed(nones)
-    if best is None and len(nones) > 1:  # some are only passed on, others steer the code
-        singles = {name: freed([name]) for name in nones}
-        names = [name for name, free in singles.items() if free is not None]
-        if len(names) == 1:
-            best = singles[names[0]]
-        elif 1 < len(names) < len(nones):  # all of them together already failed
-            best = freed(names)
-    return best or traced
-
-
-def _none_guards(graph: fx.Graph) -> dict[str, fx.Node]:
-    """The guards of ``None`` arguments in ``graph``, by argument name."""
-    return {n.args[3]: n for n in graph.nodes
-            if n.op == "call_function" and n.target is check_argument and n.args[1] is None
-            and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"}
-
-
-def _same_but_nones(fixed: fx.Graph, free: fx.Graph, nones: dict[str, fx.Node]) -> bool:
-    """Whether ``free`` (``None`` arguments as inputs) computes what ``fixed`` does with those
-    arguments fixed to ``None``: the same nodes, with the inputs where ``fixed`` has ``None``."""
-    guards = set(nones.values())
-    holders = {g.args[0] for g in guards}
-    a = [n for n in fixed.nodes if n not in guards and n not in holders]
-    b = [n for n in free.nodes if not (n.op == "placeholder" and n.target in nones)]
-    if len(a) != len(b):
-        return False
-    pairs: dict[fx.Node, fx.Node] = {}
-    free_holders = {n for n in free.nodes if n.op == "placeholder" and n.target in nones}
-
-    def leaf(x: Any, y: Any) -> Any:
-        if isinstance(y, fx.Node) and y in free_holders:
-            return x if x is None else MISMATCH
-        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
-            return x if isinstance(x, fx.Node) and pairs.get(x) is y else MISMATCH
-        return x if type(x) is type(y) and (x is y or x == y) else MISMATCH
-
-    def same(x: Any, y: Any) -> bool:
-        return zip_arguments(x, y, leaf) is not MISMATCH
-
-    for x, y in zip(a, b):
-        if x.op != y.op or x.target != y.target or not same(x.args, y.args) \
-                or not same(x.kwargs, y.kwargs):
-            return False
-        pairs[x] = y
-    return True
 
 
 def _drift(gm: GraphModule, calls: CallTree | None, recorded: dict[int, RecordedCall]

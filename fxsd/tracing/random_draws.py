@@ -27,7 +27,7 @@ from fxsd.tracing.calls import ModuleCall
 
 if TYPE_CHECKING:
     from fxsd.arguments import LeafSpec
-    from fxsd.tracing.tracer import FxsdTracer
+    from fxsd.tracing.tracer import FxsdTracer, Modes
 
 __all__ = ["HostStates", "watching_draws", "draws_unwatched"]
 
@@ -201,7 +201,7 @@ def _draw_error(path: str, kind: str, source: str, location: str) -> RandomDrawE
 
 def _trace_keeping_draws(
     model: nn.Module, path: str, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None,
-    make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer],
+    make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer], modes: Modes,
 ) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall], bool | None,
            list[RandomDrawError]]:
     """:func:`_trace_training_aware` of the module at ``path``, keeping whole (a leaf) each
@@ -226,7 +226,7 @@ def _trace_keeping_draws(
         kept = [model.get_submodule(e.module_path) for e in drawn]
         try:
             return (*_trace_training_aware(module, [*leaves, *kept], concrete_args, tracer,
-                                           path), drawn)
+                                           path, modes), drawn)
         except RandomDrawError as exc:
             if not exc.location and not locate:  # a global state moved: find the module
                 locate = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import dis
+import enum
 import functools
 import operator
 import sys
@@ -55,7 +56,18 @@ from fxsd.tracing.random_draws import (
     watching_draws,
 )
 
-__all__ = ["trace", "trace_calls", "if_training", "FxsdTracer"]
+__all__ = ["trace", "trace_calls", "if_training", "FxsdTracer", "Modes"]
+
+
+class Modes(enum.Enum):
+    """Which training modes a trace covers (:func:`trace_calls`)."""
+
+    BOTH = "both"
+    """Both, merged (:mod:`fxsd.tracing.train_eval`): the graph follows ``.train()``/``.eval()``."""
+    CURRENT = "current"
+    """The modules' current modes only: one trace, right in those modes alone."""
+    FLIPPED = "flipped"
+    """Every module's mode flipped, one trace (the modules' flags are restored after)."""
 
 TracerFactory = Callable[..., "FxsdTracer"]
 """Builds the tracer of one trace: called with the leaves and ``prefix=`` (the traced module's
@@ -310,6 +322,7 @@ def trace_calls(
     path: str = "",
     tracer: TracerFactory | None = None,
     autowrap: Iterable[Any] = (),
+    modes: Modes = Modes.BOTH,
 ) -> tuple[FxsdGraphModule, CallTree | None]:
     """:func:`trace`, plus the module calls the tracer went through (``None`` for a
     ``GraphModule`` input, whose graph is copied, not traced).
@@ -317,7 +330,8 @@ def trace_calls(
     With ``path``, only that module of ``model`` is traced (its targets qualified in ``model``);
     the result runs that module's forward over ``model``'s tree. ``tracer`` builds the tracer
     for each trace (:class:`FxsdTracer` with ``autowrap`` by default; tracing by example passes
-    :func:`fxsd.tracing.by_example.example_tracer`).
+    :func:`fxsd.tracing.by_example.example_tracer`). ``modes`` other than ``BOTH`` trace one
+    mode only (see :class:`Modes`), for a search that compares candidate graphs.
     """
     # fxsd.tracing.train_eval traces with this module's tracer and merges into its if_training
     from fxsd.tracing.train_eval import _guard_mode
@@ -341,7 +355,7 @@ def trace_calls(
             return factory(leaves, prefix=path + "." if path else "")
 
         graph, extras, live, calls, own_mode, drawn = _trace_keeping_draws(
-            model, path, leaves, concrete_args, make_tracer)
+            model, path, leaves, concrete_args, make_tracer, modes)
         if own_mode is not None:
             _guard_mode(graph, path, own_mode)
     _guard_specialized_nones(graph, path, concrete_args or {})

@@ -11,7 +11,8 @@ traced again as a live leaf, and a traced module's own mode-dependent code is gu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,15 @@ from fxsd.graph_module import wrapped_call
 from fxsd.tracing.calls import ModuleCall, calls_of
 from fxsd.tracing.guards import check_argument
 from fxsd.tracing.ops import MISMATCH, zip_arguments
-from fxsd.tracing.tracer import FxsdTracer, _functional_drop_path, _symbolic_trace, if_training
+from fxsd.tracing.tracer import (
+    FxsdTracer,
+    Modes,
+    _functional_drop_path,
+    _symbolic_trace,
+    if_training,
+)
 
-__all__: list[str] = []
+__all__ = ["mode_choices"]
 
 # Each round of the training-aware trace that does not converge makes at least one more module a
 # live leaf and costs two full traces; a bound keeps a pathological model from looping.
@@ -36,6 +43,7 @@ MAX_MODE_ROUNDS = 8
 def _trace_training_aware(
     model: nn.Module, leaves: Sequence[LeafSpec], concrete_args: dict[str, Any] | None,
     make_tracer: Callable[[Sequence[LeafSpec]], FxsdTracer] = FxsdTracer, prefix: str = "",
+    modes: Modes = Modes.BOTH,
 ) -> tuple[fx.Graph, dict[str, Any], list[str], list[ModuleCall], bool | None]:
     """Trace so that code reading ``self.training`` keeps following ``.train()``/``.eval()``.
 
@@ -50,21 +58,20 @@ def _trace_training_aware(
       leaf, which reads its flag at run time; those are listed in ``live_leaves``.
 
     ``prefix`` is the traced module's qualified name in its model (``""`` for the root).
+    ``modes`` other than ``Modes.BOTH`` trace once, in one mode, merging nothing.
     """
+    if modes is not Modes.BOTH:
+        with _modes_flipped(model, modes is Modes.FLIPPED):
+            graph, extras, calls = _symbolic_trace(model, make_tracer(leaves), concrete_args)
+        return graph, extras, [], calls, None
     leaves = list(leaves)
     live: list[str] = []
     own_mode: bool | None = None
     for _ in range(MAX_MODE_ROUNDS):
         graph, extras, calls = _symbolic_trace(model, make_tracer(leaves), concrete_args)
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            for m, mode in modes:
-                m.training = not mode
+        with _modes_flipped(model):
             flipped, _, flipped_calls = _symbolic_trace(model, make_tracer(leaves),
                                                         concrete_args)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         a, b = _scope_signatures(graph, calls), _scope_signatures(flipped, flipped_calls)
         differing = {p for p in a.keys() | b.keys() if a.get(p) != b.get(p)}
         if not differing:
@@ -81,6 +88,42 @@ def _trace_training_aware(
         leaves += kept
         live += kept
     return graph, extras, live, calls, own_mode
+
+
+@contextmanager
+def _modes_flipped(model: nn.Module, flip: bool = True) -> Iterator[None]:
+    """Every module of ``model`` in the other training mode (when ``flip``), until exit."""
+    modes = [(m, m.training) for m in model.modules()] if flip else []
+    try:
+        for m, mode in modes:
+            m.training = not mode
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def mode_choices(gm: fx.GraphModule, model: nn.Module) -> dict[fx.Node, Any] | None:
+    """Where ``gm`` (traced with ``Modes.BOTH``) differs between the two training modes: each
+    :func:`~fxsd.tracing.tracer.if_training` node with the value it takes in the modes the
+    modules of ``model`` are in now, so that ``gm`` can be compared with one trace in those
+    modes. ``None`` when its modes differ otherwise (a module kept whole for its flag, a guard on
+    the traced module's own flag)."""
+    record = gm.meta.get("fxsd")
+    if getattr(record, "live_leaves", ()):
+        return None
+    choices: dict[fx.Node, Any] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is check_argument and n.args[3] == "self.training":
+            return None
+        if n.target is if_training:
+            flag = n.args[0]
+            training = flag if isinstance(flag, bool) else model.get_submodule(
+                str(flag.target)).training
+            choices[n] = n.args[1] if training else n.args[2]
+    return choices
 
 
 def _guard_mode(graph: fx.Graph, path: str, mode: bool) -> None:
