@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from fxsd.errors import InvalidArgumentError, InvalidTypeError  # noqa: E402
-from fxsd.tools import demo  # noqa: E402
+from fxsd.tools import _demo as demo  # noqa: E402
 from fxsd.tools.cli import main  # noqa: E402
 
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import fxsd
+import fxsd.tracing._example_memo as example_memo
 import fxsd.tracing.by_example as by_example
-import fxsd.tracing.example_memo as example_memo
 import fxsd.tracing.tracer as tracing
 from fxsd.decisions.budget import measure_step_costs
 from fxsd.runtime.accessors import gated_blocks
@@ -190,7 +190,7 @@ class _Traces:
     """Counts the symbolic traces of each unit (by its path), failed ones included."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import fxsd.tracing.train_eval as train_eval
+        import fxsd.tracing._train_eval as train_eval
 
         self.counts: collections.Counter[str] = collections.Counter()
         original = train_eval._symbolic_trace
@@ -243,7 +243,7 @@ def test_none_search_falls_back_to_both_modes():
     # In training mode alone, a and c each pass (the set {a, c} is chosen); traced in eval
     # mode too, {a, c} does not match, and the search runs again in both modes: only c stays
     # an input, as the search in both modes always chose.
-    from fxsd.analysis.free_nones import trace_freeing_nones
+    from fxsd.analysis._free_nones import trace_freeing_nones
     from fxsd.tracing.example_run import record_calls
     from fxsd.tracing.guards import check_argument
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxsd.analysis.free_nones import trace_freeing_nones
+from fxsd.analysis._free_nones import trace_freeing_nones
 from fxsd.analysis.node_costs import NodeProfile
 from fxsd.analysis.residuals import analyze_graph
 from fxsd.analysis.sites import ResidualAnalysis
@@ -330,7 +330,7 @@ def trace_unit(model: nn.Module, path: str, call: RecordedCall | None,
 def _trace_keeping_whole(model: nn.Module, path: str, call: RecordedCall | None,
                          leaves: list[LeafSpec], autowrap: tuple[Any, ...]
                          ) -> tuple[GraphModule, CallTree | None]:
-    """:func:`fxsd.analysis.free_nones.trace_freeing_nones`, retried with each descendant whose
+    """:func:`fxsd.analysis._free_nones.trace_freeing_nones`, retried with each descendant whose
     tracing fails kept whole."""
     extra: list[nn.Module] = []
     for _ in range(_RETRIES):

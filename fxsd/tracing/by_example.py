@@ -16,7 +16,7 @@ So fxsd can run the model once on example inputs, record how each module is call
   in the generated code (a ``None`` that the module only passes on stays an input: see
   :func:`fxsd.analysis.units.trace_unit`);
 * runs each recorded op on the example's values as it goes, once for all of a module's traces
-  (:mod:`fxsd.tracing.example_memo`). Sizes stay symbolic (the graph must serve other sequence
+  (:mod:`fxsd.tracing._example_memo`). Sizes stay symbolic (the graph must serve other sequence
   lengths, a decode step), but a shape can be unpacked
   (``(*input_shape, -1, d)``: its length, the rank, is the example's), and where Python control
   flow reads a dtype (T5 branches on ``hidden_states.dtype``) or a bool argument, the trace is
@@ -41,14 +41,15 @@ from torch.fx.node import map_aggregate
 
 from fxsd.arguments import LeafSpec
 from fxsd.graph_module import wrapped_call
-from fxsd.tracing.calls import any_leaf
-from fxsd.tracing.example_memo import (
+from fxsd.tracing._example_memo import (
     _MISSING,
     _memo_key,
     _memoizable,
     _unchanged,
     _versions,
 )
+from fxsd.tracing._random_draws import HostStates, draws_unwatched
+from fxsd.tracing.calls import any_leaf
 from fxsd.tracing.example_run import RecordedCall, _copied
 from fxsd.tracing.guards import (
     check_argument,
@@ -60,7 +61,6 @@ from fxsd.tracing.guards import (
     type_name,
 )
 from fxsd.tracing.ops import resolve_attr
-from fxsd.tracing.random_draws import HostStates, draws_unwatched
 from fxsd.tracing.tracer import FxsdTracer, JoinProxy, TracerFactory
 
 __all__ = ["ExampleTracer", "example_tracer"]
@@ -279,7 +279,7 @@ class ExampleTracer(FxsdTracer):
             return _MISSING
         # a leaf module (or a function of the model's) runs for real and may draw on Python's or
         # NumPy's generator as it will at run time: not a draw tracing fixes, but one no patch
-        # sees, so the states are compared around it (see fxsd.tracing.random_draws.watching_draws)
+        # sees, so the states are compared around it (see fxsd.tracing._random_draws.watching_draws)
         # a call_module's module, looked up once: its path is what the node records
         called = self.submodule(target) if kind == "call_module" else target
         host = self.host_states if _model_code(called, kind) else None

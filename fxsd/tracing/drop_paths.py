@@ -9,7 +9,7 @@ what counts as a drop path, the way timm registers the modules ``torch.fx`` cann
 * ``torchvision`` — ``torchvision.ops.StochasticDepth(p, mode)``: ``mode="batch"`` drops the
   whole batch (fxsd's ``"block"``), ``"row"`` per example (``"sample"``); kept rows scaled by
   ``1/(1-p)``. The functional ``torchvision.ops.stochastic_depth`` becomes such a module when
-  traced (:mod:`fxsd.tracing.live_drop_path`);
+  traced (:mod:`fxsd.tracing._live_drop_path`);
 * ``timm`` — any class named ``DropPath`` or ``DropPath2d``, or a parameter-free module with a
   ``drop_prob`` (or ``drop_path_prob``) attribute: per example, scaled unless
   ``scale_by_keep=False``;

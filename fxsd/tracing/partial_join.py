@@ -4,7 +4,7 @@ place, ``x[:, :C] += shortcut``.
 timm's ReXNet adds its shortcut to the first ``C`` channels of a wider block output and passes the
 other channels on. Traced, that is slices of the output, an add and a ``cat`` (in place: a slice,
 an add and an item assignment, which :class:`fxsd.tracing.tracer.JoinProxy` records); the pass
-:func:`fxsd.tracing.explicit_partial_joins.make_partial_joins_explicit` rewrites each such pattern
+:func:`fxsd.tracing._explicit_partial_joins.make_partial_joins_explicit` rewrites each such pattern
 into one call of :func:`partial_add` (the block output, the shortcut, and where the shortcut goes),
 so the classifier sees an ordinary join of a branch output and a skip, and a gate can drop the whole
 branch: a dropped branch contributes zeros to every channel, as timm's ``DropPath`` in front of

@@ -7,14 +7,14 @@ model itself is never modified) and prepares its graph for analysis:
   and calls of the ``torch.fx.wrap``-ped function ``torchvision.ops.stochastic_depth`` become
   ``StochasticDepth`` modules, so that they still read ``self.training`` at run time instead of
   having the flag baked into the graph as a constant;
-* in-place ops get explicit results (see :mod:`fxsd.tracing.explicit_inplace`);
+* in-place ops get explicit results (see :mod:`fxsd.tracing._explicit_inplace`);
 * a join into part of a tensor (``torch.cat([x[:, :C] + s, x[:, C:]])``) becomes one
   :func:`~fxsd.tracing.partial_join.partial_add` call (see
-  :mod:`fxsd.tracing.explicit_partial_joins`);
+  :mod:`fxsd.tracing._explicit_partial_joins`);
 * code that reads ``self.training`` keeps following ``.train()``/``.eval()``: both modes are
-  traced and merged (:mod:`fxsd.tracing.train_eval`) into :func:`if_training` calls, defined here;
+  traced and merged (:mod:`fxsd.tracing._train_eval`) into :func:`if_training` calls, defined here;
 * a module whose own code draws a random number while traced is kept whole
-  (:mod:`fxsd.tracing.random_draws`), so that the draw keeps deciding at run time.
+  (:mod:`fxsd.tracing._random_draws`), so that the draw keeps deciding at run time.
 """
 
 from __future__ import annotations
@@ -39,22 +39,22 @@ from fxsd.arguments import LeafSpec, check_concrete_args, check_leaf_modules, ch
 from fxsd.errors import FrozenDropoutWarning, InvalidTypeError, RandomDrawError, TraceError
 from fxsd.graph_module import FxsdGraphModule, copy_graph, module_from_graph, wrapped_call
 from fxsd.record import FxsdRecord, NodeRecord
-from fxsd.tracing.calls import CallTree, ModuleCall, as_nodes, is_dict_record
-from fxsd.tracing.drop_paths import is_drop_path
-from fxsd.tracing.explicit_inplace import make_inplace_explicit
-from fxsd.tracing.explicit_partial_joins import make_partial_joins_explicit
-from fxsd.tracing.guards import check_argument
-from fxsd.tracing.hf import opaque_attention_kernels
-from fxsd.tracing.layer_drop import is_layer_drop_loop
-from fxsd.tracing.live_drop_path import make_drop_paths_live
-from fxsd.tracing.ops import NOT_DROPOUT, dropout_training
-from fxsd.tracing.partial_join import is_assigned_join
-from fxsd.tracing.random_draws import (
+from fxsd.tracing._explicit_inplace import make_inplace_explicit
+from fxsd.tracing._explicit_partial_joins import make_partial_joins_explicit
+from fxsd.tracing._live_drop_path import make_drop_paths_live
+from fxsd.tracing._random_draws import (
     HostStates,
     _draw_error,
     _trace_keeping_draws,
     watching_draws,
 )
+from fxsd.tracing.calls import CallTree, ModuleCall, as_nodes, is_dict_record
+from fxsd.tracing.drop_paths import is_drop_path
+from fxsd.tracing.guards import check_argument
+from fxsd.tracing.hf import opaque_attention_kernels
+from fxsd.tracing.layer_drop import is_layer_drop_loop
+from fxsd.tracing.ops import NOT_DROPOUT, dropout_training
+from fxsd.tracing.partial_join import is_assigned_join
 
 __all__ = ["trace", "trace_calls", "if_training", "FxsdTracer", "Modes"]
 
@@ -63,7 +63,7 @@ class Modes(enum.Enum):
     """Which training modes a trace covers (:func:`trace_calls`)."""
 
     BOTH = "both"
-    """Both, merged (:mod:`fxsd.tracing.train_eval`): the graph follows ``.train()``/``.eval()``."""
+    """Both, merged (:mod:`fxsd.tracing._train_eval`): the graph follows ``train()``/``eval()``."""
     CURRENT = "current"
     """The modules' current modes only: one trace, right in those modes alone."""
     FLIPPED = "flipped"
@@ -84,7 +84,7 @@ class JoinProxy(fx.Proxy):
     """A proxy that can record one item assignment: a join into part of a tensor written in
     place, ``x[:, :C] += s`` (or ``x[:, :C] = x[:, :C] + s``), which torch.fx cannot trace. It
     becomes ``operator.setitem(x, key, x[key] + s)``, which
-    :func:`fxsd.tracing.explicit_partial_joins.make_partial_joins_explicit` turns into one
+    :func:`fxsd.tracing._explicit_partial_joins.make_partial_joins_explicit` turns into one
     ``partial_add``.
     Any other assignment fails as in torch.fx."""
 
@@ -333,8 +333,8 @@ def trace_calls(
     :func:`fxsd.tracing.by_example.example_tracer`). ``modes`` other than ``BOTH`` trace one
     mode only (see :class:`Modes`), for a search that compares candidate graphs.
     """
-    # fxsd.tracing.train_eval traces with this module's tracer and merges into its if_training
-    from fxsd.tracing.train_eval import _guard_mode
+    # fxsd.tracing._train_eval traces with this module's tracer and merges into its if_training
+    from fxsd.tracing._train_eval import _guard_mode
 
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"expected an nn.Module to trace, got {type(model).__name__}")

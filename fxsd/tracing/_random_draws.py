@@ -209,9 +209,9 @@ def _trace_keeping_draws(
     as written on every call, where a trace would fix the draw's outcome. Also returns those
     draws (:class:`~fxsd.errors.RandomDrawError`\\ s naming the modules). A draw in the traced
     module's own code raises."""
-    # fxsd.tracing.train_eval traces with fxsd.tracing.tracer's tracer, and fxsd.tracing.tracer
+    # fxsd.tracing._train_eval traces with fxsd.tracing.tracer's tracer, and fxsd.tracing.tracer
     # imports this module
-    from fxsd.tracing.train_eval import _trace_training_aware
+    from fxsd.tracing._train_eval import _trace_training_aware
 
     module = model.get_submodule(path) if path else model
     drawn: list[RandomDrawError] = []

@@ -17,13 +17,13 @@ from torch.fx import GraphModule
 
 from fxsd.arguments import LeafSpec
 from fxsd.errors import RandomDrawError, TraceError
+from fxsd.tracing._train_eval import mode_choices
 from fxsd.tracing.by_example import example_tracer
 from fxsd.tracing.calls import CallTree
 from fxsd.tracing.example_run import RecordedCall
 from fxsd.tracing.guards import check_argument
 from fxsd.tracing.ops import MISMATCH, zip_arguments
 from fxsd.tracing.tracer import Modes, reads_flag_only, trace_calls
-from fxsd.tracing.train_eval import mode_choices
 
 __all__ = ["trace_freeing_nones"]
 
@@ -60,7 +60,7 @@ class _NoneSearch:
     passed alone together.
 
     Alone, candidates are traced in the current training mode only (compared with ``traced``'s
-    constants of that mode, :func:`fxsd.tracing.train_eval.mode_choices`), and the set chosen
+    constants of that mode, :func:`fxsd.tracing._train_eval.mode_choices`), and the set chosen
     is then traced in both and compared as a whole; if it fails there, the search runs again
     with every candidate traced in both modes."""
 
