@@ -136,7 +136,9 @@ def layer_drops_off(model: nn.Module) -> Iterator[list[LayerDrop]]:
         for module, layerdrop, config in saved:
             _OFF.discard(module)
             for name, value in (("layerdrop", layerdrop), ("config", config)):
-                if value is not _MISSING:
+                if value is _MISSING:
+                    module.__dict__.pop(name, None)  # set by switching off: not the model's
+                else:
                     module.__dict__[name] = value
 
 
