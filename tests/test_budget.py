@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxsd
 from fxsd.decisions.budget import saving_at, site_savings
+from fxsd.record import get_record
 from fxsd.runtime.accessors import named_gates
 from fxsd.tools.cli import main
 
@@ -256,3 +257,20 @@ def test_bench_rows_carry_activation_bytes_and_the_flop_saving():
     assert fxsd_row.flop_saving == pytest.approx(every.flop_saving / 2)
     assert result.to_dict()["rows"][2]["activation_bytes"] == fxsd_row.activation_bytes
     assert "act. MiB" in bench.format_table(result, width=0)
+
+
+def test_an_outer_branch_is_charged_the_backward_of_its_nodes_before_a_nested_gate():
+    """The outer branch's ``a`` (forward 2·4·8·8 FLOPs, and as much for its weight's gradient)
+    feeds the output only through the nested gate: its backward is the outer gate's, not the
+    trunk's (it was charged to the trunk: the outer gate's step cost was half)."""
+    x = torch.randn(4, 8)
+    gated = fxsd.stochastic_depth(_Nested(), 0.5, distribution="uniform", example_inputs=(x,))
+    fxsd.expected_saving(gated)  # counts the step costs
+    infos = [g.info for g in fxsd.gates(gated)]
+    outer = next(i for i in infos if not i.enclosing)
+    inner = next(i for i in infos if i.enclosing)
+    assert inner.enclosing == (outer.name,)
+    linear = 2 * 4 * 8 * 8
+    assert outer.step_flops == 2 * linear  # a: forward and weight gradient
+    assert inner.step_flops == 3 * linear  # b: forward, input and weight gradients
+    assert get_record(gated).step_flops == sum(i.step_flops for i in infos) + 3 * linear  # head

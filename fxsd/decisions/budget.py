@@ -70,7 +70,9 @@ class StepCosts:
 
 class _Attribution:
     """Charges every FLOP the counter sees to the gate whose branch is running (``None``: the
-    trunk): gates' hooks in the forward, autograd-node pre-hooks in the backward."""
+    trunk): gates' hooks in the forward, autograd-node pre-hooks in the backward, each node the
+    innermost gate's whose branch made it (an outer branch's nodes before a nested gate are the
+    outer gate's, though its output reaches them only through the nested gate)."""
 
     def __init__(self, counter: Any) -> None:
         self.counter = counter
@@ -104,14 +106,27 @@ class _Attribution:
 
     def leave(self, out: Any) -> None:
         name, inputs = self.stack.pop()
-        todo = [t.grad_fn for t in _tensors(out)]
+        todo, seen = [t.grad_fn for t in _tensors(out)], set()
         while todo:  # the autograd nodes made since enter(): stop at the gate's inputs
             fn = todo.pop()
-            if fn is None or fn in inputs or fn in self.owner:
+            if fn is None or fn in inputs or fn in seen:
                 continue
-            self.owner[fn] = name
-            todo.extend(f for f, _ in fn.next_functions)
+            seen.add(fn)
+            owner = self.owner.setdefault(fn, name)
+            # a nested gate's nodes stay its own, but the walk goes on through them: the nodes
+            # of this branch before the nested gate feed the output only through it
+            if owner == name or self._nested(owner, name):
+                todo.extend(f for f, _ in fn.next_functions)
         self.switch(self.stack[-1][0] if self.stack else None)
+
+    def _nested(self, inner: str, outer: str) -> bool:
+        """Whether gate ``inner`` is inside ``outer``'s branch."""
+        up = self.parent.get(inner)
+        while up is not None:
+            if up == outer:
+                return True
+            up = self.parent.get(up)
+        return False
 
     def hook_backward(self, outputs: list[torch.Tensor]) -> None:
         seen: set[Any] = set()
