@@ -113,8 +113,8 @@ class FxsdRecord:
         step_flops_error: why counting ``step_flops`` failed, when it did.
         pending_costs: without a ``target_saving``, the step costs are counted when first
             asked for (:func:`fxsd.table`, :func:`fxsd.expected_saving`; or
-            :func:`fxsd.decisions.budget.count_pending`): until then ``step_flops`` is ``None`` and
-            this holds what the count takes (:class:`fxsd.decisions.budget.PendingCosts`).
+            :func:`fxsd.decisions.step_costs.count_pending`): until then ``step_flops`` is ``None``
+            and this holds what the count takes (:class:`fxsd.decisions.step_costs.PendingCosts`).
         warmup: the :class:`~fxsd.DropWarmup` that :func:`fxsd.apply_stochastic_depth` created
             for ``drop_warmup``, if any.
         stripped: the modules holding this record were made by :func:`fxsd.strip` (no gates).

@@ -25,9 +25,10 @@ from fxsd.analysis.analyze import analyze_residuals
 from fxsd.analysis.sites import ResidualAnalysis, ResidualSite
 from fxsd.arguments import LeafSpec
 from fxsd.checks import plain_run, verify_transform
-from fxsd.decisions.budget import defer_step_costs, record_step_costs, scale_to_target
+from fxsd.decisions.budget import scale_to_target
 from fxsd.decisions.distributions import Distribution
 from fxsd.decisions.plan import Options, plan_gates, select_sites
+from fxsd.decisions.step_costs import defer_step_costs, record_step_costs
 from fxsd.errors import InvalidArgumentError, InvalidTypeError, NoResidualSitesWarning
 from fxsd.module_tree import copy_tree
 from fxsd.passes.gate_residuals import gate_residuals

@@ -20,7 +20,7 @@ from torch import nn
 
 import fxsd
 from fxsd.analysis.node_costs import profile_nodes
-from fxsd.decisions.budget import measure_step_costs
+from fxsd.decisions.step_costs import measure_step_costs
 from fxsd.errors import ModelRunError, Run, TransformError
 from fxsd.preserve import fake_tensors, hooks_silenced, preserved
 from fxsd.pruning._costs import forward_costs

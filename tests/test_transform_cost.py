@@ -20,7 +20,7 @@ import fxsd
 import fxsd.tracing._example_memo as example_memo
 import fxsd.tracing.by_example as by_example
 import fxsd.tracing.tracer as tracing
-from fxsd.decisions.budget import measure_step_costs
+from fxsd.decisions.step_costs import measure_step_costs
 from fxsd.runtime.accessors import gated_blocks
 
 tf = pytest.importorskip("transformers")

@@ -42,7 +42,7 @@ class ForwardCosts:
 def forward_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
                   example_kwargs: Mapping[str, Any] | None = None) -> ForwardCosts:
     """Count the gated ``model``'s forward in eval on the examples, each FLOP charged to the
-    innermost gate whose branch issued it (:class:`fxsd.decisions.budget._Attribution`'s forward
+    innermost gate whose branch issued it (:class:`fxsd.decisions.step_costs._Attribution`'s forward
     half).
 
     Runs on fake tensors; a model that cannot is run for real (its buffers and the random
@@ -68,7 +68,7 @@ def forward_costs(model: nn.Module, example_inputs: Sequence[Any] = (),
 
 def _count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
            fake: bool) -> ForwardCosts:
-    from fxsd.decisions.budget import _Attribution, counting_run
+    from fxsd.decisions.step_costs import _Attribution, counting_run
 
     gates = named_gates(model)
     # with autograd on, as a training step's forward: under no_grad an nn.MultiheadAttention takes

@@ -57,8 +57,9 @@ from torch import nn
 
 from fxsd.analysis.analyze import analyze_residuals
 from fxsd.arguments import check_rate
-from fxsd.decisions.budget import expected_saving, record_step_costs
+from fxsd.decisions.budget import expected_saving
 from fxsd.decisions.distributions import site_rates
+from fxsd.decisions.step_costs import record_step_costs
 from fxsd.errors import InvalidArgumentError, NoSavingWarning
 from fxsd.passes.mask_drop_path import add_mask_drop_paths
 

@@ -21,9 +21,10 @@ from fxsd.analysis.analyze import analyze_residuals
 from fxsd.analysis.node_costs import short_count
 from fxsd.analysis.sites import ResidualAnalysis, ResidualSite, describe_site
 from fxsd.arguments import check_choice
-from fxsd.decisions.budget import count_pending, plan_saving, site_savings
+from fxsd.decisions.budget import plan_saving, site_savings
 from fxsd.decisions.distributions import Distribution, site_rates
 from fxsd.decisions.owners import plan_owners
+from fxsd.decisions.step_costs import count_pending
 from fxsd.errors import InvalidTypeError, TraceError
 from fxsd.record import RejectedAdd, get_record
 from fxsd.runtime.accessors import gates as all_gates
